@@ -1,0 +1,84 @@
+"""Figures and the HTML page a person reads: slice overlays and a self-contained report."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.io.atomic import atomic_path, write_text_atomic
+
+LUNG_WINDOW = (-1350.0, 150.0)  # W1500 / L-600
+MEDIASTINAL_WINDOW = (-160.0, 240.0)  # W400 / L40
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def axial_display(plane_ij: np.ndarray) -> np.ndarray:
+    """An [i, j] axial slice of an LPS-ordered volume (``CTVolume.reorient("LPS")``: i to patient left,
+    j to posterior) as radiologists view it: anterior at the top, patient right on the image left."""
+    return np.asarray(plane_ij).T
+
+
+def save_overlay_png(
+    path: str | Path,
+    hu_plane: np.ndarray,
+    masks: Sequence[tuple[np.ndarray, str]] = (),
+    title: str = "",
+    window: tuple[float, float] = LUNG_WINDOW,
+    spacing: tuple[float, float] = (1.0, 1.0),
+) -> Path:
+    """An axial HU slice in a window with mask contours (mask, colour) drawn on it; written atomically."""
+    plt = _plt()
+    img = axial_display(hu_plane)
+    fig, ax = plt.subplots(figsize=(4.2, 4.2 * img.shape[0] * spacing[1] / (img.shape[1] * spacing[0])), dpi=110)
+    ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing[1] / spacing[0], interpolation="bilinear")
+    for mask, colour in masks:
+        m = axial_display(mask).astype(float)
+        if m.any():
+            ax.contour(m, levels=[0.5], colors=[colour], linewidths=1.0)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout(pad=0.2)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def html_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    columns = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html_page(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """A self-contained page: ``sections`` are (heading, HTML body) pairs."""
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}"
+        "th{background:#f3f3f3}.fail{color:#b00}.figs{display:flex;flex-wrap:wrap;gap:10px}.figs figure{margin:0}"
+        ".figs img{max-width:260px;border:1px solid #ddd}figcaption{font-size:12px;color:#555;max-width:260px}"
+    )
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n{b}\n" for h, b in sections)
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    return write_text_atomic(path, page)
+
+
+def figure_grid(items: Sequence[tuple[str, str]]) -> str:
+    """(relative image path, caption) pairs as a wrapped grid of figures."""
+    figs = "".join(f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in items)
+    return f"<div class='figs'>{figs}</div>"
