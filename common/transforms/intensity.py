@@ -6,30 +6,50 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRanged, Transform
+from monai.transforms import MapTransform, ScaleIntensityRange, Transform
 from monai.utils import convert_to_dst_type
 
 # The method's window: it covers lung parenchyma (-900..-500) up to soft tissue and vessels.
 HU_WINDOW: tuple[float, float] = (-1000.0, 400.0)
 
 
-class HUWindow(ScaleIntensityRange):
-    """Clip HU to ``hu_window`` and map it linearly to [0, 1]."""
+class HUWindow(Transform):
+    """Clip HU to ``hu_window`` and map it linearly to [0, 1] (float32, one output buffer)."""
+
+    backend = ScaleIntensityRange.backend
 
     def __init__(self, hu_window: Sequence[float] = HU_WINDOW):
         lo, hi = float(hu_window[0]), float(hu_window[1])
         if not hi > lo:
             raise ValueError(f"hu_window must be (low, high) with high > low, got {tuple(hu_window)}")
-        super().__init__(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
         self.hu_window = (lo, hi)
 
+    def __call__(self, img):
+        import torch
 
-class HUWindowd(ScaleIntensityRanged):
+        lo, hi = self.hu_window
+        t = img if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img))
+        # clamp allocates the output once; the rescale then works in place on it (no temporaries
+        # the size of the volume, which matters on 512 x 512 x 500 scans).
+        out = torch.clamp(t.float() if not t.is_floating_point() else t, lo, hi)
+        out.sub_(lo).div_(hi - lo)
+        return out if isinstance(img, torch.Tensor) else convert_to_dst_type(out, img, dtype=np.float32)[0]
+
+
+class HUWindowd(MapTransform):
     """Dictionary twin of :class:`HUWindow`."""
 
+    backend = HUWindow.backend
+
     def __init__(self, keys: KeysCollection, hu_window: Sequence[float] = HU_WINDOW, allow_missing_keys: bool = False):
-        HUWindow(hu_window)  # validates the window
-        super().__init__(keys, a_min=float(hu_window[0]), a_max=float(hu_window[1]), b_min=0.0, b_max=1.0, clip=True, allow_missing_keys=allow_missing_keys)
+        super().__init__(keys, allow_missing_keys)
+        self.window = HUWindow(hu_window)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.window(d[key])
+        return d
 
 
 class NLMDenoise(Transform):
