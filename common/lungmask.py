@@ -52,23 +52,59 @@ def hu_threshold_lung_mask(
     return mask
 
 
-def split_left_right(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split a lung mask into (right, left) along RAS x (+x is the patient's right, as in nibabel's RAS+)."""
-    i, j, k = np.nonzero(mask)
-    if i.size == 0:
-        return mask.copy(), mask.copy()
-    xyz = affine[:3, :3] @ np.vstack([i, j, k]) + affine[:3, 3:4]
-    labels, n = ndimage.label(mask)
-    right, left = np.zeros_like(mask), np.zeros_like(mask)
-    comps = labels[i, j, k]
-    midline = float(np.median(xyz[0]))
-    if n >= 2:
-        sizes = np.bincount(comps)
-        big = np.argsort(sizes)[::-1][:2]
-        xs = {lab: float(xyz[0][comps == lab].mean()) for lab in big if lab > 0}
-        if len(xs) == 2:
-            midline = float(np.mean(list(xs.values())))
-    is_left = xyz[0] < midline
-    left[i[is_left], j[is_left], k[is_left]] = True
-    right[i[~is_left], j[~is_left], k[~is_left]] = True
+def split_left_right(mask: np.ndarray, affine: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Split a lung mask into (right, left) masks.
+
+    The two lungs often touch (anterior junction) or are joined by the airways, so the mask is
+    eroded until it falls into two large parts; those seed a watershed on the mask's distance
+    map, which cuts along the narrowest neck. The part with the larger RAS x is the right lung
+    (+x is the patient's right in nibabel's RAS+).
+    """
+    from skimage.segmentation import watershed
+
+    empty = np.zeros_like(mask, dtype=bool)
+    if not mask.any():
+        return empty, empty.copy()
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    sub = mask[box]
+    seeds, n = _two_seeds(sub, max_erosions)
+    if n < 2:  # one lung only (or a crop through one side): side from its position
+        x = _world_x(np.argwhere(sub).mean(axis=0), box, affine)
+        centre_x = _world_x((np.asarray(mask.shape) - 1) / 2.0, (slice(0, None),) * 3, affine)
+        side = empty.copy()
+        side[box] = sub
+        return (side, empty) if x > centre_x else (empty, side)
+    distance = ndimage.distance_transform_edt(sub)
+    parts = watershed(-distance, seeds, mask=sub)
+    xs = [_world_x(np.argwhere(seeds == lab).mean(axis=0), box, affine) for lab in (1, 2)]
+    right_label = 1 if xs[0] > xs[1] else 2
+    right, left = empty.copy(), empty.copy()
+    right[box] = parts == right_label
+    left[box] = parts == (3 - right_label)
     return right, left
+
+
+def _two_seeds(mask: np.ndarray, max_erosions: int) -> tuple[np.ndarray, int]:
+    """Labels 1 and 2 on the two largest parts of the mask, eroded until it splits (0 where none)."""
+    current = mask
+    total = mask.sum()
+    for step in range(max_erosions + 1):
+        labels, n = ndimage.label(current)
+        if n >= 2:
+            sizes = np.bincount(labels.ravel())[1:]
+            order = np.argsort(sizes)[::-1]
+            if sizes[order[1]] >= 0.1 * total * (sizes.sum() / total):
+                seeds = np.zeros(mask.shape, dtype=np.int32)
+                seeds[labels == order[0] + 1] = 1
+                seeds[labels == order[1] + 1] = 2
+                return seeds, 2
+        if step < max_erosions:
+            current = ndimage.binary_erosion(current, iterations=1)
+            if not current.any():
+                break
+    return np.zeros(mask.shape, dtype=np.int32), 1
+
+
+def _world_x(ijk: np.ndarray, box: tuple, affine: np.ndarray) -> float:
+    offset = np.asarray([b.start or 0 for b in box], dtype=float)
+    return float(affine[0, :3] @ (np.asarray(ijk, dtype=float) + offset) + affine[0, 3])

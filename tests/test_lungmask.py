@@ -1,0 +1,47 @@
+"""The classical HU-threshold lung mask and the left/right split, on phantom truth and real scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.io import read_ct
+from common.lungmask import hu_threshold_lung_mask, split_left_right
+from common.metrics import dice_score
+from common.phantom import generate_phantom
+from conftest import TOTALSEG_A
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return generate_phantom(shape=(96, 96, 56), spacing=(3.0, 3.0, 4.0), seed=3)
+
+
+def test_threshold_mask_matches_phantom_lungs(phantom):
+    vol = phantom.ct
+    mask = hu_threshold_lung_mask(vol.hu, vol.spacing)
+    assert dice_score(mask, phantom.lungs > 0) >= 0.95
+
+
+def test_left_right_split_on_phantom(phantom):
+    vol = phantom.ct
+    right, left = split_left_right(hu_threshold_lung_mask(vol.hu, vol.spacing), vol.affine)
+    assert not (right & left).any()
+    assert dice_score(right, phantom.lungs == 1) >= 0.9
+    assert dice_score(left, phantom.lungs == 2) >= 0.9
+
+
+def test_split_on_real_crop_puts_right_lung_at_positive_x():
+    vol = read_ct(TOTALSEG_A)
+    right, left = split_left_right(hu_threshold_lung_mask(vol.hu, vol.spacing), vol.affine)
+    world_x = lambda m: float(vol.affine[0, :3] @ np.argwhere(m).mean(axis=0) + vol.affine[0, 3])  # noqa: E731
+    assert world_x(right) > world_x(left)
+    ratio = right.sum() / left.sum()
+    assert 0.6 < ratio < 1.6  # two real lungs of comparable size, not one lung cut in half
+
+
+def test_no_lung_gives_empty_masks():
+    hu = np.full((40, 40, 10), 30.0, np.float32)
+    mask = hu_threshold_lung_mask(hu, (2.0, 2.0, 2.0))
+    right, left = split_left_right(mask, np.diag([-2.0, -2.0, 2.0, 1.0]))
+    assert not mask.any() and not right.any() and not left.any()
