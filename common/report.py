@@ -69,7 +69,7 @@ def write_html_page(path: str | Path, title: str, sections: Sequence[tuple[str, 
     """A self-contained page: ``sections`` are (heading, HTML body) pairs."""
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}"
+        "table{border-collapse:collapse;font-size:12px;margin:0.5em 0;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}"
         "th{background:#f3f3f3}.fail{color:#b00}.figs{display:flex;flex-wrap:wrap;gap:10px}.figs figure{margin:0}"
         ".figs img{max-width:260px;border:1px solid #ddd}figcaption{font-size:12px;color:#555;max-width:260px}"
     )
