@@ -357,3 +357,14 @@ def test_reorient_round_trip():
     assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
     back = ras.reorient("LPS")
     assert np.array_equal(back.hu, vol.hu) and np.allclose(back.affine, vol.affine)
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LAI", "SPL"])
+def test_reading_in_a_target_orientation_equals_reorienting(lidc_subset, axcodes):
+    native = read_ct(lidc_subset)
+    direct = read_ct(lidc_subset, axcodes=axcodes)
+    expected = native.reorient(axcodes)
+    assert nib.aff2axcodes(direct.affine) == tuple(axcodes)
+    assert np.array_equal(direct.hu, expected.hu) and np.allclose(direct.affine, expected.affine)
+    crop = read_ct(TOTALSEG_B, axcodes=axcodes)
+    assert nib.aff2axcodes(crop.affine) == tuple(axcodes)

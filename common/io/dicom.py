@@ -104,12 +104,15 @@ def _float_list(value, n: int, what: str, path: Path) -> np.ndarray:
 def read_dicom_series(
     source: str | Path | Sequence[str | Path],
     series_uid: str | None = None,
+    axcodes: str | None = None,
 ) -> CTVolume:
     """Read one DICOM series into a CTVolume (HU, RAS affine).
 
     ``source`` is a folder or a list of files. A folder holding several series needs ``series_uid``;
     without it the error lists the series found. Slices are sorted by their position along the
     slice normal; duplicated positions keep the first file and are recorded in ``meta`` for QC.
+    ``axcodes`` (e.g. "RAS") fills the volume directly in that orientation, slice by slice, so no
+    second copy of the volume is ever made to reorient it.
     """
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         folder = Path(source)
@@ -129,10 +132,29 @@ def read_dicom_series(
     else:
         files = [Path(f) for f in ([source] if isinstance(source, (str, Path)) else source)]
         label = files[0].parent if len(files) > 1 else files[0]
-    return _read_files(files, label)
+    return _read_files(files, label, axcodes)
 
 
-def _read_files(files: list[Path], label: Path) -> CTVolume:
+def _slice_orientation(affine: np.ndarray, shape: tuple[int, int, int], axcodes: str | None):
+    """(in-plane transform, flip slice order, output shape, output affine) for filling in ``axcodes``.
+
+    Returns None when the target orientation moves the slice axis (a non-axial target): the
+    caller then reorients after reading.
+    """
+    from nibabel import orientations as ornt
+
+    if axcodes is None:
+        return np.array([[0, 1], [1, 1], [2, 1]]), False, shape, affine
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(tuple(axcodes)))
+    if int(transform[2, 0]) != 2:
+        return None
+    out_shape = tuple(int(shape[i]) for i in np.argsort(transform[:, 0]))
+    plane_transform = transform.copy()
+    plane_transform[2] = [2, 1]
+    return plane_transform, bool(transform[2, 1] < 0), out_shape, affine @ ornt.inv_ornt_aff(transform, shape)
+
+
+def _read_files(files: list[Path], label: Path, axcodes: str | None = None) -> CTVolume:
     pydicom = _pydicom()
     if not files:
         raise CTReadError(label, "no DICOM files given")
@@ -196,9 +218,17 @@ def _read_files(files: list[Path], label: Path) -> CTVolume:
     affine_lps[:3, 3] = origin
     affine = LPS_TO_RAS @ affine_lps
 
-    hu = np.empty((cols, rows, n), dtype=np.float32)
+    layout = _slice_orientation(affine, (cols, rows, n), axcodes)
+    reorient_after = layout is None
+    if reorient_after:
+        layout = _slice_orientation(affine, (cols, rows, n), None)
+    plane_transform, flip_k, out_shape, out_affine = layout
+    hu = np.empty(out_shape, dtype=np.float32)
     slopes, intercepts = set(), set()
-    for k, idx in enumerate(keep):
+    from nibabel.orientations import apply_orientation
+
+    for k_in, idx in enumerate(keep):
+        k = n - 1 - k_in if flip_k else k_in
         f = files[idx]
         try:
             ds = pydicom.dcmread(f)
@@ -212,7 +242,7 @@ def _read_files(files: list[Path], label: Path) -> CTVolume:
         slopes.add(slope)
         intercepts.add(intercept)
         sl = hu[:, :, k]
-        sl[...] = pixels.T
+        sl[...] = apply_orientation(pixels.T[:, :, None], plane_transform)[:, :, 0]
         if slope != 1:
             sl *= slope
         if intercept:
@@ -244,7 +274,8 @@ def _read_files(files: list[Path], label: Path) -> CTVolume:
         "sop_instance_uids": [str(getattr(headers[i], "SOPInstanceUID", "")) for i in keep],
         "patient_id": str(getattr(first, "PatientID", "") or ""),
     }
-    return CTVolume(hu, affine, meta)
+    vol = CTVolume(hu, out_affine, meta)
+    return vol.reorient(axcodes) if reorient_after else vol
 
 
 def iter_dicom_series(folder: str | Path) -> Iterable[tuple[DicomSeries, CTVolume | CTReadError]]:

@@ -52,8 +52,12 @@ def format_of(path: str | Path) -> str:
     raise CTReadError(path, f"unsupported file type '{''.join(path.suffixes) or path.name}' (expected a DICOM folder, .nii/.nii.gz, .nrrd/.mha/.mhd, .npz or a folder of 16-bit PNG slices)")
 
 
-def read_ct(path: str | Path, **kwargs) -> CTVolume:
-    """Read a CT scan in any supported format. Keyword arguments go to the format's reader."""
+def read_ct(path: str | Path, axcodes: str | None = None, **kwargs) -> CTVolume:
+    """Read a CT scan in any supported format. Keyword arguments go to the format's reader.
+
+    ``axcodes`` (e.g. "RAS") returns the volume in that voxel orientation; DICOM series are
+    filled in it directly, other formats are reoriented after reading.
+    """
     readers = {
         "dicom": read_dicom_series,
         "nifti": read_nifti,
@@ -61,7 +65,11 @@ def read_ct(path: str | Path, **kwargs) -> CTVolume:
         "radchestct": read_radchestct_npz,
         "deeplesion_png": read_deeplesion_png,
     }
-    return readers[format_of(path)](path, **kwargs)
+    fmt = format_of(path)
+    if fmt == "dicom":
+        return read_dicom_series(path, axcodes=axcodes, **kwargs)
+    vol = readers[fmt](path, **kwargs)
+    return vol.reorient(axcodes) if axcodes else vol
 
 
 # --------------------------------------------------------------------------- NIfTI, NRRD/MHA

@@ -31,7 +31,11 @@ def ct_preprocessing(
     modes = ["bilinear"] * len(keys) + ["nearest"] * len(label_keys)
     steps = []
     if load:
-        steps.append(LoadImaged(all_keys, reader="common.io.CTReader", image_only=True))
+        from common.io import CTReader
+
+        # The reader fills the volume in the target orientation, so Orientationd below has
+        # nothing to copy for it (it still orients other inputs, e.g. given MetaTensors).
+        steps.append(LoadImaged(all_keys, reader=CTReader(axcodes=orientation), image_only=True))
         steps.append(EnsureChannelFirstd(all_keys, channel_dim="no_channel"))
     if orientation:
         steps.append(Orientationd(all_keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
