@@ -88,12 +88,12 @@ def pydicom_ct_slice() -> Path:
 def make_phantoms(out_dir: Path, n: int, seed: int = 0) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from common.phantom import generate_phantom, write_phantom
+    from common.phantom import generate_phantom, phantom_paths, write_phantom
 
     cases = []
     for i in tqdm(range(n), desc="phantoms", unit="case"):
         case_id = f"phantom_{i:03d}"
-        paths = {k: out_dir / f"{case_id}_{k}{ext}" for k, ext in (("ct", ".nii.gz"), ("label", ".nii.gz"), ("lungs", ".nii.gz"), ("report", ".json"))}
+        paths = phantom_paths(out_dir, case_id)
         if not all(p.exists() for p in paths.values()):
             write_phantom(generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=seed + i), out_dir, case_id)
         cases.append({"id": case_id, "path": paths["ct"], "label": paths["label"], "lungs": paths["lungs"], "report": paths["report"], "kind": "phantom", "format": "nifti", "seed": seed + i})

@@ -23,7 +23,7 @@ import numpy as np
 
 from common.io import CTReadError, CTVolume, read_ct, write_json_atomic, write_text_atomic
 from common.io.dicom import scan_dicom_folder, read_dicom_series
-from common.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, NPZ_SUFFIXES, PNG_SUFFIXES, _has_suffix
+from common.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, NPZ_SUFFIXES, PNG_SUFFIXES, has_suffix
 from common.lungmask import hu_threshold_lung_mask
 
 log = logging.getLogger(__name__)
@@ -239,10 +239,10 @@ def discover_cases(root: str | Path) -> list[CaseRef]:
         return [CaseRef(_case_id(root, root.parent), root, "file")]
     for folder in folders:
         entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        if any(_has_suffix(p, PNG_SUFFIXES) for p in entries):
+        if any(has_suffix(p, PNG_SUFFIXES) for p in entries):
             cases.append(CaseRef(_case_id(folder, root), folder, "deeplesion_png"))
         for p in entries:
-            if _has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES + NPZ_SUFFIXES):
+            if has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES + NPZ_SUFFIXES):
                 cases.append(CaseRef(_case_id(p, root), p, "file"))
         scan = scan_dicom_folder(folder)
         many = len(scan.series) > 1

@@ -24,7 +24,7 @@ DEEPLESION_HU_OFFSET = 32768  # DeepLesion stores HU + 32768 as uint16
 RADCHEST_SPACING_MM = (0.8, 0.8, 0.8)  # RAD-ChestCT volumes were resampled to 0.8 mm isotropic
 
 
-def _has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
+def has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
     name = path.name.lower()
     return any(name.endswith(s) for s in suffixes)
 
@@ -34,18 +34,18 @@ def format_of(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         entries = [p for p in path.iterdir() if not p.name.startswith(".")]
-        if any(_has_suffix(p, PNG_SUFFIXES) for p in entries):
+        if any(has_suffix(p, PNG_SUFFIXES) for p in entries):
             return "deeplesion_png"
         if any(is_dicom_candidate(p) for p in entries):
             return "dicom"
         raise CTReadError(path, "folder contains no images (no DICOM files and no PNG slices)")
     if not path.exists():
         raise CTReadError(path, "file does not exist")
-    if _has_suffix(path, NIFTI_SUFFIXES):
+    if has_suffix(path, NIFTI_SUFFIXES):
         return "nifti"
-    if _has_suffix(path, ITK_SUFFIXES):
+    if has_suffix(path, ITK_SUFFIXES):
         return "itk"
-    if _has_suffix(path, NPZ_SUFFIXES):
+    if has_suffix(path, NPZ_SUFFIXES):
         return "radchestct"
     if is_dicom_candidate(path):
         return "dicom"
@@ -161,7 +161,7 @@ def read_deeplesion_png(
     from PIL import Image
 
     folder = Path(folder)
-    files = sorted((p for p in folder.iterdir() if _has_suffix(p, PNG_SUFFIXES)), key=_slice_number)
+    files = sorted((p for p in folder.iterdir() if has_suffix(p, PNG_SUFFIXES)), key=_slice_number)
     if not files:
         raise CTReadError(folder, "no PNG slices found")
     numbers = [_slice_number(p) for p in files]
