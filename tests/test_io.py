@@ -265,7 +265,9 @@ def test_itk_corrupt_file(tmp_path):
 
 
 def test_pyradiomics_lung_ct(default_manifest):
-    case = next(c for c in default_manifest["cases"] if c["id"] == "pyradiomics_lung1")
+    case = next((c for c in default_manifest["cases"] if c["id"] == "pyradiomics_lung1"), None)
+    if case is None:
+        pytest.fail(f"pyradiomics CTs missing from the default data: {default_manifest['notes']}")
     vol = read_ct(case["path"])
     assert vol.shape == (512, 512, 48)
     assert vol.spacing == pytest.approx((0.5703, 0.5703, 5.0), abs=1e-3)
