@@ -75,6 +75,20 @@ def test_rescale_slope_and_intercept_applied(lidc_subset):
     assert after.meta["rescale_slopes"] == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_series_reads_the_same_hu(lidc_subset, syntax):
+    import pydicom.uid
+
+    before = read_ct(lidc_subset)
+    for f in lidc_subset.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.compress(getattr(pydicom.uid, syntax))
+        ds.save_as(f)
+    assert pydicom.dcmread(next(lidc_subset.glob("*.dcm"))).file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    after = read_ct(lidc_subset)
+    assert np.array_equal(after.hu, before.hu) and np.allclose(after.affine, before.affine)
+
+
 def _copy_as_new_series(src, dst, description="second series"):
     dst.mkdir()
     uid = generate_uid()
