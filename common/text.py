@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-# Negations and comparison words change a finding's meaning ("no nodule", "not enlarged"), so
-# they stay even though spaCy lists them as stop words.
+# spaCy lists these as stop words, but in a report they carry the finding: dropping "no" turns
+# "no nodule" into "nodule", the opposite statement; sides and comparisons locate and grade it.
 KEEP_WORDS = frozenset({"no", "not", "without", "none", "nor", "neither", "never", "cannot", "n't", "less", "more", "above", "below", "left", "right", "both", "few", "several"})
-_UNIT = re.compile(r"^(mm|cm|ml|hu|%)$", re.IGNORECASE)
+_UNIT = re.compile(r"^(mm|cm|ml|cc|hu|%|mm2|mm3|cm2|cm3)$", re.IGNORECASE)
+_RANGE = frozenset({"-", "–", "to"})
 
 
 @lru_cache(maxsize=1)
@@ -28,25 +29,32 @@ def _pipeline():
 def preprocess_report(text: str) -> list[str]:
     """Lower-cased lemmas without stop words or punctuation.
 
-    Negations are kept (see KEEP_WORDS); a number followed by a unit becomes one token
-    ("12 mm" -> "12mm"), a bare number is dropped (list markers, dates).
+    Negations are kept (see KEEP_WORDS); a number or range followed by a unit becomes one token
+    ("12 mm" -> "12mm", "4-6 mm" -> "4-6mm", "15%" -> "15%"), a bare number is dropped (list
+    markers, series numbers, dates).
     """
     if not isinstance(text, str):
         raise TypeError(f"report text must be a string, got {type(text).__name__}")
     doc = _pipeline()(text.lower())  # the lookup tables are lower-case: "Vessels" -> "vessel"
     out: list[str] = []
     tokens = list(doc)
-    for n, tok in enumerate(tokens):
+    n = 0
+    while n < len(tokens):
+        tok = tokens[n]
+        n += 1
         if tok.is_space or tok.is_punct:
             continue
         lower = tok.lower_
         if tok.like_num:
-            nxt = tokens[n + 1] if n + 1 < len(tokens) else None
-            if nxt is not None and _UNIT.match(nxt.text):
-                out.append(f"{lower}{nxt.lower_}")
+            # A measurement keeps its number: "12 mm" -> "12mm", "4-6 mm" / "4 to 6 mm" -> "4-6mm".
+            # A bare number (list marker, series or image number, date part) carries no finding: dropped.
+            value, m = lower, n
+            if m + 1 < len(tokens) and tokens[m].lower_ in _RANGE and tokens[m + 1].like_num:
+                value, m = f"{lower}-{tokens[m + 1].lower_}", m + 2
+            if m < len(tokens) and _UNIT.match(tokens[m].text):
+                out.append(f"{value}{tokens[m].lower_}")
+                n = m + 1
             continue
-        if _UNIT.match(tok.text) and n > 0 and tokens[n - 1].like_num:
-            continue  # already joined to its number
         if lower in KEEP_WORDS:  # kept as written: the lookup would turn "left" into "leave"
             out.append("not" if lower == "n't" else lower)
             continue

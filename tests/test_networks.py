@@ -24,12 +24,17 @@ def test_missing_checkpoint_names_the_path(tmp_path):
         load_sam_family("sam_vit_x")
 
 
-def test_checkpoint_of_another_architecture_is_rejected():
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
+    lite_state = torch.load(litemedsam_checkpoint(), map_location="cpu", weights_only=True)
+    wrong = tmp_path / "not_sam_vit_b.pth"
+    torch.save(lite_state, wrong)
     with pytest.raises(ValueError) as err:
-        load_sam_family("sam_vit_b", checkpoint=litemedsam_checkpoint())
+        load_sam_family("sam_vit_b", checkpoint=wrong)
     msg = str(err.value)
-    assert "lite_medsam.pth" in msg and "does not match the sam_vit_b architecture" in msg
-    assert "image_encoder." in msg
+    assert "not_sam_vit_b.pth" in msg and "does not match the sam_vit_b architecture" in msg
+    assert "image_encoder." in msg  # names some of the offending keys
+    # The decoder of LiteMedSAM and SAM is the same: a partial match still is an error, not a partial load.
+    assert "missing key" in msg and "unexpected key" in msg
 
 
 def test_unreadable_checkpoint(tmp_path):
@@ -50,9 +55,24 @@ def test_preprocess_keeps_aspect_and_pads(tiny_lite):
 
 
 def test_box_mapping_round_trip(tiny_lite):
-    boxes = np.array([[40.0, 30.0, 200.0, 150.0]])
+    boxes = np.array([[40.0, 30.0, 200.0, 150.0], [0.0, 0.0, 400.0, 300.0]])
     mapped = tiny_lite.box_to_input(boxes, (300, 400))
-    assert torch.allclose(mapped, torch.tensor([[25.6, 19.2, 128.0, 96.0]]), atol=0.2)
+    # Longest side 400 -> 256 (scale 0.64), the 300 rows -> 192: the whole slice fills [0, 256] x [0, 192].
+    assert torch.allclose(mapped, torch.tensor([[25.6, 19.2, 128.0, 96.0], [0.0, 0.0, 256.0, 192.0]]), atol=0.2)
+    assert torch.allclose(tiny_lite.box_from_input(mapped, (300, 400)), torch.as_tensor(boxes, dtype=torch.float32), atol=0.5)
+
+
+def test_box_mapping_matches_segment_anything():
+    """SAM's boxes go through segment_anything's own ResizeLongestSide; MedSAM stretches to the square."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sam = load_sam_family("sam_vit_b", random_init=True)
+    boxes = np.array([[12.0, 7.0, 250.0, 180.0]])
+    expected = ResizeLongestSide(1024).apply_boxes(boxes, (200, 300))
+    assert np.allclose(sam.box_to_input(boxes, (200, 300)).numpy(), expected, atol=1e-3)
+    medsam = load_sam_family("medsam_vit_b", random_init=True)
+    assert np.allclose(medsam.box_to_input(boxes, (200, 300)).numpy(), boxes / [300, 200, 300, 200] * 1024, atol=1e-3)
+    assert torch.allclose(medsam.box_from_input(medsam.box_to_input(boxes, (200, 300)), (200, 300)), torch.as_tensor(boxes, dtype=torch.float32), atol=1e-3)
 
 
 def test_segment_boxes_shapes(tiny_lite):
@@ -62,17 +82,43 @@ def test_segment_boxes_shapes(tiny_lite):
         tiny_lite.segment_boxes(np.zeros((2, 64, 64), np.float32), [[0, 0, 10, 10]])
 
 
-def test_sam_vit_b_preprocessing_uses_pixel_statistics():
+def test_sam_vit_b_preprocessing_matches_segment_anything():
+    """0..255, resize longest side, SAM's mean/std, zero padding: the same tensor Sam.preprocess gives."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
     sam = load_sam_family("sam_vit_b", random_init=True)
     assert sam.image_size == 1024 and sam.embedding_shape == (256, 64, 64)
     x = sam.preprocess(torch.full((1, 32, 32), 0.5))
     expected = (0.5 * 255 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
     assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-4)
 
+    # segment_anything's reference path (SamPredictor.set_image): uint8 HWC -> apply_image (PIL resize)
+    # -> Sam.preprocess (normalise, pad). Its apply_image_torch is not used: in segment-anything 1.0
+    # it reads the target size from (B, C) instead of (H, W).
+    yy, xx = np.mgrid[0:120, 0:90]
+    slice01 = (0.5 + 0.4 * np.sin(yy / 17.0) * np.cos(xx / 11.0)).astype(np.float32)
+    ours = sam.preprocess(torch.from_numpy(slice01)[None])
+    rgb = np.repeat(np.round(slice01 * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    resized = torch.from_numpy(ResizeLongestSide(1024).apply_image(rgb)).permute(2, 0, 1)[None].float()
+    assert tuple(resized.shape[-2:]) == sam.resized_hw((120, 90)) == (1024, 768)
+    reference = torch.nn.functional.pad((resized - sam.pixel_mean) / sam.pixel_std, (0, 1024 - 768, 0, 0))
+    assert ours.shape == reference.shape == (1, 3, 1024, 1024)
+    assert torch.all(ours[..., 768:] == 0) and torch.all(reference[..., 768:] == 0)  # padding after normalising
+    assert float((ours - reference).abs().mean()) < 0.02  # uint8 rounding and PIL vs torch bilinear only
+
+
+def test_medsam_preprocessing_stretches_and_min_max_normalises():
+    medsam = load_sam_family("medsam_vit_b", random_init=True)
+    slices = 0.2 + 0.5 * torch.rand(1, 100, 160, generator=torch.Generator().manual_seed(1))  # values in [0.2, 0.7]
+    x = medsam.preprocess(slices)
+    assert x.shape == (1, 3, 1024, 1024)  # no padding: MedSAM resizes to the square
+    assert float(x.min()) == pytest.approx(0.0, abs=1e-6) and float(x.max()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+
 
 @pytest.mark.real
 def test_litemedsam_segments_a_real_lung_from_a_box():
-    """The shipped LiteMedSAM, one box around the right lung on a real LIDC slice."""
+    """The shipped LiteMedSAM, one box around the right lung on a real LIDC slice (measured Dice 0.97)."""
     from common.io import read_ct
     from common.lungmask import hu_threshold_lung_mask, split_left_right
     from common.metrics import dice_score
@@ -80,17 +126,24 @@ def test_litemedsam_segments_a_real_lung_from_a_box():
     from common.transforms import HUWindow
     from conftest import LIDC_DIR
 
-    vol = read_ct(LIDC_DIR)
-    k = 70
-    right, _ = split_left_right(hu_threshold_lung_mask(vol.hu[:, :, k - 2 : k + 3], vol.spacing), vol.affine)
-    reference = axial_display(right[:, :, 2])  # rows = j, columns = i
-    image = axial_display(HUWindow()(torch.from_numpy(vol.hu[:, :, k])).numpy())
-    rows, cols = np.nonzero(reference)
+    vol = read_ct(LIDC_DIR, axcodes="LPS")  # axial_display: patient right on the image left
+    k = vol.hu.shape[2] // 2
+    right, left = split_left_right(hu_threshold_lung_mask(vol.hu[:, :, k - 2 : k + 3], vol.spacing), vol.affine)
+    right_lung, left_lung = axial_display(right[:, :, 2]), axial_display(left[:, :, 2])
+    hu = axial_display(vol.hu[:, :, k])
+    image = axial_display(HUWindow((-1000, 400))(torch.from_numpy(vol.hu[:, :, k])).numpy())
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    rows, cols = np.nonzero(right_lung)
     box = [cols.min() - 5, rows.min() - 5, cols.max() + 5, rows.max() + 5]
+
     model = load_sam_family("litemedsam")
+    assert model.image_size == 256 and not model.training
     masks, iou = model.segment_boxes(image[None], [box])
-    dice = dice_score(masks[0], reference)
+    assert masks.shape == (1,) + hu.shape and masks.dtype == bool
+    dice = dice_score(masks[0], right_lung)
+    print(f"LiteMedSAM right-lung Dice {dice:.3f}, predicted IoU {iou[0]:.3f}")
     assert dice >= 0.9, f"LiteMedSAM lung Dice {dice:.3f}"
+    assert dice_score(masks[0], left_lung) < 0.05  # the box, not the image, chose the lung
     assert iou[0] > 0.8
 
 
@@ -125,6 +178,33 @@ def test_text_encoder_bad_dirs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a usable transformers model directory"):
         TextEncoder(tmp_path / "empty")
+
+
+def test_text_encoder_llama_family_without_pad_token(tmp_path):
+    """A decoder-only model whose tokenizer has no pad token: eos pads, the mask keeps it out of the mean."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "lung", "heart", "left", "right", "bone"])}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
+    assert tok.pad_token is None
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    out = tmp_path / "tiny_llama"
+    tok.save_pretrained(out)
+    LlamaModel(config).save_pretrained(out)
+
+    enc = TextEncoder(out).eval()
+    assert enc.tokenizer.pad_token == "</s>" and enc.hidden_size == 32
+    with torch.no_grad():
+        batch = enc(["left lung bone", "heart"])
+        alone = enc(["heart"])
+    assert batch.shape == (2, 32) and torch.isfinite(batch).all()
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)
 
 
 @pytest.mark.real

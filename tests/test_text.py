@@ -17,6 +17,17 @@ def test_negations_and_sides_are_kept():
 
 def test_measurements_join_their_unit():
     assert preprocess_report("A 12 mm nodule, 3. series 4") == ["12mm", "nodule", "series"]
+    assert preprocess_report("Nodules of 4-6 mm and 2 to 3 cm; 15% emphysema below -950 HU.") == [
+        "nodule", "4-6mm", "2-3cm", "15%", "emphysema", "below", "-950hu",
+    ]
+
+
+def test_pipeline_is_built_once_and_offline():
+    from common.text import _pipeline
+
+    nlp = _pipeline()
+    assert nlp is _pipeline()  # module-level cache
+    assert nlp.pipe_names == ["lemmatizer"] and nlp.get_pipe("lemmatizer").mode == "lookup"
 
 
 def test_clean_report_joins():

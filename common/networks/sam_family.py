@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
 
 # SAM's ImageNet statistics on the 0..255 scale (segment_anything.modeling.Sam defaults).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -32,6 +33,8 @@ class SamVariant:
 
 VARIANTS = {
     "litemedsam": SamVariant("litemedsam", 256, "longest_side", "minmax", needs_checkpoint=False),
+    # MedSAM's own inference (MedSAM_Inference.py) stretches the slice to 1024 x 1024 and scales the
+    # box by 1024 / (W, H); LiteMedSAM keeps the aspect ratio and pads, like SAM.
     "medsam_vit_b": SamVariant("medsam_vit_b", 1024, "square", "minmax", needs_checkpoint=True),
     "sam_vit_b": SamVariant("sam_vit_b", 1024, "longest_side", "sam", needs_checkpoint=True),
     "sam_vit_l": SamVariant("sam_vit_l", 1024, "longest_side", "sam", needs_checkpoint=True),
@@ -69,12 +72,12 @@ class SamFamily(nn.Module):
 
     def resized_hw(self, original_hw: tuple[int, int]) -> tuple[int, int]:
         """Size of the slice inside the encoder input, before padding."""
-        h, w = original_hw
         s = self.image_size
         if self.variant.resize == "square":
             return s, s
-        scale = s / max(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
+        # segment_anything's own rule (round half up). Its apply_image_torch is not reused: in
+        # segment-anything 1.0 it takes the target size from (B, C) instead of (H, W).
+        return ResizeLongestSide.get_preprocess_shape(int(original_hw[0]), int(original_hw[1]), s)
 
     def box_to_input(self, boxes_xyxy, original_hw: tuple[int, int]) -> torch.Tensor:
         """Boxes (x0, y0, x1, y1) in slice pixels -> encoder-input pixels; x is the column."""
@@ -82,6 +85,13 @@ class SamFamily(nn.Module):
         rh, rw = self.resized_hw(original_hw)
         h, w = original_hw
         return boxes * torch.tensor([rw / w, rh / h, rw / w, rh / h])
+
+    def box_from_input(self, boxes_input, original_hw: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`box_to_input`: encoder-input pixels -> slice pixels."""
+        boxes = torch.as_tensor(np.asarray(boxes_input, dtype=np.float32)).reshape(-1, 4)
+        rh, rw = self.resized_hw(original_hw)
+        h, w = original_hw
+        return boxes * torch.tensor([w / rw, h / rh, w / rw, h / rh])
 
     # ------------------------------------------------------------------ image side
 
@@ -194,7 +204,10 @@ def load_state_dict_strict(module: nn.Module, path: str | Path, what: str) -> No
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
         raise ValueError(f"{path}: checkpoint does not match the {what} architecture: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype or buffer problem the key/shape check above cannot see
+        raise ValueError(f"{path}: checkpoint does not load into the {what} architecture: {e}") from None
 
 
 def litemedsam_checkpoint() -> Path:
