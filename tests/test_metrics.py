@@ -1,0 +1,42 @@
+"""Metrics: Dice through MONAI, and the image-text metrics of SA-1 on hand-made embeddings."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.metrics import dice_score, embedding_cosine, retrieval_recall_at_k, zero_shot_accuracy
+
+
+def test_dice_score():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2], b[1:3] = True, True
+    assert dice_score(a, b) == pytest.approx(0.5)
+    assert dice_score(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        dice_score(a, b[:2])
+
+
+def test_zero_shot_accuracy_by_argmax_cosine():
+    classes = torch.eye(3)  # one prompt direction per class
+    images = torch.tensor([[2.0, 0.1, 0.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.9], [0.0, 0.0, 3.0]])
+    assert zero_shot_accuracy(images, classes, [0, 1, 2, 2]) == pytest.approx(0.75)  # image 2 is nearer class 0
+    assert zero_shot_accuracy(images * 10, classes, [0, 1, 0, 2]) == 1.0  # scale does not matter
+    with pytest.raises(ValueError):
+        zero_shot_accuracy(images, classes, [0, 1])
+
+
+def test_retrieval_recall_counts_identical_captions_as_hits():
+    texts = ["lung", "heart", "lung"]
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]])
+    img = torch.tensor([[1.0, 0.02], [0.1, 1.0], [1.0, 0.0]])
+    assert retrieval_recall_at_k(img, txt, texts, k=1) == 1.0
+    img_wrong = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert retrieval_recall_at_k(img_wrong, txt, texts, k=1) == pytest.approx(1 / 3)
+    assert retrieval_recall_at_k(img_wrong, txt, texts, k=3) == 1.0
+
+
+def test_embedding_cosine():
+    t = torch.randn(2, 4, 3, 3)
+    assert embedding_cosine(t, t) == pytest.approx(1.0)
+    assert embedding_cosine(t, -t) == pytest.approx(-1.0)
