@@ -1,9 +1,10 @@
 """``make demo``: run what the project has built so far on the embedded default data.
 
 Now: ingest every default case, automated QC (excluded cases listed with reasons), the standard
-preprocessing on the cases that pass, phantom ground truth, and a report in
-``outputs/demo/report/`` (``index.html`` + ``metrics.json``). The learning stages
-(foundation_clip, probmap, pseudolabel, hsam_finetune) are not built yet and the demo says so.
+preprocessing on the cases that pass, phantom ground truth, the SA-1 foundation_clip bundle trained
+at demo size (training curves, zero-shot confusion matrix on held-out phantom patches), and a report
+in ``outputs/demo/report/`` (``index.html`` + ``metrics.json``). The later learning stages (probmap,
+pseudolabel, hsam_finetune) are not built yet and the demo says so.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from common.qc import CaseRef, qc_case, write_qc_report
 from common.report import LUNG_WINDOW, figure_grid, html_table, save_overlay_png, write_html_page
 
 log = logging.getLogger(__name__)
-NOT_BUILT = ["foundation_clip (issue 3)", "probmap (issue 4)", "pseudolabel (issue 5)", "hsam_finetune (issue 6)"]
+NOT_BUILT = ["probmap (issue 4)", "pseudolabel (issue 5)", "hsam_finetune (issue 6)"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIP_BUNDLE = REPO_ROOT / "bundles" / "foundation_clip"
 # Demo-size preprocessing: 1.5 mm in-plane keeps the lungs' shape and is fast on 2 CPU cores.
 DEMO_SPACING = (1.5, 1.5, 2.5)
 
@@ -41,7 +44,65 @@ def _best_slice(mask: np.ndarray) -> int:
     return int(np.argmax(area)) if area.any() else mask.shape[2] // 2
 
 
-def run_demo(out: Path, data_dir: Path = DEFAULT_OUT) -> dict:
+def run_foundation_clip(out: Path, fig_dir: Path, retrain: bool = False) -> tuple[dict, str]:
+    """Train the SA-1 bundle at demo size (``monai.bundle run``, its progress shown), or reuse a finished
+    run; then plot its curves and the held-out zero-shot confusion matrix. Returns metrics and HTML."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from common.data import class_prompts, load_clip_datalist
+    from common.classes import CLASS_NAMES
+    from common.networks import LungCLIP
+    from common.report import save_confusion_png, save_training_curves_png
+
+    run_dir = out / "foundation_clip"
+    ckpt, history_path = run_dir / "models" / "model.pt", run_dir / "metrics_history.json"
+    reused = ckpt.is_file() and history_path.is_file() and not retrain
+    t = time.perf_counter()
+    if not reused:
+        configs = [str(CLIP_BUNDLE / "configs" / "train.json"), str(CLIP_BUNDLE / "configs" / "demo.json")]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--bundle_root", str(CLIP_BUNDLE),
+               "--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models")]
+        print("foundation_clip (SA-1): training the demo config (about 10 minutes on 2 CPU cores)", flush=True)
+        result = subprocess.run(cmd, cwd=REPO_ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"foundation_clip training failed (exit {result.returncode}): {' '.join(cmd)}")
+    minutes = (time.perf_counter() - t) / 60
+    history = json.loads(history_path.read_text())["history"]
+    best = max(history, key=lambda row: row["val_zero_shot_acc"])
+    save_training_curves_png(history, fig_dir / "foundation_clip_curves.png", ["epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"],
+                             ["val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"], "foundation_clip (SA-1), demo config")
+    # zero-shot predictions of the saved model on the held-out phantom patches (Eq. 4 + argmax)
+    model = LungCLIP.load_checkpoint(ckpt).eval()
+    size = int(model.preprocessing.get("image_size", 96))
+    samples_dir = CLIP_BUNDLE.parents[1] / "data" / "default" / "clip_pairs_demo"
+    patches = [e for e in load_clip_datalist(samples_dir / "datalist.json", "validation") if e["label"] >= 0]
+    with torch.no_grad():
+        x = torch.stack([torch.from_numpy(np.load(e["image"]).astype(np.float32))[None] for e in patches])
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in x.split(64)]), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(class_prompts()), dim=-1)
+        pred = (img @ txt.t()).argmax(1).numpy()
+    truth = np.array([e["label"] for e in patches])
+    confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=int)
+    np.add.at(confusion, (truth, pred), 1)
+    save_confusion_png(confusion, CLASS_NAMES, fig_dir / "foundation_clip_confusion.png", f"held-out phantom patches: accuracy {float((pred == truth).mean()):.3f}")
+    metrics = {
+        "best_epoch": best["epoch"], "epochs": len(history), "val_zero_shot_acc": best["val_zero_shot_acc"],
+        "val_recall_at_5": best.get("val_recall_at_5"), "val_distill_cosine": best.get("val_distill_cosine"),
+        "zero_shot_confusion": confusion.tolist(), "checkpoint": str(ckpt), "reused_previous_run": reused, "minutes": round(minutes, 1),
+    }
+    html = (f"<p>{'Reused the finished run in' if reused else 'Trained in'} <code>{run_dir}</code>{'' if reused else f' ({minutes:.1f} min)'}: "
+            f"best held-out zero-shot patch accuracy <b>{best['val_zero_shot_acc']:.3f}</b> at epoch {best['epoch']} of {len(history)}, "
+            f"image-to-text recall@5 {best.get('val_recall_at_5', float('nan')):.3f}, distillation cosine to LiteMedSAM {best.get('val_distill_cosine', float('nan')):.3f}. "
+            f"Checkpoint: <code>{ckpt}</code>.</p>"
+            "<img src='figures/foundation_clip_curves.png' style='max-width:100%'><img src='figures/foundation_clip_confusion.png' style='max-width:45%'>")
+    return metrics, html
+
+
+def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False) -> dict:
     from monai.transforms import SaveImage
     from tqdm.auto import tqdm
 
@@ -113,6 +174,11 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT) -> dict:
     render_slice_png(phantom, fig_dir / "phantom_ground_truth.png", coronal=True)
     timings["phantom_render_s"] = round(time.perf_counter() - t, 1)
 
+    # 4. SA-1: the foundation CLIP model -------------------------------------------------------
+    t = time.perf_counter()
+    clip_metrics, clip_html = run_foundation_clip(out, fig_dir, retrain=retrain)
+    timings["foundation_clip_s"] = round(time.perf_counter() - t, 1)
+
     excluded = [r for r in records if not r.passed]
     metrics = {
         "ingest": {
@@ -127,6 +193,7 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT) -> dict:
             "hu_threshold_lung_dice": [c["HU-threshold lung Dice vs phantom truth"] for c in per_case if "HU-threshold lung Dice vs phantom truth" in c],
             "report_example": phantom.report,
         },
+        "foundation_clip": clip_metrics,
         "timings": timings,
         "not_built_yet": NOT_BUILT,
     }
@@ -135,12 +202,14 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT) -> dict:
     qc_columns = ["case", "verdict"] + [n for n in ("readable", "modality", "slice_count", "duplicate_slices", "missing_slices", "slice_spacing", "gantry_tilt", "hu_range", "lung_coverage", "noise") if any(n in row for row in qc_rows)]
     excluded_html = "".join(f"<li><b>{r.case_id}</b>: {'; '.join(r.reasons)}</li>" for r in excluded) or "<li>none</li>"
     sections = [
-        ("What ran", f"<p>Ingest, automated QC, preprocessing (orientation RAS, resampling to {DEMO_SPACING} mm, HU window [-1000, 400] to [0, 1]) and phantom ground truth on the embedded default data, in {timings['ingest_qc_preprocessing_s']} s. "
+        ("What ran", f"<p>Ingest, automated QC, preprocessing (orientation RAS, resampling to {DEMO_SPACING} mm, HU window [-1000, 400] to [0, 1]) and phantom ground truth on the embedded default data, in {timings['ingest_qc_preprocessing_s']} s; "
+         f"the SA-1 foundation_clip bundle at demo size ({timings['foundation_clip_s']} s). "
          f"Not built yet: {', '.join(NOT_BUILT)}.</p>"),
         ("Quality control", html_table(qc_rows, qc_columns) + f"<p>Excluded, with reasons:</p><ul>{excluded_html}</ul>"
          f"<p>Every check's reason: <code>{out / 'qc' / 'qc_report.csv'}</code> and <code>qc_report.json</code>.</p>"),
         ("Cases", html_table(per_case, ["case", "kind", "qc", "shape", "lung mL (R/L)", "HU-threshold lung Dice vs phantom truth", "read+qc s", "preprocessed", "preproc s"])),
         ("Slices (lung window) with HU-threshold lung contours", figure_grid(figures)),
+        ("SA-1 foundation_clip: training and held-out zero-shot classification", clip_html),
         ("Phantom ground truth", f"<p>{first['id']} (seed {first['seed']}): lung and mediastinal windows and the five-class label map. Its report: <i>{' '.join(phantom.report)}</i></p>"
          "<img src='figures/phantom_ground_truth.png' style='max-width:100%'>"),
     ]
@@ -152,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--data", default=str(DEFAULT_OUT))
+    parser.add_argument("--retrain", action="store_true", help="train foundation_clip again even if a finished run exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    metrics = run_demo(Path(args.out), Path(args.data))
+    metrics = run_demo(Path(args.out), Path(args.data), retrain=args.retrain)
     ing = metrics["ingest"]
     print(f"ran: ingest + QC on {ing['n_cases']} cases ({ing['n_passed']} passed, {ing['n_excluded']} excluded), preprocessing of the passed cases, phantom ground-truth comparison")
     for case_id, reasons in ing["excluded"].items():
         print(f"  excluded {case_id}: {'; '.join(reasons)}")
+    fc = metrics["foundation_clip"]
+    print(f"ran: foundation_clip (SA-1) {'reused' if fc['reused_previous_run'] else 'trained'}: held-out zero-shot patch accuracy {fc['val_zero_shot_acc']:.3f} "
+          f"(epoch {fc['best_epoch']}/{fc['epochs']}), recall@5 {fc['val_recall_at_5']:.3f}, distillation cosine {fc['val_distill_cosine']:.3f}; checkpoint {fc['checkpoint']}")
     print(f"not built yet: {', '.join(metrics['not_built_yet'])}")
     print(f"report: {Path(args.out) / 'report' / 'index.html'} and metrics.json")
     return 0

@@ -23,6 +23,15 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG through a temporary name, then close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    _plt().close(fig)
+    return path
+
+
 def axial_display(plane_ij: np.ndarray) -> np.ndarray:
     """An [i, j] axial slice of an LPS-ordered volume (``CTVolume.reorient("LPS")``: i to patient left,
     j to posterior) as radiologists view it: anterior at the top, patient right on the image left."""
@@ -49,11 +58,7 @@ def save_overlay_png(
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout(pad=0.2)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def html_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
@@ -82,3 +87,52 @@ def figure_grid(items: Sequence[tuple[str, str]]) -> str:
     """(relative image path, caption) pairs as a wrapped grid of figures."""
     figs = "".join(f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in items)
     return f"<div class='figs'>{figs}</div>"
+
+
+def save_training_curves_png(history: Sequence[dict], path: str | Path, losses: Sequence[str], metrics: Sequence[str], title: str = "") -> Path:
+    """Per-epoch training losses (left) and validation metrics (right), the best epoch marked; written atomically."""
+    plt = _plt()
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=110)
+    for key in losses:
+        values = [row.get(key, float("nan")) for row in history]
+        if any(v == v for v in values):
+            left.plot(epochs, values, marker="o", ms=3, label=key)
+    left.set_xlabel("epoch")
+    left.set_yscale("log")  # the distillation MSE is orders of magnitude below the contrastive loss
+    left.set_title("training losses (epoch means)", fontsize=9)
+    for key in metrics:
+        values = [row.get(key, float("nan")) for row in history]
+        if any(v == v for v in values):
+            right.plot(epochs, values, marker="o", ms=3, label=key)
+    best = [row.get("best_epoch") for row in history if row.get("best_epoch")]
+    if best:
+        right.axvline(best[-1], color="grey", ls="--", lw=0.8, label=f"best epoch {best[-1]}")
+    right.set_ylim(0, 1)
+    right.set_xlabel("epoch")
+    right.set_title("validation", fontsize=9)
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def save_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with counts; written atomically."""
+    plt = _plt()
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=110)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), n in np.ndenumerate(matrix):
+        ax.text(c, r, str(int(n)), ha="center", va="center", fontsize=8, color="white" if rates[r, c] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xlabel("zero-shot prediction")
+    ax.set_ylabel("phantom ground truth")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)

@@ -74,3 +74,35 @@ def default_manifest() -> dict:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# --------------------------------------------------------------------------- SA-1 (foundation_clip) fixtures
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+TINY_CLIP_OVERLAY = Path(__file__).resolve().parent / "configs" / "foundation_clip_tiny.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom_manifest(tmp_path_factory) -> Path:
+    """A manifest of three small phantoms (64 x 64 x 32 at 5 x 5 x 7.5 mm) and one real NIfTI crop."""
+    from common.io import write_json_atomic
+    from common.phantom import generate_phantom, write_phantom
+
+    out = tmp_path_factory.mktemp("tiny_manifest")
+    cases = []
+    for seed in range(3):
+        case_id = f"tiny_phantom_{seed}"
+        paths = write_phantom(generate_phantom(shape=(64, 64, 32), spacing=(5.0, 5.0, 7.5), seed=seed), out, case_id)
+        cases.append({"id": case_id, "path": paths["ct"], "label": paths["label"], "lungs": paths["lungs"], "report": paths["report"], "kind": "phantom", "format": "nifti"})
+    cases.insert(0, {"id": "totalseg_chest_crop_b", "path": str(TOTALSEG_B), "kind": "real", "format": "nifti"})
+    path = out / "manifest.json"
+    write_json_atomic(path, {"cases": cases, "notes": []})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT directory (tokenizer + config + weights) for fast text-encoder tests."""
+    from tests.test_networks import _tiny_bert_dir
+
+    return _tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))

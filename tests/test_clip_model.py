@@ -54,6 +54,15 @@ def test_shapes_and_dense_consistency(model):
     assert torch.allclose(model.distill(x), out["student_distill"], atol=1e-6)
     assert torch.allclose(model.distill(feature_map=out["feature_map"]), out["student_distill"])
     assert model(x)["text_embeds"] is None
+    # centre pooling: a Gaussian-weighted mean of the same dense map, peaked at the centre
+    model.pooling = "centre"
+    try:
+        w = model.pooling_weights(8, 6)
+        assert float(w.sum()) == pytest.approx(1.0) and w[3:5, 2:4].min() > w[0, 0] * 10
+        with torch.no_grad():
+            assert torch.allclose((dense * w).sum(dim=(2, 3)), model.encode_image(x), atol=1e-5)
+    finally:
+        model.pooling = "mean"
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
@@ -69,6 +78,8 @@ def test_encoder_choices_and_errors(tmp_path):
         build_image_encoder("resnet50")
     with pytest.raises(ValueError, match="vit pretrained=True needs weights="):
         build_image_encoder("vit")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        LungCLIP(r18, None, pooling="max")
     missing = tmp_path / "nowhere" / "r18.pth"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         build_image_encoder("resnet18", weights=missing)
@@ -136,6 +147,32 @@ def test_info_nce_matched_lower_than_shuffled():
     assert float(matched) < 0.1 < float(shuffled)
     # The clamp: a huge log scale behaves like ln(100).
     assert torch.allclose(info_nce_loss(img, txt, torch.tensor(50.0)), info_nce_loss(img, txt, math.log(100.0)))
+
+
+def test_info_nce_shared_texts_are_positives():
+    """Rows with the same text id are positives of each other: swapping images within a group changes
+    nothing, all-distinct ids are CLIP's loss, and a duplicate caption is no longer a false negative."""
+    from common.engines.clip import positive_groups
+
+    torch.manual_seed(0)
+    img, txt = torch.randn(6, 8), torch.randn(6, 8)
+    txt[1], txt[4] = txt[0], txt[0]  # three samples share one caption
+    ids = torch.tensor([0, 0, 1, 2, 0, 3])
+    scale = torch.tensor(2.0)
+    base = info_nce_loss(img, txt, scale, text_ids=ids)
+    perm = torch.tensor([4, 0, 2, 3, 1, 5])  # images of group 0 swapped among themselves
+    assert torch.allclose(info_nce_loss(img[perm], txt, scale, text_ids=ids), base, atol=1e-6)
+    assert torch.allclose(info_nce_loss(img, txt, scale, text_ids=torch.arange(6)), info_nce_loss(img, txt, scale))
+    # identical embeddings for a shared caption: plain CLIP can never get below log(3) for them
+    same = torch.randn(1, 8).repeat(3, 1) * 10
+    assert float(info_nce_loss(same, same, scale)) > 1.0
+    assert float(info_nce_loss(same, same, scale, text_ids=torch.zeros(3, dtype=torch.long))) < 1e-3
+    with pytest.raises(ValueError, match="text_ids must have shape"):
+        info_nce_loss(img, txt, scale, text_ids=torch.zeros(5))
+    # groups from a batch: by text, or by class for labelled patches
+    batch = {"text": ["aorta", "", "heart", "pulmonary artery", "aorta"], "label": [2, -1, 1, 2, -1]}
+    assert positive_groups(batch, class_positives=False) == [0, 1, 2, 0]
+    assert positive_groups(batch, class_positives=True) == [0, 1, 0, 2]
 
 
 def test_distillation_mse():
@@ -221,6 +258,15 @@ def test_teacher_frozen_and_cached(random_teacher, tmp_path):
         assert not list((tmp_path / "cache").rglob("*.tmp"))
         stored = list((tmp_path / "cache").rglob("*.pt"))
         assert len(stored) == 3 and torch.load(stored[0], weights_only=True).dtype == torch.float16
+        # slices as MONAI MetaTensors (what LoadImaged gives) are cached as plain tensors that load back
+        from monai.data import MetaTensor
+
+        meta_keys = [cache_key("case2", 0, 0)]
+        cache.get(meta_keys, MetaTensor(torch.rand(1, 1, 40, 50)))
+        hits = cache.hits
+        back = TeacherCache(tmp_path / "cache", t).get(meta_keys, torch.rand(1, 1, 40, 50))
+        assert calls == [2, 1, 1] and type(back) is torch.Tensor  # read from disk, not encoded again
+        assert type(torch.load(cache.path(meta_keys[0]), weights_only=True)) is torch.Tensor and cache.hits == hits
     finally:
         enc.forward = original
     with pytest.raises(ValueError, match="one key per slice"):

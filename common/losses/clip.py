@@ -30,10 +30,13 @@ def cosine_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, eps: floa
     return (1.0 - dot / norms.clamp_min(eps)).mean()
 
 
-def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float, text_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric CLIP InfoNCE; pair i is (image i, text i), every other text/image of the batch a negative.
 
     ``logit_scale`` is CLIP's log inverse temperature (``LungCLIP.logit_scale``), clamped to ln(100).
+    ``text_ids`` (N,) marks rows that carry the same text (several patches of one class share a
+    caption): those are positives of each other, not negatives; each row's loss is -log of the
+    softmax mass on its positives. Without it every row is its own class, as in CLIP.
     """
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(f"image and text embeddings must pair up, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
@@ -42,8 +45,19 @@ def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_s
         return _zero(image_embeds, text_embeds)
     scale = torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device).clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
-    target = torch.arange(n, device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    if text_ids is None:
+        target = torch.arange(n, device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    text_ids = torch.as_tensor(text_ids, device=logits.device)
+    if text_ids.shape != (n,):
+        raise ValueError(f"text_ids must have shape ({n},), got {tuple(text_ids.shape)}")
+    positive = text_ids[:, None] == text_ids[None, :]  # symmetric: one mask serves both directions
+
+    def any_positive(lg: torch.Tensor) -> torch.Tensor:
+        # -log of the softmax mass on the positives: 0 when all of it is there, CLIP's loss for one positive
+        return (torch.logsumexp(lg, dim=1) - torch.logsumexp(lg.masked_fill(~positive, float("-inf")), dim=1)).mean()
+
+    return 0.5 * (any_positive(logits) + any_positive(logits.t()))
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -74,7 +88,8 @@ class DualLoss(nn.Module):
 
     ``contrastive="cosine"`` is Eq. 1; ``"infonce"`` the symmetric CLIP loss (needs ``logit_scale``).
     ``has_text`` (B,) marks the samples with a text; ``text_embeds`` holds one row per sample or one per
-    marked sample. Samples without text contribute only the distillation term. ``teacher`` may be
+    marked sample. Samples without text contribute only the distillation term. ``text_ids`` (one
+    per text row) groups rows with the same text for InfoNCE. ``teacher`` may be
     None (beta term 0) or restricted by ``has_teacher`` the same way.
     """
 
@@ -95,6 +110,7 @@ class DualLoss(nn.Module):
         has_text: torch.Tensor | None = None,
         has_teacher: torch.Tensor | None = None,
         logit_scale: torch.Tensor | float | None = None,
+        text_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         b = image_embeds.shape[0]
         if text_embeds is None or text_embeds.shape[0] == 0:
@@ -107,7 +123,7 @@ class DualLoss(nn.Module):
             else:
                 if logit_scale is None:
                     raise ValueError("contrastive='infonce' needs logit_scale")
-                contrastive = info_nce_loss(img, txt, logit_scale)
+                contrastive = info_nce_loss(img, txt, logit_scale, text_ids=text_ids)
         if student is None or teacher is None or teacher.shape[0] == 0:
             distill = _zero(student, image_embeds)
         else:

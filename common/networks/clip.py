@@ -226,8 +226,15 @@ class LungCLIP(nn.Module):
 
     MAX_LOGIT_SCALE = math.log(100.0)
 
-    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder | None, embed_dim: int = 256, teacher_shape: tuple[int, int, int] | None = (256, 64, 64), init_temperature: float = 0.07):
+    POOLINGS = ("mean", "centre")
+
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder | None, embed_dim: int = 256, teacher_shape: tuple[int, int, int] | None = (256, 64, 64), init_temperature: float = 0.07, train_text_encoder: bool = True, pooling: str = "mean"):
         super().__init__()
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling must be one of {self.POOLINGS}, got {pooling!r}")
+        # "centre": a Gaussian-weighted mean (sigma = a quarter of the map) so that a patch's embedding
+        # speaks for the structure at its centre, the pixel a sliding window assigns it to.
+        self.pooling = pooling
         if not init_temperature > 0:
             raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
         self.image_encoder = image_encoder
@@ -245,6 +252,19 @@ class LungCLIP(nn.Module):
             self.text_projection = None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.distill_head = DistillationHead(c, self.teacher_shape) if self.teacher_shape is not None else None
+        # A frozen text encoder (W_t still learns) saves its backward pass: CPU runs, small datasets.
+        self.train_text_encoder = bool(train_text_encoder)
+        # How training prepared its inputs (image_size, slice_size, hu_window, ...): saved with the
+        # weights so that inference prepares slices the same way without repeating the settings.
+        self.preprocessing: dict[str, Any] = {}
+        if text_encoder is not None and not self.train_text_encoder:
+            text_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "LungCLIP":
+        super().train(mode)
+        if self.text_encoder is not None and not self.train_text_encoder:
+            self.text_encoder.eval()  # no dropout in a frozen encoder
+        return self
 
     # ------------------------------------------------------------------ pieces
 
@@ -259,15 +279,31 @@ class LungCLIP(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(x)
 
+    def pooling_weights(self, h: int, w: int, device=None) -> torch.Tensor:
+        """(h, w) weights summing to 1 with which the feature map is pooled into one vector."""
+        if self.pooling == "mean":
+            return torch.full((h, w), 1.0 / (h * w), device=device)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) - (h - 1) / 2) / max(h / 4, 1e-6)
+        xs = (torch.arange(w, device=device, dtype=torch.float32) - (w - 1) / 2) / max(w / 4, 1e-6)
+        g = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+        return g / g.sum()
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C): the mean, or the centre-weighted mean (``pooling``)."""
+        if self.pooling == "mean":
+            return feature_map.mean(dim=(2, 3))
+        weights = self.pooling_weights(*feature_map.shape[-2:], device=feature_map.device).to(feature_map.dtype)
+        return torch.einsum("bchw,hw->bc", feature_map, weights)
+
     def project_image(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return self.image_projection(feature_map.mean(dim=(2, 3)))
+        return self.image_projection(self.pool(feature_map))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim) image embeddings (not normalised)."""
         return self.project_image(self.feature_map(x))
 
     def encode_image_dense(self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
-        """W_i at every position of the feature map: (B, embed_dim, h, w); its spatial mean is ``encode_image``."""
+        """W_i at every position of the feature map: (B, embed_dim, h, w); pooled like the map (``pool``) it is ``encode_image``."""
         fmap = self.feature_map(x) if feature_map is None else feature_map
         return torch.einsum("bchw,ec->behw", fmap, self.image_projection.weight)
 
@@ -275,7 +311,9 @@ class LungCLIP(nn.Module):
         """(N, embed_dim) text embeddings (not normalised)."""
         if self.text_encoder is None:
             raise RuntimeError("this LungCLIP has no text encoder")
-        return self.text_projection(self.text_encoder(texts))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_text_encoder):
+            hidden = self.text_encoder(texts)
+        return self.text_projection(hidden)
 
     def distill(self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
         """Student embedding on the teacher's grid: (B, *teacher_shape)."""
@@ -291,7 +329,9 @@ class LungCLIP(nn.Module):
             "text_embeds": self.encode_text(texts) if texts else None,
             "student_distill": self.distill_head(fmap) if self.distill_head is not None else None,
             "feature_map": fmap,
-            "logit_scale": self.logit_scale,
+            # A copy with a grad_fn, not the Parameter itself: DistributedDataParallel(find_unused_parameters=True)
+            # searches the outputs' autograd graph, misses a bare leaf and would mark it ready twice.
+            "logit_scale": self.logit_scale.clone(),
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -301,6 +341,7 @@ class LungCLIP(nn.Module):
         return {
             "image_encoder": dict(self.image_encoder.config),
             "embed_dim": self.embed_dim,
+            "pooling": self.pooling,
             "teacher_shape": list(self.teacher_shape) if self.teacher_shape is not None else None,
             "init_temperature": self.init_temperature,
             "text_model_dir": str(te.model_dir) if te is not None else None,
@@ -313,7 +354,7 @@ class LungCLIP(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config(), "state_dict": state}, tmp)
+        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config(), "preprocessing": dict(self.preprocessing), "state_dict": state}, tmp)
         tmp.replace(path)
         return path
 
@@ -343,8 +384,9 @@ class LungCLIP(nn.Module):
         text_dir = text_model_dir if text_model_dir is not None else cfg.get("text_model_dir")
         text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if text_dir is not None else None
         teacher_shape = tuple(cfg["teacher_shape"]) if cfg.get("teacher_shape") is not None else None
-        model = cls(image_encoder, text_encoder, embed_dim=cfg["embed_dim"], teacher_shape=teacher_shape, init_temperature=cfg.get("init_temperature", 0.07))
+        model = cls(image_encoder, text_encoder, embed_dim=cfg["embed_dim"], teacher_shape=teacher_shape, init_temperature=cfg.get("init_temperature", 0.07), pooling=cfg.get("pooling", "mean"))
         model.load_weights(path)
+        model.preprocessing = dict(raw.get("preprocessing") or {})
         return model.to(map_location)
 
 
@@ -359,11 +401,13 @@ def build_lung_clip(
     init_temperature: float = 0.07,
     image_encoder_kwargs: dict | None = None,
     text_max_length: int = 64,
+    train_text_encoder: bool = True,
+    pooling: str = "mean",
 ) -> LungCLIP:
     """Config-friendly factory (bundle ``_target_``): encoder by name, text encoder from a directory."""
     enc = build_image_encoder(image_encoder, pretrained=pretrained, weights=weights, **(image_encoder_kwargs or {}))
     text = TextEncoder(text_model_dir, max_length=text_max_length) if use_text else None
-    return LungCLIP(enc, text, embed_dim=embed_dim, teacher_shape=teacher_shape, init_temperature=init_temperature)
+    return LungCLIP(enc, text, embed_dim=embed_dim, teacher_shape=teacher_shape, init_temperature=init_temperature, train_text_encoder=train_text_encoder, pooling=pooling)
 
 
 __all__ = [

@@ -25,10 +25,10 @@ class Teacher(nn.Module):
     ``pool_to`` average-pools the 64 x 64 grid to ``pool_to`` x ``pool_to`` (cheap distillation on CPU).
     """
 
-    def __init__(self, sam: SamFamily | str = "litemedsam", pool_to: int | None = None, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, sam: SamFamily | str = "litemedsam", pool_to: int | None = None, checkpoint: str | Path | None = None, device: str | torch.device = "cpu", random_init: bool = False):
         super().__init__()
-        if isinstance(sam, str):
-            sam = load_sam_family(sam, checkpoint=checkpoint, device=device)
+        if isinstance(sam, str):  # random weights only when asked for explicitly (tests)
+            sam = load_sam_family(sam, checkpoint=checkpoint, device=device, random_init=random_init)
         self.sam = sam
         if pool_to is not None and (int(pool_to) < 1 or sam.embedding_shape[1] % int(pool_to)):
             raise ValueError(f"pool_to must divide the teacher grid {sam.embedding_shape[1]}, got {pool_to}")
@@ -52,6 +52,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, slices01) -> torch.Tensor:
+        if isinstance(slices01, torch.Tensor):
+            slices01 = slices01.as_subclass(torch.Tensor)  # no MONAI MetaTensor: slow, and not loadable with weights_only
         emb = self.sam.encode(slices01)
         if self.pool_to is not None and emb.shape[-1] != self.pool_to:
             emb = F.adaptive_avg_pool2d(emb, self.pool_to)
@@ -86,7 +88,8 @@ class TeacherCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(emb.detach().to("cpu", torch.float16).clone(), tmp)
+        # a plain tensor: a subclass (MONAI's MetaTensor) would not load back with weights_only=True
+        torch.save(emb.detach().as_subclass(torch.Tensor).to("cpu", torch.float16).clone(), tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
 
     def _load(self, key: str) -> torch.Tensor | None:
@@ -115,7 +118,7 @@ class TeacherCache:
             emb = self.teacher(x[[first[k] for k in missing]])
             for key, e in zip(missing, emb):
                 self._store(key, e)
-                found[key] = e.detach().to("cpu", torch.float16)
+                found[key] = e.detach().as_subclass(torch.Tensor).to("cpu", torch.float16)
         return torch.stack([found[k] for k in keys]).float()
 
 

@@ -1,0 +1,20 @@
+"""ignite engines, metrics and handlers the bundles wire in their configs (MONAI workflows)."""
+
+from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings, unwrap
+from common.engines.handlers import MetricsHistory, SaveBestLungCLIP, SkippedSamplesReport, TrackingParams
+from common.engines.metrics import DistillationCosine, EpochAverage, RetrievalRecall, ZeroShotAccuracy
+
+__all__ = [
+    "CLIPEvaluator",
+    "CLIPTrainer",
+    "DistillationCosine",
+    "EpochAverage",
+    "MetricsHistory",
+    "RetrievalRecall",
+    "SaveBestLungCLIP",
+    "SkippedSamplesReport",
+    "TrackingParams",
+    "ZeroShotAccuracy",
+    "teacher_embeddings",
+    "unwrap",
+]
