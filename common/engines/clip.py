@@ -14,7 +14,7 @@ MONAI's decollated outputs, so that MONAI's stock transforms such as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from ignite.engine import Events
@@ -26,7 +26,7 @@ from common.networks.teacher import cache_key
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return network.module if hasattr(network, "module") and isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else network
+    return network.module if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else network
 
 
 def plain_tensor(x) -> torch.Tensor:
@@ -125,7 +125,8 @@ class CLIPTrainer(SupervisedTrainer):
         losses = self.loss_function(
             out["image_embeds"], text_rows, out["student_distill"] if teacher is not None else None, teacher,
             has_text=has_text.to(images.device), has_teacher=has_teacher.to(images.device), logit_scale=out["logit_scale"],
-            text_ids=torch.tensor(positive_groups(batchdata, self.class_positives), device=images.device) if unique else None,
+            # grouping by text is text_index itself; by class it needs the labels
+            text_ids=torch.tensor(positive_groups(batchdata, True) if self.class_positives else text_index, device=images.device) if unique else None,
         )
         losses["total"].backward()
         self.optimizer.step()

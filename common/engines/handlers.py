@@ -27,7 +27,6 @@ class SaveBestLungCLIP:
         self.network = network
         self.path = Path(path)
         self.preprocessing = dict(preprocessing or {})
-        self.saved_epochs: list[int] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -39,7 +38,6 @@ class SaveBestLungCLIP:
         model = unwrap(self.network)
         model.preprocessing = {**model.preprocessing, **self.preprocessing}
         model.save_checkpoint(self.path)
-        self.saved_epochs.append(int(engine.state.epoch))
         log.info("epoch %d: best %s %.4f, saved %s", engine.state.epoch, engine.state.key_metric_name, engine.state.best_metric, self.path)
 
 
