@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo test segment serve benchmark ablation clean
+.PHONY: install data demo test segment serve benchmark ablation probmap sweep clean
+
+CLIP_CKPT ?= outputs/demo/foundation_clip/models/model.pt
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,17 @@ test: $(DATA)
 benchmark: $(DATA)
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/clip_train.py
+	$(PY) benchmarks/probmap_speed.py --ckpt $(CLIP_CKPT)
+
+# SA-2 maps of the real shared scans, then scores on three held-out phantoms (needs an SA-1 checkpoint: make demo)
+probmap: $(DATA)
+	$(PY) -m monai.bundle run --config_file bundles/probmap/configs/inference.json --bundle_root bundles/probmap \
+		--ckpt_path $(CLIP_CKPT) --dataset_dir ../shared/data --output_dir outputs/probmap/real
+	$(PY) -m monai.bundle run --config_file "['bundles/probmap/configs/inference.json','bundles/probmap/configs/evaluate.json']" \
+		--bundle_root bundles/probmap --ckpt_path $(CLIP_CKPT) --output_dir outputs/probmap/heldout_phantoms
+
+sweep: $(DATA)
+	$(PY) benchmarks/probmap_sweep.py --ckpt $(CLIP_CKPT)
 
 # SA-1 loss ablation (4 demo-size trainings, about 30 minutes on 2 CPU cores)
 ablation: $(DATA)

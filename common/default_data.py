@@ -85,14 +85,15 @@ def pydicom_ct_slice() -> Path:
     return Path(get_testdata_file("CT_small.dcm"))
 
 
-def make_phantoms(out_dir: Path, n: int, seed: int = 0) -> list[dict]:
+def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom") -> list[dict]:
+    """``n`` phantoms ``<prefix>_000``... from seeds ``seed``, ``seed + 1``, ...; those on disk are reused."""
     from tqdm.auto import tqdm
 
     from common.phantom import generate_phantom, phantom_paths, write_phantom
 
     cases = []
     for i in tqdm(range(n), desc="phantoms", unit="case"):
-        case_id = f"phantom_{i:03d}"
+        case_id = f"{prefix}_{i:03d}"
         paths = phantom_paths(out_dir, case_id)
         if not all(p.exists() for p in paths.values()):
             write_phantom(generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=seed + i), out_dir, case_id)

@@ -108,3 +108,27 @@ def _two_seeds(mask: np.ndarray, max_erosions: int) -> tuple[np.ndarray, int]:
 def _world_x(ijk: np.ndarray, box: tuple, affine: np.ndarray) -> float:
     offset = np.asarray([b.start or 0 for b in box], dtype=float)
     return float(affine[0, :3] @ (np.asarray(ijk, dtype=float) + offset) + affine[0, 3])
+
+
+
+def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """Boolean mask of everything but the air around the patient in an [i, j, k] HU volume.
+
+    Outside air is what is darker than ``threshold``, touches the in-plane border and is as dark as
+    free air (median below ``FREE_AIR_MEDIAN_HU``): a crop that cuts through a lung leaves the lung
+    (about -850 HU) inside the body. Air outside it is never lung."""
+    hu = np.asarray(hu)
+    air = hu < threshold
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.ones(hu.shape, dtype=bool)
+    border = np.zeros(n + 1, dtype=bool)
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        border[np.unique(face)] = True
+    border[0] = False
+    ids = np.flatnonzero(border)
+    outside = np.zeros(n + 1, dtype=bool)
+    if ids.size:
+        medians = np.atleast_1d(ndimage.median(hu, labels, ids))
+        outside[ids[medians < FREE_AIR_MEDIAN_HU]] = True
+    return ~outside[labels]

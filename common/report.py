@@ -136,3 +136,53 @@ def save_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+CLASS_COLOURS = ("#2ca02c", "#d62728", "#ff7f0e", "#17becf", "#f0f0f0")  # lung, heart, vessel, airway, bone
+
+
+def save_probmap_overlay_png(
+    path: str | Path,
+    hu: np.ndarray,
+    prob: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    class_names: Sequence[str],
+    title: str = "",
+    k: int | None = None,
+) -> Path:
+    """Two panels of one axial slice (the one with most lung, unless ``k``): the lung probability as a heat map
+    with the lung mask's contour, and the most probable class per pixel. Arrays on the input grid:
+    ``hu`` and ``mask`` (X, Y, Z), ``prob`` (C, X, Y, Z); shown in the radiological view."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from common.io.volume import reorient_array
+
+    plt = _plt()
+    hu_l, _ = reorient_array(np.asarray(hu), affine)
+    mask_l, _ = reorient_array(np.asarray(mask), affine)
+    prob_l = np.stack([reorient_array(np.asarray(p), affine)[0] for p in prob])
+    if k is None:
+        area = mask_l.reshape(-1, mask_l.shape[2]).sum(0)
+        k = int(area.argmax()) if area.any() else mask_l.shape[2] // 2
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
+    ct = axial_display(hu_l[:, :, k])
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 4.4), dpi=100)
+    for ax in axes:
+        ax.imshow(ct, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
+        ax.axis("off")
+    heat = axes[0].imshow(axial_display(prob_l[0, :, :, k]), cmap="inferno", vmin=0, vmax=1, alpha=0.5, aspect=aspect)
+    if mask_l[:, :, k].any():
+        axes[0].contour(axial_display(mask_l[:, :, k]).astype(float), levels=[0.5], colors=["#00ffff"], linewidths=1.0)
+    fig.colorbar(heat, ax=axes[0], fraction=0.04, pad=0.01)
+    axes[0].set_title(f"{class_names[0]} probability, mask contour (slice {k})", fontsize=8)
+    arg = np.argmax(prob_l[:, :, :, k], axis=0)
+    colours = [CLASS_COLOURS[i % len(CLASS_COLOURS)] for i in range(len(class_names))]
+    axes[1].imshow(axial_display(arg), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(class_names) - 0.5, alpha=0.45, aspect=aspect, interpolation="nearest")
+    axes[1].set_title("most probable class", fontsize=8)
+    axes[1].legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, class_names)], fontsize=6, loc="lower right", framealpha=0.6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3)
+    return _save_figure(fig, path)

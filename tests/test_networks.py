@@ -150,9 +150,9 @@ def test_litemedsam_segments_a_real_lung_from_a_box():
 def _tiny_bert_dir(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "heart", "bone", "left", "right", "##s"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "heart", "bone", "left", "right", "##s", "blood", "vessel", "airway", "ct", "patch", "of", "the"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tok = BertTokenizerFast.from_pretrained(str(tmp_path))  # the vocab_file constructor reads every word as [UNK]
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
     out = tmp_path / "tiny_bert"

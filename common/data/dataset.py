@@ -40,7 +40,7 @@ class SkippingDataset(Dataset):
             kept = []
             for item in data:
                 path = item.get(image_key)
-                if path is None or not Path(str(path)).is_file():
+                if path is None or not Path(str(path)).exists():  # a file, or a DICOM series folder
                     self.missing.append({"image": str(path), "reason": "file not found"})
                     log.warning("%s: file not found; sample skipped", path)
                 else:

@@ -3,6 +3,39 @@
 from common.transforms.augment import CTRandAugment, CTRandAugmentd
 from common.transforms.intensity import HU_WINDOW, HUWindow, HUWindowd, NLMDenoise, NLMDenoised
 from common.transforms.pipeline import ct_preprocessing
+from common.transforms.probability import (
+    LungMaskCleanup,
+    LungMaskCleanupd,
+    RestrictToBody,
+    RestrictToBodyd,
+    SimilarityToProbability,
+    SimilarityToProbabilityd,
+    SmoothProbability,
+    SmoothProbabilityd,
+    ThresholdProbability,
+    ThresholdProbabilityd,
+)
 from common.transforms.spatial import TrimSlices, TrimSlicesd
 
-__all__ = ["CTRandAugment", "CTRandAugmentd", "HU_WINDOW", "HUWindow", "HUWindowd", "NLMDenoise", "NLMDenoised", "TrimSlices", "TrimSlicesd", "ct_preprocessing"]
+__all__ = [
+    "CTRandAugment",
+    "CTRandAugmentd",
+    "HU_WINDOW",
+    "HUWindow",
+    "HUWindowd",
+    "LungMaskCleanup",
+    "LungMaskCleanupd",
+    "NLMDenoise",
+    "NLMDenoised",
+    "RestrictToBody",
+    "RestrictToBodyd",
+    "SimilarityToProbability",
+    "SimilarityToProbabilityd",
+    "SmoothProbability",
+    "SmoothProbabilityd",
+    "ThresholdProbability",
+    "ThresholdProbabilityd",
+    "TrimSlices",
+    "TrimSlicesd",
+    "ct_preprocessing",
+]

@@ -1,0 +1,422 @@
+"""SA-2, Algorithm 1: zero-shot patch-text similarity maps of CT slices, and their volume-level inferer.
+
+Every pixel of a slice gets, per class prompt, the cosine similarity (Eq. 4) between the text
+embedding and the embeddings of the sliding-window patches that cover it, averaged (or maxed)
+over those patches. Two implementations give the same map:
+
+* :func:`algorithm1_literal` is the algorithm as written: one encoder call per patch, the
+  prompts encoded inside the loop. It is the reference for tests and ``benchmarks/probmap_speed.py``.
+* :func:`patch_similarity_maps` is the production path: all windows of a batch of slices cut with
+  ``unfold``, prepared for the encoder in one resize, encoded in batches (channels-last), the
+  prompts encoded once per run, and the per-window scores spread back with one ``scatter_reduce``.
+
+Patches are prepared exactly as SA-1 prepared its training patches (``common.data.clip_pairs``):
+cut from the slice as the model sees it (radiological view, square, ``slice_size`` pixels), area-
+resized to ``patch_size``, then resized (bilinear) to ``image_size``.
+
+:class:`PatchSimilarityInferer` is a MONAI ``Inferer``: a (B, 1, X, Y, Z) HU volume in, a
+(B, C, X, Y, Z) similarity map out on the same grid, slice batch by slice batch. ``mode="dense"``
+is the faster alternative: the encoder's feature map of the whole slice, projected pixel-wise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from monai.transforms import Resize
+
+from common.classes import CLASS_NAMES
+from common.data.clip_pairs import PATCH_PROMPT, axial_slice01
+from common.transforms.intensity import HU_WINDOW, HUWindow
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "max")
+MODES = ("sliding", "dense")
+MULTI_WINDOW = ("mean", "max")
+EMPTY_SIMILARITY = -1.0  # the least cosine similarity: what a slice with nothing on it scores for every class
+AXCODES = "LPS"  # the orientation SA-1 cut its training slices in (axis 2 axial, radiological view)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def class_prompt_texts(class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)) -> list[list[str]]:
+    """The prompt texts of each class: every template filled with the class name."""
+    if not class_names:
+        raise ValueError("class_names is empty: give at least one class to map")
+    if not templates:
+        raise ValueError("prompt templates are empty: give at least one, e.g. 'CT patch of the {}'")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"prompt templates need a '{{}}' for the class name, got {bad!r}")
+    return [[t.format(name) for t in templates] for name in class_names]
+
+
+def check_tokenisable(network, class_names: Sequence[str]) -> None:
+    """A class name the text encoder reads as nothing but unknown tokens cannot be matched: fail now."""
+    tokenizer = network.text_encoder.tokenizer
+    unk = tokenizer.unk_token_id
+    for name in class_names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class name {name!r} is empty: every class needs a name to prompt with")
+        ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+        if not ids or (unk is not None and all(i == unk for i in ids)):
+            raise ValueError(f"class {name!r} cannot be tokenised by the text encoder in {network.text_encoder.model_dir}: "
+                             f"all its tokens are unknown ({tokenizer.unk_token}); reword the class name")
+
+
+@torch.no_grad()
+def class_text_embeddings(network, class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)) -> torch.Tensor:
+    """(C, D) unit text embeddings, one per class: the normalised mean over the templates (CLIP's prompt ensembling)."""
+    if getattr(network, "text_encoder", None) is None:
+        raise ValueError("the network has no text encoder: a zero-shot map needs one")
+    check_tokenisable(network, class_names)
+    per_class = class_prompt_texts(class_names, templates)
+    flat = [t for texts in per_class for t in texts]
+    emb = F.normalize(network.encode_text(flat).float(), dim=-1).view(len(per_class), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def window_starts(size: int, patch_px: int, stride_px: int) -> list[int]:
+    """Top-left offsets of the windows along one axis: every ``stride_px``, plus one flush with the far edge."""
+    if patch_px > size:
+        raise ValueError(f"patch of {patch_px} px does not fit a {size} px slice")
+    starts = list(range(0, size - patch_px + 1, stride_px))
+    if starts[-1] != size - patch_px:
+        starts.append(size - patch_px)  # every pixel is covered, none counted zero times
+    return starts
+
+
+def window_index(size: int, patch_px: int, stride_px: int, device=None) -> torch.Tensor:
+    """(L, p*p) flat pixel indices of every window of a square ``size`` slice, rows then columns."""
+    starts = torch.tensor(window_starts(size, patch_px, stride_px), device=device)
+    offs = torch.arange(patch_px, device=device)
+    rows = (starts[:, None] + offs[None, :])  # (n, p)
+    flat = rows[:, None, :, None] * size + rows[None, :, None, :]  # (n_r, n_c, p, p)
+    return flat.reshape(-1, patch_px * patch_px)
+
+
+def model_input_resizer(patch_size: int, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(N, p, p) patches -> (N, image_size, image_size): SA-1's area resize to ``patch_size``, then its
+    loader's bilinear (anti-aliased) resize. MONAI resizes channels together, so patches ride as channels."""
+    to_patch = Resize((int(patch_size), int(patch_size)), mode="area", anti_aliasing=True)
+    to_image = Resize((int(image_size), int(image_size)), mode="bilinear", anti_aliasing=True)
+
+    def resize(patches: torch.Tensor) -> torch.Tensor:
+        x = patches if patches.shape[-1] == int(patch_size) else to_patch(patches)
+        x = x if x.shape[-1] == int(image_size) else to_image(x)
+        return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+    return resize
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+
+
+@torch.no_grad()
+def algorithm1_literal(
+    slice01: torch.Tensor,
+    network,
+    class_names: Sequence[str] = CLASS_NAMES,
+    templates: Sequence[str] = (PATCH_PROMPT,),
+    patch_px: int = 16,
+    stride_px: int = 4,
+    patch_size: int = 48,
+    image_size: int = 96,
+    aggregation: str = "mean",
+) -> torch.Tensor:
+    """Algorithm 1 line by line on one (S, S) slice in [0, 1]: (C, S, S) similarity map. Slow on purpose."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    device = network.device
+    h, w = slice01.shape[-2:]
+    c = len(class_names)
+    prob_map = torch.zeros((c, h, w)) if aggregation == "mean" else torch.full((c, h, w), -float("inf"))
+    count = torch.zeros((h, w))
+    resize = model_input_resizer(patch_size, image_size)
+    for i in window_starts(h, patch_px, stride_px):  # line 1
+        for j in window_starts(w, patch_px, stride_px):  # line 2
+            patch = slice01[i : i + patch_px, j : j + patch_px]  # line 3
+            x = resize(patch[None].float())[None].to(device)
+            image_embed = network.encode_image(x)  # lines 4-5: image encoder, then W_i
+            text_embeds = class_text_embeddings(network, class_names, templates)  # lines 6-7, inside the loop as written
+            sims = F.normalize(image_embed.float(), dim=-1) @ text_embeds.T  # line 8: Eq. 4
+            sims = sims[0].cpu()[:, None, None]
+            if aggregation == "mean":  # line 9
+                prob_map[:, i : i + patch_px, j : j + patch_px] += sims
+            else:
+                prob_map[:, i : i + patch_px, j : j + patch_px] = torch.maximum(prob_map[:, i : i + patch_px, j : j + patch_px], sims)
+            count[i : i + patch_px, j : j + patch_px] += 1
+    return prob_map / count if aggregation == "mean" else prob_map  # line 12
+
+
+@torch.no_grad()
+def patch_similarity_maps(
+    slices01: torch.Tensor,
+    network,
+    text_embeds: torch.Tensor,
+    patch_px: int,
+    stride_px: int,
+    patch_size: int,
+    image_size: int,
+    aggregation: str = "mean",
+    batch_size: int = 32,
+    channels_last: bool = True,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Production Algorithm 1: (N, 1, S, S) slices in [0, 1] -> (N, C, S, S) similarity maps (on CPU)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    n, _, s, s2 = slices01.shape
+    if s != s2:
+        raise ValueError(f"slices must be square, got {s} x {s2}")
+    device = network.device
+    index = window_index(s, patch_px, stride_px)  # (L, p*p)
+    n_win = index.shape[0]
+    # every window of every slice, as rows of pixels; then as (N*L, p, p) patches
+    patches = slices01.reshape(n, s * s)[:, index].reshape(n * n_win, patch_px, patch_px).float()
+    resize = model_input_resizer(patch_size, image_size)
+    text = text_embeds.to(device).float()
+    sims = torch.empty((n * n_win, text.shape[0]))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    network.image_encoder.to(memory_format=fmt)  # weights in the same layout as the patches (oneDNN's fast path on CPU)
+    for a in range(0, n * n_win, batch_size):
+        x = resize(patches[a : a + batch_size])[:, None].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            enc = network.image_encoder
+            emb = network.project_image(enc.features(enc.prepare(x).contiguous(memory_format=fmt)))
+        sims[a : a + batch_size] = (F.normalize(emb.float(), dim=-1) @ text.T).cpu()
+    # spread each window's C scores over its p*p pixels: (N*C, L*p*p) values into (N*C, S*S)
+    c = text.shape[0]
+    values = sims.view(n, n_win, c).permute(0, 2, 1).reshape(n * c, n_win, 1).expand(-1, -1, patch_px * patch_px).reshape(n * c, -1)
+    flat_index = index.reshape(1, -1).expand(n * c, -1)
+    if aggregation == "mean":
+        out = torch.zeros((n * c, s * s)).scatter_add_(1, flat_index, values)
+        count = torch.zeros(s * s).scatter_add_(0, index.reshape(-1), torch.ones(index.numel()))
+        out /= count
+    else:
+        out = torch.full((n * c, s * s), -float("inf")).scatter_reduce_(1, flat_index, values, reduce="amax")
+    return out.view(n, c, s, s)
+
+
+@torch.no_grad()
+def dense_similarity_maps(slices01: torch.Tensor, network, text_embeds: torch.Tensor, patch_px: int, image_size: int, amp: bool = False) -> torch.Tensor:
+    """Dense mode: the whole slice, scaled so that a ``patch_px`` window becomes ``image_size`` pixels as in
+    training, through the encoder once; W_i at every feature-map position; cosine to the prompts;
+    bilinear back to the slice. (N, 1, S, S) -> (N, C, S, S)."""
+    n, _, s, _ = slices01.shape
+    device = network.device
+    size = max(int(round(s * image_size / patch_px)), 32)
+    x = F.interpolate(slices01.float(), size=(size, size), mode="bilinear", align_corners=False).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        dense = network.encode_image_dense(x)
+    dense = F.normalize(dense.float(), dim=1)
+    sims = torch.einsum("ndhw,cd->nchw", dense, text_embeds.to(device).float())
+    return F.interpolate(sims, size=(s, s), mode="bilinear", align_corners=False).cpu()
+
+
+# --------------------------------------------------------------------------- volume geometry
+
+
+def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str = AXCODES):
+    """The voxel-axis permutation/flip of ``array`` (spatial axes first) to ``axcodes``, and its inverse."""
+    from nibabel import orientations as ornt
+
+    src = ornt.io_orientation(affine)
+    dst = ornt.axcodes2ornt(tuple(axcodes))
+    fwd, back = ornt.ornt_transform(src, dst), ornt.ornt_transform(dst, src)
+    return np.ascontiguousarray(ornt.apply_orientation(array, fwd)), lambda a: np.ascontiguousarray(ornt.apply_orientation(a, back))
+
+
+def slice_pixel_mm(shape_xy: Sequence[int], spacing_xy: Sequence[float], slice_size: int) -> float:
+    """Millimetres per pixel of the square model slice (the longer side of the field spans ``slice_size``)."""
+    return float(max(spacing_xy[0] * shape_xy[0], spacing_xy[1] * shape_xy[1])) / float(slice_size)
+
+
+def map_to_slice(maps: torch.Tensor, shape_xy: Sequence[int]) -> torch.Tensor:
+    """(C, S, S) maps of the square radiological-view slice -> (C, X, Y) on the LPS slice grid
+    (undoes :func:`common.data.clip_pairs.axial_slice01`: resize, square padding, transpose)."""
+    x, y = int(shape_xy[0]), int(shape_xy[1])
+    side = max(x, y)
+    sq = F.interpolate(maps[None].float(), size=(side, side), mode="bilinear", align_corners=False)[0]
+    r0, c0 = (side - y) // 2, (side - x) // 2
+    return sq[:, r0 : r0 + y, c0 : c0 + x].transpose(1, 2)
+
+
+class PatchSimilarityInferer(Inferer):
+    """MONAI inferer for SA-2: (B, 1, X, Y, Z) HU volume (MetaTensor with its affine) -> (B, C, X, Y, Z)
+    cosine similarity to each class prompt (Eq. 4), on the input grid.
+
+    Sliding mode (Algorithm 1) runs ``patch_mm`` windows every ``stride_mm``; several ``patch_mm``
+    values are the method's multi-window option, combined by ``multi_window`` ("mean" or "max").
+    A slice with no contrast (all one value) scores ``EMPTY_SIMILARITY`` everywhere, so that it
+    maps to no class instead of to noise. Settings the model was trained with (``slice_size``,
+    ``image_size``, ``patch_size``, ``patch_mm``, ``hu_window``) default to those in its checkpoint.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] = CLASS_NAMES,
+        templates: Sequence[str] = (PATCH_PROMPT,),
+        patch_mm: float | Sequence[float] | None = None,
+        stride_mm: float = 10.0,
+        aggregation: str = "mean",
+        multi_window: str = "mean",
+        mode: str = "sliding",
+        batch_size: int = 32,
+        slice_batch: int = 8,
+        slice_size: int | None = None,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        hu_window: Sequence[float] | None = None,
+        channels_last: bool = True,
+        amp: bool = False,
+        progress: bool = True,
+    ):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if multi_window not in MULTI_WINDOW:
+            raise ValueError(f"multi_window must be one of {MULTI_WINDOW}, got {multi_window!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not stride_mm > 0:
+            raise ValueError(f"stride_mm must be > 0, got {stride_mm}")
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        class_prompt_texts(self.class_names, self.templates)  # template errors at start-up
+        self.patch_mm = None if patch_mm is None else [float(p) for p in np.atleast_1d(patch_mm)]
+        self.stride_mm = float(stride_mm)
+        self.aggregation, self.multi_window, self.mode = aggregation, multi_window, mode
+        self.batch_size, self.slice_batch = int(batch_size), int(slice_batch)
+        self.overrides = {"slice_size": slice_size, "image_size": image_size, "patch_size": patch_size, "hu_window": hu_window}
+        self.channels_last, self.amp, self.progress = bool(channels_last), bool(amp), bool(progress)
+        self._text_cache: tuple[int, torch.Tensor] | None = None
+        self.last_info: dict = {}
+
+    # settings ---------------------------------------------------------------
+
+    def settings(self, network) -> dict:
+        """The preprocessing in effect: explicit arguments over the checkpoint's, over SA-1's defaults."""
+        pre = dict(getattr(network, "preprocessing", {}) or {})
+        defaults = {"slice_size": 512, "image_size": 224, "patch_size": 64, "patch_mm": 40.0, "hu_window": list(HU_WINDOW)}
+        out = {k: pre.get(k, v) for k, v in defaults.items()}
+        out.update({k: v for k, v in self.overrides.items() if v is not None})
+        out["patch_mm"] = self.patch_mm or [float(out["patch_mm"])]
+        return out
+
+    def text_embeddings(self, network) -> torch.Tensor:
+        """(C, D) prompt embeddings, encoded once per network (not once per patch)."""
+        if self._text_cache is None or self._text_cache[0] != id(network):
+            self._text_cache = (id(network), class_text_embeddings(network, self.class_names, self.templates))
+        return self._text_cache[1]
+
+    # one volume ---------------------------------------------------------------
+
+    def slice_maps(self, slices01: torch.Tensor, network, text: torch.Tensor, px_mm: float, cfg: dict) -> torch.Tensor:
+        """(N, 1, S, S) model slices -> (N, C, S, S) similarity, multi-window combined."""
+        maps = []
+        for patch_mm in cfg["patch_mm"]:
+            patch_px = max(int(round(patch_mm / px_mm)), 4)
+            patch_px = min(patch_px, slices01.shape[-1])
+            if self.mode == "dense":
+                maps.append(dense_similarity_maps(slices01, network, text, patch_px, cfg["image_size"], amp=self.amp))
+            else:
+                stride_px = max(int(round(self.stride_mm / px_mm)), 1)
+                maps.append(patch_similarity_maps(slices01, network, text, patch_px, stride_px, cfg["patch_size"], cfg["image_size"],
+                                                  self.aggregation, self.batch_size, self.channels_last, self.amp))
+        stack = torch.stack(maps)
+        return stack.mean(0) if self.multi_window == "mean" else stack.amax(0)
+
+    @torch.no_grad()
+    def volume(self, hu: np.ndarray, affine: np.ndarray, network, name: str = "volume") -> torch.Tensor:
+        """(X, Y, Z) HU array + its affine -> (C, X, Y, Z) float32 similarity on the same grid."""
+        from tqdm.auto import tqdm
+
+        cfg = self.settings(network)
+        text = self.text_embeddings(network)
+        lps, back = to_axcodes(np.asarray(hu, dtype=np.float32), affine)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        # spacing of the LPS axes: the orientation transform permutes axes
+        from nibabel import orientations as ornt
+
+        perm = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(tuple(AXCODES)))[:, 0].astype(int)
+        spacing_lps = np.empty(3)
+        spacing_lps[perm] = spacing
+        px_mm = slice_pixel_mm(lps.shape[:2], spacing_lps[:2], cfg["slice_size"])
+        window = HUWindow(cfg["hu_window"])
+        fill = float(lps.min())
+        c, nz = len(self.class_names), lps.shape[2]
+        out = np.empty((c,) + lps.shape, dtype=np.float32)
+        empty = []
+        bar = tqdm(total=nz, desc=f"probmap {name}", unit="slice", disable=not self.progress, leave=False)
+        for k0 in range(0, nz, self.slice_batch):
+            ks = list(range(k0, min(k0 + self.slice_batch, nz)))
+            slices = torch.from_numpy(np.stack([axial_slice01(lps, k, cfg["slice_size"], window, fill) for k in ks]))[:, None]
+            # judged on the scan's own pixels: the square padding would give any slice an edge
+            flat = torch.tensor([float(np.ptp(lps[:, :, k])) <= 1e-3 for k in ks])
+            maps = torch.full((len(ks), c) + slices.shape[-2:], EMPTY_SIMILARITY)
+            if (~flat).any():
+                maps[~flat] = self.slice_maps(slices[~flat], network, text, px_mm, cfg)
+            for n, k in enumerate(ks):
+                if flat[n]:
+                    empty.append(k)
+                out[:, :, :, k] = map_to_slice(maps[n], lps.shape[:2]).numpy()
+            bar.update(len(ks))
+        bar.close()
+        if empty:
+            logger.warning("%s: %d of %d slices have no contrast (one value throughout) and map to no class: %s", name, len(empty), nz, empty[:10])
+        self.last_info = {"empty_slices": empty, "slice_pixel_mm": px_mm, **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
+                          "stride_mm": self.stride_mm, "aggregation": self.aggregation, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
+        # back to the input's voxel order (channel axis first stays first)
+        return torch.from_numpy(np.stack([back(ch) for ch in out]))
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        if inputs.ndim != 5 or inputs.shape[1] != 1:
+            raise ValueError(f"expected a (B, 1, X, Y, Z) HU volume, got shape {tuple(inputs.shape)}")
+        affines = getattr(inputs, "affine", None)
+        outs = []
+        for b in range(inputs.shape[0]):
+            aff = np.eye(4) if affines is None else np.asarray(affines[b] if affines.ndim == 3 else affines, dtype=np.float64)
+            name = "volume"
+            meta = getattr(inputs, "meta", None)
+            if meta and "filename_or_obj" in meta:
+                fn = meta["filename_or_obj"]
+                name = str(fn[b] if isinstance(fn, (list, tuple)) else fn)
+            hu = inputs[b, 0].detach().cpu().as_subclass(torch.Tensor).numpy()
+            outs.append(self.volume(hu, aff, network, name=name))
+        out = torch.stack(outs).to(inputs.device)
+        if hasattr(inputs, "affine"):
+            from monai.data import MetaTensor
+
+            out = MetaTensor(out, affine=inputs.affine, meta=dict(getattr(inputs, "meta", {}) or {}))
+        return out
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "EMPTY_SIMILARITY",
+    "MODES",
+    "PatchSimilarityInferer",
+    "algorithm1_literal",
+    "check_tokenisable",
+    "class_prompt_texts",
+    "class_text_embeddings",
+    "dense_similarity_maps",
+    "map_to_slice",
+    "model_input_resizer",
+    "patch_similarity_maps",
+    "slice_pixel_mm",
+    "to_axcodes",
+    "window_index",
+    "window_starts",
+]

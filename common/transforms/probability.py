@@ -1,0 +1,556 @@
+"""SA-2 post-processing of zero-shot probability maps: normalisation (Eq. 5-6), smoothing (Eq. 7),
+thresholding (Eq. 8) and lung-mask clean-up with the right/left split.
+
+Arrays are channel-first ``(C, X, Y, Z)`` numpy arrays or torch tensors (MetaTensor included);
+Z, the last axis, is the axial slice axis. Probabilities come out float32 and masks uint8, in the
+input's type family (numpy in, numpy out; tensor in, tensor out on the same device; a MetaTensor
+keeps its metadata). Non-finite inputs are replaced by their channel's finite minimum (0 when the
+channel has none) before anything else, so no output ever holds NaN or inf.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import GaussianSmooth, MapTransform, Transform
+from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple_rep
+from scipy import ndimage
+
+from common.classes import LEFT_LUNG, RIGHT_LUNG
+
+SIMILARITY_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
+SMOOTHING_METHODS: tuple[str, ...] = ("none", "gaussian", "bilateral", "guided")
+THRESHOLD_METHODS: tuple[str, ...] = ("global", "otsu", "multi_otsu", "adaptive_mean", "adaptive_median")
+
+# Scaled logits are clamped here: softmax subtracts the maximum, and inf - inf would be NaN.
+_LOGIT_LIMIT = 1e37
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_method(method: str, allowed: Sequence[str], who: str) -> str:
+    m = str(method).lower()
+    if m not in allowed:
+        raise ValueError(f"{who}: unknown method {method!r}; allowed: {', '.join(allowed)}")
+    return m
+
+
+def _fill_nonfinite_(t: torch.Tensor) -> torch.Tensor:
+    """Replace, in place, each channel's NaN/inf by that channel's finite minimum (0 when none)."""
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return t
+    for c in range(t.shape[0]):
+        bad = ~finite[c]
+        if bool(bad.any()):
+            good = t[c][finite[c]]
+            t[c][bad] = good.min() if good.numel() else 0.0
+    return t
+
+
+def _float_tensor(img, add_channel: bool = False) -> torch.Tensor:
+    """A plain float32 copy of ``img`` (a channel axis put in front when asked) with finite values only."""
+    if isinstance(img, MetaTensor):
+        t = img.as_tensor()
+    elif isinstance(img, torch.Tensor):
+        t = img
+    else:
+        t = torch.as_tensor(np.asarray(img))
+    # The copy is what the in-place fill below writes to: the caller's data is never touched.
+    t = t.detach().to(torch.float32, copy=True)
+    if add_channel:
+        t = t[None]
+    return _fill_nonfinite_(t)
+
+
+def _finite_out(t: torch.Tensor) -> torch.Tensor:
+    """Last guard: arithmetic on extreme (finite) inputs can still overflow; no NaN/inf may leave."""
+    return torch.nan_to_num_(t, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+
+
+def _spacing(img, pixdim: Sequence[float] | None = None, affine=None) -> np.ndarray:
+    """Voxel spacing (x, y, z) in mm: ``pixdim``, else the MetaTensor's, else the affine's, else 1 mm."""
+    if pixdim is not None:
+        sp = np.asarray(convert_to_numpy(pixdim), dtype=float).ravel()
+    elif isinstance(img, MetaTensor):
+        sp = np.asarray(convert_to_numpy(img.pixdim), dtype=float).ravel()
+    elif affine is not None:
+        sp = np.linalg.norm(np.asarray(convert_to_numpy(affine), dtype=float)[:3, :3], axis=0)
+    else:
+        sp = np.ones(3)
+    if sp.size == 1:
+        sp = np.repeat(sp, 3)
+    if sp.size != 3 or not np.all(np.isfinite(sp)) or not np.all(sp > 0):
+        raise ValueError(f"pixdim must be three positive spacings (x, y, z) in mm, got {sp.tolist()}")
+    return sp
+
+
+def _one_channel(img, who: str) -> torch.Tensor:
+    """``img`` of shape (1, X, Y, Z) or (X, Y, Z) as a finite float32 (1, X, Y, Z) tensor."""
+    shape = tuple(img.shape)
+    if len(shape) == 3 or (len(shape) == 4 and shape[0] == 1):
+        # The channel goes in first so the non-finite fill takes the whole map's minimum, not a row's.
+        return _float_tensor(img, add_channel=len(shape) == 3)
+    raise ValueError(f"{who} expects one channel (1, X, Y, Z) or (X, Y, Z), got shape {shape}")
+
+
+class SimilarityToProbability(Transform):
+    """Turn cosine-similarity maps ``(C, ...)`` into probabilities in [0, 1] (float32).
+
+    ``"softmax"``: softmax over the channels of ``scale * sim`` (``scale`` is CLIP's logit scale,
+    1 / temperature); the channels sum to 1. ``"minmax"`` (Eq. 5): each channel rescaled to [0, 1]
+    over its whole extent; a constant channel becomes 0. ``"sigmoid"`` (Eq. 6):
+    ``1 / (1 + exp(-alpha (sim - beta)))`` per voxel.
+    """
+
+    def __init__(self, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5):
+        self.method = _check_method(method, SIMILARITY_METHODS, "SimilarityToProbability")
+        for name, value in (("scale", scale), ("alpha", alpha), ("beta", beta)):
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        self.scale, self.alpha, self.beta = float(scale), float(alpha), float(beta)
+
+    def __call__(self, img):
+        t = _float_tensor(img)
+        if t.ndim < 2:
+            raise ValueError(f"SimilarityToProbability expects channel-first maps (C, ...), got shape {tuple(t.shape)}")
+        if self.method == "softmax":
+            out = torch.softmax(torch.clamp(t.mul_(self.scale), -_LOGIT_LIMIT, _LOGIT_LIMIT), dim=0)
+        elif self.method == "minmax":
+            flat = t.reshape(t.shape[0], -1)
+            view = (t.shape[0],) + (1,) * (t.ndim - 1)
+            lo, hi = flat.amin(dim=1).reshape(view), flat.amax(dim=1).reshape(view)
+            span = hi - lo
+            varies = span > 0
+            # A constant channel carries no contrast: zeros, not 0 / 0.
+            out = torch.where(varies, (t - lo) / torch.where(varies, span, torch.ones_like(span)), torch.zeros_like(t))
+        else:
+            out = torch.sigmoid(t.sub_(self.beta).mul_(self.alpha))
+        out = _finite_out(out).clamp_(0.0, 1.0)
+        return convert_to_dst_type(out, img, dtype=np.float32)[0]
+
+
+class SimilarityToProbabilityd(MapTransform):
+    """Dictionary twin of :class:`SimilarityToProbability`."""
+
+    def __init__(self, keys: KeysCollection, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.to_probability = SimilarityToProbability(method, scale, alpha, beta)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.to_probability(d[key])
+        return d
+
+
+def _guided_filter(p: np.ndarray, guide: np.ndarray, size: tuple[int, int], eps: float) -> np.ndarray:
+    """He et al.'s grey-guide filter of one 2D plane: locally ``q = a * guide + b``, box means of ``size``."""
+
+    def box(a: np.ndarray) -> np.ndarray:
+        return ndimage.uniform_filter(a, size=size, mode="reflect")
+
+    mean_i, mean_p = box(guide), box(p)
+    var_i = box(guide * guide) - mean_i * mean_i
+    cov_ip = box(guide * p) - mean_i * mean_p
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box(a) * guide + box(b)
+
+
+class SmoothProbability(Transform):
+    """Smooth probability maps ``(C, X, Y, Z)``; float32 out.
+
+    ``"none"``: identity. ``"gaussian"`` (Eq. 7): MONAI's GaussianSmooth with sigma ``sigma_mm /
+    pixdim`` voxels per axis; ``spatial_dims=2`` smooths each axial slice alone (the maps are made
+    slice by slice), 3 smooths in 3D. ``"bilateral"``: scikit-image's edge-preserving bilateral
+    filter per axial slice and channel (``sigma_color`` in probability units). ``"guided"``: the
+    guided filter (He et al.) per axial slice, steered by ``guide`` (the CT in [0, 1], shape
+    ``(1, X, Y, Z)`` or ``(X, Y, Z)``), box radius ``round(sqrt(3) * sigma)`` voxels and
+    regulariser ``guided_eps``; its output is clipped to [0, 1].
+
+    Spacing: the ``pixdim`` given to ``__call__``, else the constructor's, else the input
+    MetaTensor's, else 1 mm.
+    """
+
+    def __init__(
+        self,
+        method: str = "gaussian",
+        sigma_mm: float = 3.0,
+        spatial_dims: int = 2,
+        pixdim: Sequence[float] | None = None,
+        sigma_color: float = 0.1,
+        guided_eps: float = 1e-3,
+    ):
+        self.method = _check_method(method, SMOOTHING_METHODS, "SmoothProbability")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 (per axial slice) or 3, got {spatial_dims}")
+        if self.method != "none" and not (np.isfinite(sigma_mm) and sigma_mm > 0):
+            raise ValueError(f"sigma_mm must be positive, got {sigma_mm}")
+        if not sigma_color > 0 or not guided_eps > 0:
+            raise ValueError(f"sigma_color and guided_eps must be positive, got {sigma_color}, {guided_eps}")
+        self.sigma_mm, self.spatial_dims, self.pixdim = float(sigma_mm), int(spatial_dims), pixdim
+        self.sigma_color, self.guided_eps = float(sigma_color), float(guided_eps)
+
+    def __call__(self, img, guide=None, pixdim: Sequence[float] | None = None):
+        t = _float_tensor(img)
+        if t.ndim != 4:
+            raise ValueError(f"SmoothProbability expects a channel-first volume (C, X, Y, Z), got shape {tuple(t.shape)}")
+        if self.method == "guided" and guide is None:
+            raise ValueError("SmoothProbability(method='guided') needs a guide image (the CT in [0, 1])")
+        if self.method == "none":
+            return convert_to_dst_type(t, img, dtype=np.float32)[0]
+        sigma = self.sigma_mm / _spacing(img, pixdim if pixdim is not None else self.pixdim)
+        if self.method == "gaussian":
+            out = self._gaussian(t, sigma)
+        elif self.method == "bilateral":
+            out = torch.from_numpy(self._bilateral(t.cpu().numpy(), sigma))
+        else:
+            out = torch.from_numpy(self._guided(t.cpu().numpy(), guide, sigma))
+        return convert_to_dst_type(_finite_out(out), img, dtype=np.float32)[0]
+
+    def _gaussian(self, t: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+        c, x, y, z = t.shape
+        if self.spatial_dims == 2:
+            # Slices go to the channel axis so the kernel never reaches across them.
+            t = t.permute(0, 3, 1, 2).reshape(c * z, x, y)
+            sigma = sigma[:2]
+        # GaussianFilter pads with zeros, which would dim lungs cut by the field of view's edge:
+        # replicate the border instead (the kernel reaches int(4 sigma + 0.5) voxels).
+        tails = [int(max(4.0 * s, 0.5) + 0.5) for s in sigma]
+        pad = [p for tail in reversed(tails) for p in (tail, tail)]
+        padded = torch.nn.functional.pad(t[None], pad, mode="replicate")[0]
+        out = GaussianSmooth(sigma=[float(s) for s in sigma])(padded)
+        out = out.as_tensor() if isinstance(out, MetaTensor) else out
+        out = out[(slice(None),) + tuple(slice(tail, tail + n) for tail, n in zip(tails, t.shape[1:]))]
+        if self.spatial_dims == 2:
+            out = out.reshape(c, z, x, y).permute(0, 2, 3, 1)
+        return out.contiguous()
+
+    def _bilateral(self, arr: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        from skimage.restoration import denoise_bilateral
+
+        sigma_spatial = float(np.mean(sigma[:2]))  # scikit-image takes one in-plane sigma
+        out = arr.copy()
+        for c in range(arr.shape[0]):
+            for k in range(arr.shape[3]):
+                plane = arr[c, :, :, k]
+                lo, hi = float(plane.min()), float(plane.max())
+                if hi <= lo:
+                    continue  # constant slice: nothing to smooth
+                # scikit-image scales its colour table by the slice maximum: shift to [0, hi - lo] so it is positive.
+                out[c, :, :, k] = lo + denoise_bilateral(plane - lo, sigma_color=self.sigma_color, sigma_spatial=sigma_spatial, mode="edge")
+        return out
+
+    def _guided(self, arr: np.ndarray, guide, sigma: np.ndarray) -> np.ndarray:
+        if tuple(guide.shape) not in (arr.shape[1:], (1,) + arr.shape[1:]):
+            raise ValueError(f"guide must be (1, X, Y, Z) or (X, Y, Z) matching {arr.shape[1:]}, got {tuple(guide.shape)}")
+        g = _one_channel(guide, "SmoothProbability guide")[0].cpu().numpy()
+        # A box of radius r spreads like a Gaussian of sigma r / sqrt(3): same reach as "gaussian".
+        size = tuple(2 * max(1, int(round(np.sqrt(3.0) * s))) + 1 for s in sigma[:2])
+        out = np.empty_like(arr)
+        for k in range(arr.shape[3]):
+            plane_guide = g[:, :, k].astype(np.float64)  # float64: var = E[I^2] - E[I]^2 cancels badly in float32
+            for c in range(arr.shape[0]):
+                out[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps)
+        return np.clip(out, 0.0, 1.0)
+
+
+class SmoothProbabilityd(MapTransform):
+    """Dictionary twin of :class:`SmoothProbability`; ``"guided"`` reads its guide from ``guide_key``.
+
+    Spacing: the ``pixdim`` argument, else each input MetaTensor's, else 1 mm.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        guide_key: Hashable | None = None,
+        method: str = "gaussian",
+        sigma_mm: float = 3.0,
+        spatial_dims: int = 2,
+        pixdim: Sequence[float] | None = None,
+        sigma_color: float = 0.1,
+        guided_eps: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.smooth = SmoothProbability(method, sigma_mm, spatial_dims, pixdim, sigma_color, guided_eps)
+        if self.smooth.method == "guided" and guide_key is None:
+            raise ValueError("SmoothProbabilityd(method='guided') needs guide_key (the CT in [0, 1])")
+        self.guide_key = guide_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        guide = None
+        if self.smooth.method == "guided":
+            if self.guide_key not in d:
+                raise KeyError(f"guide key {self.guide_key!r} not in the data (keys: {list(d)})")
+            guide = d[self.guide_key]
+        for key in self.key_iterator(d):
+            d[key] = self.smooth(d[key], guide=guide)
+        return d
+
+
+class ThresholdProbability(Transform):
+    """Binarise one probability channel ``(1, X, Y, Z)`` or ``(X, Y, Z)`` into a uint8 ``(1, X, Y, Z)`` mask.
+
+    ``"global"`` (Eq. 8): ``P >= tau``. ``"otsu"``: ``P > t`` with Otsu's ``t`` over all voxels.
+    ``"multi_otsu"``: the top of ``classes`` Otsu classes, ``P >= t_max``. ``"adaptive_mean"`` /
+    ``"adaptive_median"``: per axial slice, ``P > T_local`` with scikit-image's ``threshold_local``
+    (odd block of ``block_mm`` per in-plane axis; ``T_local`` is the block's mean or median minus
+    ``offset``, so large flat lungs need ``offset > 0``).
+
+    ``tau`` is a floor for every method: a voxel below it is never foreground, so a flat or
+    all-low map stays empty (``tau=0`` turns the floor off for the data-driven methods). A map with
+    no finite variation gives an empty mask whatever the method.
+
+    ``last_threshold`` (float) after each call: ``tau`` for "global"; Otsu's ``t`` / the highest
+    multi-Otsu threshold; for the adaptive methods the mean local threshold over the mask's voxels
+    (``tau`` when the mask is empty); the constant value for a constant map (``tau`` for "global").
+
+    Spacing for the block: the ``pixdim`` given to ``__call__``, else the constructor's, else the
+    input MetaTensor's, else 1 mm.
+    """
+
+    def __init__(
+        self,
+        method: str = "global",
+        tau: float = 0.5,
+        block_mm: float = 30.0,
+        offset: float = 0.0,
+        classes: int = 3,
+        pixdim: Sequence[float] | None = None,
+    ):
+        self.method = _check_method(method, THRESHOLD_METHODS, "ThresholdProbability")
+        if not np.isfinite(tau) or not np.isfinite(offset):
+            raise ValueError(f"tau and offset must be finite, got {tau}, {offset}")
+        if not block_mm > 0:
+            raise ValueError(f"block_mm must be positive, got {block_mm}")
+        if int(classes) < 2:
+            raise ValueError(f"classes must be at least 2, got {classes}")
+        self.tau, self.block_mm, self.offset, self.classes, self.pixdim = float(tau), float(block_mm), float(offset), int(classes), pixdim
+        self.last_threshold: float = self.tau
+
+    def __call__(self, img, pixdim: Sequence[float] | None = None):
+        p = _one_channel(img, "ThresholdProbability")[0].cpu().numpy()
+        mask = np.zeros(p.shape, dtype=bool)
+        lo, hi = (float(p.min()), float(p.max())) if p.size else (0.0, 0.0)
+        if hi <= lo:
+            self.last_threshold = self.tau if self.method == "global" else lo
+        elif self.method == "global":
+            mask = p >= self.tau
+            self.last_threshold = self.tau
+        elif self.method in ("otsu", "multi_otsu"):
+            t = self._otsu(p)
+            mask = ((p > t) if self.method == "otsu" else (p >= t)) & (p >= self.tau)
+            self.last_threshold = t
+        else:
+            mask = self._adaptive(p, _spacing(img, pixdim if pixdim is not None else self.pixdim))
+        return convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
+
+    def _otsu(self, p: np.ndarray) -> float:
+        from skimage.filters import threshold_multiotsu, threshold_otsu
+
+        if self.method == "multi_otsu":
+            try:
+                return float(threshold_multiotsu(p, classes=self.classes)[-1])
+            except ValueError:
+                pass  # fewer distinct values than classes: two classes still split the map
+        return float(threshold_otsu(p))
+
+    def _adaptive(self, p: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+        from skimage.filters import threshold_local
+
+        block = tuple(max(3, 2 * int(round(self.block_mm / s / 2.0)) + 1) for s in spacing[:2])
+        method = "mean" if self.method == "adaptive_mean" else "median"
+        mask = np.zeros(p.shape, dtype=bool)
+        total, count = 0.0, 0
+        for k in range(p.shape[2]):
+            plane = p[:, :, k]
+            if float(plane.max()) < self.tau:
+                continue  # the floor empties this slice: no local statistics needed
+            local = threshold_local(plane, block_size=block, method=method, offset=self.offset, mode="reflect")
+            fg = (plane > local) & (plane >= self.tau)
+            mask[:, :, k] = fg
+            total += float(local[fg].sum())
+            count += int(fg.sum())
+        self.last_threshold = total / count if count else self.tau
+        return mask
+
+
+class ThresholdProbabilityd(MapTransform):
+    """Dictionary twin of :class:`ThresholdProbability`: thresholds ``channel`` of each map into ``mask_key``.
+
+    Also writes ``f"{mask_key}_threshold"`` (float, see ``last_threshold``) and
+    ``f"{mask_key}_threshold_method"``. With several keys, give one ``mask_key`` per key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        channel: int = 0,
+        mask_key: str | Sequence[str] = "lung_mask",
+        method: str = "global",
+        tau: float = 0.5,
+        block_mm: float = 30.0,
+        offset: float = 0.0,
+        classes: int = 3,
+        pixdim: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_keys = ensure_tuple_rep(mask_key, len(self.keys))
+        if len(set(self.mask_keys)) != len(self.mask_keys):
+            raise ValueError(f"one mask_key per key is needed, got {self.mask_keys} for keys {self.keys}")
+        self.channel = int(channel)
+        self.threshold = ThresholdProbability(method, tau, block_mm, offset, classes, pixdim)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, mask_key in self.key_iterator(d, self.mask_keys):
+            img = d[key]
+            if img.ndim == 4:
+                if not -img.shape[0] <= self.channel < img.shape[0]:
+                    raise ValueError(f"channel {self.channel} out of range for {img.shape[0]} channels in {key!r}")
+                c = self.channel % img.shape[0]
+                img = img[c : c + 1]
+            d[mask_key] = self.threshold(img)
+            d[f"{mask_key}_threshold"] = float(self.threshold.last_threshold)
+            d[f"{mask_key}_threshold_method"] = self.threshold.method
+        return d
+
+
+class LungMaskCleanup(Transform):
+    """Clean a binary lung mask ``(1, X, Y, Z)`` or ``(X, Y, Z)`` (foreground: value > 0.5) into uint8 ``(1, X, Y, Z)``.
+
+    Keeps the ``max_components`` largest 3D connected components (6-connectivity, faces only, as
+    :func:`common.lungmask.hu_threshold_lung_mask`: diagonal contacts do not weld islands to a
+    lung) of at least ``min_component_ml``, then fills holes (vessels, nodules) per axial slice.
+    ``max_components=None`` keeps every large enough component. Voxel volume from the
+    ``pixdim`` given to ``__call__``, else the constructor's, else the input MetaTensor's, else 1 mm.
+    """
+
+    def __init__(self, max_components: int | None = 2, min_component_ml: float = 10.0, fill_holes: bool = True, pixdim: Sequence[float] | None = None):
+        if max_components is not None and int(max_components) < 1:
+            raise ValueError(f"max_components must be at least 1 (or None for all), got {max_components}")
+        if not min_component_ml >= 0:
+            raise ValueError(f"min_component_ml must be >= 0, got {min_component_ml}")
+        self.max_components = None if max_components is None else int(max_components)
+        self.min_component_ml, self.fill_holes, self.pixdim = float(min_component_ml), bool(fill_holes), pixdim
+
+    def __call__(self, img, pixdim: Sequence[float] | None = None):
+        mask = self.clean(self.binary(img), _spacing(img, pixdim if pixdim is not None else self.pixdim))
+        return convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
+
+    @staticmethod
+    def binary(img) -> np.ndarray:
+        """The input as an (X, Y, Z) boolean mask (NaN is background)."""
+        return _one_channel(img, "LungMaskCleanup")[0].cpu().numpy() > 0.5
+
+    def clean(self, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """The cleaned (X, Y, Z) boolean mask of an (X, Y, Z) boolean mask at ``spacing`` mm."""
+        labels, n = ndimage.label(mask)
+        if n == 0:
+            return np.zeros(mask.shape, dtype=bool)
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        big = np.flatnonzero(sizes * voxel_ml >= self.min_component_ml)
+        big = big[big > 0]
+        big = big[np.argsort(sizes[big], kind="stable")[::-1]][: self.max_components]
+        keep = np.zeros(n + 1, dtype=bool)
+        keep[big] = True
+        out = keep[labels]
+        if self.fill_holes:
+            for k in np.flatnonzero(out.any(axis=(0, 1))):
+                out[:, :, k] = ndimage.binary_fill_holes(out[:, :, k])
+        return out
+
+
+class LungMaskCleanupd(MapTransform):
+    """Dictionary twin of :class:`LungMaskCleanup` that also splits the clean mask into right and left.
+
+    Writes ``sides_key`` (uint8 ``(1, X, Y, Z)``: ``RIGHT_LUNG`` = 1, ``LEFT_LUNG`` = 2, 0 elsewhere)
+    by :func:`common.lungmask.split_left_right` (right = larger RAS x), and
+    ``f"{sides_key}_ml"`` = ``{"right", "left", "total"}`` volumes in mL (total: the clean mask).
+    The affine is the MetaTensor's, else ``affine``, else identity; the spacing ``pixdim``, else
+    the MetaTensor's, else the affine's column norms. With several keys, give one ``sides_key`` per key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        sides_key: str | Sequence[str] = "lung_sides",
+        affine=None,
+        max_components: int | None = 2,
+        min_component_ml: float = 10.0,
+        fill_holes: bool = True,
+        pixdim: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.sides_keys = ensure_tuple_rep(sides_key, len(self.keys))
+        if len(set(self.sides_keys)) != len(self.sides_keys):
+            raise ValueError(f"one sides_key per key is needed, got {self.sides_keys} for keys {self.keys}")
+        self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
+        self.cleanup = LungMaskCleanup(max_components, min_component_ml, fill_holes, pixdim)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from common.lungmask import split_left_right
+
+        d = dict(data)
+        for key, sides_key in self.key_iterator(d, self.sides_keys):
+            img = d[key]
+            if isinstance(img, MetaTensor):
+                affine = np.asarray(convert_to_numpy(img.affine), dtype=float)
+            else:
+                affine = self.affine if self.affine is not None else np.eye(4)
+            spacing = _spacing(img, self.cleanup.pixdim, affine)
+            mask = self.cleanup.clean(self.cleanup.binary(img), spacing)
+            right, left = split_left_right(mask, affine)
+            sides = np.zeros((1,) + mask.shape, dtype=np.uint8)
+            sides[0][right] = RIGHT_LUNG
+            sides[0][left] = LEFT_LUNG
+            voxel_ml = float(np.prod(spacing)) / 1000.0
+            d[key] = convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
+            d[sides_key] = convert_to_dst_type(sides, img, dtype=np.uint8)[0]
+            d[f"{sides_key}_ml"] = {
+                "right": float(right.sum()) * voxel_ml,
+                "left": float(left.sum()) * voxel_ml,
+                "total": float(mask.sum()) * voxel_ml,
+            }
+        return d
+
+
+class RestrictToBody(Transform):
+    """Zero a mask outside the patient's body (``common.lungmask.body_mask`` of the HU image): the air
+    around the patient looks like lung to a patch classifier, and lungs are always inside the body."""
+
+    def __init__(self, threshold_hu: float = -500.0):
+        self.threshold_hu = float(threshold_hu)
+
+    def __call__(self, mask, hu):
+        from common.lungmask import body_mask
+
+        m = convert_to_numpy(mask)
+        body = body_mask(convert_to_numpy(hu).reshape(m.shape[-3:]), self.threshold_hu)
+        return convert_to_dst_type((m > 0) & body.reshape(m.shape), mask, dtype=np.uint8)[0]
+
+
+class RestrictToBodyd(MapTransform):
+    """Dictionary twin of :class:`RestrictToBody`; the HU volume comes from ``image_key``."""
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", threshold_hu: float = -500.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.restrict = RestrictToBody(threshold_hu)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.restrict(d[key], d[self.image_key])
+        return d
