@@ -5,16 +5,28 @@ from __future__ import annotations
 import numpy as np
 
 
-def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks (MONAI ``compute_dice``); 1.0 when both are empty."""
+def _mask_pair(prediction: np.ndarray, truth: np.ndarray):
+    """Two boolean masks of one shape as (batch, channel, ...) float tensors for MONAI's metrics."""
     import torch
-    from monai.metrics import compute_dice
 
     p, t = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
     if p.shape != t.shape:
         raise ValueError(f"masks differ in shape: {p.shape} vs {t.shape}")
-    as_tensor = lambda m: torch.from_numpy(m)[None, None].float()  # noqa: E731 (batch, channel)
-    return float(compute_dice(as_tensor(p), as_tensor(t), include_background=True, ignore_empty=False).item())
+    return torch.from_numpy(p)[None, None].float(), torch.from_numpy(t)[None, None].float()
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (MONAI ``compute_dice``); 1.0 when both are empty."""
+    from monai.metrics import compute_dice
+
+    return float(compute_dice(*_mask_pair(prediction, truth), include_background=True, ignore_empty=False).item())
+
+
+def iou_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Jaccard index of two boolean masks (MONAI ``compute_iou``); 1.0 when both are empty."""
+    from monai.metrics import compute_iou
+
+    return float(compute_iou(*_mask_pair(prediction, truth), include_background=True, ignore_empty=False).item())
 
 
 # --------------------------------------------------------------------------- image-text (SA-1) metrics

@@ -40,3 +40,17 @@ def test_embedding_cosine():
     t = torch.randn(2, 4, 3, 3)
     assert embedding_cosine(t, t) == pytest.approx(1.0)
     assert embedding_cosine(t, -t) == pytest.approx(-1.0)
+
+
+def test_iou_score_is_intersection_over_union():
+    from common.metrics import dice_score, iou_score
+
+    a = np.zeros((10, 10), bool)
+    b = np.zeros((10, 10), bool)
+    a[:4] = True  # 40 pixels
+    b[2:6] = True  # 40 pixels, 20 shared
+    assert iou_score(a, b) == pytest.approx(20 / 60)
+    assert dice_score(a, b) == pytest.approx(2 * 20 / 80)
+    assert iou_score(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        iou_score(a, b[:5])

@@ -153,20 +153,11 @@ class SaveProbmapd(MapTransform):
 # --------------------------------------------------------------------------- scores
 
 
-def iou_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Jaccard index of two boolean masks (MONAI ``compute_iou``); 1.0 when both are empty."""
-    from monai.metrics import compute_iou
-
-    p, t = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
-    as_tensor = lambda m: torch.from_numpy(m)[None, None].float()  # noqa: E731
-    return float(compute_iou(as_tensor(p), as_tensor(t), include_background=True, ignore_empty=False).item())
-
-
 def score_case(d: dict, class_names: Sequence[str] = CLASS_NAMES, tau: float = 0.5, prob_key: str = "pred", mask_key: str = "lung_mask",
                label_key: str = "label", lungs_key: str = "lungs") -> dict:
     """Dice and IoU of the cleaned lung mask against the lung field (``lungs`` > 0) and of every channel
     thresholded at ``tau`` (Eq. 8) against its class in the label map."""
-    from common.metrics import dice_score
+    from common.metrics import dice_score, iou_score
 
     row: dict = {"case_id": d.get("case_id")}
     mask = _as_numpy(d[mask_key])[0] > 0
@@ -286,7 +277,6 @@ __all__ = [
     "ProbmapEvaluator",
     "SaveProbmapd",
     "case_outputs",
-    "iou_score",
     "phantom_datalist",
     "probmap_datalist",
     "save_nifti_atomic",

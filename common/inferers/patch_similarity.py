@@ -228,13 +228,15 @@ def dense_similarity_maps(slices01: torch.Tensor, network, text_embeds: torch.Te
 
 
 def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str = AXCODES):
-    """The voxel-axis permutation/flip of ``array`` (spatial axes first) to ``axcodes``, and its inverse."""
+    """``array`` (spatial axes first) in ``axcodes`` voxel order with its affine there
+    (:func:`common.io.volume.reorient_array`), and the function that puts an array back."""
     from nibabel import orientations as ornt
 
-    src = ornt.io_orientation(affine)
-    dst = ornt.axcodes2ornt(tuple(axcodes))
-    fwd, back = ornt.ornt_transform(src, dst), ornt.ornt_transform(dst, src)
-    return np.ascontiguousarray(ornt.apply_orientation(array, fwd)), lambda a: np.ascontiguousarray(ornt.apply_orientation(a, back))
+    from common.io.volume import reorient_array
+
+    out, out_affine = reorient_array(array, affine, axcodes)
+    back = ornt.ornt_transform(ornt.axcodes2ornt(tuple(axcodes)), ornt.io_orientation(affine))
+    return out, out_affine, lambda a: np.ascontiguousarray(ornt.apply_orientation(a, back))
 
 
 def slice_pixel_mm(shape_xy: Sequence[int], spacing_xy: Sequence[float], slice_size: int) -> float:
@@ -344,14 +346,8 @@ class PatchSimilarityInferer(Inferer):
 
         cfg = self.settings(network)
         text = self.text_embeddings(network)
-        lps, back = to_axcodes(np.asarray(hu, dtype=np.float32), affine)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        # spacing of the LPS axes: the orientation transform permutes axes
-        from nibabel import orientations as ornt
-
-        perm = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(tuple(AXCODES)))[:, 0].astype(int)
-        spacing_lps = np.empty(3)
-        spacing_lps[perm] = spacing
+        lps, lps_affine, back = to_axcodes(np.asarray(hu, dtype=np.float32), affine)
+        spacing_lps = np.linalg.norm(lps_affine[:3, :3], axis=0)
         px_mm = slice_pixel_mm(lps.shape[:2], spacing_lps[:2], cfg["slice_size"])
         window = HUWindow(cfg["hu_window"])
         fill = float(lps.min())

@@ -88,6 +88,14 @@ def _spacing(img, pixdim: Sequence[float] | None = None, affine=None) -> np.ndar
     return sp
 
 
+def _one_each(name: str, value, keys) -> tuple:
+    """One output key per input key (``name`` is the argument's name, for the error)."""
+    out = ensure_tuple_rep(value, len(keys))
+    if len(set(out)) != len(out):
+        raise ValueError(f"one {name} per key is needed, got {out} for keys {keys}")
+    return out
+
+
 def _one_channel(img, who: str) -> torch.Tensor:
     """``img`` of shape (1, X, Y, Z) or (X, Y, Z) as a finite float32 (1, X, Y, Z) tensor."""
     shape = tuple(img.shape)
@@ -403,9 +411,7 @@ class ThresholdProbabilityd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.mask_keys = ensure_tuple_rep(mask_key, len(self.keys))
-        if len(set(self.mask_keys)) != len(self.mask_keys):
-            raise ValueError(f"one mask_key per key is needed, got {self.mask_keys} for keys {self.keys}")
+        self.mask_keys = _one_each("mask_key", mask_key, self.keys)
         self.channel = int(channel)
         self.threshold = ThresholdProbability(method, tau, block_mm, offset, classes, pixdim)
 
@@ -493,9 +499,7 @@ class LungMaskCleanupd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.sides_keys = ensure_tuple_rep(sides_key, len(self.keys))
-        if len(set(self.sides_keys)) != len(self.sides_keys):
-            raise ValueError(f"one sides_key per key is needed, got {self.sides_keys} for keys {self.keys}")
+        self.sides_keys = _one_each("sides_key", sides_key, self.keys)
         self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
         self.cleanup = LungMaskCleanup(max_components, min_component_ml, fill_holes, pixdim)
 
