@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo test segment serve benchmark ablation probmap sweep clean
+.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation clean
 
 CLIP_CKPT ?= outputs/demo/foundation_clip/models/model.pt
 
@@ -35,6 +35,7 @@ benchmark: $(DATA)
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/clip_train.py
 	$(PY) benchmarks/probmap_speed.py --ckpt $(CLIP_CKPT)
+	$(PY) benchmarks/pseudolabel_speed.py --probmap-dir outputs/probmap/real
 
 # SA-2 maps of the real shared scans, then scores on three held-out phantoms (needs an SA-1 checkpoint: make demo)
 probmap: $(DATA)
@@ -42,6 +43,17 @@ probmap: $(DATA)
 		--ckpt_path $(CLIP_CKPT) --dataset_dir ../shared/data --output_dir outputs/probmap/real
 	$(PY) -m monai.bundle run --config_file "['bundles/probmap/configs/inference.json','bundles/probmap/configs/evaluate.json']" \
 		--bundle_root bundles/probmap --ckpt_path $(CLIP_CKPT) --output_dir outputs/probmap/heldout_phantoms
+
+# SA-3 pseudo labels of the real shared scans and of the held-out phantoms (scored), from make probmap's outputs
+pseudolabel: $(DATA)
+	$(PY) -m monai.bundle run --config_file bundles/pseudolabel/configs/inference.json --bundle_root bundles/pseudolabel \
+		--dataset_dir ../shared/data --probmap_dir outputs/probmap/real --output_dir outputs/pseudolabel/real
+	$(PY) -m monai.bundle run --config_file "['bundles/pseudolabel/configs/inference.json','bundles/pseudolabel/configs/evaluate.json']" \
+		--bundle_root bundles/pseudolabel --probmap_dir outputs/probmap/heldout_phantoms --output_dir outputs/pseudolabel/heldout_phantoms
+
+# dots vs boxes vs both, with and without auxiliary channels, on the held-out phantoms
+pseudolabel-ablation: $(DATA)
+	$(PY) benchmarks/pseudolabel_ablation.py --probmap-dir outputs/probmap/heldout_phantoms
 
 sweep: $(DATA)
 	$(PY) benchmarks/probmap_sweep.py --ckpt $(CLIP_CKPT)

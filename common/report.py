@@ -186,3 +186,33 @@ def save_probmap_overlay_png(
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3)
     return _save_figure(fig, path)
+
+
+def save_pseudolabel_overlay_png(path: str | Path, hu: np.ndarray, reference: np.ndarray, sides: np.ndarray, affine: np.ndarray, title: str = "") -> Path:
+    """Three axial slices (at 30, 50 and 70 % of the lung's extent) with the SA-2 lung mask (dashed) and the
+    pseudo label's right (green) and left (blue) lungs; arrays (X, Y, Z) on the input grid, radiological view."""
+    from common.io.volume import reorient_array
+
+    plt = _plt()
+    hu_l, _ = reorient_array(np.asarray(hu), affine)
+    ref_l, _ = reorient_array(np.asarray(reference).astype(np.uint8), affine)
+    sides_l, _ = reorient_array(np.asarray(sides).astype(np.uint8), affine)
+    ks = np.flatnonzero(sides_l.any(axis=(0, 1)))
+    if not ks.size:
+        ks = np.flatnonzero(ref_l.any(axis=(0, 1)))
+    if not ks.size:
+        ks = np.array([hu_l.shape[2] // 2])
+    picks = sorted({int(ks[int(round(f * (len(ks) - 1)))]) for f in (0.3, 0.5, 0.7)})
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.9), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], picks):
+        ax.imshow(axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
+        for m, colour, style in ((ref_l[:, :, k] > 0, "#ffd700", "dashed"), (sides_l[:, :, k] == 1, "#2ca02c", "solid"), (sides_l[:, :, k] == 2, "#1f77b4", "solid")):
+            if m.any():
+                ax.contour(axial_display(m).astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
+        ax.set_title(f"slice {k}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title}: pseudo label right (green) / left (blue), SA-2 mask (dashed yellow)", fontsize=8)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.93))
+    return _save_figure(fig, path)

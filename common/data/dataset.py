@@ -46,7 +46,7 @@ class SkippingDataset(Dataset):
                 else:
                     kept.append(item)
             data = kept
-        if not data:
+        if not data and self.missing:  # an empty datalist is nothing to do, not an error
             raise ValueError(f"no usable samples: all {len(self.missing)} entries name missing files (first: {self.missing[0]['image'] if self.missing else None})")
         super().__init__(data, transform)
         self.image_key = image_key

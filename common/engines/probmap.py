@@ -10,23 +10,19 @@ and renamed, so a crash or a kill never leaves half a case behind.
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import logging
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import decollate_batch
-from monai.engines import SupervisedEvaluator
 from monai.transforms import MapTransform
 
 from common.classes import CLASS_NAMES, LABEL_OF
-from common.data.dataset import SKIPPED_KEY
-from common.io.atomic import atomic_path, write_json_atomic
+from common.engines.cases import CaseEvaluator, _as_numpy, save_nifti_atomic, write_scores
+from common.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +37,10 @@ def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
     return {k: folder / f"{case_id}_{v}" for k, v in POSTFIXES.items()}
 
 
-def probmap_datalist(dataset_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False) -> list[dict]:
-    """One ``{"image", "case_id"}`` per scan under ``dataset_dir`` (DICOM series folders, NIfTI, NRRD, ...)
-    that has no finished output yet (``overwrite=True``: all). An unreadable DICOM file is listed too
-    and fails, with its reason, when loaded."""
+def scan_datalist(dataset_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[dict]:
+    """One ``{"image", "case_id"}`` per scan under ``dataset_dir`` (DICOM series folders, NIfTI, NRRD, ...),
+    leaving out files whose name matches a pattern of ``exclude`` (label maps, earlier outputs). An
+    unreadable DICOM file is listed too and fails, with its reason, when loaded."""
     from common.qc import discover_cases
 
     dataset_dir = Path(dataset_dir)
@@ -53,12 +49,16 @@ def probmap_datalist(dataset_dir: str | Path, output_dir: str | Path, exclude: S
     found = [c for c in discover_cases(dataset_dir) if not any(fnmatch.fnmatch(Path(c.path).name, pat) for pat in exclude)]
     if not found:
         raise ValueError(f"{dataset_dir}: no CT scan found (looked for DICOM series, NIfTI, NRRD/MHA, npz and PNG stacks)")
-    todo, done = [], []
-    for c in found:
-        (done if case_outputs(output_dir, c.case_id)["report"].is_file() and not overwrite else todo).append(c)
-    if done:
-        log.info("probmap: %d of %d cases already done in %s (skipped; overwrite=True redoes them)", len(done), len(found), output_dir)
-    return [{"image": str(c.path), "case_id": c.case_id} for c in todo]
+    return [{"image": str(c.path), "case_id": c.case_id} for c in found]
+
+
+def probmap_datalist(dataset_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False) -> list[dict]:
+    """:func:`scan_datalist` less the cases with a finished output in ``output_dir`` (``overwrite=True``: all)."""
+    found = scan_datalist(dataset_dir, exclude)
+    todo = [c for c in found if overwrite or not case_outputs(output_dir, c["case_id"])["report"].is_file()]
+    if len(todo) < len(found):
+        log.info("probmap: %d of %d cases already done in %s (skipped; overwrite=True redoes them)", len(found) - len(todo), len(found), output_dir)
+    return todo
 
 
 def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefix: str = "heldout_phantom") -> list[dict]:
@@ -71,24 +71,6 @@ def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefi
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
-    return np.asarray(x)
-
-
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
-    """An (X, Y, Z) or channel-last (X, Y, Z, C) array as NIfTI with ``affine``, through a temporary name."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
 
 
 class SaveProbmapd(MapTransform):
@@ -176,100 +158,24 @@ def score_case(d: dict, class_names: Sequence[str] = CLASS_NAMES, tau: float = 0
     return row
 
 
-def write_scores(rows: list[dict], output_dir: str | Path, name: str = "scores") -> dict:
-    """``<name>.csv`` (one row per case) and ``<name>.json`` (per-metric mean, sd, n); returns the summary."""
-    output_dir = Path(output_dir)
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "case_id"]
-    summary = {}
-    for k in keys:
-        vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=float)
-        if vals.size:
-            summary[k] = {"mean": float(vals.mean()), "sd": float(vals.std()), "min": float(vals.min()), "n": int(vals.size)}
-    with atomic_path(output_dir / f"{name}.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["case_id"] + keys)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    write_json_atomic(output_dir / f"{name}.json", {"cases": rows, "summary": summary})
-    return summary
-
-
 # --------------------------------------------------------------------------- the evaluator
 
 
-class ProbmapEvaluator(SupervisedEvaluator):
-    """A ``SupervisedEvaluator`` whose unit of work is one case: inference, ``postprocessing`` and
-    ``saver`` (and ``scorer`` when labels are given) run per case, and a case that fails, to load
-    or later, is logged and listed in ``failed`` (``failed.json`` under ``output_dir``) while the
-    run goes on. Finished rows of ``scorer`` go to ``scores.csv`` / ``scores.json`` and their means
-    into ``state.metrics`` (StatsHandler, MLflow)."""
+class ProbmapEvaluator(CaseEvaluator):
+    """SA-2 over a dataset: the inferer maps each case's HU volume to similarity maps on its grid,
+    then ``postprocessing``, ``scorer`` and ``saver`` run as :class:`CaseEvaluator` says."""
 
-    def __init__(self, device, val_data_loader, network, inferer, postprocessing: Callable | None = None, saver: Callable | None = None,
-                 scorer: Callable | None = None, output_dir: str | Path | None = None, **kwargs):
-        super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer, **kwargs)
-        self.case_postprocessing, self.saver, self.scorer = postprocessing, saver, scorer
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.failed: list[dict] = []
-        self.done: list[dict] = []
-        self.rows: list[dict] = []
-        self.case_seconds: list[float] = []
+    stage = "probmap"
 
-    def run(self, *args, **kwargs) -> None:
-        if self.data_loader is not None and len(self.data_loader) == 0:
-            log.info("probmap: nothing to do (every case is done)")
-            return
-        super().run(*args, **kwargs)
-        self._finish()
+    def predict(self, engine, item: dict) -> dict:
+        from monai.data import MetaTensor
 
-    def _finish(self) -> None:
-        if self.output_dir is None:
-            return
-        if self.rows:
-            summary = write_scores(self.rows, self.output_dir)
-            self.state.metrics.update({k: v["mean"] for k, v in summary.items()})
-            log.info("probmap scores (mean over %d cases): %s", len(self.rows), {k: round(v["mean"], 4) for k, v in summary.items()})
-        write_json_atomic(self.output_dir / "failed.json", {"failed": self.failed})
-        write_json_atomic(self.output_dir / "probmap_run.json", {"done": self.done, "failed": self.failed})
-        if self.failed:
-            log.warning("probmap: %d case(s) failed: %s", len(self.failed), [f["case"] for f in self.failed])
-
-    def _iteration(self, engine, batchdata: dict) -> dict:
-        for image, reason in batchdata.pop(SKIPPED_KEY, []):
-            self.failed.append({"case": image, "reason": reason})
-        if not batchdata:
-            return {}
-        outputs = []
-        items = decollate_batch(batchdata, detach=True)
-        for item in items:
-            name = str(item.get("case_id") or item.get("image"))
-            start = time.perf_counter()
-            try:
-                image = item["image"].to(engine.state.device if hasattr(engine.state, "device") else self.device)
-                with engine.mode(engine.network):
-                    pred = engine.inferer(image[None], engine.network)[0]
-                from monai.data import MetaTensor
-
-                # the prediction lives on the input's grid: same affine and meta (pixdim for smoothing)
-                pred = MetaTensor(pred.as_subclass(torch.Tensor).cpu(), affine=image.affine, meta=dict(image.meta))
-                out = {**item, "pred": pred}
-                if self.case_postprocessing is not None:
-                    out = self.case_postprocessing(out)
-                if self.scorer is not None:
-                    self.rows.append(self.scorer(out))
-                if self.saver is not None:
-                    out = self.saver(out)
-                self.case_seconds.append(time.perf_counter() - start)
-                outputs.append({"case_id": name, "seconds": self.case_seconds[-1]})
-                self.done.append({"case_id": name, "seconds": round(self.case_seconds[-1], 2), "shape": list(image.shape[1:])})
-                log.info("probmap: %s done in %.1f s (%s voxels)", name, self.case_seconds[-1], " x ".join(map(str, image.shape[1:])))
-            except Exception as e:  # one bad case is one failed case
-                cause = e
-                while cause.__cause__ is not None:
-                    cause = cause.__cause__
-                log.exception("probmap: case %s failed", name)
-                self.failed.append({"case": name, "reason": f"{type(cause).__name__}: {cause}"})
-        return outputs
+        image = item["image"].to(engine.state.device)
+        with engine.mode(engine.network):
+            pred = engine.inferer(image[None], engine.network)[0]
+        # the prediction lives on the input's grid: same affine and meta (pixdim for smoothing)
+        pred = MetaTensor(pred.as_subclass(torch.Tensor).cpu(), affine=image.affine, meta=dict(image.meta))
+        return {**item, "pred": pred}
 
 
 __all__ = [
@@ -279,6 +185,7 @@ __all__ = [
     "case_outputs",
     "phantom_datalist",
     "probmap_datalist",
+    "scan_datalist",
     "save_nifti_atomic",
     "score_case",
     "write_scores",

@@ -7,5 +7,15 @@ from common.inferers.patch_similarity import (
     dense_similarity_maps,
     patch_similarity_maps,
 )
+from common.inferers.prompted_sam import PromptedSamInferer, algorithm2_literal, pseudo_label_slice
 
-__all__ = ["PatchSimilarityInferer", "algorithm1_literal", "class_text_embeddings", "dense_similarity_maps", "patch_similarity_maps"]
+__all__ = [
+    "PatchSimilarityInferer",
+    "PromptedSamInferer",
+    "algorithm1_literal",
+    "algorithm2_literal",
+    "class_text_embeddings",
+    "dense_similarity_maps",
+    "patch_similarity_maps",
+    "pseudo_label_slice",
+]

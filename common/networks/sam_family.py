@@ -86,6 +86,13 @@ class SamFamily(nn.Module):
         h, w = original_hw
         return boxes * torch.tensor([rw / w, rh / h, rw / w, rh / h])
 
+    def points_to_input(self, points_xy, original_hw: tuple[int, int]) -> torch.Tensor:
+        """Points (..., 2) as (x, y) in slice pixels -> encoder-input pixels."""
+        pts = torch.as_tensor(np.asarray(points_xy, dtype=np.float32))
+        rh, rw = self.resized_hw(original_hw)
+        h, w = original_hw
+        return pts * torch.tensor([rw / w, rh / h])
+
     def box_from_input(self, boxes_input, original_hw: tuple[int, int]) -> torch.Tensor:
         """Inverse of :meth:`box_to_input`: encoder-input pixels -> slice pixels."""
         boxes = torch.as_tensor(np.asarray(boxes_input, dtype=np.float32)).reshape(-1, 4)
@@ -146,6 +153,28 @@ class SamFamily(nn.Module):
             low_res.append(m)
             iou.append(q)
         return torch.cat(low_res), torch.cat(iou)
+
+    def decode_prompts(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       multimask_output: bool = False):
+        """All prompts of one image in one decoder call: ``embedding`` (1, 256, 64, 64), N prompt sets
+        (``boxes`` (N, 4), ``points`` ((N, P, 2), (N, P) labels 1 / 0 / -1 padding), in encoder-input
+        pixels) -> low-resolution logits (N, M, 256, 256) and predicted IoU (N, M). SAM's mask decoder
+        repeats the image embedding over the prompt batch itself, so the encoder output is shared."""
+        if embedding.ndim != 4 or embedding.shape[0] != 1:
+            raise ValueError(f"decode_prompts takes the embedding of one image (1, C, H, W), got {tuple(embedding.shape)}")
+        device = embedding.device
+        if boxes is not None:
+            boxes = boxes.to(device).reshape(-1, 1, 4)
+        if points is not None:
+            points = (points[0].to(device).float(), points[1].to(device))
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return self.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.expand(sparse.shape[0], -1, -1, -1),
+            multimask_output=multimask_output,
+        )
 
     def postprocess(self, low_res_logits: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
         """Low-resolution logits -> logits on the original slice grid (padding cropped first)."""

@@ -6,6 +6,8 @@ from common.transforms.pipeline import ct_preprocessing
 from common.transforms.probability import (
     LungMaskCleanup,
     LungMaskCleanupd,
+    RemoveInconsistentSlices,
+    RemoveInconsistentSlicesd,
     RestrictToBody,
     RestrictToBodyd,
     SimilarityToProbability,
@@ -27,6 +29,8 @@ __all__ = [
     "LungMaskCleanupd",
     "NLMDenoise",
     "NLMDenoised",
+    "RemoveInconsistentSlices",
+    "RemoveInconsistentSlicesd",
     "RestrictToBody",
     "RestrictToBodyd",
     "SimilarityToProbability",

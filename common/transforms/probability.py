@@ -558,3 +558,50 @@ class RestrictToBodyd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.restrict(d[key], d[self.image_key])
         return d
+
+
+class RemoveInconsistentSlices(Transform):
+    """Drop the axial slices of a binary mask ``(1, X, Y, Z)`` that do not continue their neighbours.
+
+    A slice is kept when at least ``min_overlap`` of its area lies inside the union of the masks of
+    the slices above and below (lungs change slowly from slice to slice); an isolated slice (both
+    neighbours empty) scores 0, and so does a slice where a prompt leaked into the body. Volumes
+    of one or two slices are left alone. Slices are the third voxel axis (axial for the CT volumes
+    this project reads)."""
+
+    def __init__(self, min_overlap: float = 0.5):
+        if not 0.0 <= min_overlap <= 1.0:
+            raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+        self.min_overlap = float(min_overlap)
+
+    def __call__(self, img):
+        m = _one_channel(img, "RemoveInconsistentSlices")[0].cpu().numpy() > 0.5
+        return convert_to_dst_type(self.clean(m)[None].astype(np.uint8), img, dtype=np.uint8)[0]
+
+    def clean(self, mask: np.ndarray) -> np.ndarray:
+        """The kept (X, Y, Z) boolean mask."""
+        if mask.shape[2] < 3 or self.min_overlap == 0.0:
+            return mask.copy()
+        neighbours = np.zeros_like(mask)
+        neighbours[:, :, 1:] |= mask[:, :, :-1]
+        neighbours[:, :, :-1] |= mask[:, :, 1:]
+        area = mask.sum(axis=(0, 1))
+        inside = (mask & neighbours).sum(axis=(0, 1))
+        drop = (area > 0) & (inside < self.min_overlap * area)
+        out = mask.copy()
+        out[:, :, drop] = False
+        return out
+
+
+class RemoveInconsistentSlicesd(MapTransform):
+    """Dictionary twin of :class:`RemoveInconsistentSlices`."""
+
+    def __init__(self, keys: KeysCollection, min_overlap: float = 0.5, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = RemoveInconsistentSlices(min_overlap)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d

@@ -1,0 +1,143 @@
+"""SA-3 ablation: pseudo-label lung Dice on held-out phantoms for dots vs boxes vs both, with and without
+auxiliary channels.
+
+    .venv/bin/python benchmarks/pseudolabel_ablation.py [--probmap-dir bundles/probmap/eval_phantoms]
+        [--phantoms 3] [--every 2] [--grid-mm 20] [--out outputs/pseudolabel_ablation]
+
+Needs the probmap bundle's outputs for the held-out phantoms (seeds SA-1 never saw), which
+``make probmap-eval`` (the probmap bundle's ``evaluate.json``) writes. Each axial slice with lung
+in the SA-2 mask (every ``--every``-th, to keep it quick) is encoded once by LiteMedSAM; every
+setting then prompts the same embeddings (``common.inferers.pseudo_label_slice``), and the result
+goes through the bundle's 3D clean-up (inconsistent slices, two largest components, holes). Dice is
+against the phantom's lung field on the slices used. Writes ``ablation.csv/.md/.json/.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# (name, prompts, aux, multimask)
+SETTINGS = [
+    ("boxes", "boxes", "none", False),
+    ("dots", "dots", "none", False),
+    ("dots, best of 3 masks", "dots", "none", True),
+    ("dots + boxes", "both", "none", False),
+    ("boxes + negative points (heart, bone)", "boxes", "negative_points", False),
+    ("boxes + veto (heart, bone)", "boxes", "veto", False),
+    ("dots + negative points (heart, bone)", "dots", "negative_points", False),
+    ("dots + veto (heart, bone)", "dots", "veto", False),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--probmap-dir", default=str(REPO / "bundles/probmap/eval_phantoms"))
+    ap.add_argument("--phantom-dir", default=str(REPO / "data/default/phantoms_heldout"))
+    ap.add_argument("--phantoms", type=int, default=3)
+    ap.add_argument("--every", type=int, default=2, help="use every n-th lung slice")
+    ap.add_argument("--grid-mm", type=float, default=20.0)
+    ap.add_argument("--box-margin-mm", type=float, default=5.0)
+    ap.add_argument("--overlap-threshold", type=float, default=0.5)
+    ap.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    ap.add_argument("--out", default=str(REPO / "outputs/pseudolabel_ablation"))
+    args = ap.parse_args(argv)
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from common.classes import CLASS_NAMES
+    from common.engines.probmap import case_outputs, phantom_datalist
+    from common.inferers import pseudo_label_slice
+    from common.io import write_json_atomic
+    from common.io.volume import reorient_array
+    from common.metrics import dice_score
+    from common.networks import load_sam_family
+    from common.report import _plt, _save_figure
+    from common.transforms import LungMaskCleanup, RemoveInconsistentSlices
+    from common.transforms.intensity import HUWindow
+
+    torch.set_grad_enabled(False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sam = load_sam_family("litemedsam")
+    window = HUWindow()
+    aux_channels = [CLASS_NAMES.index("heart"), CLASS_NAMES.index("bone")]
+    settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
+    dice: dict[str, list[float]] = {s[0]: [] for s in settings}
+    dice["SA-2 lung mask (the prompts' source)"] = []
+    seconds = {s[0]: 0.0 for s in settings}
+    kept = {s[0]: [0, 0] for s in settings}
+    cases = phantom_datalist(args.phantom_dir, n=args.phantoms)
+    for c in cases:
+        pm = case_outputs(args.probmap_dir, c["case_id"])
+        if not pm["lung_mask"].is_file():
+            print(f"{pm['lung_mask']}: missing; run the probmap bundle's evaluate.json first", file=sys.stderr)
+            return 2
+        img = nib.load(c["image"])
+        hu, aff = reorient_array(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+        truth = reorient_array(np.asarray(nib.load(c["lungs"]).dataobj) > 0, img.affine)[0]
+        sa2 = reorient_array(np.asarray(nib.load(str(pm["lung_mask"])).dataobj) > 0, img.affine)[0]
+        prob = np.asarray(nib.load(str(pm["probmap"])).dataobj, dtype=np.float32)
+        aux = np.stack([reorient_array(prob[..., a] >= 0.5, img.affine)[0] for a in aux_channels])
+        spacing = np.linalg.norm(aff[:3, :3], axis=0)
+        px = float(spacing[:2].mean())
+        ks = [int(k) for k in np.flatnonzero(sa2.any(axis=(0, 1)))[:: args.every]]
+        t0 = time.perf_counter()
+        embeddings = [sam.encode(window(torch.from_numpy(np.ascontiguousarray(hu[:, :, k].T)))[None]) for k in ks]
+        encode_s = time.perf_counter() - t0
+        clean_spacing = (spacing[0], spacing[1], spacing[2] * args.every)
+        dice["SA-2 lung mask (the prompts' source)"].append(dice_score(sa2[:, :, ks], truth[:, :, ks]))
+        for name, prompts, aux_mode, multimask in settings:
+            t0 = time.perf_counter()
+            vol = np.zeros((hu.shape[0], hu.shape[1], len(ks)), dtype=bool)
+            for i, k in enumerate(ks):
+                res = pseudo_label_slice(sam, embeddings[i], (hu.shape[1], hu.shape[0]), sa2[:, :, k].T, aux[:, :, :, k].transpose(0, 2, 1), prompts=prompts, aux=aux_mode,
+                                         grid_size=max(1, round(args.grid_mm / px)), box_margin=round(args.box_margin_mm / px), min_box_area=max(1, round(50 / px**2)),
+                                         overlap_threshold=args.overlap_threshold, multimask_output=multimask, prompt_batch=4)
+                vol[:, :, i] = res.mask.T
+                kept[name][0] += res.n_kept
+                kept[name][1] += res.n_candidates
+            vol = RemoveInconsistentSlices(0.5).clean(vol)
+            vol = LungMaskCleanup(None, 20.0).clean(vol, clean_spacing)
+            seconds[name] += time.perf_counter() - t0 + encode_s
+            dice[name].append(dice_score(vol, truth[:, :, ks]))
+            print(f"{c['case_id']} {name:40s} Dice {dice[name][-1]:.4f}", flush=True)
+
+    rows = []
+    for name, vals in dice.items():
+        row = {"setting": name, "lung_dice": float(np.mean(vals)), "per_case": [round(v, 4) for v in vals]}
+        if name in kept:
+            row["kept_share"] = round(kept[name][0] / max(kept[name][1], 1), 3)
+            row["seconds"] = round(seconds[name], 1)
+        rows.append(row)
+    lines = ["| setting | lung Dice (mean) | per phantom | candidates kept | seconds (encode + prompts) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['lung_dice']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_case'])} | {r.get('kept_share', '')} | {r.get('seconds', '')} |" for r in rows]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    with open(out / "ablation.csv", "w") as f:
+        f.write("setting,lung_dice,kept_share,seconds\n")
+        for r in rows:
+            f.write(f"\"{r['setting']}\",{r['lung_dice']:.4f},{r.get('kept_share', '')},{r.get('seconds', '')}\n")
+    write_json_atomic(out / "ablation.json", {"phantoms": [c["case_id"] for c in cases], "every": args.every, "grid_mm": args.grid_mm, "rows": rows})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.2), dpi=110)
+    ax.barh(range(len(rows)), [r["lung_dice"] for r in rows], color=["#888" if "SA-2" in r["setting"] else "#1f77b4" for r in rows])
+    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(max(0.0, min(r["lung_dice"] for r in rows) - 0.05), 1.0)
+    ax.axvline(0.95, color="r", lw=0.8, ls="--")
+    ax.set_xlabel(f"pseudo-label lung Dice, {len(cases)} held-out phantoms (every {args.every}th lung slice)", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, out / "ablation.png")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Running a stage case by case: a fault-tolerant MONAI evaluator, atomic NIfTI writing and score tables.
+
+Every stage that maps whole scans to files (probmap, pseudolabel, ...) shares this: one case is one
+unit of work, a case that fails is listed with its reason and the run goes on, and what is written
+goes through a temporary name so that a crash or a kill never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.data import decollate_batch
+from monai.engines import SupervisedEvaluator
+
+from common.data.dataset import SKIPPED_KEY
+from common.io.atomic import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
+    return np.asarray(x)
+
+
+def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
+    """An (X, Y, Z) or channel-last (X, Y, Z, C) array as NIfTI with ``affine``, through a temporary name."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_scores(rows: list[dict], output_dir: str | Path, name: str = "scores") -> dict:
+    """``<name>.csv`` (one row per case) and ``<name>.json`` (per-metric mean, sd, n); returns the summary."""
+    output_dir = Path(output_dir)
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "case_id"]
+    summary = {}
+    for k in keys:
+        vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=float)
+        if vals.size:
+            summary[k] = {"mean": float(vals.mean()), "sd": float(vals.std()), "min": float(vals.min()), "n": int(vals.size)}
+    with atomic_path(output_dir / f"{name}.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case_id"] + keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    write_json_atomic(output_dir / f"{name}.json", {"cases": rows, "summary": summary})
+    return summary
+
+
+class CaseEvaluator(SupervisedEvaluator):
+    """A ``SupervisedEvaluator`` whose unit of work is one case: :meth:`predict` (the stage's inference),
+    ``postprocessing`` and ``saver`` (and ``scorer`` when labels are given) run per case, and a case
+    that fails, to load or later, is logged and listed in ``failed`` (``failed.json`` under
+    ``output_dir``) while the run goes on. Finished rows of ``scorer`` go to ``scores.csv`` /
+    ``scores.json`` and their means into ``state.metrics`` (StatsHandler, MLflow)."""
+
+    stage = "case"
+    run_suffix = ""  # "_rank<r>" under torchrun: each rank writes its own run files
+
+    def __init__(self, device, val_data_loader, network, inferer, postprocessing: Callable | None = None, saver: Callable | None = None,
+                 scorer: Callable | None = None, output_dir: str | Path | None = None, **kwargs):
+        super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer, **kwargs)
+        self.case_postprocessing, self.saver, self.scorer = postprocessing, saver, scorer
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.failed: list[dict] = []
+        self.done: list[dict] = []
+        self.rows: list[dict] = []
+        self.case_seconds: list[float] = []
+
+    def predict(self, engine, item: dict) -> dict:
+        """The stage's inference on one decollated case; returns the item with its prediction added."""
+        raise NotImplementedError
+
+    def run(self, *args, **kwargs) -> None:
+        if self.data_loader is not None and len(self.data_loader) == 0:
+            log.info("%s: nothing to do (every case is done)", self.stage)
+            self._finish()
+            return
+        super().run(*args, **kwargs)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.output_dir is None:
+            return
+        if self.rows:
+            summary = write_scores(self.rows, self.output_dir, name=f"scores{self.run_suffix}")
+            self.state.metrics.update({k: v["mean"] for k, v in summary.items()})
+            log.info("%s scores (mean over %d cases): %s", self.stage, len(self.rows), {k: round(v["mean"], 4) for k, v in summary.items()})
+        write_json_atomic(self.output_dir / f"failed{self.run_suffix}.json", {"failed": self.failed})
+        write_json_atomic(self.output_dir / f"{self.stage}_run{self.run_suffix}.json", {"done": self.done, "failed": self.failed})
+        if self.failed:
+            log.warning("%s: %d case(s) failed: %s", self.stage, len(self.failed), [f["case"] for f in self.failed])
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        for image, reason in batchdata.pop(SKIPPED_KEY, []):
+            self.failed.append({"case": image, "reason": reason})
+        if not batchdata:
+            return {}
+        outputs = []
+        for item in decollate_batch(batchdata, detach=True):
+            name = str(item.get("case_id") or item.get("image"))
+            start = time.perf_counter()
+            try:
+                out = self.predict(engine, item)
+                if self.case_postprocessing is not None:
+                    out = self.case_postprocessing(out)
+                if self.scorer is not None:
+                    self.rows.append(self.scorer(out))
+                if self.saver is not None:
+                    out = self.saver(out)
+                self.case_seconds.append(time.perf_counter() - start)
+                outputs.append({"case_id": name, "seconds": self.case_seconds[-1]})
+                shape = list(item["image"].shape[1:]) if hasattr(item.get("image"), "shape") else None
+                self.done.append({"case_id": name, "seconds": round(self.case_seconds[-1], 2), "shape": shape})
+                log.info("%s: %s done in %.1f s", self.stage, name, self.case_seconds[-1])
+            except Exception as e:  # one bad case is one failed case
+                cause = e
+                while cause.__cause__ is not None:
+                    cause = cause.__cause__
+                log.exception("%s: case %s failed", self.stage, name)
+                self.failed.append({"case": name, "reason": f"{type(cause).__name__}: {cause}"})
+        return outputs
+
+
+__all__ = ["CaseEvaluator", "save_nifti_atomic", "write_scores"]
