@@ -24,6 +24,17 @@ from common.io.atomic import atomic_path, write_json_atomic
 log = logging.getLogger(__name__)
 
 
+def case_paths(output_dir: str | Path, case_id: str, postfixes: dict[str, str]) -> dict[str, Path]:
+    """``output_dir/<id>/<id>_<postfix>`` for each key of ``postfixes`` (MONAI SaveImaged's folder-per-case layout)."""
+    folder = Path(output_dir) / case_id
+    return {k: folder / f"{case_id}_{v}" for k, v in postfixes.items()}
+
+
+def first_affine(x) -> np.ndarray:
+    """The (4, 4) affine of a (possibly batched) MetaTensor; identity for a plain array."""
+    return _as_numpy(x.affine).reshape(-1, 4, 4)[0] if hasattr(x, "affine") else np.eye(4)
+
+
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
@@ -136,4 +147,4 @@ class CaseEvaluator(SupervisedEvaluator):
         return outputs
 
 
-__all__ = ["CaseEvaluator", "save_nifti_atomic", "write_scores"]
+__all__ = ["CaseEvaluator", "case_paths", "first_affine", "save_nifti_atomic", "write_scores"]

@@ -21,7 +21,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from common.classes import CLASS_NAMES, LABEL_OF
-from common.engines.cases import CaseEvaluator, _as_numpy, save_nifti_atomic, write_scores
+from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, save_nifti_atomic, write_scores
 from common.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ DEFAULT_EXCLUDE = ("*_label.nii.gz", "*_lungs.nii.gz", "*_label.nrrd", "*_seg.ni
 
 def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
     """The paths a case's outputs go to (``POSTFIXES`` keys)."""
-    folder = Path(output_dir) / case_id
-    return {k: folder / f"{case_id}_{v}" for k, v in POSTFIXES.items()}
+    return case_paths(output_dir, case_id, POSTFIXES)
 
 
 def scan_datalist(dataset_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[dict]:
@@ -90,7 +89,7 @@ class SaveProbmapd(MapTransform):
         case_id = str(d.get("case_id") or Path(str(d[self.image_key].meta.get("filename_or_obj", "case"))).name)
         paths = case_outputs(self.output_dir, case_id)
         prob = _as_numpy(d[key])
-        affine = _as_numpy(d[self.image_key].affine).reshape(-1, 4, 4)[0]  # the input's grid and affine
+        affine = first_affine(d[self.image_key])  # the input's grid and affine
         if not np.all(np.isfinite(prob)):
             raise ValueError(f"{case_id}: non-finite values in the probability map; nothing written")
         save_nifti_atomic(np.moveaxis(prob, 0, -1), affine, paths["probmap"], np.float32)

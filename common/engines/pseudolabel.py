@@ -27,10 +27,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from common.engines.cases import CaseEvaluator, _as_numpy, save_nifti_atomic
+from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, save_nifti_atomic
 from common.engines.probmap import DEFAULT_EXCLUDE, scan_datalist
 from common.engines.probmap import case_outputs as probmap_outputs
-from common.io.atomic import atomic_path, write_json_atomic
+from common.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +41,8 @@ QC_COLUMNS = ("case_id", "status", "included", "reasons", "lung_ml_total", "lung
 
 
 def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
-    folder = Path(output_dir) / case_id
-    return {k: folder / f"{case_id}_{v}" for k, v in POSTFIXES.items()}
-
-
-def remove_stale_temporaries(output_dir: str | Path) -> int:
-    """Delete the ``.*.tmp-<pid>*`` files under ``output_dir`` whose writer process is gone (a killed run's);
-    a finished output is never touched, nor a temporary another live process is writing."""
-    import os
-    import re
-
-    output_dir = Path(output_dir)
-    n = 0
-    if output_dir.is_dir():
-        for p in output_dir.rglob(".*.tmp-*"):
-            m = re.search(r"\.tmp-(\d+)", p.name)
-            if m and _alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
-                continue
-            p.unlink(missing_ok=True)
-            n += 1
-    if n:
-        log.info("pseudolabel: removed %d temporary file(s) left by an interrupted run", n)
-    return n
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """The paths a case's outputs go to (``POSTFIXES`` keys)."""
+    return case_paths(output_dir, case_id, POSTFIXES)
 
 
 def pseudolabel_datalist(dataset_dir: str | Path, probmap_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE,
@@ -130,7 +98,7 @@ class PseudoLabelEvaluator(CaseEvaluator):
     def predict(self, engine, item: dict) -> dict:
         image, region = item["image"], item["lung_mask"]
         case = item.get("case_id")
-        if tuple(region.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(_affine(region), _affine(image), atol=1e-3):
+        if tuple(region.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(first_affine(region), first_affine(image), atol=1e-3):
             raise ValueError(f"{case}: the SA-2 lung mask {item.get('lung_mask_path', '')} is on another grid than its CT "
                              f"(shape {tuple(region.shape[1:])} vs {tuple(image.shape[1:])}, or another affine)")
         probmap = item.get("probmap")
@@ -146,10 +114,6 @@ class PseudoLabelEvaluator(CaseEvaluator):
 
         pred = MetaTensor(pred, affine=image.affine, meta=dict(image.meta))
         return {**item, "pred": pred, "pseudolabel_info": dict(engine.inferer.last_info)}
-
-
-def _affine(x) -> np.ndarray:
-    return _as_numpy(x.affine).reshape(-1, 4, 4)[0] if hasattr(x, "affine") else np.eye(4)
 
 
 # --------------------------------------------------------------------------- confidence and writing
@@ -195,7 +159,7 @@ class SavePseudoLabeld(MapTransform):
         d = dict(data)
         case_id = str(d["case_id"])
         paths = case_outputs(self.output_dir, case_id)
-        affine = _affine(d[self.image_key])
+        affine = first_affine(d[self.image_key])
         mask = _as_numpy(d[self.first_key(d)])[0] > 0
         sides = _as_numpy(d[self.sides_key])[0].astype(np.uint8) if self.sides_key in d else mask.astype(np.uint8)
         save_nifti_atomic(sides, affine, paths["label"], np.uint8)
@@ -287,24 +251,13 @@ def merge_pseudolabels(output_dir: str | Path, validation_fraction: float = 0.2,
     return summary
 
 
-def distributed_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) outside one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 __all__ = [
     "PseudoLabelEvaluator",
     "SavePseudoLabeld",
     "case_confidence",
     "case_outputs",
-    "distributed_rank_world",
     "merge_pseudolabels",
     "pseudolabel_datalist",
-    "remove_stale_temporaries",
     "score_pseudolabel",
 ]
 

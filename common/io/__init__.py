@@ -1,6 +1,6 @@
 """Ingest: every CT format the project reads, one volume type (HU + RAS affine), MONAI reader, atomic writes."""
 
-from common.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from common.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from common.io.dicom import DicomSeries, iter_dicom_series, read_dicom_series, read_rtstruct, scan_dicom_folder
 from common.io.readers import (
     format_of,
@@ -40,6 +40,7 @@ __all__ = [
     "read_radchestct_labels",
     "read_radchestct_npz",
     "read_rtstruct",
+    "remove_stale_temporaries",
     "scan_dicom_folder",
     "to_metatensor",
     "write_json_atomic",

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_TEMPORARY = re.compile(r"^\..*\.tmp-(\d+)")  # the names atomic_path gives: .<stem>.tmp-<pid><suffixes>
 
 
 @contextlib.contextmanager
@@ -22,6 +27,36 @@ def atomic_path(path: str | Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporaries of :func:`atomic_path` under ``folder`` whose writer process is gone (a killed
+    run's); a finished output is never touched, nor a temporary another live process is writing."""
+    folder = Path(folder)
+    n = 0
+    if folder.is_dir():
+        for p in folder.rglob(".*.tmp-*"):
+            m = _TEMPORARY.match(p.name)
+            if m is None:
+                continue
+            pid = int(m.group(1))
+            if pid != os.getpid() and _alive(pid):
+                continue
+            p.unlink(missing_ok=True)
+            n += 1
+    if n:
+        log.info("removed %d temporary file(s) left by an interrupted run under %s", n, folder)
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
