@@ -1,7 +1,7 @@
 """SA-3 Algorithm 2: the literal loop against the production path, same slices, same model, one process.
 
     .venv/bin/python benchmarks/pseudolabel_speed.py [--case /work/shared/data/lidc_idri_1011_dicom]
-        [--slices 1] [--grid-mm 20] [--sam litemedsam] [--probmap-dir bundles/probmap/eval]
+        [--slices 1] [--grid-mm 10] [--sam litemedsam] [--probmap-dir bundles/probmap/eval]
 
 * literal: Algorithm 2 as written (``common.inferers.algorithm2_literal``): for every dot prompt the
   model runs on the image and that dot (image encoder included), then the candidates are voted
@@ -31,11 +31,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default=str(REPO.parent / "shared/data/lidc_idri_1011_dicom"))
     ap.add_argument("--slices", type=int, default=1)
-    ap.add_argument("--grid-mm", type=float, default=20.0)
+    ap.add_argument("--grid-mm", type=float, default=10.0, help="grid spacing (the bundle's grid_mm)")
     ap.add_argument("--overlap-threshold", type=float, default=0.5)
     ap.add_argument("--sam", default="litemedsam", help="SAM-family variant (common.networks.VARIANTS)")
     ap.add_argument("--checkpoint", default=None, help="weights for --sam (LiteMedSAM ships offline)")
     ap.add_argument("--probmap-dir", default=str(REPO / "bundles/probmap/eval"))
+    ap.add_argument("--prompt-batch", type=int, default=None, help="prompts per decoder call (default: the bundle's, 4 on CPU, 64 on a GPU)")
     args = ap.parse_args(argv)
 
     import nibabel as nib
@@ -51,7 +52,10 @@ def main(argv=None) -> int:
     from common.transforms.intensity import HUWindow
 
     torch.set_grad_enabled(False)
+    prompt_batch = args.prompt_batch or (64 if torch.cuda.is_available() else 4)
     sam = load_sam_family(args.sam, checkpoint=args.checkpoint)
+    if torch.cuda.is_available():
+        sam = sam.cuda()
     vol = read_ct(args.case, axcodes="LPS")
     case_id = discover_cases(Path(args.case))[0].case_id if Path(args.case).is_dir() else None
     mask_path = case_outputs(args.probmap_dir, case_id or "")["lung_mask"] if case_id else None
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     picks = [int(k) for k in ks[np.clip(np.searchsorted(ks, mid) + np.arange(args.slices) - args.slices // 2, 0, len(ks) - 1)]]
     window = HUWindow()
     grid = max(1, int(round(args.grid_mm / float(np.mean(vol.spacing[:2])))))
-    print(f"case {args.case}: {vol.shape}, slices {picks}, grid {grid} px ({args.grid_mm} mm), map: {source}, model {args.sam}, torch threads {torch.get_num_threads()}")
+    print(f"case {args.case}: {vol.shape}, slices {picks}, grid {grid} px ({args.grid_mm} mm), map: {source}, model {args.sam}, "
+          f"prompt batch {prompt_batch}, device {sam.device}, torch threads {torch.get_num_threads()}")
 
     t_lit = t_prod = 0.0
     dots = differ = 0
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
         t_lit += time.perf_counter() - t0
         t0 = time.perf_counter()
         emb = sam.encode(slice01[None])
-        res = pseudo_label_slice(sam, emb, slice01.shape, reg, prompts="dots", grid_size=grid, overlap_threshold=args.overlap_threshold)
+        res = pseudo_label_slice(sam, emb, slice01.shape, reg, prompts="dots", grid_size=grid, overlap_threshold=args.overlap_threshold,
+                                 prompt_batch=prompt_batch)
         t_prod += time.perf_counter() - t0
         dots += res.n_dots
         differ += int((literal != res.mask).sum())

@@ -53,34 +53,41 @@ def hu_threshold_lung_mask(
 
 
 def split_left_right(mask: np.ndarray, affine: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Split a lung mask into (right, left) masks.
+    """Split a lung mask into (right, left) masks; every voxel of the mask goes to one side.
 
-    The two lungs often touch (anterior junction) or are joined by the airways, so the mask is
-    eroded until it falls into two large parts; those seed a watershed on the mask's distance
-    map, which cuts along the narrowest neck. The part with the larger RAS x is the right lung
-    (+x is the patient's right in nibabel's RAS+).
+    Each connected part of the mask is split on its own. The two lungs often touch (anterior
+    junction) or are joined by the airways, so a part is eroded until it falls into two large
+    pieces; when those lie on either side of the midline they seed a watershed on the part's
+    distance map, which cuts along the narrowest neck. A part that does not split that way (one
+    lung, or a lobe cut off from the rest by a missing slice) goes whole to the side of its
+    centroid. The midline is the centre of the mask's bounding box when the mask has several
+    parts; a mask in one part is split wherever it falls into two (both lungs joined), or else
+    (a crop through one side) goes to the side of the volume's centre. +x is the patient's right
+    in nibabel's RAS+.
     """
     from skimage.segmentation import watershed
 
-    empty = np.zeros_like(mask, dtype=bool)
-    if not mask.any():
-        return empty, empty.copy()
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    sub = mask[box]
-    seeds, n = _two_seeds(sub, max_erosions)
-    if n < 2:  # one lung only (or a crop through one side): side from its position
-        x = _world_x(np.argwhere(sub).mean(axis=0), box, affine)
-        centre_x = _world_x((np.asarray(mask.shape) - 1) / 2.0, (slice(0, None),) * 3, affine)
-        side = empty.copy()
-        side[box] = sub
-        return (side, empty) if x > centre_x else (empty, side)
-    distance = ndimage.distance_transform_edt(sub)
-    parts = watershed(-distance, seeds, mask=sub)
-    xs = [_world_x(np.argwhere(seeds == lab).mean(axis=0), box, affine) for lab in (1, 2)]
-    right_label = 1 if xs[0] > xs[1] else 2
-    right, left = empty.copy(), empty.copy()
-    right[box] = parts == right_label
-    left[box] = parts == (3 - right_label)
+    right, left = np.zeros_like(mask, dtype=bool), np.zeros_like(mask, dtype=bool)
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return right, left
+    whole = ndimage.find_objects((labels > 0).astype(np.uint8))[0]
+    if n == 1:
+        midline = _world_x((np.asarray(mask.shape) - 1) / 2.0, (slice(0, None),) * 3, affine)
+    else:
+        midline = _world_x(np.asarray([(b.stop - 1 + b.start) / 2.0 for b in whole]), (slice(0, None),) * 3, affine)
+    for lab, box in enumerate(ndimage.find_objects(labels), start=1):
+        sub = labels[box] == lab
+        seeds, k = _two_seeds(sub, max_erosions)
+        xs = [_world_x(np.argwhere(seeds == s).mean(axis=0), box, affine) for s in (1, 2)] if k == 2 else []
+        if k == 2 and (n == 1 or (xs[0] - midline) * (xs[1] - midline) < 0):
+            parts = watershed(-ndimage.distance_transform_edt(sub), seeds, mask=sub)
+            right_label = 1 if xs[0] > xs[1] else 2
+            right[box] |= parts == right_label
+            left[box] |= parts == 3 - right_label
+        else:
+            side = right if _world_x(np.argwhere(sub).mean(axis=0), box, affine) > midline else left
+            side[box] |= sub
     return right, left
 
 

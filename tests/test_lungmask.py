@@ -45,3 +45,21 @@ def test_no_lung_gives_empty_masks():
     mask = hu_threshold_lung_mask(hu, (2.0, 2.0, 2.0))
     right, left = split_left_right(mask, np.diag([-2.0, -2.0, 2.0, 1.0]))
     assert not mask.any() and not right.any() and not left.any()
+
+
+def test_split_assigns_every_part_of_a_broken_mask_to_its_side():
+    """Pseudo labels can come in pieces: two lungs joined at the apex by a leak, and a gap at one
+    slice that cuts both bases off. Every voxel lands on a side, the right one."""
+    mask = np.zeros((40, 30, 30), dtype=bool)
+    mask[4:16, 5:25, :] = True  # low i = patient left under this RAS affine
+    mask[24:36, 5:25, :] = True  # high i = patient right
+    mask[16:24, 14:16, 22:] = True  # a thin leak joining the apices
+    mask[:, :, 10] = False  # a missing slice cuts both bases off
+    right, left = split_left_right(mask, np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert not (right & left).any()
+    assert np.array_equal(right | left, mask)
+    truth_right = mask.copy()
+    truth_right[:20] = False
+    assert dice_score(right, truth_right) > 0.98
+    assert dice_score(left, mask & ~truth_right) > 0.98
+    assert right[30, 10, 5] and left[10, 10, 5]  # the cut-off bases

@@ -123,6 +123,28 @@ def test_batched_prompt_decoding_matches_one_prompt_at_a_time(litemedsam, real_s
         litemedsam.decode_prompts(emb.expand(2, -1, -1, -1), points=(pts, labels))
 
 
+@pytest.mark.parametrize("multimask", [False, True])
+def test_shared_image_decoding_equals_sams_own_mask_decoder(litemedsam, real_slice, multimask):
+    """decode_prompts feeds the image once and lets the prompts broadcast; SAM's MaskDecoder copies the
+    image per prompt. Same numbers, for boxes, points and both."""
+    slice01, region, _ = real_slice
+    hw = slice01.shape
+    emb = litemedsam.encode(slice01[None])
+    boxes = litemedsam.box_to_input(component_box_prompts(region, margin=4, min_area=50), hw)
+    dots = grid_dot_prompts(region, 12)[: len(boxes)]
+    points = (litemedsam.points_to_input(dots[:, None], hw), torch.ones(len(dots), 1, dtype=torch.int64))
+    pe = litemedsam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        for kw in ({"boxes": boxes}, {"points": points}, {"boxes": boxes, "points": points}):
+            ours, ours_iou = litemedsam.decode_prompts(emb, multimask_output=multimask, **kw)
+            sparse, dense = litemedsam.prompt_encoder(points=kw.get("points"), boxes=None if "boxes" not in kw else kw["boxes"].reshape(-1, 1, 4), masks=None)
+            ref, ref_iou = litemedsam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                                   dense_prompt_embeddings=dense.expand(len(sparse), -1, -1, -1), multimask_output=multimask)
+            assert ours.shape == ref.shape == (len(boxes), 3 if multimask else 1, 256, 256)
+            assert torch.allclose(ours, ref, atol=1e-4) and torch.allclose(ours_iou, ref_iou, atol=1e-5)
+            assert torch.equal(ours > 0, ref > 0)
+
+
 def test_literal_algorithm2_and_production_give_the_same_mask_on_real_ct(litemedsam, real_slice):
     """The real offline default model (LiteMedSAM) on a real CT slice: both paths, same pseudo label,
     and that label is the lung (Dice against the HU-threshold lung mask)."""

@@ -171,7 +171,7 @@ class PromptedSamInferer(Inferer):
         aux_threshold: float = 0.5,
         class_names: Sequence[str] = CLASS_NAMES,
         grid_mm: float = 10.0,
-        box_margin_mm: float = 5.0,
+        box_margin_mm: float = 10.0,
         min_box_area_mm2: float = 50.0,
         overlap_threshold: float = 0.5,
         veto_threshold: float = 0.2,

@@ -137,6 +137,8 @@ class SamFamily(nn.Module):
         """
         if boxes is not None:
             boxes = boxes.to(embeddings.device).reshape(-1, 1, 4)
+        if points is not None:
+            points = (points[0].to(embeddings.device).float(), points[1].to(embeddings.device))
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         if sparse.shape[0] != embeddings.shape[0]:
             sparse = sparse.expand(embeddings.shape[0], -1, -1) if sparse.shape[0] == 1 else sparse
@@ -158,8 +160,8 @@ class SamFamily(nn.Module):
                        multimask_output: bool = False):
         """All prompts of one image in one decoder call: ``embedding`` (1, 256, 64, 64), N prompt sets
         (``boxes`` (N, 4), ``points`` ((N, P, 2), (N, P) labels 1 / 0 / -1 padding), in encoder-input
-        pixels) -> low-resolution logits (N, M, 256, 256) and predicted IoU (N, M). SAM's mask decoder
-        repeats the image embedding over the prompt batch itself, so the encoder output is shared."""
+        pixels) -> low-resolution logits (N, M, 256, 256) and predicted IoU (N, M), the same as SAM's
+        mask decoder gives, with its prompt-independent work done once (:func:`shared_image_predict_masks`)."""
         if embedding.ndim != 4 or embedding.shape[0] != 1:
             raise ValueError(f"decode_prompts takes the embedding of one image (1, C, H, W), got {tuple(embedding.shape)}")
         device = embedding.device
@@ -168,13 +170,9 @@ class SamFamily(nn.Module):
         if points is not None:
             points = (points[0].to(device).float(), points[1].to(device))
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        return self.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense.expand(sparse.shape[0], -1, -1, -1),
-            multimask_output=multimask_output,
-        )
+        masks, iou = shared_image_predict_masks(self.mask_decoder, embedding + dense[:1], self.prompt_encoder.get_dense_pe(), sparse)
+        keep = slice(1, None) if multimask_output else slice(0, 1)  # as SAM's MaskDecoder.forward
+        return masks[:, keep], iou[:, keep]
 
     def postprocess(self, low_res_logits: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
         """Low-resolution logits -> logits on the original slice grid (padding cropped first)."""
@@ -198,6 +196,29 @@ class SamFamily(nn.Module):
         low_res, iou = self.decode(emb, boxes=boxes)
         logits = self.postprocess(low_res, original_hw)
         return (logits[:, 0] > threshold).cpu().numpy(), iou[:, 0].cpu().numpy()
+
+
+def shared_image_predict_masks(mask_decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``MaskDecoder.predict_masks`` for N prompts on one image, without copying the image N times.
+
+    ``src`` (1, C, h, w) is the image embedding plus the dense prompt embedding (the same for every
+    prompt when no mask is given), ``sparse`` (N, T, C) the prompts. SAM repeats ``src`` and its
+    positional encoding N times before the two-way transformer; here they go in once and broadcast,
+    so the first block's projections of the image tokens (keys and values of the token-to-image
+    attention, queries of the image-to-token attention), which no prompt has touched yet, are
+    computed once instead of N times. From the first block's image update on, every tensor is per
+    prompt, as in SAM. Returns all mask tokens' low-resolution logits (N, M+1, 4h, 4w) and IoU (N, M+1).
+    """
+    tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
+    hs, keys = mask_decoder.transformer(src, image_pe, tokens)
+    keys = keys.expand(sparse.shape[0], -1, -1)  # N = 1 leaves the image tokens unbroadcast
+    b, (c, h, w) = sparse.shape[0], src.shape[1:]
+    upscaled = mask_decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(mask_decoder.output_hypernetworks_mlps)], dim=1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, mask_decoder.iou_prediction_head(hs[:, 0, :])
 
 
 # --------------------------------------------------------------------------- loading
