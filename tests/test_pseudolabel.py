@@ -182,6 +182,30 @@ def test_veto_drops_candidates_lying_on_another_class(litemedsam, real_slice):
         pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="circles")
 
 
+def test_map_fallback_fills_in_the_map_where_a_box_is_rejected(litemedsam, real_slice):
+    """A box whose candidate fails the vote gives its part of the map instead (fallback="map");
+    kept candidates are untouched, and without the fallback a rejected box gives nothing."""
+    from common.inferers import pseudo_label_slice
+
+    slice01, region, _ = real_slice
+    emb = litemedsam.encode(slice01[None])
+    kw = dict(prompts="boxes", box_margin=5, min_box_area=50, aux_regions=region[None], aux="veto", veto_threshold=0.2)
+    rejected = pseudo_label_slice(litemedsam, emb, slice01.shape, region, **kw)  # the veto rejects every box
+    filled = pseudo_label_slice(litemedsam, emb, slice01.shape, region, fallback="map", **kw)
+    big = np.zeros_like(region)
+    for x0, y0, x1, y1 in component_box_prompts(region, margin=5, min_area=50).astype(int):
+        big[y0 : y1 + 1, x0 : x1 + 1] = True
+    assert not rejected.mask.any() and rejected.n_fallback == 0
+    assert filled.n_kept == 0 and filled.n_fallback == filled.n_boxes >= 1
+    assert np.array_equal(filled.mask, region & big)
+    kept = pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50, fallback="map")
+    plain = pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50)
+    assert kept.n_fallback == kept.n_boxes - kept.n_kept
+    assert (kept.mask >= plain.mask).all()
+    with pytest.raises(ValueError, match="fallback"):
+        pseudo_label_slice(litemedsam, emb, slice01.shape, region, fallback="hu")
+
+
 # --------------------------------------------------------------------------- 3D clean-up, confidence, merge
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_MODES = ("dots", "boxes", "both")
 AUX_MODES = ("none", "negative_points", "veto")
+FALLBACK_MODES = ("none", "map")
 
 
 @torch.no_grad()
@@ -64,6 +65,7 @@ class SliceResult:
     kept_iou: list[float] = field(default_factory=list)  # SAM's predicted IoU of each kept candidate
     n_dots: int = 0
     n_boxes: int = 0
+    n_fallback: int = 0  # rejected boxes whose part of the map went into the label instead
 
 
 def _prompt_sets(region: np.ndarray, aux_regions: np.ndarray | None, prompts: str, aux: str, grid_size: int, box_margin: int, min_box_area: int,
@@ -105,6 +107,7 @@ def pseudo_label_slice(
     multimask_output: bool = False,
     mask_threshold: float = 0.0,
     prompt_batch: int = 64,
+    fallback: str = "none",
 ) -> SliceResult:
     """Algorithm 2 on one slice whose ``embedding`` (1, 256, 64, 64) is already computed: all prompts in
     batches of ``prompt_batch`` through one decoder call each; candidates voted by Eq. 9 against
@@ -112,11 +115,16 @@ def pseudo_label_slice(
     ``veto_threshold`` of its area with another class's map (``aux_regions`` (A, H, W)) is dropped;
     with ``aux="negative_points"`` the deepest grid point of each such map is a negative point of
     every prompt. ``multimask_output`` takes SAM's three masks per prompt and keeps the one with the
-    highest predicted IoU (SAM's advice for single points)."""
+    highest predicted IoU (SAM's advice for single points). With ``fallback="map"`` a box whose
+    candidate fails the vote (the lung wraps around the heart or the liver dome, the box holds
+    mostly that organ and SAM segments it) contributes the part of ``region`` inside the box
+    instead, so the slice does not lose that lung."""
     if prompts not in PROMPT_MODES:
         raise ValueError(f"prompts must be one of {PROMPT_MODES}, got {prompts!r}")
     if aux not in AUX_MODES:
         raise ValueError(f"aux must be one of {AUX_MODES}, got {aux!r}")
+    if fallback not in FALLBACK_MODES:
+        raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got {fallback!r}")
     region = np.asarray(region, dtype=bool)
     reference = torch.as_tensor(region)
     veto = None
@@ -144,6 +152,10 @@ def pseudo_label_slice(
             if veto is not None:
                 keep &= overlap_ratio(candidates, veto) <= veto_threshold
             union |= union_of_selected(candidates, keep)
+            if fallback == "map" and boxes is not None:
+                for x0, y0, x1, y1 in np.asarray(boxes[sl])[~keep.numpy()].astype(int):
+                    union[y0 : y1 + 1, x0 : x1 + 1] |= reference[y0 : y1 + 1, x0 : x1 + 1]
+                    result.n_fallback += 1
             result.n_candidates += len(candidates)
             result.n_kept += int(keep.sum())
             result.kept_iou += iou[:, 0].cpu()[keep].tolist()
@@ -158,7 +170,8 @@ class PromptedSamInferer(Inferer):
     Works on axial slices in the radiological view (any input orientation); slices without lung
     in ``region`` are skipped, the others are encoded ``slice_batch`` at a time (the image encoder
     once per slice) and prompted as :func:`pseudo_label_slice` says. ``probmap`` (B, C, X, Y, Z),
-    when given, supplies the ``aux_classes`` maps (thresholded at ``aux_threshold``). Distances are
+    when given, supplies the ``aux_classes`` maps (thresholded at ``aux_threshold``). ``fallback``
+    ("map" by default) fills a box whose candidate failed the vote with the map inside it. Distances are
     in millimetres of the slice's pixel spacing. ``last_info`` holds the run's counts and SAM's
     predicted IoU of the kept candidates.
     """
@@ -178,6 +191,7 @@ class PromptedSamInferer(Inferer):
         negatives_per_class: int = 1,
         multimask_output: bool = False,
         mask_threshold: float = 0.0,
+        fallback: str = "map",
         hu_window: Sequence[float] = HU_WINDOW,
         slice_batch: int = 4,
         prompt_batch: int = 64,
@@ -191,9 +205,11 @@ class PromptedSamInferer(Inferer):
         unknown = [c for c in aux_classes if c not in class_names]
         if unknown:
             raise ValueError(f"aux_classes {unknown} are not among the probability map's classes {list(class_names)}")
+        if fallback not in FALLBACK_MODES:
+            raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got {fallback!r}")
         if not 0.0 <= overlap_threshold < 1.0:
             raise ValueError(f"overlap_threshold must be in [0, 1), got {overlap_threshold}")
-        self.prompts, self.aux = prompts, aux
+        self.prompts, self.aux, self.fallback = prompts, aux, fallback
         self.aux_channels = [list(class_names).index(c) for c in aux_classes]
         self.aux_threshold = float(aux_threshold)
         self.grid_mm, self.box_margin_mm, self.min_box_area_mm2 = float(grid_mm), float(box_margin_mm), float(min_box_area_mm2)
@@ -205,7 +221,7 @@ class PromptedSamInferer(Inferer):
 
     def settings(self) -> dict:
         return {"prompts": self.prompts, "aux": self.aux, "grid_mm": self.grid_mm, "box_margin_mm": self.box_margin_mm, "overlap_threshold": self.overlap_threshold,
-                "veto_threshold": self.veto_threshold, "multimask_output": self.multimask_output}
+                "veto_threshold": self.veto_threshold, "multimask_output": self.multimask_output, "fallback": self.fallback}
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network, region: torch.Tensor | None = None, probmap: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
@@ -241,7 +257,7 @@ class PromptedSamInferer(Inferer):
         min_area = max(1, int(round(self.min_box_area_mm2 / (spacing[0] * spacing[1]))))
         out = np.zeros(hu_l.shape, dtype=bool)
         todo = [int(k) for k in np.flatnonzero(reg_l.any(axis=(0, 1)))]
-        info = {"slices": int(hu_l.shape[2]), "slices_with_lung": len(todo), "candidates": 0, "kept": 0, "dots": 0, "boxes": 0, "kept_iou": [], "grid_px": grid}
+        info = {"slices": int(hu_l.shape[2]), "slices_with_lung": len(todo), "candidates": 0, "kept": 0, "dots": 0, "boxes": 0, "fallback_boxes": 0, "kept_iou": [], "grid_px": grid}
         bar = _progress(len(todo), self.progress)
         for s in range(0, len(todo), self.slice_batch):
             ks = todo[s : s + self.slice_batch]
@@ -254,12 +270,14 @@ class PromptedSamInferer(Inferer):
                     prompts=self.prompts, aux=self.aux, grid_size=grid, box_margin=margin, min_box_area=min_area,
                     overlap_threshold=self.overlap_threshold, veto_threshold=self.veto_threshold, negatives_per_class=self.negatives_per_class,
                     multimask_output=self.multimask_output, mask_threshold=self.mask_threshold, prompt_batch=self.prompt_batch,
+                    fallback=self.fallback,
                 )
                 out[:, :, k] = res.mask.T
                 info["candidates"] += res.n_candidates
                 info["kept"] += res.n_kept
                 info["dots"] += res.n_dots
                 info["boxes"] += res.n_boxes
+                info["fallback_boxes"] += res.n_fallback
                 info["kept_iou"] += res.kept_iou
             bar.update(len(ks))
         bar.close()
@@ -276,4 +294,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="pseudo label", unit="slice", disable=not enabled or total == 0, leave=False)
 
 
-__all__ = ["AUX_MODES", "PROMPT_MODES", "PromptedSamInferer", "SliceResult", "algorithm2_literal", "pseudo_label_slice"]
+__all__ = ["AUX_MODES", "FALLBACK_MODES", "PROMPT_MODES", "PromptedSamInferer", "SliceResult", "algorithm2_literal", "pseudo_label_slice"]
