@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from common.engines.probmap import phantom_datalist
     from common.io import write_json_atomic
     from common.metrics import dice_score
-    from common.report import _plt, _save_figure
+    from common.report import save_dice_bars
 
     if not Path(args.ckpt).is_file():
         print(f"{args.ckpt}: no checkpoint; train SA-1 first (make demo) or pass --ckpt", file=sys.stderr)
@@ -106,18 +106,8 @@ def main(argv=None) -> int:
         for r in rows:
             f.write(f"{r['factor']},\"{r['setting']}\",{r['lung_mask_dice']:.4f},{r['seconds']}\n")
     write_json_atomic(out / "sweep.json", {"phantoms": [c["case_id"] for c in cases], "every": args.every, "rows": rows})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.2), dpi=110)
-    labels = [f"{r['factor']}: {r['setting']}" for r in rows]
-    ax.barh(range(len(rows)), [r["lung_mask_dice"] for r in rows], color=["#444" if r["factor"] == "default" else "#1f77b4" for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    lo = min(r["lung_mask_dice"] for r in rows)
-    ax.set_xlim(max(0.0, lo - 0.05), 1.0)
-    ax.axvline(0.9, color="r", lw=0.8, ls="--")
-    ax.set_xlabel(f"lung-mask Dice, {len(cases)} held-out phantoms (every {args.every}th slice)", fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, out / "sweep.png")
+    save_dice_bars(out / "sweep.png", [f"{r['factor']}: {r['setting']}" for r in rows], [r["lung_mask_dice"] for r in rows], [r["factor"] == "default" for r in rows], 0.9,
+                   f"lung-mask Dice, {len(cases)} held-out phantoms (every {args.every}th slice)")
     print("\n".join(lines))
     return 0
 

@@ -140,10 +140,8 @@ def main(argv=None) -> int:
 
 def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     """ablation.md/.csv/.json and a bar plot of the rows; prints the table."""
-    import numpy as np
-
     from common.io import write_json_atomic
-    from common.report import _plt, _save_figure
+    from common.report import save_dice_bars
 
     lines = ["| setting | lung Dice (mean) | per phantom | candidates kept | seconds (encode + prompts) |", "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['lung_dice']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_case'])} | {r.get('kept_share', '')} | {r.get('seconds', '')} |" for r in rows]
@@ -153,20 +151,8 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
         for r in rows:
             f.write(f"\"{r['setting']}\",{r['lung_dice']:.4f},{r.get('kept_share', '')},{r.get('seconds', '')}\n")
     write_json_atomic(out / "ablation.json", {**meta, "rows": rows})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.2), dpi=110)
-    dice = np.array([r["lung_dice"] for r in rows])
-    lo = max(0.0, float(dice[dice > 0.5].min(initial=1.0)) - 0.05)  # a setting that fails outright (0) gets a label, not the scale
-    ax.barh(range(len(rows)), np.maximum(dice, lo), color=["#888" if r["setting"] in (SA2, CEILING) else "#1f77b4" for r in rows])
-    for i, v in enumerate(dice):
-        ax.text(max(v, lo) + 0.002, i, f"{v:.3f}", va="center", fontsize=7)
-    ax.set_yticks(range(len(rows)), [r["setting"] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(lo, 1.0)
-    ax.axvline(0.95, color="r", lw=0.8, ls="--")
-    ax.set_xlabel(f"pseudo-label lung Dice, {len(meta['phantoms'])} held-out phantoms (every {meta['every']}th lung slice)", fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, out / "ablation.png")
+    save_dice_bars(out / "ablation.png", [r["setting"] for r in rows], [r["lung_dice"] for r in rows], [r["setting"] in (SA2, CEILING) for r in rows], 0.95,
+                   f"pseudo-label lung Dice, {len(meta['phantoms'])} held-out phantoms (every {meta['every']}th lung slice)")
     print("\n".join(lines))
 
 

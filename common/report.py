@@ -32,6 +32,26 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
+def save_dice_bars(path: str | Path, labels: Sequence[str], dice: Sequence[float], grey: Sequence[bool], target: float, xlabel: str) -> Path:
+    """Horizontal bars of one Dice per setting (benchmark sweeps and ablations), the value written at
+    each bar, a dashed line at ``target``; ``grey`` marks reference rows. A setting that fails
+    outright (Dice <= 0.5) is drawn at the axis start with its value, so it does not stretch the scale."""
+    plt = _plt()
+    values = np.asarray(dice, dtype=float)
+    lo = max(0.0, float(values[values > 0.5].min(initial=1.0)) - 0.05)
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(values) + 1.2), dpi=110)
+    ax.barh(range(len(values)), np.maximum(values, lo), color=["#888" if g else "#1f77b4" for g in grey])
+    for i, v in enumerate(values):
+        ax.text(max(v, lo) + 0.002, i, f"{v:.3f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(values)), list(labels), fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(lo, 1.0)
+    ax.axvline(target, color="r", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel, fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def axial_display(plane_ij: np.ndarray) -> np.ndarray:
     """An [i, j] axial slice of an LPS-ordered volume (``CTVolume.reorient("LPS")``: i to patient left,
     j to posterior) as radiologists view it: anterior at the top, patient right on the image left."""

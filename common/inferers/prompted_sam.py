@@ -55,6 +55,12 @@ def algorithm2_literal(sam, slice01: np.ndarray, region: np.ndarray, grid_size: 
     return seg.numpy()
 
 
+def _check_modes(prompts: str, aux: str, fallback: str) -> None:
+    for name, value, modes in (("prompts", prompts, PROMPT_MODES), ("aux", aux, AUX_MODES), ("fallback", fallback, FALLBACK_MODES)):
+        if value not in modes:
+            raise ValueError(f"{name} must be one of {modes}, got {value!r}")
+
+
 @dataclass
 class SliceResult:
     """One slice's pseudo label and what the vote saw."""
@@ -119,12 +125,7 @@ def pseudo_label_slice(
     candidate fails the vote (the lung wraps around the heart or the liver dome, the box holds
     mostly that organ and SAM segments it) contributes the part of ``region`` inside the box
     instead, so the slice does not lose that lung."""
-    if prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts must be one of {PROMPT_MODES}, got {prompts!r}")
-    if aux not in AUX_MODES:
-        raise ValueError(f"aux must be one of {AUX_MODES}, got {aux!r}")
-    if fallback not in FALLBACK_MODES:
-        raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got {fallback!r}")
+    _check_modes(prompts, aux, fallback)
     region = np.asarray(region, dtype=bool)
     reference = torch.as_tensor(region)
     veto = None
@@ -198,15 +199,10 @@ class PromptedSamInferer(Inferer):
         progress: bool = True,
     ):
         super().__init__()
-        if prompts not in PROMPT_MODES:
-            raise ValueError(f"prompts must be one of {PROMPT_MODES}, got {prompts!r}")
-        if aux not in AUX_MODES:
-            raise ValueError(f"aux must be one of {AUX_MODES}, got {aux!r}")
+        _check_modes(prompts, aux, fallback)  # at start-up, not at the first slice
         unknown = [c for c in aux_classes if c not in class_names]
         if unknown:
             raise ValueError(f"aux_classes {unknown} are not among the probability map's classes {list(class_names)}")
-        if fallback not in FALLBACK_MODES:
-            raise ValueError(f"fallback must be one of {FALLBACK_MODES}, got {fallback!r}")
         if not 0.0 <= overlap_threshold < 1.0:
             raise ValueError(f"overlap_threshold must be in [0, 1), got {overlap_threshold}")
         self.prompts, self.aux, self.fallback = prompts, aux, fallback
