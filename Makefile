@@ -7,9 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation clean
+.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam hsam-baselines hsam-comparison clean
 
 CLIP_CKPT ?= outputs/demo/foundation_clip/models/model.pt
+HSAM_CKPT ?= outputs/demo/hsam_finetune/models/model.pt
+HSAM_DATALIST ?= outputs/pseudolabel/real/datalist.json
+BASELINE_SLICE ?= 160
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,9 +65,33 @@ sweep: $(DATA)
 ablation: $(DATA)
 	$(PY) benchmarks/clip_ablation.py
 
+# SA-3b: H-SAM on a pseudolabel datalist, then scored on the held-out phantoms (real sizes: GPU; see the bundle docs for the CPU run)
+hsam: $(DATA)
+	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/train.json --bundle_root bundles/hsam_finetune \
+		--datalist_path $(HSAM_DATALIST) --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/train
+	$(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json']" \
+		--bundle_root bundles/hsam_finetune --ckpt_path $(HSAM_CKPT) --output_dir bundles/hsam_finetune/eval_phantoms
+
+# baselines on the same phantoms: LiteMedSAM with SA-2 boxes and no fine-tuning (Algorithm 2 without the
+# map fallback), and MONAI UNet / UNETR trained on the same datalist at the phantoms' 160 px (UNETR's input size is fixed)
+hsam-baselines: $(DATA)
+	$(PY) -m monai.bundle run --config_file "['bundles/pseudolabel/configs/inference.json','bundles/pseudolabel/configs/evaluate.json']" \
+		--bundle_root bundles/pseudolabel --probmap_dir bundles/probmap/eval_phantoms --fallback none --output_dir outputs/hsam_comparison/untuned_sam
+	for b in unet unetr; do \
+	  $(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/train.json','bundles/hsam_finetune/configs/baseline_$$b.json']" \
+		--bundle_root bundles/hsam_finetune --datalist_path $(HSAM_DATALIST) --output_dir outputs/hsam_comparison/train_$$b \
+		--slice_size $(BASELINE_SLICE) --unetr_image_size $(BASELINE_SLICE) || exit 1; \
+	  $(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json','bundles/hsam_finetune/configs/baseline_$$b.json']" \
+		--bundle_root bundles/hsam_finetune --output_dir outputs/hsam_comparison/$$b --unetr_image_size $(BASELINE_SLICE) || exit 1; \
+	done
+
+# the comparison table (markdown, CSV, plot) of every method on the held-out phantoms
+hsam-comparison: $(DATA)
+	$(PY) benchmarks/hsam_comparison.py
+
 segment:
-	@echo "make segment: not built yet. It needs the probmap and hsam_finetune stages (issues 4-6) on top of foundation_clip." >&2
-	@exit 2
+	@test -n "$(CT)" -a -n "$(OUT)" || { echo "usage: make segment CT=<NIfTI file or DICOM folder> OUT=<dir> [CLIP_CKPT=...] [HSAM_CKPT=...]" >&2; exit 2; }
+	$(PY) -m common.segment "$(CT)" "$(OUT)" --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
 
 serve:
 	@echo "make serve: not built yet. The MONAI Label server comes with the end-to-end issue once the bundles exist (issue 7)." >&2

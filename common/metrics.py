@@ -77,3 +77,54 @@ def embedding_cosine(student, teacher) -> float:
     if s.shape != t.shape:
         raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in shape")
     return float(F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1).mean())
+
+
+# --------------------------------------------------------------------------- segmentation (SA-3) metrics
+
+
+def surface_distances(prediction: np.ndarray, truth: np.ndarray, spacing) -> dict:
+    """HD95 and average symmetric surface distance in mm (MONAI), NaN when either mask is empty."""
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    p, t = _mask_pair(prediction, truth)
+    if not p.any() or not t.any():
+        return {"hd95_mm": float("nan"), "assd_mm": float("nan")}
+    spacing = [float(s) for s in spacing]
+    hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)
+    assd = compute_average_surface_distance(p, t, include_background=True, symmetric=True, spacing=spacing)
+    return {"hd95_mm": float(hd95.item()), "assd_mm": float(assd.item())}
+
+
+def central_slices(truth: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """(Z,) booleans: the middle ``share`` of the axial slices that hold ``truth`` (the method's Table 1
+    "central 50 %"); the rest of those slices, apex and base, are the "peripheral" ones."""
+    z = np.flatnonzero(np.asarray(truth, dtype=bool).reshape(-1, np.shape(truth)[-1]).any(axis=0))
+    central = np.zeros(np.shape(truth)[-1], dtype=bool)
+    if z.size:
+        lo, hi = z.min(), z.max() + 1
+        cut = (hi - lo) * (1.0 - share) / 2.0
+        central[int(round(lo + cut)) : int(round(hi - cut))] = True
+    return central
+
+
+def segmentation_scores(prediction: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict:
+    """Dice, Jaccard, sensitivity, specificity, HD95 and ASSD (mm) of two (X, Y, Z) masks, and Dice of
+    the central and peripheral halves of the lung's slices (:func:`central_slices`)."""
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+
+    p, t = np.asarray(prediction, dtype=bool), np.asarray(truth, dtype=bool)
+    cm = get_confusion_matrix(*_mask_pair(p, t), include_background=True)
+    sens = compute_confusion_matrix_metric("sensitivity", cm)
+    spec = compute_confusion_matrix_metric("specificity", cm)
+    central = central_slices(t)
+    lung_slices = t.reshape(-1, t.shape[-1]).any(axis=0) | p.reshape(-1, p.shape[-1]).any(axis=0)
+    peripheral = lung_slices & ~central
+    return {
+        "dice": dice_score(p, t),
+        "jaccard": iou_score(p, t),
+        "sensitivity": float(sens.item()),
+        "specificity": float(spec.item()),
+        **surface_distances(p, t, spacing),
+        "dice_central": dice_score(p[..., central], t[..., central]),
+        "dice_peripheral": dice_score(p[..., peripheral], t[..., peripheral]),
+    }

@@ -8,14 +8,17 @@ from common.inferers.patch_similarity import (
     patch_similarity_maps,
 )
 from common.inferers.prompted_sam import PromptedSamInferer, algorithm2_literal, pseudo_label_slice
+from common.inferers.slices import SliceEnsembleInferer, foreground_probability
 
 __all__ = [
     "PatchSimilarityInferer",
     "PromptedSamInferer",
+    "SliceEnsembleInferer",
     "algorithm1_literal",
     "algorithm2_literal",
     "class_text_embeddings",
     "dense_similarity_maps",
+    "foreground_probability",
     "patch_similarity_maps",
     "pseudo_label_slice",
 ]

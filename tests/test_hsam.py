@@ -1,0 +1,353 @@
+"""SA-3b H-SAM: the network (LoRA, two stages, Eq. 14), checkpoints of trained tensors only, the
+deep-supervision loss, CutMix / Mixup, slice data with bad cases, segmentation metrics, and the
+bundle (train -> evaluate on a held-out phantom), on tiny random models and on real LiteMedSAM + real CT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.networks.hsam import HSam, build_hsam, load_hsam
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hsam_finetune"
+TOTALSEG_B = REPO.parent / "shared" / "data" / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
+
+
+def tiny(**kwargs) -> HSam:
+    torch.manual_seed(0)
+    return build_hsam("tiny_sam", random_init=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_two_stages_come_out_on_the_decoder_grid_and_the_slice_grid(hw):
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, *hw))
+        prob = model.probability(out)
+    rh, rw = model.backbone.resized_hw(hw)  # the slice's part of the 64 px encoder input
+    assert out["stage1"].shape == (2, 1, rh * 32 // 64, rw * 32 // 64)  # tiny_sam's decoder grid is 32 px
+    assert out["stage2"].shape == (2, 1, *hw)
+    assert prob.shape == (2, 1, *hw) and float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+
+
+def test_eq14_blends_the_two_stages_with_alpha():
+    model = tiny(alpha=0.25)
+    out = {"stage1": torch.full((1, 1, 4, 4), 10.0), "stage2": torch.full((1, 1, 8, 8), -10.0)}
+    assert torch.allclose(model.probability(out), torch.full((1, 1, 8, 8), 0.25), atol=1e-3)
+    with pytest.raises(ValueError, match="alpha"):
+        tiny(alpha=1.5)
+
+
+def test_only_lora_and_decoders_train_and_the_counts_add_up():
+    model = tiny(lora_rank=4)
+    enc = model.backbone.image_encoder
+    for name, p in enc.named_parameters():
+        assert p.requires_grad == ("lora_" in name), name
+    qkv = [m for n, m in enc.named_modules() if n.endswith("attn.qkv")]
+    expected_lora = sum(4 * (m.in_features + m.out_features) for m in qkv)
+    counts = model.parameter_counts()
+    assert counts["lora"] == expected_lora > 0
+    assert counts["trainable"] == counts["lora"] + counts["stage2_decoder"] + sum(p.numel() for p in model.backbone.mask_decoder.parameters())
+    assert counts["trainable"] < counts["full_finetuning"]
+    frozen = tiny(lora_rank=4, train_stage1_decoder=False).parameter_counts()
+    assert frozen["trainable"] == frozen["lora"] + frozen["stage2_decoder"]
+
+
+def test_lora_on_chosen_blocks_by_regex_and_the_optimizer_groups():
+    model = tiny(lora_targets=[r"blocks\.1\..*qkv"])
+    with_lora = {n.split(".lora_")[0] for n, _ in model.named_parameters() if "lora_" in n}
+    assert with_lora == {"backbone.image_encoder.blocks.1.attn.qkv"}
+    groups = model.parameter_groups(1e-3, pretrained_lr_scale=0.1)
+    decoder = {id(p) for p in model.backbone.mask_decoder.parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert {id(p) for p in groups[1]["params"]} == decoder and not decoder & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_targets_that_match_nothing_are_an_error():
+    with pytest.raises(ValueError, match="match no layer"):
+        tiny(lora_targets=["not_a_layer"])
+
+
+def test_training_step_changes_only_trainable_weights():
+    model = tiny().train()
+    assert not model.backbone.image_encoder.training  # frozen encoder stays in eval mode
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    from common.losses import DeepSupervisionLoss
+
+    x, y = torch.rand(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(2):  # LoRA's B starts at 0, so A moves from the second step on
+        loss = DeepSupervisionLoss()(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        assert torch.equal(p, frozen[n]), n
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved) and any(n.startswith("stage2.") for n in moved)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_holds_only_trained_tensors_and_loads_back(tmp_path):
+    from common.engines.hsam import save_network
+
+    model = tiny().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained-looking bypass, so a failed load would show
+    path = save_network(model, tmp_path / "model.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["model"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("base_layer" in k for k in ckpt["model"])
+    x = torch.rand(1, 1, 64, 64)
+    torch.manual_seed(0)  # the frozen backbone is not in the checkpoint: rebuild the same random one
+    loaded = load_hsam(path, random_init=True)
+    with torch.no_grad():
+        assert torch.allclose(model.probability(model(x)), loaded.probability(loaded(x)), atol=1e-5)
+
+
+def test_checkpoint_for_another_backbone_or_lora_fails_clearly(tmp_path):
+    from common.engines.hsam import save_network
+
+    path = save_network(tiny(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="trained on the tiny_sam backbone, not litemedsam"):
+        load_hsam(path, variant="litemedsam")
+    other = build_hsam("litemedsam", random_init=True)
+    with pytest.raises(ValueError, match="trained on the tiny_sam backbone, this model is litemedsam"):
+        other.load_trainable(path)
+    with pytest.raises(ValueError, match="LoRA set-up"):
+        tiny(lora_rank=8).load_trainable(path)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an H-SAM checkpoint"):
+        load_hsam(tmp_path / "other.pt", random_init=True)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_hsam(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- loss and mixing
+
+
+def test_deep_supervision_scores_stage1_at_reduced_and_stage2_at_full_resolution():
+    from common.losses import DeepSupervisionLoss, resize_label
+
+    label = torch.zeros(1, 1, 64, 64)
+    label[..., 16:48, 16:48] = 1
+    right = {"stage1": (resize_label(label, (32, 32)) * 40 - 20), "stage2": label * 40 - 20}
+    wrong = {"stage1": -right["stage1"], "stage2": -right["stage2"]}
+    loss = DeepSupervisionLoss(stage_weights=(0.4, 0.6))
+    assert float(loss(right, label)) < 0.25 < 1.0 < float(loss(wrong, label))  # the reduced label is soft at the border
+    only2 = DeepSupervisionLoss(stage_weights=(0.0, 1.0))
+    assert float(only2({"stage1": wrong["stage1"], "stage2": right["stage2"]}, label)) < 0.05  # stage 1 not scored
+    assert float(loss(label * 40 - 20, label)) < 0.05  # a plain network's logits are stage 2
+    with pytest.raises(ValueError, match="stage_weights"):
+        DeepSupervisionLoss(stage_weights=(0.0, 0.0))
+
+
+@pytest.mark.parametrize("kind", ["cutmix", "mixup"])
+def test_cutmix_and_mixup_treat_image_and_label_alike(kind):
+    from common.engines.hsam import MixingBatch
+
+    g = torch.Generator().manual_seed(0)
+    label = (torch.rand(4, 1, 32, 32, generator=g) > 0.5).float()
+    batch = {"image": label.clone(), "label": label.clone()}  # image == label, so any mismatch shows
+    mixer = MixingBatch(cutmix_prob=1.0 if kind == "cutmix" else 0.0, mixup_prob=0.0 if kind == "cutmix" else 1.0, seed=1)
+    image, mixed_label = mixer(batch)
+    assert mixer.last == kind
+    assert not torch.equal(image, label)  # something was mixed in
+    assert torch.allclose(image, mixed_label)
+    if kind == "cutmix":
+        assert set(torch.unique(mixed_label).tolist()) <= {0.0, 1.0}  # pasted, not blended
+    with pytest.raises(ValueError):
+        MixingBatch(cutmix_prob=0.7, mixup_prob=0.5)
+
+
+# --------------------------------------------------------------------------- slices and bad cases
+
+
+def _nifti(path: Path, array: np.ndarray, affine=None) -> str:
+    nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
+    from common.data import training_slices
+
+    hu = np.full((24, 24, 10), -800.0, dtype=np.float32)
+    lab = np.zeros((24, 24, 10), dtype=np.uint8)
+    lab[6:18, 6:18, 2:8] = 1
+    good = {"image": _nifti(tmp_path / "a_ct.nii.gz", hu), "label": _nifti(tmp_path / "a_label.nii.gz", lab), "case_id": "good"}
+    cases = [
+        good,
+        {"image": good["image"], "label": str(tmp_path / "nowhere.nii.gz"), "case_id": "missing"},
+        {"image": good["image"], "label": _nifti(tmp_path / "b.nii.gz", lab[:20]), "case_id": "grid"},
+        {"image": good["image"], "label": _nifti(tmp_path / "c.nii.gz", lab, np.diag([1.0, 2.0, 3.0, 1.0])), "case_id": "affine"},
+        {"image": good["image"], "label": _nifti(tmp_path / "d.nii.gz", np.zeros_like(lab)), "case_id": "empty"},
+    ]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": cases, "validation": []}))
+    got = training_slices(tmp_path / "datalist.json", slice_size=32, background_share=0.5)
+    reasons = {s["case"]: s["reason"] for s in got["skipped"]}
+    assert set(reasons) == {"missing", "grid", "affine", "empty"}
+    assert "not found" in reasons["missing"] and "nowhere.nii.gz" in reasons["missing"]
+    assert "another grid" in reasons["grid"] and "another grid" in reasons["affine"] and "empty" in reasons["empty"]
+    assert {s["case_id"] for s in got["training"]} == {"good"}
+    assert sum(1 for s in got["training"] if s["label"].sum() > 0) == 6 and len(got["training"]) == 9  # 6 lung + 50 % as many background
+    assert got["training"][0]["image"].shape == (1, 32, 32)
+    assert "4 case(s) skipped" in caplog.text
+    with pytest.raises(FileNotFoundError, match="datalist not found"):
+        training_slices(tmp_path / "none.json")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_segmentation_scores_and_the_central_peripheral_split():
+    from common.metrics import central_slices, segmentation_scores
+
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:15, 5:15, 2:18] = True  # lung on slices 2..17: central 50 % is 6..13
+    assert np.flatnonzero(central_slices(truth)).tolist() == list(range(6, 14))
+    pred = truth.copy()
+    pred[..., 2:4] = False  # the apex missed
+    s = segmentation_scores(pred, truth, spacing=(1.0, 1.0, 2.0))
+    assert s["dice"] == pytest.approx(2 * 1400 / 3000, abs=1e-4)
+    assert s["jaccard"] == pytest.approx(1400 / 1600, abs=1e-4)
+    assert s["sensitivity"] == pytest.approx(1400 / 1600, abs=1e-4) and s["specificity"] == pytest.approx(1.0)
+    assert s["dice_central"] == pytest.approx(1.0) and s["dice_peripheral"] == pytest.approx(2 * 600 / 1400, abs=1e-4)
+    assert s["hd95_mm"] > 0 and s["assd_mm"] > 0
+
+
+# --------------------------------------------------------------------------- real LiteMedSAM on real CT
+
+
+@pytest.fixture(scope="module")
+def real_slice():
+    from common.io import read_ct
+    from common.lungmask import hu_threshold_lung_mask
+    from common.transforms.intensity import HUWindow
+
+    vol = read_ct(TOTALSEG_B, axcodes="LPS")
+    lungs = hu_threshold_lung_mask(vol.hu, vol.spacing)
+    k = int(np.flatnonzero(lungs.any(axis=(0, 1)))[len(np.flatnonzero(lungs.any(axis=(0, 1)))) // 2])
+    x = HUWindow()(torch.from_numpy(np.ascontiguousarray(vol.hu[:, :, k])))[None, None]
+    return x.float(), torch.from_numpy(lungs[:, :, k])[None, None].float()
+
+
+def test_real_litemedsam_hsam_starts_as_litemedsam_and_learns_from_a_real_slice(real_slice):
+    """LoRA's B starts at zero, so the untrained stage 1 is LiteMedSAM's own prompt-free mask; a few
+    steps on one real slice (its HU-threshold lung mask as the label) lower the loss."""
+    from common.losses import DeepSupervisionLoss
+    from common.networks import load_sam_family
+
+    torch.manual_seed(0)
+    x, y = real_slice
+    model = build_hsam("litemedsam")
+    reference = load_sam_family("litemedsam")
+    with torch.no_grad():
+        low_res, _ = reference.decode(reference.encode(x))
+        out = model(x)
+    rh, rw = reference.resized_hw(tuple(x.shape[-2:]))
+    assert torch.allclose(out["stage1"], low_res[..., :rh, :rw], atol=1e-4)
+    assert out["stage2"].shape == x.shape
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss_fn, losses = DeepSupervisionLoss(), []
+    for _ in range(4):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _bundle(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(BUNDLE)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tiny_phantom_manifest):
+    manifest = json.loads(Path(tiny_phantom_manifest).read_text())
+    phantoms = [c for c in manifest["cases"] if c["kind"] == "phantom"]
+    items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in phantoms]
+    items.append({"image": phantoms[0]["path"], "label": str(tmp_path / "gone.nii.gz"), "case_id": "gone"})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
+    ckpt = tmp_path / "models" / "model.pt"
+    train = _bundle(["--config_file", str(BUNDLE / "configs" / "train.json"), "--datalist_path", str(tmp_path / "datalist.json"),
+                     "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "2", "--batch_size", "4",
+                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt)])
+    assert train.returncode == 0, train.stderr[-3000:]
+    log = train.stdout + train.stderr
+    assert "trainable parameters:" in log and "with full fine-tuning" in log
+    assert "case gone skipped" in log and "pseudo label not found" in log
+    history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
+    assert len(history) == 2 and all(0.0 <= h["val_mean_dice"] <= 1.0 for h in history)
+    assert torch.load(ckpt, weights_only=True)["variant"] == "tiny_sam"
+
+    out = tmp_path / "eval"
+    cases = json.dumps([{"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"},
+                        {"image": str(tmp_path / "no_scan.nii.gz"), "lungs": phantoms[0]["lungs"], "case_id": "no_scan"}])
+    args = ["--config_file", f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']", "--ckpt_path", str(ckpt),
+            "--network_def#random_init", "true", "--cases", f"${cases}", "--output_dir", str(out), "--progress", "false"]
+    run = _bundle(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert [c["case_id"] for c in scores["cases"]] == ["tiny_0"] and 0.0 <= scores["cases"][0]["dice"] <= 1.0
+    assert "hd95_mm" in scores["cases"][0] and "dice_central" in scores["cases"][0]
+    assert json.loads((out / "failed.json").read_text())["failed"] == [{"case": str(tmp_path / "no_scan.nii.gz"), "reason": "file not found"}]
+    mask = nib.load(str(out / "tiny_0" / "tiny_0_lung_mask.nii.gz"))
+    assert mask.shape == (64, 64, 32) and np.allclose(mask.affine, nib.load(phantoms[0]["path"]).affine)
+    report = json.loads((out / "tiny_0" / "tiny_0_report.json").read_text())
+    assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu"} <= set(report)
+
+    wrong = _bundle(args[:-4] + ["--sam_variant", "litemedsam", "--output_dir", str(tmp_path / "wrong")])
+    assert wrong.returncode != 0 and "trained on the tiny_sam backbone, not litemedsam" in wrong.stderr
+
+
+# --------------------------------------------------------------------------- make segment
+
+from tests.test_probmap import tiny_clip  # noqa: E402,F401  (the tiny SA-1 checkpoint fixture)
+
+
+def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path, tiny_clip, tiny_phantom_manifest):
+    from common.engines.hsam import save_network
+    from common.networks import load_sam_family
+    from common.segment import main
+
+    torch.manual_seed(0)
+    backbone = load_sam_family("tiny_sam", random_init=True)
+    weights = tmp_path / "tiny_sam.pth"
+    parts = torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder, "mask_decoder": backbone.mask_decoder})
+    torch.save(parts.state_dict(), weights)  # a backbone checkpoint file, as MedSAM / SAM users have
+    hsam_ckpt = save_network(build_hsam("tiny_sam", sam_checkpoint=weights), tmp_path / "hsam.pt")
+    ct = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")["path"]
+    out = tmp_path / "out"
+    assert main([str(ct), str(out), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == 0
+    src = nib.load(str(ct))
+    mask = nib.load(str(out / "lung_mask.nii.gz"))
+    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert nib.load(str(out / "probmap.nii.gz")).shape == (*src.shape, 5)
+    report = json.loads((out / "report.json").read_text())
+    assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu", "seconds", "peak_memory_gb"} <= set(report)
+    assert not (out / ".work").exists()
+    assert main([str(ct), str(tmp_path / "out2"), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tmp_path / "none.pt")]) == 2
+    assert not (tmp_path / "out2").exists()
