@@ -7,12 +7,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam hsam-baselines hsam-comparison clean
+.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
 
 CLIP_CKPT ?= outputs/demo/foundation_clip/models/model.pt
 HSAM_CKPT ?= outputs/demo/hsam_finetune/models/model.pt
-HSAM_DATALIST ?= outputs/pseudolabel/real/datalist.json
-BASELINE_SLICE ?= 160
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,24 +63,40 @@ sweep: $(DATA)
 ablation: $(DATA)
 	$(PY) benchmarks/clip_ablation.py
 
-# SA-3b: H-SAM on a pseudolabel datalist, then scored on the held-out phantoms (real sizes: GPU; see the bundle docs for the CPU run)
-hsam: $(DATA)
-	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/train.json --bundle_root bundles/hsam_finetune \
-		--datalist_path $(HSAM_DATALIST) --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/train
-	$(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json']" \
-		--bundle_root bundles/hsam_finetune --ckpt_path $(HSAM_CKPT) --output_dir bundles/hsam_finetune/eval_phantoms
+# SA-3b on CPU, in order: make demo, make probmap, make pseudolabel, make hsam-data, make hsam,
+# make hsam-baselines, make hsam-comparison. Training pseudo labels come from phantoms that neither SA-1
+# nor any score uses (seeds 200-202) and from the real scans that passed QC; scores are on the held-out
+# phantoms 100-102. HSAM_CONFIG=train keeps the real (GPU) sizes; demo is the CPU size.
+HSAM_TRAIN_PHANTOMS ?= data/default/phantoms_hsam_train
+HSAM_CONFIG ?= demo
+hsam-data: $(DATA)
+	$(PY) -m monai.bundle run --config_file "['bundles/probmap/configs/inference.json','bundles/probmap/configs/evaluate.json']" \
+		--bundle_root bundles/probmap --ckpt_path $(CLIP_CKPT) --phantom_dir $(HSAM_TRAIN_PHANTOMS) --phantom_seed 200 \
+		--phantom_prefix train_phantom --output_dir outputs/probmap/train_phantoms
+	$(PY) -m monai.bundle run --config_file "['bundles/pseudolabel/configs/inference.json','bundles/pseudolabel/configs/evaluate.json']" \
+		--bundle_root bundles/pseudolabel --phantom_dir $(HSAM_TRAIN_PHANTOMS) --phantom_seed 200 --phantom_prefix train_phantom \
+		--probmap_dir outputs/probmap/train_phantoms --output_dir outputs/pseudolabel/train_phantoms
 
-# baselines on the same phantoms: LiteMedSAM with SA-2 boxes and no fine-tuning (Algorithm 2 without the
-# map fallback), and MONAI UNet / UNETR trained on the same datalist at the phantoms' 160 px (UNETR's input size is fixed)
+HSAM_DATALIST ?= ['outputs/pseudolabel/train_phantoms/datalist.json','outputs/pseudolabel/real/datalist.json']
+HSAM_OVERLAYS = 'bundles/hsam_finetune/configs/train.json'$(if $(filter demo,$(HSAM_CONFIG)),$(comma)'bundles/hsam_finetune/configs/demo.json')
+comma := ,
+hsam: $(DATA)
+	$(PY) -m monai.bundle run --config_file "[$(HSAM_OVERLAYS)]" --bundle_root bundles/hsam_finetune \
+		--datalist_path "$(HSAM_DATALIST)" --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/train
+	$(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json']" \
+		--bundle_root bundles/hsam_finetune --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/heldout_phantoms
+
+# baselines on the same held-out phantoms: LiteMedSAM with SA-2 boxes and no fine-tuning (Algorithm 2 without
+# the map fallback), and MONAI UNet / UNETR trained on the same datalist with the same recipe
 hsam-baselines: $(DATA)
 	$(PY) -m monai.bundle run --config_file "['bundles/pseudolabel/configs/inference.json','bundles/pseudolabel/configs/evaluate.json']" \
-		--bundle_root bundles/pseudolabel --probmap_dir bundles/probmap/eval_phantoms --fallback none --output_dir outputs/hsam_comparison/untuned_sam
+		--bundle_root bundles/pseudolabel --probmap_dir outputs/probmap/heldout_phantoms --fallback none --output_dir outputs/hsam_comparison/untuned_sam
 	for b in unet unetr; do \
-	  $(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/train.json','bundles/hsam_finetune/configs/baseline_$$b.json']" \
-		--bundle_root bundles/hsam_finetune --datalist_path $(HSAM_DATALIST) --output_dir outputs/hsam_comparison/train_$$b \
-		--slice_size $(BASELINE_SLICE) --unetr_image_size $(BASELINE_SLICE) || exit 1; \
+	  $(PY) -m monai.bundle run --config_file "[$(HSAM_OVERLAYS),'bundles/hsam_finetune/configs/baseline_$$b.json']" \
+		--bundle_root bundles/hsam_finetune --datalist_path "$(HSAM_DATALIST)" --output_dir outputs/hsam_comparison/train_$$b \
+		--ckpt_path outputs/hsam_comparison/train_$$b/model.pt || exit 1; \
 	  $(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json','bundles/hsam_finetune/configs/baseline_$$b.json']" \
-		--bundle_root bundles/hsam_finetune --output_dir outputs/hsam_comparison/$$b --unetr_image_size $(BASELINE_SLICE) || exit 1; \
+		--bundle_root bundles/hsam_finetune --ckpt_path outputs/hsam_comparison/train_$$b/model.pt --output_dir outputs/hsam_comparison/$$b || exit 1; \
 	done
 
 # the comparison table (markdown, CSV, plot) of every method on the held-out phantoms

@@ -2,7 +2,7 @@
 field, as the method's Table 1 (whole lung, central 50 % and peripheral 50 % of the lung's slices).
 
     .venv/bin/python benchmarks/hsam_comparison.py [--phantoms 3]
-        [--method "H-SAM=bundles/hsam_finetune/eval_phantoms/{case}/{case}_lung_mask.nii.gz" ...]
+        [--method "H-SAM=outputs/hsam_finetune/heldout_phantoms/{case}/{case}_lung_mask.nii.gz" ...]
         [--out outputs/hsam_comparison]
 
 Each ``--method NAME=PATTERN`` names a mask file per case (``{case}`` is the case id); a method
@@ -10,7 +10,8 @@ whose files are missing is listed as not run. Rows computed here: the HU-thresho
 (``common.lungmask.hu_threshold_lung_mask``). nnU-Net is optional: train and predict with it
 yourself (``nnUNetv2_train`` / ``nnUNetv2_predict`` on the same pseudo labels) and pass its masks as
 another ``--method``. Writes ``comparison.md``, ``comparison.csv`` (one row per method and case),
-``comparison.json`` and ``comparison.png`` (Dice per method, whole / central / peripheral).
+``comparison.json``, ``comparison.png`` (Dice per method, whole / central / peripheral) and
+``overlays.png`` (each method's mask on the first case's base, middle and apex, truth dashed).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_METHODS = [
-    "pseudo labels (SA-3a, training targets)=bundles/pseudolabel/eval_phantoms/{case}/{case}_pseudo_label.nii.gz",
+    "pseudo labels (SA-3a; H-SAM learns from such labels)=outputs/pseudolabel/heldout_phantoms/{case}/{case}_pseudo_label.nii.gz",
     "LiteMedSAM + SA-2 boxes, no fine-tuning=outputs/hsam_comparison/untuned_sam/{case}/{case}_pseudo_label.nii.gz",
     "MONAI UNet (2D) on pseudo labels=outputs/hsam_comparison/unet/{case}/{case}_lung_mask.nii.gz",
     "MONAI UNETR (2D) on pseudo labels=outputs/hsam_comparison/unetr/{case}/{case}_lung_mask.nii.gz",
-    "H-SAM on pseudo labels (this bundle)=bundles/hsam_finetune/eval_phantoms/{case}/{case}_lung_mask.nii.gz",
+    "H-SAM on pseudo labels (this bundle)=outputs/hsam_finetune/heldout_phantoms/{case}/{case}_lung_mask.nii.gz",
 ]
 HU = "HU threshold (classical)"
 METRICS = ["dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "jaccard", "sensitivity", "specificity"]
@@ -58,11 +59,11 @@ def main(argv=None) -> dict:
     from common.io.atomic import atomic_path
     from common.lungmask import hu_threshold_lung_mask
     from common.metrics import segmentation_scores
-    from common.report import save_dice_bars
+    from common.report import save_dice_bars, save_method_overlays_png
 
     cases = phantom_datalist(args.phantom_dir, n=args.phantoms, seed=args.seed)
     methods = [m.split("=", 1) for m in (args.method or DEFAULT_METHODS)]
-    rows, missing = [], {}
+    rows, missing, first_case = [], {}, None
     for c in cases:
         hu, affine = _read(Path(c["image"]))
         truth = _read(Path(c["lungs"]))[0] > 0
@@ -78,6 +79,8 @@ def main(argv=None) -> dict:
             if mask.shape != truth.shape or not np.allclose(mask_affine, affine, atol=1e-3):
                 raise ValueError(f"{path}: not on the grid of {c['image']} ({mask.shape} vs {truth.shape})")
             preds[name] = mask > 0
+        if first_case is None:
+            first_case = (c["case_id"], hu, affine, truth, dict(preds))
         for name, mask in preds.items():
             rows.append({"method": name, "case_id": c["case_id"], **segmentation_scores(mask, truth, spacing)})
             print(f"{c['case_id']}  {name:45s} Dice {rows[-1]['dice']:.4f}  HD95 {rows[-1]['hd95_mm']:.2f} mm", flush=True)
@@ -118,7 +121,12 @@ def main(argv=None) -> dict:
             grey.append(part != "whole")
     pseudo = next((summary[n]["dice"]["mean"] for n in order if n.startswith("pseudo labels")), 0.95)
     save_dice_bars(out / "comparison.png", labels, dice, grey, target=pseudo, xlabel="lung Dice vs the phantom lung field (dashed: pseudo labels, whole lung)")
+    case_id, hu, affine, truth, preds = first_case
+    short = lambda n: n.split(" (")[0].replace(" on pseudo labels", "")  # noqa: E731
+    save_method_overlays_png(out / "overlays.png", hu, [(short(n), m) for n, m in preds.items()], affine, reference=truth,
+                             title=f"{case_id}: base, middle and apex of the lung")
     print(table)
+    print(f"wrote {out}/comparison.md, comparison.csv, comparison.json, comparison.png, overlays.png")
     return summary
 
 

@@ -236,3 +236,34 @@ def save_pseudolabel_overlay_png(path: str | Path, hu: np.ndarray, reference: np
     fig.suptitle(f"{title}: pseudo label right (green) / left (blue), SA-2 mask (dashed yellow)", fontsize=8)
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.93))
     return _save_figure(fig, path)
+
+
+def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[tuple[str, np.ndarray]], affine: np.ndarray, reference: np.ndarray | None = None,
+                             fractions: Sequence[float] = (0.1, 0.5, 0.9), title: str = "") -> Path:
+    """One column per method, one row per axial slice (at ``fractions`` of the reference's, else the first
+    mask's, lung extent; in RAS order: base, middle, apex): the method's mask in red, ``reference`` (ground truth) dashed
+    yellow. Arrays (X, Y, Z) on the input grid, shown in the radiological view."""
+    from common.io.volume import reorient_array
+
+    plt = _plt()
+    hu_l, _ = reorient_array(np.asarray(hu), affine)
+    masks_l = [(name, reorient_array(np.asarray(m).astype(np.uint8), affine)[0] > 0) for name, m in masks]
+    ref_l = None if reference is None else reorient_array(np.asarray(reference).astype(np.uint8), affine)[0] > 0
+    extent = np.flatnonzero((ref_l if ref_l is not None else masks_l[0][1]).any(axis=(0, 1)))
+    if not extent.size:
+        extent = np.array([hu_l.shape[2] // 2])
+    picks = sorted({int(extent[int(round(f * (len(extent) - 1)))]) for f in fractions})
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
+    fig, axes = plt.subplots(len(picks), len(masks_l), figsize=(2.6 * len(masks_l), 2.7 * len(picks)), dpi=100, squeeze=False)
+    for row, k in zip(axes, picks):
+        for ax, (name, m) in zip(row, masks_l):
+            ax.imshow(axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
+            for mask, colour, style in ((None if ref_l is None else ref_l[:, :, k], "#ffd700", "dashed"), (m[:, :, k], "#e41a1c", "solid")):
+                if mask is not None and mask.any():
+                    ax.contour(axial_display(mask).astype(float), levels=[0.5], colors=[colour], linewidths=0.9, linestyles=style)
+            ax.set_title(f"{name}\nslice {k}", fontsize=7)
+            ax.axis("off")
+    fig.suptitle(title + ("; truth dashed yellow" if ref_l is not None else ""), fontsize=8)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.96))
+    return _save_figure(fig, path)

@@ -3,7 +3,8 @@
 Writes ``OUT/lung_mask.nii.gz`` (binary, the input's grid and affine), ``OUT/probmap.nii.gz`` (one
 channel per class, SA-2) and ``OUT/report.json`` (lung volume in mL per side, mean lung HU, % of lung
 below -950 HU, seconds and peak memory). H-SAM runs only on the slices the SA-2 lung mask touches
-(plus a margin). Every file is written under a temporary name and renamed.
+(plus a margin). ``OUT/overlay.png`` shows both masks on three slices. Every file is written under a
+temporary name and renamed.
 
     python -m common.segment CT OUT [--clip-ckpt outputs/demo/foundation_clip/models/model.pt]
                                     [--hsam-ckpt outputs/demo/hsam_finetune/models/model.pt]
@@ -73,8 +74,22 @@ def segment(ct: str | Path, out: str | Path, clip_ckpt: str | Path = DEFAULT_CLI
         with atomic_path(out / name) as tmp:
             shutil.copyfile(src, tmp)
     write_json_atomic(out / "report.json", report)
+    _save_overlay(ct, out / "overlay.png", out / "lung_mask.nii.gz", pm["lung_mask"])
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _save_overlay(ct: Path, path: Path, hsam_mask: Path, sa2_mask: Path) -> None:
+    """``OUT/overlay.png``: the H-SAM lung mask and the SA-2 mask on the scan's base, middle and apex."""
+    import nibabel as nib
+    import numpy as np
+
+    from common.io import read_ct
+    from common.report import save_method_overlays_png
+
+    vol = read_ct(ct)
+    masks = [("H-SAM lung mask", np.asarray(nib.load(str(hsam_mask)).dataobj) > 0), ("SA-2 lung mask", np.asarray(nib.load(str(sa2_mask)).dataobj) > 0)]
+    save_method_overlays_png(path, vol.hu, masks, vol.affine, fractions=(0.15, 0.5, 0.85), title=f"{ct.name}: base, middle and apex of the lung")
 
 
 def main(argv=None) -> int:
@@ -92,7 +107,7 @@ def main(argv=None) -> int:
         return 2
     vol = report.get("lung_volume_ml", {})
     print(f"lung volume {vol.get('total')} mL (right {vol.get('right')}, left {vol.get('left')}); mean lung HU {report.get('mean_lung_hu')}; "
-          f"{report['seconds']['total']} s, peak {report['peak_memory_gb']} GB; wrote {args.out}/lung_mask.nii.gz, probmap.nii.gz, report.json")
+          f"{report['seconds']['total']} s, peak {report['peak_memory_gb']} GB; wrote {args.out}/lung_mask.nii.gz, probmap.nii.gz, report.json, overlay.png")
     return 0
 
 

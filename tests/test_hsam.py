@@ -58,7 +58,10 @@ def test_only_lora_and_decoders_train_and_the_counts_add_up():
     expected_lora = sum(4 * (m.in_features + m.out_features) for m in qkv)
     counts = model.parameter_counts()
     assert counts["lora"] == expected_lora > 0
-    assert counts["trainable"] == counts["lora"] + counts["stage2_decoder"] + sum(p.numel() for p in model.backbone.mask_decoder.parameters())
+    md = model.backbone.mask_decoder
+    unused = {id(p) for p in [*md.iou_prediction_head.parameters(), *md.output_hypernetworks_mlps[1:].parameters()]}
+    assert all(not p.requires_grad for p in md.parameters() if id(p) in unused)  # stage 1 is SAM's single-mask output
+    assert counts["trainable"] == counts["lora"] + counts["stage2_decoder"] + sum(p.numel() for p in md.parameters() if id(p) not in unused)
     assert counts["trainable"] < counts["full_finetuning"]
     frozen = tiny(lora_rank=4, train_stage1_decoder=False).parameter_counts()
     assert frozen["trainable"] == frozen["lora"] + frozen["stage2_decoder"]
@@ -69,7 +72,7 @@ def test_lora_on_chosen_blocks_by_regex_and_the_optimizer_groups():
     with_lora = {n.split(".lora_")[0] for n, _ in model.named_parameters() if "lora_" in n}
     assert with_lora == {"backbone.image_encoder.blocks.1.attn.qkv"}
     groups = model.parameter_groups(1e-3, pretrained_lr_scale=0.1)
-    decoder = {id(p) for p in model.backbone.mask_decoder.parameters()}
+    decoder = {id(p) for p in model.backbone.mask_decoder.parameters() if p.requires_grad}
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     assert {id(p) for p in groups[1]["params"]} == decoder and not decoder & {id(p) for p in groups[0]["params"]}
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
@@ -161,6 +164,32 @@ def test_deep_supervision_scores_stage1_at_reduced_and_stage2_at_full_resolution
         DeepSupervisionLoss(stage_weights=(0.0, 0.0))
 
 
+def test_boundary_ignore_leaves_the_pseudo_labels_border_out_of_the_loss():
+    from common.losses import DeepSupervisionLoss, boundary_band
+
+    label = torch.zeros(1, 1, 64, 64)
+    label[..., 16:48, 16:48] = 1
+    band = boundary_band(label, 2)
+    assert band[0, 0, 32, 14:19].tolist() == [1.0] * 4 + [0.0] and band[0, 0, 32, 45:50].tolist() == [0.0] + [1.0] * 4
+    assert float(band[0, 0, 32, 32]) == 0.0 and float(band[0, 0, 2, 2]) == 0.0
+    grown = torch.zeros_like(label)
+    grown[..., 14:50, 14:50] = 1  # 2 px wider than the label all round: wrong only inside the band
+    outputs = {"stage1": resize_label_logits(grown, 32), "stage2": grown * 40 - 20}
+    assert float(DeepSupervisionLoss(boundary_ignore_px=2)(outputs, label)) < 0.02
+    assert float(DeepSupervisionLoss()(outputs, label)) > 0.1
+    far = torch.zeros_like(label)
+    far[..., 24:40, 24:40] = 1  # wrong beyond the band: still penalised
+    assert float(DeepSupervisionLoss(boundary_ignore_px=2)({"stage1": resize_label_logits(far, 32), "stage2": far * 40 - 20}, label)) > 0.3
+    with pytest.raises(ValueError, match="boundary_ignore_px"):
+        DeepSupervisionLoss(boundary_ignore_px=-1)
+
+
+def resize_label_logits(mask: torch.Tensor, size: int) -> torch.Tensor:
+    from common.losses import resize_label
+
+    return (resize_label(mask, (size, size)) >= 0.5).float() * 40 - 20
+
+
 @pytest.mark.parametrize("kind", ["cutmix", "mixup"])
 def test_cutmix_and_mixup_treat_image_and_label_alike(kind):
     from common.engines.hsam import MixingBatch
@@ -213,6 +242,42 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
     assert "4 case(s) skipped" in caplog.text
     with pytest.raises(FileNotFoundError, match="datalist not found"):
         training_slices(tmp_path / "none.json")
+
+
+def test_several_datalists_are_joined_split_by_split(tmp_path):
+    from common.data import training_slices
+
+    hu = np.full((24, 24, 10), -800.0, dtype=np.float32)
+    lab = np.zeros((24, 24, 10), dtype=np.uint8)
+    lab[6:18, 6:18, 2:8] = 1
+    case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab)}
+    (tmp_path / "a.json").write_text(json.dumps({"training": [{**case, "case_id": "a"}], "validation": []}))
+    (tmp_path / "b.json").write_text(json.dumps({"training": [{**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}))
+    got = training_slices([tmp_path / "a.json", str(tmp_path / "b.json")], slice_size=32, background_share=0.0)
+    assert sorted({s["case_id"] for s in got["training"]}) == ["a", "b"] and len(got["training"]) == 12
+    assert {s["case_id"] for s in got["validation"]} == {"c"}
+    with pytest.raises(ValueError, match="names no datalist"):
+        training_slices([])
+
+
+def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_slice_grid():
+    from common.inferers import SliceEnsembleInferer
+
+    seen = []
+
+    class FixedSize(torch.nn.Module):  # like UNETR: one input size only
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            assert tuple(x.shape[-2:]) == (32, 32), x.shape
+            return torch.where(x > 0.5, 20.0, -20.0)
+
+    volume = torch.zeros(1, 1, 48, 40, 6)
+    volume[:, :, 8:40, 8:32, 1:5] = 1.0
+    prob = SliceEnsembleInferer(slice_batch=2, input_size=32)(volume, FixedSize(), slice_mask=np.array([0, 1, 1, 1, 1, 0], bool))
+    assert prob.shape == volume.shape and seen == [(32, 32), (32, 32)]
+    assert float(prob[..., 0].max()) == 0.0  # a masked-out slice is not run
+    inside, outside = prob[0, 0, 16:32, 12:28, 2], prob[0, 0, :4, :4, 2]
+    assert float(inside.min()) > 0.99 and float(outside.max()) < 0.01
 
 
 # --------------------------------------------------------------------------- metrics
@@ -294,7 +359,8 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
     ckpt = tmp_path / "models" / "model.pt"
     train = _bundle(["--config_file", str(BUNDLE / "configs" / "train.json"), "--datalist_path", str(tmp_path / "datalist.json"),
                      "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "2", "--batch_size", "4",
-                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt)])
+                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt), "--boundary_ignore_px", "2",
+                     "--tracking", "mlflow", "--experiment_name", "hsam_test"])
     assert train.returncode == 0, train.stderr[-3000:]
     log = train.stdout + train.stderr
     assert "trainable parameters:" in log and "with full fine-tuning" in log
@@ -302,6 +368,13 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 2 and all(0.0 <= h["val_mean_dice"] <= 1.0 for h in history)
     assert torch.load(ckpt, weights_only=True)["variant"] == "tiny_sam"
+    from mlflow.tracking import MlflowClient  # --tracking mlflow: MONAI's default store, output_dir/mlruns.db
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train' / 'mlruns.db'}")
+    run = client.search_runs([client.get_experiment_by_name("hsam_test").experiment_id])[0]
+    assert run.data.params["sam_variant"] == "tiny_sam" and run.data.params["boundary_ignore_px"] == "2" and run.data.params["skipped_cases"] == "1"
+    assert int(run.data.params["params_trainable"]) < int(run.data.params["params_full_finetuning"])
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2]
 
     out = tmp_path / "eval"
     cases = json.dumps([{"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"},
@@ -348,6 +421,33 @@ def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path,
     assert nib.load(str(out / "probmap.nii.gz")).shape == (*src.shape, 5)
     report = json.loads((out / "report.json").read_text())
     assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu", "seconds", "peak_memory_gb"} <= set(report)
-    assert not (out / ".work").exists()
+    assert not (out / ".work").exists() and (out / "overlay.png").stat().st_size > 1000
     assert main([str(ct), str(tmp_path / "out2"), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tmp_path / "none.pt")]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+# --------------------------------------------------------------------------- several ranks
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_training_keeps_the_ranks_weights_equal(tmp_path, tiny_phantom_manifest):
+    """multi_gpu_train.json under torchrun with 2 CPU ranks (gloo): DDP keeps every trained tensor equal."""
+    import os
+
+    manifest = json.loads(Path(tiny_phantom_manifest).read_text())
+    items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in manifest["cases"] if c["kind"] == "phantom"]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
+    dump = f"$torch.save(common.engines.clip.unwrap(@network).trainable_state_dict(), '{tmp_path}/rank' + os.environ['RANK'] + '.pt')"
+    configs = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+           "--config_file", repr(configs), "--bundle_root", str(BUNDLE), "--datalist_path", str(tmp_path / "datalist.json"),
+           "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "1", "--batch_size", "2",
+           "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(tmp_path / "model.pt"),
+           "--finalize", repr([dump, "$torch.distributed.destroy_process_group()"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert set(ranks[0]) == set(ranks[1]) and any("lora_" in k for k in ranks[0])
+    assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["variant"] == "tiny_sam"  # rank 0 saved the best model

@@ -113,10 +113,15 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
     return {"slices": slices, "skipped": skipped}
 
 
-def training_slices(datalist_path: str | Path, slice_size: int | None = None, background_share: float = 0.1, hu_window: Sequence[float] = (-1000.0, 400.0),
-                    seed: int = 0, max_cases: int | None = None, slice_step: int = 1) -> dict:
-    """The training and validation slices of a pseudolabel datalist: ``{"training": [...], "validation": [...], "skipped": [...]}``."""
-    datalist = load_datalist(datalist_path)
+def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size: int | None = None, background_share: float = 0.1,
+                    hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1) -> dict:
+    """The training and validation slices of a pseudolabel datalist, or of several (their splits joined, e.g.
+    phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``."""
+    paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
+    if not paths:
+        raise ValueError("datalist_path names no datalist")
+    loaded = [load_datalist(p) for p in paths]
+    datalist = {split: [item for d in loaded for item in d[split]] for split in ("training", "validation")}
     out, skipped = {}, []
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]

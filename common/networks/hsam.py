@@ -196,6 +196,10 @@ class HSam(nn.Module):
             inject_adapter_in_model(LoraConfig(**{**self.lora_config, "target_modules": peft_targets}), backbone.image_encoder)  # only the bypasses train
         for p in backbone.mask_decoder.parameters():
             p.requires_grad_(bool(train_stage1_decoder))
+        # stage 1 is the single-mask output: the IoU head and the multimask hypernetworks take no part
+        # (DDP would also fail on parameters that get no gradient)
+        for p in [*backbone.mask_decoder.iou_prediction_head.parameters(), *backbone.mask_decoder.output_hypernetworks_mlps[1:].parameters()]:
+            p.requires_grad_(False)
         self.backbone = backbone
         self.alpha = float(alpha)
         self.architecture = {"self_attention_pool": int(self_attention_pool), "train_stage1_decoder": bool(train_stage1_decoder)}
