@@ -1,6 +1,6 @@
 """The embedded default data: real shared scans, pyradiomics' two chest CTs, pydicom's CT slice, phantoms.
 
-    python -m common.default_data [--out data/default] [--phantoms 6]
+    python -m common.default_data [--out data/default] [--phantoms 10]
 
 writes ``manifest.json`` listing every case with its path and kind. Re-running skips what exists.
 """
@@ -101,7 +101,7 @@ def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom")
     return cases
 
 
-def prepare_default_data(out: str | Path = DEFAULT_OUT, n_phantoms: int = 6, fetch: bool = True) -> dict:
+def prepare_default_data(out: str | Path = DEFAULT_OUT, n_phantoms: int = 10, fetch: bool = True) -> dict:
     """Assemble every default case and write ``manifest.json``; returns the manifest."""
     out = Path(out)
     cases = shared_cases()
@@ -133,7 +133,7 @@ def load_manifest(out: str | Path = DEFAULT_OUT) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare the embedded default data (real scans + phantoms).")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
-    parser.add_argument("--phantoms", type=int, default=6)
+    parser.add_argument("--phantoms", type=int, default=10)
     parser.add_argument("--no-fetch", action="store_true", help="skip fetching pyradiomics' CTs through pip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -179,7 +179,7 @@ def test_real_default_models_on_real_ct(tmp_path, default_manifest):
     cases = {c["id"]: c for c in default_manifest["cases"]}
     manifest = tmp_path / "manifest.json"
     write_json_atomic(manifest, {"cases": [cases["lidc_idri_1011"], cases["phantom_000"], cases["phantom_005"]]})
-    wf = _workflow(tmp_path, manifest, None, overlays=(CONFIGS / "demo.json",), max_epochs=1, num_slices=4, phantom_slices=2, patches_per_class=1, num_workers=0, batch_size=4)
+    wf = _workflow(tmp_path, manifest, None, overlays=(CONFIGS / "demo.json",), max_epochs=1, num_slices=4, phantom_slices=2, patches_per_class=1, num_workers=0, batch_size=4, val_phantoms=1)
     wf.initialize()
     wf.run()
     trainer = wf.parser.get_parsed_content("train#trainer")
