@@ -74,8 +74,12 @@ def segment(ct: str | Path, out: str | Path, clip_ckpt: str | Path = DEFAULT_CLI
         with atomic_path(out / name) as tmp:
             shutil.copyfile(src, tmp)
     write_json_atomic(out / "report.json", report)
-    _save_overlay(ct, out / "overlay.png", out / "lung_mask.nii.gz", pm["lung_mask"])
-    shutil.rmtree(work, ignore_errors=True)
+    try:  # a figure: its failure must not cost the results written above
+        _save_overlay(ct, out / "overlay.png", out / "lung_mask.nii.gz", pm["lung_mask"])
+    except Exception as e:  # noqa: BLE001 (any plotting error)
+        log.warning("%s: overlay not written (%s: %s); mask, probmap and report are", out / "overlay.png", type(e).__name__, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

@@ -401,7 +401,8 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
 from tests.test_probmap import tiny_clip  # noqa: E402,F401  (the tiny SA-1 checkpoint fixture)
 
 
-def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path, tiny_clip, tiny_phantom_manifest):
+def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path, tiny_clip, tiny_phantom_manifest, monkeypatch, caplog):
+    import common.segment
     from common.engines.hsam import save_network
     from common.networks import load_sam_family
     from common.segment import main
@@ -424,6 +425,16 @@ def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path,
     assert not (out / ".work").exists() and (out / "overlay.png").stat().st_size > 1000
     assert main([str(ct), str(tmp_path / "out2"), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tmp_path / "none.pt")]) == 2
     assert not (tmp_path / "out2").exists()
+
+    # the overlay is a figure: when drawing it fails, the results stay and the work folder goes
+    def broken_overlay(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(common.segment, "_save_overlay", broken_overlay)
+    out3 = tmp_path / "out3"
+    assert main([str(ct), str(out3), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == 0
+    assert {p.name for p in out3.iterdir()} == {"lung_mask.nii.gz", "probmap.nii.gz", "report.json"}
+    assert "overlay not written (RuntimeError: no display)" in caplog.text
 
 
 # --------------------------------------------------------------------------- several ranks
