@@ -125,8 +125,11 @@ class SimilarityToProbability(Transform):
         t = _float_tensor(img)
         if t.ndim < 2:
             raise ValueError(f"SimilarityToProbability expects channel-first maps (C, ...), got shape {tuple(t.shape)}")
+        # in place on the private copy: a whole-scan map (700 MB for 5 x 512 x 512 x 133) is never doubled
         if self.method == "softmax":
-            out = torch.softmax(torch.clamp(t.mul_(self.scale), -_LOGIT_LIMIT, _LOGIT_LIMIT), dim=0)
+            out = t.mul_(self.scale).clamp_(-_LOGIT_LIMIT, _LOGIT_LIMIT)
+            out.sub_(out.amax(dim=0, keepdim=True)).exp_()
+            out.div_(out.sum(dim=0, keepdim=True))
         elif self.method == "minmax":
             flat = t.reshape(t.shape[0], -1)
             view = (t.shape[0],) + (1,) * (t.ndim - 1)
@@ -136,7 +139,7 @@ class SimilarityToProbability(Transform):
             # A constant channel carries no contrast: zeros, not 0 / 0.
             out = torch.where(varies, (t - lo) / torch.where(varies, span, torch.ones_like(span)), torch.zeros_like(t))
         else:
-            out = torch.sigmoid(t.sub_(self.beta).mul_(self.alpha))
+            out = torch.sigmoid_(t.sub_(self.beta).mul_(self.alpha))
         out = _finite_out(out).clamp_(0.0, 1.0)
         return convert_to_dst_type(out, img, dtype=np.float32)[0]
 
@@ -259,12 +262,13 @@ class SmoothProbability(Transform):
         g = _one_channel(guide, "SmoothProbability guide")[0].cpu().numpy()
         # A box of radius r spreads like a Gaussian of sigma r / sqrt(3): same reach as "gaussian".
         size = tuple(2 * max(1, int(round(np.sqrt(3.0) * s))) + 1 for s in sigma[:2])
-        out = np.empty_like(arr)
+        # ``arr`` is this transform's own copy and each plane is read (as float64) before it is
+        # overwritten, so the filter works in place: no second whole-scan array
         for k in range(arr.shape[3]):
             plane_guide = g[:, :, k].astype(np.float64)  # float64: var = E[I^2] - E[I]^2 cancels badly in float32
             for c in range(arr.shape[0]):
-                out[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps)
-        return np.clip(out, 0.0, 1.0)
+                arr[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps)
+        return np.clip(arr, 0.0, 1.0, out=arr)
 
 
 class SmoothProbabilityd(MapTransform):
