@@ -5,8 +5,8 @@
 Trains the foundation_clip bundle once per choice (``monai.bundle run``, same data, seed and
 schedule; only ``contrastive`` and ``beta`` change; the teacher cache is shared, so only the first
 run pays for the teacher; ``--runs ... infonce+distill+caption-positives`` adds the InfoNCE whose
-positives are only samples with the same caption, ``class_positives: false``) and prints a table of the best held-out zero-shot patch accuracy, the
-recall@5 and the distillation cosine at that epoch, and the wall time of each run. ``--parallel N``
+positives are only samples with the same caption, ``class_positives: false``) and prints a table
+of the best held-out zero-shot patch accuracy, the recall@5 and the distillation cosine at that epoch, and the wall time of each run. ``--parallel N``
 runs N trainings at once, each on one thread (no oversubscription of the cores), which on a small
 machine takes less wall time than running them one after the other.
 """

@@ -306,3 +306,22 @@ def test_full_chain_on_metatensor(lungs):
     assert isinstance(d["p"], MetaTensor) and d["p"].dtype == torch.float32 and torch.isfinite(d["p"]).all()
     assert isinstance(d["lung_mask"], MetaTensor) and dice_score(d["lung_mask"][0].numpy(), lungs) > 0.9
     assert d["lung_sides_ml"]["right"] > d["lung_sides_ml"]["left"] > 0
+
+
+def test_in_place_work_never_touches_the_callers_map():
+    """Softmax, sigmoid and the guided filter work in place on their own copy (memory on whole scans):
+    the input stays as it was, and softmax still equals torch's."""
+    from common.transforms.probability import SimilarityToProbability, SmoothProbability
+
+    torch.manual_seed(0)
+    sim = torch.rand(5, 16, 16, 3) * 2 - 1
+    before = sim.clone()
+    prob = SimilarityToProbability("softmax", scale=20.0)(sim)
+    assert torch.equal(sim, before)
+    assert torch.allclose(torch.as_tensor(prob), torch.softmax(before * 20.0, dim=0), atol=1e-6)
+    SimilarityToProbability("sigmoid")(sim)
+    assert torch.equal(sim, before)
+    p = torch.rand(5, 16, 16, 3)
+    p_before = p.clone()
+    out = SmoothProbability("guided", sigma_mm=2.0, pixdim=(1.0, 1.0, 1.0))(p, guide=torch.rand(1, 16, 16, 3))
+    assert torch.equal(p, p_before) and not torch.equal(torch.as_tensor(out), p_before)
