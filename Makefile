@@ -107,9 +107,11 @@ segment:
 	@test -n "$(CT)" -a -n "$(OUT)" || { echo "usage: make segment CT=<NIfTI file or DICOM folder> OUT=<dir> [CLIP_CKPT=...] [HSAM_CKPT=...]" >&2; exit 2; }
 	$(PY) -m common.segment "$(CT)" "$(OUT)" --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
 
-serve:
-	@echo "make serve: not built yet. The MONAI Label server comes with the end-to-end issue once the bundles exist (issue 7)." >&2
-	@exit 2
+# MONAI Label (its monaibundle sample app) on 127.0.0.1 with the probmap and hsam_finetune bundles and their checkpoints
+PORT ?= 8000
+serve: $(STAMP)
+	@test -n "$(STUDIES)" || { echo "usage: make serve STUDIES=<folder of .nii.gz CT volumes or DICOM series folders> [PORT=8000] [CLIP_CKPT=...] [HSAM_CKPT=...]" >&2; exit 2; }
+	$(PY) -m common.serve --studies "$(STUDIES)" --port $(PORT) --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -278,6 +278,12 @@ def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_sli
     assert float(prob[..., 0].max()) == 0.0  # a masked-out slice is not run
     inside, outside = prob[0, 0, 16:32, 12:28, 2], prob[0, 0, :4, :4, 2]
     assert float(inside.min()) > 0.99 and float(outside.max()) < 0.01
+    # a MetaTensor volume (as MONAI Label passes it) keeps its affine: the clean-up measures mL from it
+    from monai.data import MetaTensor
+
+    affine = torch.diag(torch.tensor([-0.7, -0.7, 2.5, 1.0], dtype=torch.float64))
+    meta_prob = SliceEnsembleInferer(slice_batch=4, input_size=32)(MetaTensor(volume, affine=affine), FixedSize())
+    assert isinstance(meta_prob, MetaTensor) and torch.allclose(meta_prob.affine.reshape(4, 4).double(), affine)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -462,3 +468,35 @@ def test_two_rank_training_keeps_the_ranks_weights_equal(tmp_path, tiny_phantom_
     assert set(ranks[0]) == set(ranks[1]) and any("lora_" in k for k in ranks[0])
     assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []
     assert torch.load(tmp_path / "model.pt", weights_only=True)["variant"] == "tiny_sam"  # rank 0 saved the best model
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("baseline", ["unet", "unetr"])
+def test_baseline_overlays_train_and_score_with_the_same_recipe(tmp_path, tiny_phantom_manifest, baseline):
+    """baseline_unet.json / baseline_unetr.json swap only the network: same trainer, loss, data and scoring."""
+    manifest = json.loads(Path(tiny_phantom_manifest).read_text())
+    phantoms = [c for c in manifest["cases"] if c["kind"] == "phantom"]
+    items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in phantoms]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
+    overlay = str(BUNDLE / "configs" / f"baseline_{baseline}.json")
+    ckpt = tmp_path / f"{baseline}.pt"
+    train = _bundle(["--config_file", f"['{BUNDLE / 'configs' / 'train.json'}','{overlay}']", "--datalist_path", str(tmp_path / "datalist.json"),
+                     "--slice_size", "32", "--max_epochs", "1", "--batch_size", "4", "--num_workers", "0",
+                     "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt)])
+    assert train.returncode == 0, train.stderr[-3000:]
+    history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
+    assert len(history) == 1 and 0.0 <= history[0]["val_mean_dice"] <= 1.0
+    saved = torch.load(ckpt, weights_only=True)  # the whole baseline network, named, not an H-SAM record
+    assert saved["format"] == "state_dict" and saved["network"] == {"unet": "UNet", "unetr": "UNETR"}[baseline]
+
+    out = tmp_path / "eval"
+    cases = json.dumps([{"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"}])
+    run = _bundle(["--config_file", f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}','{overlay}']",
+                   "--slice_size", "32", "--ckpt_path", str(ckpt), "--cases", f"${cases}", "--output_dir", str(out), "--progress", "false"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert [c["case_id"] for c in scores["cases"]] == ["tiny_0"] and 0.0 <= scores["cases"][0]["dice"] <= 1.0
+    mask = nib.load(str(out / "tiny_0" / "tiny_0_lung_mask.nii.gz"))
+    assert mask.shape == (64, 64, 32) and np.allclose(mask.affine, nib.load(phantoms[0]["path"]).affine)

@@ -325,3 +325,28 @@ def test_in_place_work_never_touches_the_callers_map():
     p_before = p.clone()
     out = SmoothProbability("guided", sigma_mm=2.0, pixdim=(1.0, 1.0, 1.0))(p, guide=torch.rand(1, 16, 16, 3))
     assert torch.equal(p, p_before) and not torch.equal(torch.as_tensor(out), p_before)
+
+
+def test_class_label_map_takes_the_lung_from_its_mask_and_the_rest_by_argmax_above_threshold():
+    from common.transforms import ClassLabelMap, ClassLabelMapd
+
+    prob = np.zeros((5, 4, 3, 2), dtype=np.float32)
+    prob[0] = 0.9                      # raw lung channel high everywhere: ignored
+    prob[1, 0] = 0.8                   # heart wins in row 0
+    prob[2, 1] = 0.7                   # vessel wins in row 1 ...
+    prob[4, 1, 0] = 0.75               # ... except where bone is higher
+    prob[3, 2] = 0.4                   # airway below the threshold: background
+    lung = np.zeros((1, 4, 3, 2), dtype=np.uint8)
+    lung[0, 0, 0, 0] = lung[0, 3] = 1  # the mask overrides heart at one voxel
+    out = ClassLabelMap(threshold=0.5)(prob, lung)
+    assert out.dtype == np.uint8 and out.shape == (1, 4, 3, 2)
+    expected = np.zeros((4, 3, 2), dtype=np.uint8)
+    expected[0], expected[1], expected[1, 0] = 2, 3, 5
+    expected[0, 0, 0], expected[3] = 1, 1
+    np.testing.assert_array_equal(out[0], expected)
+    assert not (out[0][2] > 0).any()
+    t = ClassLabelMapd("pred", label_key="label_map")({"pred": torch.as_tensor(prob), "lung_mask": torch.as_tensor(lung)})
+    assert isinstance(t["label_map"], torch.Tensor) and torch.equal(t["label_map"][0], torch.as_tensor(expected))
+    assert t["pred"].shape == (5, 4, 3, 2)
+    with pytest.raises(ValueError, match="lung mask shape"):
+        ClassLabelMap()(prob, lung[:, :2])

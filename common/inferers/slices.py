@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 
@@ -27,6 +28,9 @@ class SliceEnsembleInferer(Inferer):
 
     ``slice_mask`` (Z,) booleans, given to ``__call__``, limits a volume to the slices worth running
     (e.g. those the SA-2 lung map touches, plus a margin); the others are 0.
+
+    A MetaTensor volume gives a MetaTensor probability with its affine and metadata (MONAI Label's
+    post-processing finds the voxel size there).
 
     ``input_size`` (None: each slice at its own size) resizes slices to the square size a network was
     trained at, or needs (UNETR), and its probability back to the slice's grid.
@@ -66,4 +70,6 @@ class SliceEnsembleInferer(Inferer):
             slices = x[0, :, :, :, torch.as_tensor(zs)].permute(3, 0, 1, 2).float()  # (b, 1, X, Y)
             prob = self._probability(network, slices).float().cpu()
             out[0, :, :, :, torch.as_tensor(zs)] = prob.permute(1, 2, 3, 0)
+        if isinstance(inputs, MetaTensor):  # the volume's affine goes with its probability: clean-up volumes are in mL
+            return MetaTensor(out).copy_meta_from(inputs)
         return out

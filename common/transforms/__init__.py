@@ -4,6 +4,8 @@ from common.transforms.augment import CTRandAugment, CTRandAugmentd
 from common.transforms.intensity import HU_WINDOW, HUWindow, HUWindowd, NLMDenoise, NLMDenoised
 from common.transforms.pipeline import ct_preprocessing
 from common.transforms.probability import (
+    ClassLabelMap,
+    ClassLabelMapd,
     LungMaskCleanup,
     LungMaskCleanupd,
     RemoveInconsistentSlices,
@@ -20,6 +22,8 @@ from common.transforms.probability import (
 from common.transforms.spatial import TrimSlices, TrimSlicesd
 
 __all__ = [
+    "ClassLabelMap",
+    "ClassLabelMapd",
     "CTRandAugment",
     "CTRandAugmentd",
     "HU_WINDOW",

@@ -609,3 +609,52 @@ class RemoveInconsistentSlicesd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.transform(d[key])
         return d
+
+
+class ClassLabelMap(Transform):
+    """One label map ``(1, X, Y, Z)`` uint8 from the SA-2 class probabilities ``(C, X, Y, Z)`` and the clean
+    lung mask: what a viewer (MONAI Label, 3D Slicer) shows, one colour per structure.
+
+    Label ``c + 1`` marks voxels whose most probable class is ``c`` with probability at least
+    ``threshold``; 0 is background. Channel ``lung_channel`` is not taken from the map: the clean
+    lung mask (Eq. 8 and the clean-up) is label ``lung_channel + 1`` and wins over every other class,
+    so the label map's lung is exactly the mask the bundle writes.
+    """
+
+    def __init__(self, threshold: float = 0.5, lung_channel: int = 0):
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold, self.lung_channel = float(threshold), int(lung_channel)
+
+    def __call__(self, prob, lung_mask=None):
+        p = _float_tensor(prob)
+        if p.ndim != 4:
+            raise ValueError(f"ClassLabelMap: expected class probabilities (C, X, Y, Z), got shape {tuple(p.shape)}")
+        if not 0 <= self.lung_channel < p.shape[0]:
+            raise ValueError(f"ClassLabelMap: lung_channel {self.lung_channel} is not one of the map's {p.shape[0]} channels")
+        p[self.lung_channel] = -1.0  # p is a private copy; the lung comes from its clean mask, never the raw channel
+        best, index = p.max(dim=0)
+        labels = torch.where(best >= self.threshold, index + 1, torch.zeros_like(index)).to(torch.uint8)
+        if lung_mask is not None:
+            lung = _one_channel(lung_mask, "ClassLabelMap")[0].to(labels.device) > 0.5
+            if lung.shape != labels.shape:
+                raise ValueError(f"ClassLabelMap: lung mask shape {tuple(lung.shape)} differs from the map's {tuple(labels.shape)}")
+            labels[lung] = self.lung_channel + 1
+        return convert_to_dst_type(labels[None], prob, dtype=torch.uint8 if isinstance(prob, torch.Tensor) else np.uint8)[0]
+
+
+class ClassLabelMapd(MapTransform):
+    """Dictionary twin of :class:`ClassLabelMap`: ``label_key`` from ``keys`` (the probabilities) and
+    ``lung_mask_key``; the probabilities stay as they are unless ``label_key`` is the same key."""
+
+    def __init__(self, keys: KeysCollection, label_key: str = "label_map", lung_mask_key: str | None = "lung_mask",
+                 threshold: float = 0.5, lung_channel: int = 0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.label_key, self.lung_mask_key = label_key, lung_mask_key
+        self.label_map = ClassLabelMap(threshold, lung_channel)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.label_key] = self.label_map(d[key], d.get(self.lung_mask_key) if self.lung_mask_key else None)
+        return d
