@@ -29,7 +29,16 @@ data: $(DATA)
 demo: $(DATA)
 	$(PY) -m common.demo --out outputs/demo
 
-test: $(DATA)
+# Debian's Chromium, the real headless browser tests/test_browser.py drives through Playwright (tests/conftest.py)
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium && exit 0; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "make browser: /usr/bin/chromium is missing and apt-get is not available; install Debian's chromium package by hand" >&2; exit 1; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make browser: /usr/bin/chromium is missing; run as root (or: sudo apt-get update && sudo apt-get install -y chromium)" >&2; exit 1; fi; \
+	echo "make browser: installing Debian's chromium with apt-get"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: $(DATA) browser
 	$(PY) -m pytest -q tests
 
 benchmark: $(DATA)

@@ -85,8 +85,9 @@ def pydicom_ct_slice() -> Path:
     return Path(get_testdata_file("CT_small.dcm"))
 
 
-def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom") -> list[dict]:
-    """``n`` phantoms ``<prefix>_000``... from seeds ``seed``, ``seed + 1``, ...; those on disk are reused."""
+def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom", shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING) -> list[dict]:
+    """``n`` phantoms ``<prefix>_000``... from seeds ``seed``, ``seed + 1``, ...; those on disk are reused
+    (so give each ``shape``/``spacing`` its own ``out_dir``)."""
     from tqdm.auto import tqdm
 
     from common.phantom import generate_phantom, phantom_paths, write_phantom
@@ -96,7 +97,7 @@ def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom")
         case_id = f"{prefix}_{i:03d}"
         paths = phantom_paths(out_dir, case_id)
         if not all(p.exists() for p in paths.values()):
-            write_phantom(generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=seed + i), out_dir, case_id)
+            write_phantom(generate_phantom(shape=tuple(shape), spacing=tuple(spacing), seed=seed + i), out_dir, case_id)
         cases.append({"id": case_id, "path": paths["ct"], "label": paths["label"], "lungs": paths["lungs"], "report": paths["report"], "kind": "phantom", "format": "nifti", "seed": seed + i})
     return cases
 

@@ -1,10 +1,24 @@
-"""``make demo``: run what the project has built so far on the embedded default data.
+"""``make demo``: the whole pipeline on the embedded default data, with a report.
 
-Now: ingest every default case, automated QC (excluded cases listed with reasons), the standard
-preprocessing on the cases that pass, phantom ground truth, the SA-1 foundation_clip bundle trained
-at demo size (training curves, zero-shot confusion matrix on held-out phantom patches), and a report
-in ``outputs/demo/report/`` (``index.html`` + ``metrics.json``). The later learning stages (probmap,
-pseudolabel, hsam_finetune) are not built yet and the demo says so.
+    python -m common.demo [--out outputs/demo] [--retrain]
+
+In order, each learning stage through ``python -m monai.bundle run ... --tracking mlflow`` (every run goes
+into one MLflow store, ``<out>/mlruns.db``, experiment ``demo``):
+
+1. ingest every default case, automated QC (excluded cases listed with reasons), the standard
+   preprocessing of the cases that pass, phantom ground truth;
+2. SA-1 ``foundation_clip``: the CLIP-like model distilled from LiteMedSAM, demo size;
+3. SA-2 ``probmap``: zero-shot probability maps and lung masks of two held-out phantoms (scored against
+   their truth), two training phantoms and a real TotalSegmentator chest crop;
+4. SA-3a ``pseudolabel``: SAM prompts from those maps, pseudo labels (held-out ones scored);
+5. SA-3b ``hsam_finetune``: H-SAM trained on the pseudo labels of the training phantoms and the real
+   crop, then scored on the held-out phantoms against the HU threshold and the pseudo labels, and run on
+   the real crop.
+
+Demo size (2 CPU cores, under 45 minutes from a fresh clone): phantoms of 48 slices of 5 mm (the
+standard phantom has 96 of 2.5 mm), two of each kind, and short H-SAM training at 128 px. A finished
+step is not run again (``--retrain`` runs them all again). The report is ``<out>/report/index.html`` with
+``metrics.json`` (sections ``clip``, ``probmap``, ``pseudolabel``, ``hsam``).
 """
 
 from __future__ import annotations
@@ -12,25 +26,172 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
+from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest, shared_data_dir
 from common.io import write_json_atomic
 from common.io.volume import reorient_array
-from common.metrics import dice_score
 from common.lungmask import hu_threshold_lung_mask, split_left_right
+from common.metrics import dice_score
 from common.qc import CaseRef, qc_case, write_qc_report
-from common.report import LUNG_WINDOW, figure_grid, html_table, save_overlay_png, write_html_page
+from common.demo_report import REAL_SCANS
+from common.report import LUNG_WINDOW, save_overlay_png
 
 log = logging.getLogger(__name__)
-NOT_BUILT = ["probmap (issue 4)", "pseudolabel (issue 5)", "hsam_finetune (issue 6)"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CLIP_BUNDLE = REPO_ROOT / "bundles" / "foundation_clip"
+BUNDLES = REPO_ROOT / "bundles"
 # Demo-size preprocessing: 1.5 mm in-plane keeps the lungs' shape and is fast on 2 CPU cores.
 DEMO_SPACING = (1.5, 1.5, 2.5)
+# Demo phantoms: the standard field of view and extent in 40 slices of 6 mm (the standard phantom: 96 of 2.5 mm).
+DEMO_PHANTOM_SHAPE = (PHANTOM_SHAPE[0], PHANTOM_SHAPE[1], 40)
+DEMO_PHANTOM_SPACING = (PHANTOM_SPACING[0], PHANTOM_SPACING[1], PHANTOM_SHAPE[2] * PHANTOM_SPACING[2] / 40)
+DEMO_PHANTOMS = 2  # held-out and training phantoms each
+HELDOUT_SEED, TRAIN_SEED = 100, 200  # seeds SA-1 never saw (its phantoms are 0-9)
+REAL_CASE = "chest_crop_b"  # the smaller real TotalSegmentator chest crop in ../shared/data
+# H-SAM at demo size: the hsam CPU recipe (demo.json: 256 px, LoRA on the last encoder stage, boundary-ignore
+# band) on every 4th slice for 3 epochs.
+HSAM_DEMO = {"max_epochs": 3, "slice_step": 4}
+STAGES = ("clip", "probmap", "pseudolabel", "hsam")
+
+
+@dataclass
+class Step:
+    """One ``monai.bundle run`` of the demo: which bundle, which configs, which overrides, and the file whose
+    presence means the step finished (so a re-run skips it)."""
+
+    stage: str
+    name: str
+    bundle: str
+    configs: list[str]
+    overrides: dict
+    done_file: Path
+    what: str
+    seconds: float | None = None
+    status: str = "not run"
+    extra_done: list[Path] = field(default_factory=list)
+
+    def command(self, tracking_uri: str) -> list[str]:
+        bundle_root = BUNDLES / self.bundle
+        configs = [str(bundle_root / "configs" / c) for c in self.configs]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs) if len(configs) > 1 else configs[0],
+               "--bundle_root", str(bundle_root)]
+        for key, value in self.overrides.items():
+            cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        return cmd + ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", "demo", "--run_name", self.name]
+
+    def finished(self) -> bool:
+        return all(Path(p).is_file() for p in [self.done_file, *self.extra_done])
+
+
+def _expression(path: Path) -> str:
+    """``output_dir`` as a config expression: with a plain path, MONAI 1.6's ``--tracking mlflow`` hands its
+    trainer MLFlowHandler the text ``/path + '/config_<time>.json'`` and the executed config is not logged."""
+    return f"$'{path}'"
+
+
+def demo_steps(out: Path) -> list[Step]:
+    """The demo's bundle runs, in order. All paths absolute so the commands run from anywhere.
+
+    Two folders of scans: ``training_scans`` (the training phantoms and a link to the real CT), whose
+    pseudo labels train H-SAM, and ``real_scans`` (the link alone), which H-SAM segments for the report."""
+    out = out.resolve()
+    clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
+    hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
+    training, real = out / "training_scans", out / "real_scans"
+    training_ids = [f"train_phantom_{i:03d}_ct" for i in range(DEMO_PHANTOMS)] + [REAL_CASE]
+    heldout = {"phantom_dir": str(out / "phantoms_heldout"), "phantom_seed": HELDOUT_SEED, "phantom_prefix": "heldout_phantom",
+               "n_phantoms": DEMO_PHANTOMS, "phantom_shape": list(DEMO_PHANTOM_SHAPE), "phantom_spacing": list(DEMO_PHANTOM_SPACING)}
+    return [
+        Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
+             {"output_dir": _expression(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
+             clip_ckpt, "SA-1: train the CLIP-like model (LiteMedSAM teacher), demo size", extra_done=[out / "foundation_clip" / "metrics_history.json"]),
+        Step("probmap", "probmap_heldout_phantoms", "probmap", ["inference.json", "evaluate.json"],
+             {"ckpt_path": str(clip_ckpt), **heldout, "output_dir": str(out / "probmap" / "heldout_phantoms")},
+             out / "probmap" / "heldout_phantoms" / "scores.json", "SA-2: probability maps and lung masks of the held-out phantoms, scored"),
+        Step("probmap", "probmap_training_scans", "probmap", ["inference.json"],
+             {"ckpt_path": str(clip_ckpt), "dataset_dir": str(training), "output_dir": str(out / "probmap" / "training_scans")},
+             *_case_reports(out / "probmap" / "training_scans", training_ids[:1], "probmap.json"), "SA-2: probability maps of the training phantoms and the real CT",
+             extra_done=_case_reports(out / "probmap" / "training_scans", training_ids[1:], "probmap.json")),
+        Step("pseudolabel", "pseudolabel_heldout_phantoms", "pseudolabel", ["inference.json", "evaluate.json"],
+             {**heldout, "probmap_dir": str(out / "probmap" / "heldout_phantoms"), "output_dir": str(out / "pseudolabel" / "heldout_phantoms")},
+             out / "pseudolabel" / "heldout_phantoms" / "datalist.json", "SA-3a: pseudo labels of the held-out phantoms, scored",
+             extra_done=[out / "pseudolabel" / "heldout_phantoms" / "scores.json"]),
+        Step("pseudolabel", "pseudolabel_training_scans", "pseudolabel", ["inference.json"],
+             {"dataset_dir": str(training), "probmap_dir": str(out / "probmap" / "training_scans"), "output_dir": str(out / "pseudolabel" / "training_scans")},
+             out / "pseudolabel" / "training_scans" / "datalist.json", "SA-3a: pseudo labels of the training phantoms and the real CT; QC picks H-SAM's training and validation cases"),
+        Step("hsam", "hsam_finetune_train", "hsam_finetune", ["train.json", "demo.json"],
+             {"datalist_path": str(out / "pseudolabel" / "training_scans" / "datalist.json"), "ckpt_path": str(hsam_ckpt),
+              "output_dir": _expression(out / "hsam_finetune" / "train"), **HSAM_DEMO},
+             hsam_ckpt, "SA-3b: train H-SAM (LoRA encoder, two decoders) on the pseudo labels", extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"]),
+        Step("hsam", "hsam_finetune_heldout_phantoms", "hsam_finetune", ["inference.json", "evaluate.json"],
+             {"ckpt_path": str(hsam_ckpt), **heldout, "output_dir": str(out / "hsam_finetune" / "heldout_phantoms")},
+             out / "hsam_finetune" / "heldout_phantoms" / "scores.json", "SA-3b: H-SAM lung masks of the held-out phantoms, scored"),
+        Step("hsam", "hsam_finetune_real", "hsam_finetune", ["inference.json"],
+             {"ckpt_path": str(hsam_ckpt), "dataset_dir": str(real), "output_dir": str(out / "hsam_finetune" / "real")},
+             out / "hsam_finetune" / "real" / REAL_CASE / f"{REAL_CASE}_report.json", "SA-3b: H-SAM lung mask of the real CT"),
+    ]
+
+
+def _case_reports(output_dir: Path, case_ids: list[str], postfix: str) -> list[Path]:
+    """Each case's report, written last: a step over several cases is done when all of them exist."""
+    return [output_dir / c / f"{c}_{postfix}" for c in case_ids]
+
+
+def prepare_scans(out: Path) -> None:
+    """The demo's scan folders: training phantoms generated into ``training_scans`` (their truth stays unused),
+    and the real CT linked into both folders."""
+    from common.default_data import make_phantoms
+
+    out = out.resolve()
+    source = shared_data_dir().resolve() / REAL_SCANS / f"{REAL_CASE}.nii.gz"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: the demo's real CT is missing (../shared/data, see its README)")
+    make_phantoms(out / "training_scans", DEMO_PHANTOMS, seed=TRAIN_SEED, prefix="train_phantom", shape=DEMO_PHANTOM_SHAPE, spacing=DEMO_PHANTOM_SPACING)
+    for folder in (out / "training_scans", out / "real_scans"):
+        link = folder / source.name
+        if not link.is_symlink():
+            folder.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None) -> None:
+    """Run each step as its own ``monai.bundle run`` process (its progress bars and logs on this terminal);
+    stop at the first failure with the command to re-run it."""
+    started = time.perf_counter() if started is None else started
+    tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
+    prepare_scans(out)
+    for i, step in enumerate(steps, 1):
+        cmd = step.command(tracking_uri)
+        step.cmd = shlex.join(cmd)
+        if step.finished() and not retrain:
+            step.status, step.seconds = "reused", 0.0
+            print(f"==> [{i}/{len(steps)}] {step.name}: already finished ({step.done_file}), reused", flush=True)
+            continue
+        print(f"==> [{i}/{len(steps)}] {step.name}: {step.what} (demo elapsed {_clock(time.perf_counter() - started)})", flush=True)
+        t = time.perf_counter()
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        step.seconds = time.perf_counter() - t
+        if result.returncode != 0 or not step.finished():
+            step.status = "failed"
+            why = f"exit {result.returncode}" if result.returncode else f"no {step.done_file}"
+            raise RuntimeError(f"demo step {step.name} failed ({why}) after {_clock(step.seconds)}; re-run it with:\n  {step.cmd}")
+        step.status = "ran"
+        print(f"    {step.name} done in {_clock(step.seconds)}", flush=True)
+
+
+# --------------------------------------------------------------------------- ingest + QC
 
 
 def _case_ref(case: dict) -> CaseRef:
@@ -44,83 +205,19 @@ def _best_slice(mask: np.ndarray) -> int:
     return int(np.argmax(area)) if area.any() else mask.shape[2] // 2
 
 
-def run_foundation_clip(out: Path, fig_dir: Path, retrain: bool = False) -> tuple[dict, str]:
-    """Train the SA-1 bundle at demo size (``monai.bundle run``, its progress shown), or reuse a finished
-    run; then plot its curves and the held-out zero-shot confusion matrix. Returns metrics and HTML."""
-    import subprocess
-    import sys
-
-    import torch
-
-    from common.data import class_prompts, load_clip_datalist
-    from common.classes import CLASS_NAMES
-    from common.networks import LungCLIP
-    from common.report import save_confusion_png, save_training_curves_png
-
-    run_dir = out / "foundation_clip"
-    ckpt, history_path = run_dir / "models" / "model.pt", run_dir / "metrics_history.json"
-    reused = ckpt.is_file() and history_path.is_file() and not retrain
-    t = time.perf_counter()
-    if not reused:
-        configs = [str(CLIP_BUNDLE / "configs" / "train.json"), str(CLIP_BUNDLE / "configs" / "demo.json")]
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--bundle_root", str(CLIP_BUNDLE),
-               "--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models")]
-        print("foundation_clip (SA-1): training the demo config (about 10 minutes on 2 CPU cores)", flush=True)
-        result = subprocess.run(cmd, cwd=REPO_ROOT)
-        if result.returncode != 0:
-            raise RuntimeError(f"foundation_clip training failed (exit {result.returncode}): {' '.join(cmd)}")
-    minutes = (time.perf_counter() - t) / 60
-    history = json.loads(history_path.read_text())["history"]
-    best = max(history, key=lambda row: row["val_zero_shot_acc"])
-    save_training_curves_png(history, fig_dir / "foundation_clip_curves.png", ["epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"],
-                             ["val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"], "foundation_clip (SA-1), demo config")
-    # zero-shot predictions of the saved model on the held-out phantom patches (Eq. 4 + argmax)
-    model = LungCLIP.load_checkpoint(ckpt).eval()
-    size = int(model.preprocessing.get("image_size", 96))
-    samples_dir = CLIP_BUNDLE.parents[1] / "data" / "default" / "clip_pairs_demo"
-    patches = [e for e in load_clip_datalist(samples_dir / "datalist.json", "validation") if e["label"] >= 0]
-    with torch.no_grad():
-        x = torch.stack([torch.from_numpy(np.load(e["image"]).astype(np.float32))[None] for e in patches])
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        img = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in x.split(64)]), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(class_prompts()), dim=-1)
-        pred = (img @ txt.t()).argmax(1).numpy()
-    truth = np.array([e["label"] for e in patches])
-    confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=int)
-    np.add.at(confusion, (truth, pred), 1)
-    save_confusion_png(confusion, CLASS_NAMES, fig_dir / "foundation_clip_confusion.png", f"held-out phantom patches: accuracy {float((pred == truth).mean()):.3f}")
-    metrics = {
-        "best_epoch": best["epoch"], "epochs": len(history), "val_zero_shot_acc": best["val_zero_shot_acc"],
-        "val_recall_at_5": best.get("val_recall_at_5"), "val_distill_cosine": best.get("val_distill_cosine"),
-        "zero_shot_confusion": confusion.tolist(), "checkpoint": str(ckpt), "reused_previous_run": reused, "minutes": round(minutes, 1),
-    }
-    html = (f"<p>{'Reused the finished run in' if reused else 'Trained in'} <code>{run_dir}</code>{'' if reused else f' ({minutes:.1f} min)'}: "
-            f"best held-out zero-shot patch accuracy <b>{best['val_zero_shot_acc']:.3f}</b> at epoch {best['epoch']} of {len(history)}, "
-            f"image-to-text recall@5 {best.get('val_recall_at_5', float('nan')):.3f}, distillation cosine to LiteMedSAM {best.get('val_distill_cosine', float('nan')):.3f}. "
-            f"Checkpoint: <code>{ckpt}</code>.</p>"
-            "<img src='figures/foundation_clip_curves.png' style='max-width:100%'><img src='figures/foundation_clip_confusion.png' style='max-width:45%'>")
-    return metrics, html
-
-
-def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False) -> dict:
+def run_ingest(out: Path, data_dir: Path, fig_dir: Path) -> dict:
+    """Ingest + QC + preprocessing of every default case, HU-threshold lungs drawn on each, phantom truth."""
     from monai.transforms import SaveImage
     from tqdm.auto import tqdm
 
     from common.io import to_metatensor
+    from common.phantom import generate_phantom, render_slice_png
     from common.transforms import ct_preprocessing
 
     manifest = load_manifest(data_dir)
-    report_dir = out / "report"
-    fig_dir = report_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    # 1-2. Ingest + QC -------------------------------------------------------------------------
-    records, figures, volumes_ok = [], [], []
+    records, figures, per_case = [], [], []
     preprocess = ct_preprocessing(load=False, target_spacing=DEMO_SPACING)
     saver = SaveImage(output_dir=str(out / "preprocessed"), output_postfix="preproc", separate_folder=False, print_log=False)
-    per_case = []
     for case in tqdm(manifest["cases"], desc="ingest + QC + preprocessing", unit="scan"):
         record, vol = qc_case(_case_ref(case))
         records.append(record)
@@ -135,85 +232,59 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False) -> 
         right_lps, _ = reorient_array(right, vol.affine, "LPS")
         left_lps, _ = reorient_array(left, vol.affine, "LPS")
         k = _best_slice(right_lps | left_lps)
-        png = save_overlay_png(
-            fig_dir / f"{case['id']}.png",
-            hu_lps[:, :, k],
-            [(right_lps[:, :, k], "#00c0ff"), (left_lps[:, :, k], "#ffb000")],
-            f"{case['id']} slice {k}: HU-threshold lungs (R blue, L orange)",
-            LUNG_WINDOW,
-            vol.reorient("LPS").spacing[:2],
-        )
+        png = save_overlay_png(fig_dir / f"{case['id']}.png", hu_lps[:, :, k], [(right_lps[:, :, k], "#00c0ff"), (left_lps[:, :, k], "#ffb000")],
+                               f"{case['id']} slice {k}: HU-threshold lungs (R blue, L orange)", LUNG_WINDOW, vol.reorient("LPS").spacing[:2])
         figures.append((f"figures/{png.name}", f"{case['id']} ({case['kind']}), {vol.shape[0]}x{vol.shape[1]}x{vol.shape[2]} at {'x'.join(f'{s:.2f}' for s in vol.spacing)} mm"))
         t = time.perf_counter()
         pre = preprocess({"image": to_metatensor(vol)})["image"]
         saver(pre, meta_data={"filename_or_obj": case["id"]})
-        row.update(
-            {
-                "shape": "x".join(map(str, vol.shape)),
-                "lung mL (R/L)": f"{right.sum() * vol.voxel_volume_ml:.0f}/{left.sum() * vol.voxel_volume_ml:.0f}",
-                "preprocessed": "x".join(map(str, pre.shape[1:])),
-                "preproc s": round(time.perf_counter() - t, 2),
-            }
-        )
+        row.update({"shape": "x".join(map(str, vol.shape)), "lung mL (R/L)": f"{right.sum() * vol.voxel_volume_ml:.0f}/{left.sum() * vol.voxel_volume_ml:.0f}",
+                    "preprocessed": "x".join(map(str, pre.shape[1:])), "preproc s": round(time.perf_counter() - t, 2)})
         if case["kind"] == "phantom":
             import nibabel as nib
 
             truth = np.asarray(nib.load(str(case["lungs"])).dataobj) > 0
             row["HU-threshold lung Dice vs phantom truth"] = round(dice_score(mask, truth), 4)
         per_case.append(row)
-        volumes_ok.append(case["id"])
     write_qc_report(records, out / "qc")
-    timings["ingest_qc_preprocessing_s"] = round(time.perf_counter() - t0, 1)
-
-    # 3. Phantom ground truth, as a radiologist would look at it ------------------------------
-    from common.phantom import generate_phantom, render_slice_png
-
-    t = time.perf_counter()
-    first = next(c for c in manifest["cases"] if c["kind"] == "phantom")
-    phantom = generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=first["seed"])  # as make data wrote it
-    render_slice_png(phantom, fig_dir / "phantom_ground_truth.png", coronal=True)
-    timings["phantom_render_s"] = round(time.perf_counter() - t, 1)
-
-    # 4. SA-1: the foundation CLIP model -------------------------------------------------------
-    t = time.perf_counter()
-    clip_metrics, clip_html = run_foundation_clip(out, fig_dir, retrain=retrain)
-    timings["foundation_clip_s"] = round(time.perf_counter() - t, 1)
-
+    first = next((c for c in manifest["cases"] if c["kind"] == "phantom" and "seed" in c), None)
+    if first is not None:
+        phantom = generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=first["seed"])  # as make data wrote it
+        render_slice_png(phantom, fig_dir / "phantom_ground_truth.png", coronal=True)
     excluded = [r for r in records if not r.passed]
-    metrics = {
-        "ingest": {
-            "n_cases": len(records),
-            "n_passed": len(records) - len(excluded),
-            "n_excluded": len(excluded),
-            "excluded": {r.case_id: r.reasons for r in excluded},
-            "cases": per_case,
-        },
-        "phantom": {
-            "n": sum(c["kind"] == "phantom" for c in manifest["cases"]),
-            "hu_threshold_lung_dice": [c["HU-threshold lung Dice vs phantom truth"] for c in per_case if "HU-threshold lung Dice vs phantom truth" in c],
-            "report_example": phantom.report,
-        },
-        "foundation_clip": clip_metrics,
-        "timings": timings,
-        "not_built_yet": NOT_BUILT,
+    return {
+        "n_cases": len(records), "n_passed": len(records) - len(excluded), "n_excluded": len(excluded),
+        "excluded": {r.case_id: r.reasons for r in excluded}, "cases": per_case, "figures": figures,
+        "qc_rows": [{"case": r.case_id, "verdict": "pass" if r.passed else "EXCLUDED", **{c.name: ("ok" if c.passed else "FAIL") for c in r.checks}} for r in records],
+        "phantom_example": None if first is None else {"id": first["id"], "seed": first["seed"], "report": phantom.report},
+        "qc_dir": str(out / "qc"),
     }
-    write_json_atomic(report_dir / "metrics.json", metrics)
-    qc_rows = [{"case": r.case_id, "verdict": "pass" if r.passed else "EXCLUDED", **{c.name: ("ok" if c.passed else "FAIL") for c in r.checks}} for r in records]
-    qc_columns = ["case", "verdict"] + [n for n in ("readable", "modality", "slice_count", "duplicate_slices", "missing_slices", "slice_spacing", "gantry_tilt", "hu_range", "lung_coverage", "noise") if any(n in row for row in qc_rows)]
-    excluded_html = "".join(f"<li><b>{r.case_id}</b>: {'; '.join(r.reasons)}</li>" for r in excluded) or "<li>none</li>"
-    sections = [
-        ("What ran", f"<p>Ingest, automated QC, preprocessing (orientation RAS, resampling to {DEMO_SPACING} mm, HU window [-1000, 400] to [0, 1]) and phantom ground truth on the embedded default data, in {timings['ingest_qc_preprocessing_s']} s; "
-         f"the SA-1 foundation_clip bundle at demo size ({timings['foundation_clip_s']} s). "
-         f"Not built yet: {', '.join(NOT_BUILT)}.</p>"),
-        ("Quality control", html_table(qc_rows, qc_columns) + f"<p>Excluded, with reasons:</p><ul>{excluded_html}</ul>"
-         f"<p>Every check's reason: <code>{out / 'qc' / 'qc_report.csv'}</code> and <code>qc_report.json</code>.</p>"),
-        ("Cases", html_table(per_case, ["case", "kind", "qc", "shape", "lung mL (R/L)", "HU-threshold lung Dice vs phantom truth", "read+qc s", "preprocessed", "preproc s"])),
-        ("Slices (lung window) with HU-threshold lung contours", figure_grid(figures)),
-        ("SA-1 foundation_clip: training and held-out zero-shot classification", clip_html),
-        ("Phantom ground truth", f"<p>{first['id']} (seed {first['seed']}): lung and mediastinal windows and the five-class label map. Its report: <i>{' '.join(phantom.report)}</i></p>"
-         "<img src='figures/phantom_ground_truth.png' style='max-width:100%'>"),
-    ]
-    write_html_page(report_dir / "index.html", "Lung CT foundation-model pipeline: demo report", sections)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False) -> dict:
+    from common.demo_report import build_report
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    fig_dir = out / "report" / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    print("==> ingest, automated QC and preprocessing of the default data", flush=True)
+    t = time.perf_counter()
+    ingest = run_ingest(out, data_dir, fig_dir)
+    ingest["seconds"] = time.perf_counter() - t
+    steps = demo_steps(out)
+    failure = None
+    try:
+        run_steps(steps, out, retrain=retrain, started=started)
+    except RuntimeError as err:  # the report still shows what finished, and the failure
+        failure = str(err)
+    print(f"==> report (demo elapsed {_clock(time.perf_counter() - started)})", flush=True)
+    metrics = build_report(out, ingest, steps, failure=failure, total_seconds=time.perf_counter() - started)
+    if failure:
+        raise SystemExit(f"demo stopped: {failure}\nreport so far: {out / 'report' / 'index.html'}")
     return metrics
 
 
@@ -221,19 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--data", default=str(DEFAULT_OUT))
-    parser.add_argument("--retrain", action="store_true", help="train foundation_clip again even if a finished run exists")
+    parser.add_argument("--retrain", action="store_true", help="run every step again, even those already finished")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    metrics = run_demo(Path(args.out), Path(args.data), retrain=args.retrain)
-    ing = metrics["ingest"]
-    print(f"ran: ingest + QC on {ing['n_cases']} cases ({ing['n_passed']} passed, {ing['n_excluded']} excluded), preprocessing of the passed cases, phantom ground-truth comparison")
-    for case_id, reasons in ing["excluded"].items():
-        print(f"  excluded {case_id}: {'; '.join(reasons)}")
-    fc = metrics["foundation_clip"]
-    print(f"ran: foundation_clip (SA-1) {'reused' if fc['reused_previous_run'] else 'trained'}: held-out zero-shot patch accuracy {fc['val_zero_shot_acc']:.3f} "
-          f"(epoch {fc['best_epoch']}/{fc['epochs']}), recall@5 {fc['val_recall_at_5']:.3f}, distillation cosine {fc['val_distill_cosine']:.3f}; checkpoint {fc['checkpoint']}")
-    print(f"not built yet: {', '.join(metrics['not_built_yet'])}")
-    print(f"report: {Path(args.out) / 'report' / 'index.html'} and metrics.json")
+    out = Path(args.out)
+    metrics = run_demo(out, Path(args.data), retrain=args.retrain)
+    print(metrics["summary_text"])
+    print(f"report: {out / 'report' / 'index.html'} and {out / 'report' / 'metrics.json'}")
+    print(f"MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{(out / 'mlruns.db').resolve()} --port 5000")
     return 0
 
 

@@ -97,16 +97,17 @@ def write_html_page(path: str | Path, title: str, sections: Sequence[tuple[str, 
         "table{border-collapse:collapse;font-size:12px;margin:0.5em 0;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left}"
         "th{background:#f3f3f3}.fail{color:#b00}.figs{display:flex;flex-wrap:wrap;gap:10px}.figs figure{margin:0}"
         ".figs img{max-width:260px;border:1px solid #ddd}figcaption{font-size:12px;color:#555;max-width:260px}"
+        ".figs.wide img,.figs.wide figcaption{max-width:540px}"
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{b}\n" for h, b in sections)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
     return write_text_atomic(path, page)
 
 
-def figure_grid(items: Sequence[tuple[str, str]]) -> str:
-    """(relative image path, caption) pairs as a wrapped grid of figures."""
+def figure_grid(items: Sequence[tuple[str, str]], wide: bool = False) -> str:
+    """(relative image path, caption) pairs as a wrapped grid of figures (``wide``: two to a row, not four)."""
     figs = "".join(f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in items)
-    return f"<div class='figs'>{figs}</div>"
+    return f"<div class='figs{' wide' if wide else ''}'>{figs}</div>"
 
 
 def save_training_curves_png(history: Sequence[dict], path: str | Path, losses: Sequence[str], metrics: Sequence[str], title: str = "") -> Path:
@@ -266,4 +267,38 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
             ax.axis("off")
     fig.suptitle(title + ("; truth dashed yellow" if ref_l is not None else ""), fontsize=8)
     fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.96))
+    return _save_figure(fig, path)
+
+
+def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: tuple[float, float] = LUNG_WINDOW) -> Path:
+    """One row per case, one column per stage, all on the axial slice through the middle of the H-SAM mask:
+    the CT; the lung probability (heat map); the pseudo label; the H-SAM mask (red), with the true lung field
+    dashed yellow where known. Each case: ``name``, ``hu``, ``affine``, ``lung_probability``, ``pseudo_label``,
+    ``hsam`` and ``truth`` (or None), arrays (X, Y, Z) on the input grid; shown in the radiological view."""
+    from common.io.volume import reorient_array
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(cases), 4, figsize=(13, 3.4 * len(cases)), dpi=100, squeeze=False)
+    for row, case in zip(axes, cases):
+        affine = np.asarray(case["affine"])
+        lps = lambda a: reorient_array(np.asarray(a), affine)[0]  # noqa: E731
+        hu, prob, pseudo, hsam = lps(case["hu"]), lps(case["lung_probability"]), lps(case["pseudo_label"]), lps(case["hsam"])
+        truth = None if case.get("truth") is None else lps(case["truth"])
+        extent = np.flatnonzero(hsam.any(axis=(0, 1)))
+        k = int(extent[len(extent) // 2]) if extent.size else hu.shape[2] // 2
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
+        for ax in row:
+            ax.imshow(axial_display(hu[:, :, k]), cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect)
+            ax.axis("off")
+        heat = row[1].imshow(axial_display(prob[:, :, k]), cmap="inferno", vmin=0, vmax=1, alpha=0.55, aspect=aspect)
+        fig.colorbar(heat, ax=row[1], fraction=0.04, pad=0.01)
+        for ax, mask, colour in ((row[2], pseudo, "#2ca02c"), (row[3], hsam, "#e41a1c")):
+            if mask[:, :, k].any():
+                ax.contour(axial_display(mask[:, :, k]).astype(float), levels=[0.5], colors=[colour], linewidths=1.1)
+        if truth is not None and truth[:, :, k].any():
+            row[3].contour(axial_display(truth[:, :, k]).astype(float), levels=[0.5], colors=["#ffd700"], linewidths=0.9, linestyles="dashed")
+        for ax, label in zip(row, ("CT (lung window)", "SA-2 lung probability", "SA-3a pseudo label", "SA-3b H-SAM mask" + (" (truth dashed)" if truth is not None else ""))):
+            ax.set_title(f"{case['name']}, slice {k}\n{label}" if ax is row[0] else label, fontsize=9)
+    fig.tight_layout(pad=0.4)
     return _save_figure(fig, path)

@@ -106,3 +106,103 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     from tests.test_networks import _tiny_bert_dir
 
     return _tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+# --------------------------------------------------------------------------- real headless browser (HTML reports)
+
+CHROMIUM = Path("/usr/bin/chromium")
+# --headless etc. as Debian's Chromium needs them here; without the background-networking flags its
+# connections are refused many at a time on a closed network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Facts about the loaded page, read in the page itself (see render_page).
+_PAGE_FACTS_JS = """() => {
+    const imgs = Array.from(document.images);
+    const text = (el) => (el.innerText || el.textContent || '').trim();
+    const heads = Array.from(document.querySelectorAll('h1, h2'));
+    const doc = document.documentElement;
+    return {
+        title: document.title,
+        headings: heads.map(text),
+        h1: heads.filter(h => h.tagName === 'H1').map(text),
+        h2: heads.filter(h => h.tagName === 'H2').map(text),
+        n_images: imgs.length,
+        broken_images: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src') || i.currentSrc || ''),
+        scroll_width: Math.max(doc.scrollWidth, document.body ? document.body.scrollWidth : 0),
+        viewport_width: window.innerWidth,
+        page_height: Math.max(doc.scrollHeight, document.body ? document.body.scrollHeight : 0),
+        text: document.body ? document.body.innerText : '',
+    };
+}"""
+
+
+@pytest.fixture(scope="session")
+def headless_browser():
+    """Debian's Chromium (/usr/bin/chromium, installed by `make browser`) driven by Playwright's sync API.
+
+    Fails (never skips) when the browser is missing: `make test` installs it through `make browser`.
+    """
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: run `make browser` (apt-get install -y chromium, as root)", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:  # pragma: no cover - playwright is a project dependency
+        pytest.fail(f"playwright is not installed ({e}): run `make install`", pytrace=False)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=120_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def render_page(headless_browser):
+    """render_page(html_path, png_path, width=1280) -> dict: opens file://html_path in the headless browser,
+    waits for it to load, takes a full-page screenshot to png_path and returns facts to assert on:
+
+    title, headings (h1/h2 texts in page order), h1, h2, n_images, broken_images (src of every <img> not
+    complete or with naturalWidth 0), scroll_width, viewport_width, overflow_x (scroll_width > viewport_width),
+    page_height, console_errors (console.error messages, failed resource loads included), page_errors
+    (uncaught exceptions), text (document.body.innerText), png (the screenshot's path).
+    """
+
+    def render(html_path, png_path, width: int = 1280) -> dict:
+        html_path, png_path = Path(html_path).resolve(), Path(png_path)
+        if not html_path.is_file():
+            raise FileNotFoundError(html_path)
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        context = headless_browser.new_context(viewport={"width": int(width), "height": 800})
+        try:
+            page = context.new_page()
+            console_errors: list[str] = []
+            page_errors: list[str] = []
+            page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            page.goto(html_path.as_uri(), wait_until="load", timeout=60_000)
+            # lazy images load only when scrolled to: load them all, then wait (bounded) until each is settled
+            page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+            try:
+                page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=10_000)
+            except Exception:  # still-loading images are reported as broken below
+                pass
+            page.screenshot(path=str(png_path), full_page=True)
+            facts = page.evaluate(_PAGE_FACTS_JS)
+        finally:
+            context.close()
+        facts["overflow_x"] = facts["scroll_width"] > facts["viewport_width"]
+        facts["console_errors"] = console_errors
+        facts["page_errors"] = page_errors
+        facts["png"] = png_path
+        return facts
+
+    return render

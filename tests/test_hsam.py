@@ -258,6 +258,12 @@ def test_several_datalists_are_joined_split_by_split(tmp_path):
     assert {s["case_id"] for s in got["validation"]} == {"c"}
     with pytest.raises(ValueError, match="names no datalist"):
         training_slices([])
+    # a datalist whose every case QC excluded: alone an error with the reason, joined with others a warning
+    (tmp_path / "none.json").write_text(json.dumps({"training": [], "validation": [], "excluded": [{**case, "case_id": "x", "reasons": ["agreement 0.80 < 0.85"]}]}))
+    with pytest.raises(ValueError, match=r"none.json: datalist has no 'training' or 'validation' cases \(1 excluded: agreement 0.80 < 0.85\)"):
+        training_slices(tmp_path / "none.json")
+    got = training_slices([tmp_path / "a.json", tmp_path / "none.json"], slice_size=32, background_share=0.0)
+    assert {s["case_id"] for s in got["training"]} == {"a"}
 
 
 def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_slice_grid():

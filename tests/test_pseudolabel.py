@@ -287,16 +287,36 @@ def _write_probmap_outputs(probmap_dir: Path, case_id: str, ct_path: Path, label
     write_json_atomic(p["report"], {"case_id": case_id})
 
 
+def _thin_case(c: dict, ds: Path, pm: Path, name: str, k: slice = slice(12, 18), label_dir: Path | None = None) -> dict:
+    """A tiny phantom cut to a few axial slices through the lungs (real LiteMedSAM costs about 1 s a slice
+    on CPU; every slice of the phantom has lung): the CT in ``ds``, its label and lung field in
+    ``label_dir`` (``ds`` by default; the dataset scan leaves ``*_label`` / ``*_lungs`` out), and its
+    stand-in SA-2 outputs in ``pm``. Returns ``{"image", "label", "lungs", "case_id"}``.
+
+    Six slices (the default) keep a phantom's lung field about 1 L, inside the default QC volume range."""
+    from common.engines.cases import save_nifti_atomic
+
+    label_dir = ds if label_dir is None else label_dir
+    label_dir.mkdir(parents=True, exist_ok=True)
+    ct = nib.load(c["path"])
+    case = {"image": str(save_nifti_atomic(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)), "case_id": name}
+    for key in ("label", "lungs"):
+        img = nib.load(c[key])
+        case[key] = str(save_nifti_atomic(np.asarray(img.dataobj)[:, :, k], img.affine, label_dir / f"{name}_{key}.nii.gz", np.uint8))
+    _write_probmap_outputs(pm, name, Path(case["image"]), Path(case["label"]))
+    return case
+
+
 @pytest.fixture
 def pseudo_dataset(tmp_path, tiny_phantom_manifest):
-    """Three tiny phantoms with SA-2 outputs, one without, one whose map is on another grid, one with an empty map."""
+    """Three tiny phantoms (thinned to six slices) with SA-2 outputs, one without, one whose map is on
+    another grid, one with an empty map."""
     ds, pm = tmp_path / "dataset", tmp_path / "probmap"
     ds.mkdir()
     cases = [c for c in json.loads(tiny_phantom_manifest.read_text())["cases"] if c["kind"] == "phantom"]
     for c in cases:
-        os.symlink(c["path"], ds / Path(c["path"]).name)
-        _write_probmap_outputs(pm, Path(c["path"]).name.replace(".nii.gz", ""), Path(c["path"]), Path(c["label"]))
-    src = Path(cases[0]["path"])
+        _thin_case(c, ds, pm, Path(c["path"]).name.replace(".nii.gz", ""), label_dir=tmp_path / "labels")
+    src = ds / (Path(cases[0]["path"]).name.replace(".nii.gz", "") + ".nii.gz")
     for name in ("no_probmap_ct", "other_grid_ct", "empty_map_ct"):
         os.symlink(src, ds / f"{name}.nii.gz")
     ct = nib.load(str(src))
@@ -357,28 +377,15 @@ def test_bundle_scores_pseudo_labels_against_phantom_lungs(tmp_path, tiny_phanto
     pm, out = tmp_path / "probmap", tmp_path / "eval"
     cases = [c for c in json.loads(tiny_phantom_manifest.read_text())["cases"] if c["kind"] == "phantom"][:2]
     datalist = []
-    for c in cases:
-        _write_probmap_outputs(pm, c["id"], Path(c["path"]), Path(c["label"]))
-        datalist.append({"image": c["path"], "lungs": c["lungs"], "case_id": c["id"]})
+    for c in cases:  # six slices through the lungs of each phantom, its lung field cut alike
+        thin = _thin_case(c, tmp_path / "data", pm, c["id"])
+        datalist.append({"image": thin["image"], "lungs": thin["lungs"], "case_id": c["id"]})
     run(config_file=[str(CONFIG), str(BUNDLE / "configs" / "evaluate.json")], **_overrides(tmp_path, pm, out), cases=datalist)
     scores = json.loads((out / "scores.json").read_text())
     assert [r["case_id"] for r in scores["cases"]] == [c["id"] for c in cases]
     for r in scores["cases"]:
         assert 0.0 <= r["pseudo_dice"] <= 1.0 and r["sa2_mask_dice"] > 0.95  # the stand-in SA-2 mask is the lung field itself
     assert scores["summary"]["pseudo_dice"]["n"] == 2
-
-
-def _thin_case(c: dict, ds: Path, pm: Path, name: str) -> None:
-    """A tiny phantom cut to six axial slices through the lungs (real LiteMedSAM costs about 1 s a slice
-    on CPU), with its stand-in SA-2 outputs."""
-    from common.engines.cases import save_nifti_atomic
-
-    ct = nib.load(c["path"])
-    label = np.asarray(nib.load(c["label"]).dataobj)
-    k = slice(12, 18)
-    save_nifti_atomic(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)
-    save_nifti_atomic(label[:, :, k], ct.affine, ds / f"{name}_label.nii.gz", np.uint8)
-    _write_probmap_outputs(pm, name, ds / f"{name}.nii.gz", ds / f"{name}_label.nii.gz")
 
 
 def _outputs(out: Path) -> dict[str, np.ndarray]:
@@ -390,8 +397,8 @@ def test_killed_run_loses_nothing_and_the_rerun_completes_identically(tmp_path, 
     ds, pm = tmp_path / "dataset", tmp_path / "probmap"
     ds.mkdir()
     cases = [c for c in json.loads(tiny_phantom_manifest.read_text())["cases"] if c["kind"] == "phantom"]
-    for i in range(4):  # four cases: the kill lands while later ones are still to do
-        _thin_case(cases[i % len(cases)], ds, pm, f"case_{i}_ct")
+    for i in range(4):  # four cases of three slices: the kill lands while later ones are still to do
+        _thin_case(cases[i % len(cases)], ds, pm, f"case_{i}_ct", k=slice(13, 16))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = _run_cli([CONFIG], _overrides(ds, pm, killed, overlay=True))
     deadline = time.time() + 300
@@ -430,8 +437,8 @@ def test_torchrun_two_ranks_shard_cases_and_rank0_merges(tmp_path, tiny_phantom_
     ds, pm, out = tmp_path / "dataset", tmp_path / "probmap", tmp_path / "out"
     ds.mkdir()
     cases = [c for c in json.loads(tiny_phantom_manifest.read_text())["cases"] if c["kind"] == "phantom"]
-    for c in cases:
-        _thin_case(c, ds, pm, Path(c["path"]).name.replace(".nii.gz", ""))
+    for c in cases:  # four slices a case: the sharding and the merge are what is tested here
+        _thin_case(c, ds, pm, Path(c["path"]).name.replace(".nii.gz", ""), k=slice(13, 17))
     os.symlink(cases[0]["path"], ds / "no_probmap_ct.nii.gz")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000)]
     proc = _run_cli([CONFIG, MULTI], _overrides(ds, pm, out, overlay=False), launcher=launcher)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-def load_datalist(path: str | Path) -> dict:
-    """Read a decathlon-style datalist; relative paths are taken from the working directory, else from the datalist's folder."""
+def load_datalist(path: str | Path, allow_empty: bool = False) -> dict:
+    """Read a decathlon-style datalist; relative paths are taken from the working directory, else from the datalist's folder.
+    A datalist without training or validation cases is an error unless ``allow_empty`` (one of several joined)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist not found (run the pseudolabel bundle first, or pass datalist_path)")
@@ -40,7 +41,11 @@ def load_datalist(path: str | Path) -> dict:
             items.append(item)
         out[split] = items
     if not out["training"] and not out["validation"]:
-        raise ValueError(f"{path}: datalist has no 'training' or 'validation' cases")
+        excluded = data.get("excluded", [])
+        why = f" ({len(excluded)} excluded: {'; '.join(r for e in excluded[:3] for r in e.get('reasons', []))})" if excluded else ""
+        if not allow_empty:
+            raise ValueError(f"{path}: datalist has no 'training' or 'validation' cases{why}")
+        log.warning("%s: no training or validation case%s; training on the other datalists", path, why)
     return out
 
 
@@ -120,7 +125,7 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
-    loaded = [load_datalist(p) for p in paths]
+    loaded = [load_datalist(p, allow_empty=len(paths) > 1) for p in paths]
     datalist = {split: [item for d in loaded for item in d[split]] for split in ("training", "validation")}
     out, skipped = {}, []
     for split in ("training", "validation"):

@@ -1,7 +1,7 @@
 """ignite engines, metrics and handlers the bundles wire in their configs (MONAI workflows)."""
 
 from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings, unwrap
-from common.engines.handlers import MetricsHistory, SaveBestLungCLIP, SkippedSamplesReport, TrackingParams
+from common.engines.handlers import MetricsHistory, MLflowArtifactsHandler, SaveBestLungCLIP, SkippedSamplesReport, TrackingParams
 from common.engines.metrics import DistillationCosine, EpochAverage, RetrievalRecall, ZeroShotAccuracy
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DistillationCosine",
     "EpochAverage",
     "MetricsHistory",
+    "MLflowArtifactsHandler",
     "RetrievalRecall",
     "SaveBestLungCLIP",
     "SkippedSamplesReport",

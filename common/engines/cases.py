@@ -91,6 +91,23 @@ class CaseEvaluator(SupervisedEvaluator):
         self.done: list[dict] = []
         self.rows: list[dict] = []
         self.case_seconds: list[float] = []
+        self._finished = False
+        self._attach_finish()
+
+    def _attach_finish(self) -> None:
+        from ignite.engine import Events
+
+        if not self.has_event_handler(self._finish_epoch, Events.EPOCH_COMPLETED):
+            self.add_event_handler(Events.EPOCH_COMPLETED, self._finish_epoch)
+
+    def _register_handlers(self, handlers) -> None:
+        # the run's files and score means are ready at EPOCH_COMPLETED before any handler of the config
+        # reads them there (StatsHandler, MLFlowHandler's metrics) or at COMPLETED (MLflow artifacts)
+        self._attach_finish()
+        super()._register_handlers(handlers)
+
+    def _finish_epoch(self, engine=None) -> None:
+        self._finish()
 
     def predict(self, engine, item: dict) -> dict:
         """The stage's inference on one decollated case; returns the item with its prediction added."""
@@ -101,10 +118,13 @@ class CaseEvaluator(SupervisedEvaluator):
             log.info("%s: nothing to do (every case is done)", self.stage)
             self._finish()
             return
+        self._finished = False
         super().run(*args, **kwargs)
-        self._finish()
+        if not self._finished:  # no EPOCH_COMPLETED (e.g. terminated early)
+            self._finish()
 
     def _finish(self) -> None:
+        self._finished = True
         if self.output_dir is None:
             return
         if self.rows:

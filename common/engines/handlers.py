@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 from ignite.engine import Engine, Events
@@ -108,13 +110,105 @@ class TrackingParams:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from monai.handlers import MLFlowHandler
-
-        for handlers in engine._event_handlers.values():  # ignite keeps no public list of handlers
-            for handler, _, _ in handlers:
-                owner = getattr(handler, "__self__", handler)
-                if isinstance(owner, MLFlowHandler):
-                    owner.experiment_param = {**(owner.experiment_param or {}), **self.params}
+        for owner in mlflow_handlers(engine):
+            owner.experiment_param = {**(owner.experiment_param or {}), **self.params}
 
 
-__all__ = ["MetricsHistory", "SaveBestLungCLIP", "SkippedSamplesReport", "TrackingParams"]
+def mlflow_handlers(engine: Engine) -> list:
+    """Every ``MLFlowHandler`` attached to ``engine`` (each once), in the order they were attached."""
+    from monai.handlers import MLFlowHandler
+
+    found: dict[int, object] = {}
+    for handlers in engine._event_handlers.values():  # ignite keeps no public list of handlers
+        for handler, _, _ in handlers:
+            owner = getattr(handler, "__self__", handler)
+            if isinstance(owner, MLFlowHandler):
+                found.setdefault(id(owner), owner)
+    return list(found.values())
+
+
+def _executed_config_path(artifact):
+    """The executed config's path where MONAI left an unevaluated expression for it.
+
+    ``monai.bundle run --tracking mlflow`` sets ``save_execute_config`` to ``<output_dir> + '/config_<time>.json'``,
+    an expression only when ``output_dir`` is one; given a plain path (``--output_dir /x`` on the command
+    line) the MLFlowHandler receives ``"/x + '/config_<time>.json'"`` verbatim, finds no such file and
+    silently logs no config. Anything else is returned as it is.
+    """
+    if not isinstance(artifact, str) or not artifact or os.path.exists(artifact):
+        return artifact
+    m = re.fullmatch(r"(.+) \+ '/(config_[^'/]+\.json)'", artifact)
+    if m and (Path(m.group(1)) / m.group(2)).is_file():
+        return str(Path(m.group(1)) / m.group(2))
+    return artifact
+
+
+class MLflowArtifactsHandler:
+    """Logs a stage's small output files (JSON reports, score tables, overlay PNGs) as artifacts of the
+    MLflow run of every ``MLFlowHandler`` on the engine; does nothing when there is none (a run without
+    ``--tracking mlflow``).
+
+    It acts at ``COMPLETED``: ``monai.bundle run --tracking mlflow`` appends its MLFlowHandler after the
+    bundle's own handlers and ignite calls an event's handlers in the order they were added, so the files
+    go in before that handler logs the executed config and closes the run (a plain ``--output_dir``
+    path would keep it from finding that config; this handler points it at the file). ``patterns`` are
+    globs under ``output_dir`` (default: the engine's ``output_dir``); a file keeps its folder below
+    ``output_dir`` under ``artifact_path``. NIfTI volumes, MONAI's executed ``config_*.json`` (the
+    MLFlowHandler logs it itself), hidden (temporary) files and anything in an ``mlruns`` folder are never
+    logged, nor at ``COMPLETED`` what ``exclude`` names; a pattern that matches nothing is skipped. Files written after the engine ran (e.g. a merge
+    step) go in with :meth:`log_outputs`, into the same runs.
+    """
+
+    DEFAULT_PATTERNS = ("*.json", "*.csv", "*.png", "*/*.json", "*/*.png")
+    ALWAYS_SKIPPED = ("*.nii", "*.nii.gz", "*.nrrd", "*.npz", "*.pt", "*.db", "config_*.json")
+
+    def __init__(self, output_dir: str | Path | None = None, patterns=DEFAULT_PATTERNS, exclude=(), artifact_path: str = "outputs"):
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        self.artifact_path = str(artifact_path or "").strip("/")
+        self.runs: list[tuple[object, str]] = []  # (MlflowClient, run id) of the runs logged into
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        handlers = [h for h in mlflow_handlers(engine) if getattr(h, "cur_run", None) is not None]
+        for h in handlers:
+            h.artifacts = tuple(_executed_config_path(a) for a in h.artifacts)
+        self.runs = [(h.client, h.cur_run.info.run_id) for h in handlers]
+        if self.output_dir is None and getattr(engine, "output_dir", None) is not None:
+            self.output_dir = Path(engine.output_dir)
+        self.log_outputs()
+
+    def files(self, patterns=None) -> list[Path]:
+        """The files under ``output_dir`` that ``patterns`` select, sorted; without ``patterns``, the
+        handler's own less ``exclude``. The always-skipped kinds are left out either way."""
+        if self.output_dir is None or not self.output_dir.is_dir():
+            return []
+        skip = list(self.ALWAYS_SKIPPED) + (self.exclude if patterns is None else [])
+        found = set()
+        for pattern in [patterns] if isinstance(patterns, str) else (self.patterns if patterns is None else patterns):
+            for f in self.output_dir.glob(pattern):
+                rel = f.relative_to(self.output_dir)
+                if f.is_file() and not f.name.startswith(".") and "mlruns" not in rel.parts[:-1] and not any(rel.match(x) for x in skip):
+                    found.add(f)
+        return sorted(found)
+
+    def log_outputs(self, patterns=None) -> int:
+        """Logs the selected files into every run found at ``COMPLETED``; returns how many were logged per run."""
+        if not self.runs:
+            return 0
+        files = self.files(patterns)
+        for client, run_id in self.runs:
+            for f in files:
+                if not f.is_file():  # gone since the glob: skip quietly
+                    continue
+                folder = "/".join(p for p in (self.artifact_path, f.parent.relative_to(self.output_dir).as_posix()) if p and p != ".")
+                client.log_artifact(run_id, str(f), artifact_path=folder or None)
+        if files:
+            log.info("logged %d output file(s) of %s as MLflow artifacts", len(files), self.output_dir)
+        return len(files)
+
+
+__all__ = ["MLflowArtifactsHandler", "MetricsHistory", "SaveBestLungCLIP", "SkippedSamplesReport", "TrackingParams", "mlflow_handlers"]

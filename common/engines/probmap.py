@@ -60,12 +60,14 @@ def probmap_datalist(dataset_dir: str | Path, output_dir: str | Path, exclude: S
     return todo
 
 
-def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefix: str = "heldout_phantom") -> list[dict]:
+def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefix: str = "heldout_phantom", shape: Sequence[int] | None = None,
+                     spacing: Sequence[float] | None = None) -> list[dict]:
     """``n`` phantoms from seeds SA-1 never saw (generated once into ``phantom_dir``), with their label maps:
-    ``{"image", "label", "lungs", "case_id"}``."""
-    from common.default_data import make_phantoms
+    ``{"image", "label", "lungs", "case_id"}``. ``shape``/``spacing`` (default: the standard phantom) let the
+    demo use thicker, fewer slices; phantoms already in ``phantom_dir`` are reused whatever their shape."""
+    from common.default_data import PHANTOM_SHAPE, PHANTOM_SPACING, make_phantoms
 
-    cases = make_phantoms(Path(phantom_dir), int(n), seed=int(seed), prefix=prefix)
+    cases = make_phantoms(Path(phantom_dir), int(n), seed=int(seed), prefix=prefix, shape=shape or PHANTOM_SHAPE, spacing=spacing or PHANTOM_SPACING)
     return [{"image": str(c["path"]), "label": str(c["label"]), "lungs": str(c["lungs"]), "case_id": c["id"]} for c in cases]
 
 

@@ -1,0 +1,353 @@
+"""The ``make demo`` report: ``<out>/report/index.html`` and ``metrics.json`` from the stages' own outputs.
+
+Each stage's section is built from what its bundle wrote (``metrics_history.json``, ``scores.json``, the
+per-case maps, labels and masks); a stage whose outputs are missing is shown as not run, with the reason,
+so a stopped demo still gets a report of what finished.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.io import write_json_atomic
+from common.report import LUNG_WINDOW, figure_grid, html_table, write_html_page
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_SCANS = "totalseg_chest_crops"  # the demo's real CT, in ../shared/data
+STAGE_TITLES = {"clip": "SA-1 foundation_clip", "probmap": "SA-2 probmap", "pseudolabel": "SA-3a pseudolabel", "hsam": "SA-3b hsam_finetune"}
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _clock(seconds: float | None) -> str:
+    return "" if seconds is None else f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _img(src: str, width: str = "100%") -> str:
+    return f"<img src='{html.escape(src)}' style='max-width:{width}'>"
+
+
+def _scores_table(scores: dict | None, columns: list[str]) -> str:
+    if not scores:
+        return "<p class='fail'>no scores.json</p>"
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in scores["cases"]]
+    return html_table(rows, [c for c in columns if any(c in r for r in rows)])
+
+
+def _copy_figure(src: Path, fig_dir: Path, name: str) -> str | None:
+    if not Path(src).is_file():
+        return None
+    shutil.copyfile(src, fig_dir / name)
+    return f"figures/{name}"
+
+
+def _volume(path: Path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+# --------------------------------------------------------------------------- per stage
+
+
+CLIP_PATCHES = REPO_ROOT / "data" / "default" / "clip_pairs_demo" / "datalist.json"  # the demo's SA-1 samples
+
+
+def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) -> tuple[dict, str]:
+    """SA-1: curves from the training history; zero-shot confusion matrix of the saved model on the held-out
+    phantom patches (Eq. 4 + argmax)."""
+    import torch
+
+    from common.classes import CLASS_NAMES
+    from common.data import class_prompts, load_clip_datalist
+    from common.networks import LungCLIP
+    from common.report import save_confusion_png, save_training_curves_png
+
+    run_dir = out / "foundation_clip"
+    ckpt, history = run_dir / "models" / "model.pt", _load(run_dir / "metrics_history.json")
+    if history is None or not ckpt.is_file():
+        return {"ran": False}, "<p class='fail'>SA-1 did not finish: no checkpoint or metrics_history.json.</p>"
+    history = history["history"]
+    best = max(history, key=lambda row: row["val_zero_shot_acc"])
+    save_training_curves_png(history, fig_dir / "clip_curves.png", ["epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"],
+                             ["val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"], "foundation_clip (SA-1), demo config")
+    metrics = {"ran": True, "best_epoch": best["epoch"], "epochs": len(history), "val_zero_shot_acc": best["val_zero_shot_acc"],
+               "val_recall_at_5": best.get("val_recall_at_5"), "val_distill_cosine": best.get("val_distill_cosine"), "checkpoint": str(ckpt)}
+    body = (f"<p>Best held-out zero-shot patch accuracy <b>{best['val_zero_shot_acc']:.3f}</b> at epoch {best['epoch']} of {len(history)}; "
+            f"image-to-text recall@5 {best.get('val_recall_at_5', float('nan')):.3f}; distillation cosine to LiteMedSAM "
+            f"{best.get('val_distill_cosine', float('nan')):.3f}. Checkpoint <code>{html.escape(str(ckpt))}</code>.</p>" + _img("figures/clip_curves.png"))
+    if not patches_list.is_file():
+        return metrics, body + f"<p>No zero-shot confusion matrix: the held-out patches (<code>{html.escape(str(patches_list))}</code>) are not there.</p>"
+    model = LungCLIP.load_checkpoint(ckpt).eval()
+    size = int(model.preprocessing.get("image_size", 96))
+    patches = [e for e in load_clip_datalist(patches_list, "validation") if e["label"] >= 0]
+    with torch.no_grad():
+        x = torch.stack([torch.from_numpy(np.load(e["image"]).astype(np.float32))[None] for e in patches])
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in x.split(64)]), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(class_prompts()), dim=-1)
+        pred = (img @ txt.t()).argmax(1).numpy()
+    truth = np.array([e["label"] for e in patches])
+    confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=int)
+    np.add.at(confusion, (truth, pred), 1)
+    accuracy = float((pred == truth).mean())
+    save_confusion_png(confusion, CLASS_NAMES, fig_dir / "clip_confusion.png", f"held-out phantom patches: accuracy {accuracy:.3f}")
+    metrics.update({"saved_model_zero_shot_acc": accuracy, "zero_shot_confusion": confusion.tolist()})
+    body += _img("figures/clip_confusion.png", "45%")
+    return metrics, body
+
+
+def probmap_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
+    """SA-2: scores of the held-out phantoms' maps and masks, and each case's overlay."""
+    held = _load(out / "probmap" / "heldout_phantoms" / "scores.json")
+    figures = []
+    for which in ("heldout_phantoms", "training_scans"):
+        for report in sorted((out / "probmap" / which).glob("*/*_probmap.json")):
+            case = report.parent.name
+            src = _copy_figure(report.parent / f"{case}_overlay.png", fig_dir, f"probmap_{case}.png")
+            if src:
+                figures.append((src, f"{case}: lung probability and mask; most probable class"))
+    training = {p.parent.name: _load(p) for p in sorted((out / "probmap" / "training_scans").glob("*/*_probmap.json"))}
+    if held is None:
+        return {"ran": False}, "<p class='fail'>SA-2 did not finish on the held-out phantoms (no scores.json).</p>"
+    metrics = {"ran": True, "heldout_phantoms": held["summary"], "training_scans_lung_volume_ml": {c: (r or {}).get("lung_volume_ml") for c, r in training.items()}}
+    dice = held["summary"].get("lung_mask_dice", {}).get("mean")
+    body = (f"<p>Zero-shot maps from the SA-1 model (sliding patches, Eq. 4-6) and the lung mask thresholded from them. "
+            f"Held-out phantoms: lung-mask Dice <b>{dice:.3f}</b> (mean of {held['summary'].get('lung_mask_dice', {}).get('n', 0)}).</p>"
+            + _scores_table(held, ["case_id", "lung_mask_dice", "lung_mask_iou", "lung_auc", "heart_auc", "blood vessel_auc", "airway_auc", "bone_auc"])
+            + figure_grid(figures, wide=True))
+    return metrics, body
+
+
+def pseudolabel_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
+    """SA-3a: held-out pseudo-label scores, the QC verdict of every case, overlays."""
+    held = _load(out / "pseudolabel" / "heldout_phantoms" / "scores.json")
+    datalist = _load(out / "pseudolabel" / "training_scans" / "datalist.json") or {}
+    role = {e["case_id"]: split for split in ("training", "validation", "excluded") for e in datalist.get(split, [])}
+    if held is None:
+        return {"ran": False}, "<p class='fail'>SA-3a did not finish on the held-out phantoms (no scores.json).</p>"
+    figures, qc_rows = [], []
+    for which in ("heldout_phantoms", "training_scans"):
+        for report in sorted((out / "pseudolabel" / which).glob("*/*_pseudolabel.json")):
+            case, info = report.parent.name, _load(report) or {}
+            confidence = info.get("confidence", {})
+            qc_rows.append({"set": which.replace("_", " "), "case": case, "QC": "pass" if confidence.get("passed") else "excluded",
+                            "H-SAM": role.get(case, "held out") if which == "training_scans" else "held out (scored)",
+                            "agreement Dice with SA-2": confidence.get("agreement_dice"), "mean predicted IoU": confidence.get("mean_predicted_iou"),
+                            "lung mL": (info.get("lung_ml") or {}).get("total"), "reasons": "; ".join(confidence.get("reasons", []))})
+            if not case.startswith("train_phantom"):  # the held-out phantoms and the real CT
+                src = _copy_figure(report.parent / f"{case}_pseudo_overlay.png", fig_dir, f"pseudolabel_{case}.png")
+                if src:
+                    figures.append((src, f"{case}: pseudo label (right green, left blue), SA-2 mask dashed"))
+    metrics = {"ran": True, "heldout_phantoms": held["summary"], "cases": qc_rows,
+               "hsam_datalist": {split: [e["case_id"] for e in datalist.get(split, [])] for split in ("training", "validation", "excluded")}}
+    dice = held["summary"].get("pseudo_dice", {}).get("mean")
+    body = (f"<p>SAM prompts (boxes) from the SA-2 maps, LiteMedSAM masks kept by Algorithm 2, per-case QC. Held-out phantoms: pseudo-label Dice "
+            f"<b>{dice:.3f}</b> against the true lung field.</p>"
+            + _scores_table(held, ["case_id", "pseudo_dice", "pseudo_iou", "sa2_mask_dice", "kept_share", "mean_predicted_iou"])
+            + "<p>Every case's QC; of the training scans, those that pass train (or validate) H-SAM:</p>"
+            + html_table(qc_rows, ["set", "case", "QC", "H-SAM", "agreement Dice with SA-2", "mean predicted IoU", "lung mL", "reasons"])
+            + figure_grid(figures, wide=True))
+    return metrics, body
+
+
+def hsam_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
+    """SA-3b: training curves, held-out scores."""
+    from common.report import save_training_curves_png
+
+    history = _load(out / "hsam_finetune" / "train" / "metrics_history.json")
+    held = _load(out / "hsam_finetune" / "heldout_phantoms" / "scores.json")
+    if history is None or held is None:
+        return {"ran": False}, "<p class='fail'>SA-3b did not finish (no training history or held-out scores).</p>"
+    history = history["history"]
+    losses = sorted({k for row in history for k in row if "loss" in k})
+    vals = sorted({k for row in history for k in row if k.startswith("val_")})
+    save_training_curves_png(history, fig_dir / "hsam_curves.png", losses, vals, "hsam_finetune (SA-3b), demo size")
+    best = max(history, key=lambda r: r.get("val_mean_dice", float("-inf")))
+    real = {p.parent.name: _load(p) for p in sorted((out / "hsam_finetune" / "real").glob("*/*_report.json"))}
+    metrics = {"ran": True, "epochs": len(history), "best_epoch": best["epoch"], "best_val_mean_dice": best.get("val_mean_dice"),
+               "history": history, "heldout_phantoms": held["summary"], "real_reports": real}
+    s = held["summary"]
+    body = (f"<p>H-SAM (LoRA on the LiteMedSAM encoder, two mask decoders) trained on the pseudo labels for {len(history)} epochs; "
+            f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels). "
+            f"Held-out phantoms against their true lung field: Dice <b>{s['dice']['mean']:.3f}</b>, HD95 {s['hd95_mm']['mean']:.1f} mm.</p>"
+            + _img("figures/hsam_curves.png") + _scores_table(held, ["case_id", "dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "sensitivity", "specificity"]))
+    return metrics, body
+
+
+# --------------------------------------------------------------------------- across stages
+
+
+def comparison_section(out: Path, fig_dir: Path, n_phantoms: int, seed: int) -> tuple[dict | None, str]:
+    """Every method on the held-out phantoms, by the same script as the bundle docs' table."""
+    methods = {"SA-2 lung mask (zero-shot)": out / "probmap" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz",
+               "pseudo labels (SA-3a)": out / "pseudolabel" / "heldout_phantoms" / "{case}" / "{case}_pseudo_label.nii.gz",
+               "H-SAM on pseudo labels (SA-3b)": out / "hsam_finetune" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz"}
+    dest = out / "report" / "comparison"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "hsam_comparison.py"), "--phantom-dir", str(out / "phantoms_heldout"),
+           "--phantoms", str(n_phantoms), "--seed", str(seed), "--out", str(dest)]
+    for name, pattern in methods.items():
+        cmd += ["--method", f"{name}={pattern}"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    table = _load(dest / "comparison.json")
+    if result.returncode != 0 or table is None:
+        return None, f"<p class='fail'>The comparison did not run: <code>{html.escape(result.stderr[-800:])}</code></p>"
+    rows = []
+    for name, s in table["summary"].items():
+        rows.append({"method": name, **{label: f"{s[key]['mean']:.3f} ± {s[key]['sd']:.3f}" for label, key in
+                                        (("Dice", "dice"), ("Dice central", "dice_central"), ("Dice peripheral", "dice_peripheral"))},
+                     "HD95 mm": f"{s['hd95_mm']['mean']:.1f}", "sensitivity": f"{s['sensitivity']['mean']:.3f}"})
+    for name in table.get("not_run", {}):
+        rows.append({"method": name, "Dice": "not run"})
+    for name in ("comparison.png", "overlays.png"):
+        _copy_figure(dest / name, fig_dir, f"comparison_{name}")
+    body = (f"<p>Lung masks of {len(table['cases'])} held-out phantoms (seeds {seed}-{seed + n_phantoms - 1}, never seen in training) against "
+            "their true lung field; central / peripheral: the middle and outer halves of the lung's slices.</p>"
+            + html_table(rows, ["method", "Dice", "Dice central", "Dice peripheral", "HD95 mm", "sensitivity"])
+            + _img("figures/comparison_comparison.png", "60%") + _img("figures/comparison_overlays.png"))
+    return {"cases": table["cases"], "summary": table["summary"]}, body
+
+
+def pipeline_figure(out: Path, fig_dir: Path) -> str:
+    """One held-out phantom and one real crop: CT, lung probability, pseudo label, H-SAM mask, same slice."""
+    from common.report import save_pipeline_overlay_png
+
+    from common.default_data import shared_data_dir
+
+    cases = []
+    real_done = sorted(p.name for p in (out / "hsam_finetune" / "real").glob("*") if p.is_dir())
+    for which, case_id in (("heldout_phantoms", "heldout_phantom_000"), ("real", real_done[0] if real_done else "")):
+        maps = "heldout_phantoms" if which != "real" else "training_scans"  # the real CT's map and pseudo label come from the training scans
+        paths = {"prob": out / "probmap" / maps / case_id / f"{case_id}_probmap.nii.gz",
+                 "pseudo": out / "pseudolabel" / maps / case_id / f"{case_id}_pseudo_label.nii.gz",
+                 "hsam": out / "hsam_finetune" / which / case_id / f"{case_id}_lung_mask.nii.gz"}
+        image = (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz") if which != "real" else shared_data_dir() / REAL_SCANS / f"{case_id}.nii.gz"
+        if not image.is_file() or not all(p.is_file() for p in paths.values()):
+            continue
+        hu, affine = _volume(image)
+        truth = None
+        lungs = out / "phantoms_heldout" / f"{case_id}_lungs.nii.gz"
+        if which != "real" and lungs.is_file():
+            truth = _volume(lungs)[0] > 0
+        prob = _volume(paths["prob"])[0]  # (X, Y, Z, class), lung first
+        cases.append({"name": f"{case_id} ({'held-out phantom' if which != 'real' else 'real CT, in the training set'})", "hu": np.asarray(hu, dtype=np.float32), "affine": affine,
+                      "lung_probability": prob[..., 0] if prob.ndim == 4 else prob, "pseudo_label": _volume(paths["pseudo"])[0] > 0,
+                      "hsam": _volume(paths["hsam"])[0] > 0, "truth": truth})
+    if not cases:
+        return "<p class='fail'>No case has all of probability map, pseudo label and H-SAM mask.</p>"
+    save_pipeline_overlay_png(fig_dir / "pipeline.png", cases, window=LUNG_WINDOW)
+    return ("<p>The same axial slice through each stage: the CT; SA-2's zero-shot lung probability; the SA-3a pseudo label; "
+            "the H-SAM mask (red; the phantom's true lung field dashed yellow).</p>" + _img("figures/pipeline.png"))
+
+
+def mlflow_runs(out: Path) -> list[dict]:
+    """The demo's MLflow runs, read back from its store."""
+    store = out / "mlruns.db"
+    if not store.is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve()}")
+    experiment = client.get_experiment_by_name("demo")
+    if experiment is None:
+        return []
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+        rows.append({"run": run.info.run_name, "status": run.info.status, "metrics": len(run.data.metrics), "params": len(run.data.params),
+                     "run id": run.info.run_id[:8]})
+    return rows
+
+
+def build_report(out: Path, ingest: dict, steps: list, failure: str | None = None, total_seconds: float | None = None,
+                 clip_patches: Path = CLIP_PATCHES) -> dict:
+    """Write ``<out>/report/index.html`` and ``metrics.json``; returns the metrics (with ``summary_text``)."""
+    from common.demo import DEMO_PHANTOM_SHAPE, DEMO_PHANTOM_SPACING, DEMO_PHANTOMS, DEMO_SPACING, HELDOUT_SEED, HSAM_DEMO
+
+    out = Path(out)
+    report_dir = out / "report"
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    stage_metrics, stage_html = {}, {}
+    builders = (("clip", lambda o, f: clip_section(o, f, clip_patches)), ("probmap", probmap_section), ("pseudolabel", pseudolabel_section), ("hsam", hsam_section))
+    for stage, builder in builders:
+        try:
+            stage_metrics[stage], stage_html[stage] = builder(out, fig_dir)
+        except Exception as err:  # one stage's broken output must not lose the rest of the report
+            stage_metrics[stage], stage_html[stage] = {"ran": False, "error": repr(err)}, f"<p class='fail'>Report of this stage failed: {html.escape(repr(err))}</p>"
+    comparison, comparison_html = comparison_section(out, fig_dir, DEMO_PHANTOMS, HELDOUT_SEED)
+    if comparison is not None:
+        stage_metrics["hsam"]["comparison"] = comparison
+    figure_html = pipeline_figure(out, fig_dir)
+    runs = mlflow_runs(out)
+
+    step_rows, stage_seconds = [], {s: 0.0 for s in STAGE_TITLES}
+    for step in steps:
+        stage_seconds[step.stage] += step.seconds or 0.0
+        step_rows.append({"stage": STAGE_TITLES[step.stage], "step": step.name, "what": step.what, "status": step.status, "time (m:s)": _clock(step.seconds)})
+    timings = {"ingest_qc_preprocessing_s": round(ingest.get("seconds", 0.0), 1), **{f"{s}_s": round(v, 1) for s, v in stage_seconds.items()}}
+    if total_seconds is not None:
+        timings["total_s"] = round(total_seconds, 1)
+    commands = "".join(f"<li><code>{html.escape(getattr(s, 'cmd', ''))}</code></li>" for s in steps)
+    summary_rows = [{"stage": STAGE_TITLES[s], "time (m:s)": _clock(stage_seconds[s]), "headline": _headline(s, stage_metrics[s])} for s in STAGE_TITLES]
+    what_ran = (f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
+                f"Total {_clock(total_seconds)} (m:s); ingest, QC and preprocessing {_clock(ingest.get('seconds'))}. Demo size: phantoms "
+                f"{'x'.join(map(str, DEMO_PHANTOM_SHAPE))} at {'x'.join(f'{v:g}' for v in DEMO_PHANTOM_SPACING)} mm ({DEMO_PHANTOMS} held out, {DEMO_PHANTOMS} for training), "
+                f"one real CT (TotalSegmentator chest crop b, 1.5 mm), H-SAM {HSAM_DEMO['max_epochs']} epochs on every {HSAM_DEMO['slice_step']}th slice. "
+                "The full-size recipes (GPU) are in each bundle's docs.</p>"
+                + html_table(summary_rows, ["stage", "time (m:s)", "headline"]) + html_table(step_rows, ["stage", "step", "what", "status", "time (m:s)"])
+                + f"<details><summary>the exact commands</summary><ol>{commands}</ol></details>")
+    mlflow_html = (html_table(runs, ["run", "status", "metrics", "params", "run id"]) if runs else "<p class='fail'>no MLflow runs found</p>") + (
+        f"<p>Browse them: <code>.venv/bin/mlflow ui --backend-store-uri sqlite:///{html.escape(str((out / 'mlruns.db').resolve()))} --port 5000</code></p>")
+    excluded_html = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape('; '.join(r))}</li>" for c, r in ingest["excluded"].items()) or "<li>none</li>"
+    qc_columns = ["case", "verdict"] + [n for n in ("readable", "modality", "slice_count", "duplicate_slices", "missing_slices", "slice_spacing", "gantry_tilt", "hu_range", "lung_coverage", "noise")
+                                        if any(n in row for row in ingest["qc_rows"])]
+    sections = [
+        ("What ran", what_ran),
+        ("Evaluation on held-out phantoms", comparison_html),
+        ("CT, probability map, pseudo label and H-SAM mask", figure_html),
+        ("SA-1 foundation_clip: training and zero-shot classification", stage_html["clip"]),
+        ("SA-2 probmap: zero-shot probability maps", stage_html["probmap"]),
+        ("SA-3a pseudolabel: SAM pseudo labels", stage_html["pseudolabel"]),
+        ("SA-3b hsam_finetune: H-SAM on the pseudo labels", stage_html["hsam"]),
+        ("MLflow runs", mlflow_html),
+        ("Data and quality control", html_table(ingest["qc_rows"], qc_columns) + f"<p>Excluded, with reasons:</p><ul>{excluded_html}</ul>"
+         + html_table(ingest["cases"], ["case", "kind", "qc", "shape", "lung mL (R/L)", "HU-threshold lung Dice vs phantom truth", "read+qc s", "preprocessed", "preproc s"])
+         + f"<p>Preprocessing: orientation RAS, resampling to {DEMO_SPACING} mm, HU window [-1000, 400] to [0, 1].</p>" + figure_grid(ingest["figures"])),
+    ]
+    example = ingest.get("phantom_example")
+    if example:
+        sections.append(("Phantom ground truth", f"<p>{example['id']} (seed {example['seed']}): lung and mediastinal windows and the five-class label map. "
+                         f"Its report: <i>{html.escape(' '.join(example['report']))}</i></p>" + _img("figures/phantom_ground_truth.png")))
+    write_html_page(report_dir / "index.html", "Lung CT without hand-drawn labels: demo report", sections)
+    metrics = {**stage_metrics, "ingest": {k: v for k, v in ingest.items() if k not in ("figures", "qc_rows")}, "timings": timings,
+               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": getattr(s, "cmd", None)} for s in steps],
+               "mlflow_runs": runs, "failure": failure}
+    write_json_atomic(report_dir / "metrics.json", metrics)
+    metrics["summary_text"] = "\n".join(f"{STAGE_TITLES[s]} ({_clock(stage_seconds[s])}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES)
+    return metrics
+
+
+def _headline(stage: str, m: dict) -> str:
+    if not m.get("ran"):
+        return "not run" + (f" ({m['error']})" if m.get("error") else "")
+    if stage == "clip":
+        return f"held-out zero-shot patch accuracy {m['val_zero_shot_acc']:.3f} (epoch {m['best_epoch']}/{m['epochs']})"
+    if stage == "probmap":
+        return f"held-out phantom lung-mask Dice {m['heldout_phantoms']['lung_mask_dice']['mean']:.3f}"
+    if stage == "pseudolabel":
+        return f"held-out phantom pseudo-label Dice {m['heldout_phantoms']['pseudo_dice']['mean']:.3f}"
+    s = m["heldout_phantoms"]
+    return f"held-out phantom lung Dice {s['dice']['mean']:.3f}, HD95 {s['hd95_mm']['mean']:.1f} mm"

@@ -1,0 +1,170 @@
+"""The ``make demo`` report, looked at in a real headless Chromium.
+
+The demo itself takes about 40 minutes on 2 CPU cores (``make demo``; measured by hand, quoted in the
+README), so this test builds the report from stage outputs written in the stages' own formats on two tiny
+held-out phantoms and the real TotalSegmentator crop b: SA-2 maps and masks, SA-3a pseudo labels and SA-3b
+masks derived from each phantom's truth (shifted, thinned, thickened, so every method scores differently),
+scored with the project's own metrics, and training histories as MetricsHistory writes them. The page must
+show all four stages with their figures, numbers that match the outputs, no broken image, no sideways scroll.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from common.default_data import shared_data_dir
+
+TINY_SHAPE, TINY_SPACING = (64, 64, 24), (5.0, 5.0, 10.0)
+REAL_B = shared_data_dir() / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np.ndarray, affine: np.ndarray) -> dict:
+    """Write one case's SA-2 / SA-3a / SA-3b outputs as the bundles name them; returns the three masks."""
+    from common.report import save_probmap_overlay_png, save_pseudolabel_overlay_png
+
+    sa2 = np.roll(lungs, 2, axis=0)  # a shifted zero-shot mask
+    pseudo = ndimage.binary_erosion(lungs, iterations=1)  # a thinner pseudo label
+    hsam = ndimage.binary_dilation(pseudo, iterations=1) & ndimage.binary_dilation(lungs)  # close to the truth
+    prob = np.zeros((5, *lungs.shape), np.float32)
+    prob[0] = ndimage.gaussian_filter(sa2.astype(np.float32), 1.5)
+    prob[1:] = (1 - prob[0]) / 4
+    d = out / "probmap" / which / case_id
+    _save(np.moveaxis(prob, 0, -1), affine, d / f"{case_id}_probmap.nii.gz")  # as SaveProbmapd writes it
+    _save(sa2.astype(np.uint8), affine, d / f"{case_id}_lung_mask.nii.gz")
+    save_probmap_overlay_png(d / f"{case_id}_overlay.png", hu, prob, sa2, affine, ["lung", "heart", "blood vessel", "airway", "bone"], case_id)
+    (d / f"{case_id}_probmap.json").write_text(json.dumps({"case_id": case_id, "lung_volume_ml": {"total": float(sa2.sum())}}))
+    d = out / "pseudolabel" / which / case_id
+    sides = pseudo.astype(np.uint8) * np.where(np.arange(lungs.shape[0])[:, None, None] < lungs.shape[0] // 2, 1, 2).astype(np.uint8)
+    _save(sides, affine, d / f"{case_id}_pseudo_label.nii.gz")
+    save_pseudolabel_overlay_png(d / f"{case_id}_pseudo_overlay.png", hu, sa2, sides, affine, case_id)
+    (d / f"{case_id}_pseudolabel.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(pseudo.sum())},
+                                                              "confidence": {"passed": True, "agreement_dice": 0.9, "mean_predicted_iou": 0.85, "reasons": []}}))
+    hsam_dir = "real" if which == "training_scans" else which  # H-SAM segments the real CT after training on its pseudo label
+    _save(hsam.astype(np.uint8), affine, out / "hsam_finetune" / hsam_dir / case_id / f"{case_id}_lung_mask.nii.gz")
+    return {"sa2": sa2, "pseudo": pseudo, "hsam": hsam}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
+    """A finished demo's outputs, tiny; returns (out, ingest, steps, expected figures)."""
+    import nibabel as nib
+
+    from common.demo import demo_steps, run_ingest
+    from common.engines.cases import write_scores
+    from common.engines.probmap import phantom_datalist
+    from common.io import write_json_atomic
+    from common.lungmask import hu_threshold_lung_mask
+    from common.metrics import dice_score, segmentation_scores
+    from common.networks import build_lung_clip
+
+    out = tmp_path_factory.mktemp("demo")
+    held = phantom_datalist(out / "phantoms_heldout", n=2, seed=100, shape=TINY_SHAPE, spacing=TINY_SPACING)
+    rows = {"probmap": [], "pseudolabel": [], "hsam": []}
+    for c in held:
+        img = nib.load(c["image"])
+        hu, affine = np.asarray(img.dataobj, np.float32), img.affine
+        lungs = np.asarray(nib.load(c["lungs"]).dataobj) > 0
+        masks = _case_outputs(out, "heldout_phantoms", c["case_id"], hu, lungs, affine)
+        rows["probmap"].append({"case_id": c["case_id"], "lung_mask_dice": dice_score(masks["sa2"], lungs)})
+        rows["pseudolabel"].append({"case_id": c["case_id"], "pseudo_dice": dice_score(masks["pseudo"], lungs), "sa2_mask_dice": dice_score(masks["sa2"], lungs)})
+        rows["hsam"].append({"case_id": c["case_id"], **segmentation_scores(masks["hsam"], lungs, tuple(TINY_SPACING))})
+    write_scores(rows["probmap"], out / "probmap" / "heldout_phantoms")
+    write_scores(rows["pseudolabel"], out / "pseudolabel" / "heldout_phantoms")
+    write_scores(rows["hsam"], out / "hsam_finetune" / "heldout_phantoms")
+    img = nib.load(str(REAL_B))
+    real_hu = np.asarray(img.dataobj, np.float32)
+    _case_outputs(out, "training_scans", "chest_crop_b", real_hu, hu_threshold_lung_mask(real_hu, tuple(np.linalg.norm(img.affine[:3, :3], axis=0))), img.affine)
+    write_json_atomic(out / "pseudolabel" / "training_scans" / "datalist.json", {"training": [{"case_id": "chest_crop_b"}], "validation": [], "excluded": []})
+    # SA-1: a tiny real LungCLIP and held-out patches with their classes, for the zero-shot confusion matrix
+    torch.manual_seed(0)
+    model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
+                            text_model_dir=tiny_text_dir, embed_dim=32, teacher_shape=None)
+    model.preprocessing = {"image_size": 32}
+    model.save_checkpoint(out / "foundation_clip" / "models" / "model.pt")
+    patches = out / "clip_patches"
+    patches.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(15):
+        np.save(patches / f"p{i}.npy", rng.random((32, 32), dtype=np.float32))
+    write_json_atomic(patches / "datalist.json", {"validation": [{"image": str(patches / f"p{i}.npy"), "label": i % 5} for i in range(15)]})
+    write_json_atomic(out / "foundation_clip" / "metrics_history.json", {"history": [
+        {"epoch": e, "epoch_loss": 2.0 / e, "epoch_loss_contrastive": 1.8 / e, "epoch_loss_distill": 0.2 / e,
+         "val_zero_shot_acc": 0.5 + 0.1 * e, "val_recall_at_5": 0.9, "val_distill_cosine": 0.7} for e in (1, 2, 3)]})
+    write_json_atomic(out / "hsam_finetune" / "train" / "metrics_history.json", {"history": [
+        {"epoch": e, "epoch_loss": 1.0 / e, "val_mean_dice": 0.6 + 0.1 * e, "best_epoch": e} for e in (1, 2, 3)]})
+    fig_dir = out / "report" / "figures"
+    fig_dir.mkdir(parents=True)
+    tiny = json.loads(tiny_phantom_manifest.read_text())
+    write_json_atomic(out / "data" / "manifest.json", {**tiny, "cases": [c for c in tiny["cases"] if c["kind"] == "phantom"][:1]})  # one case is enough here
+    ingest = run_ingest(out, out / "data", fig_dir)
+    ingest["seconds"] = 12.0
+    steps = demo_steps(out)
+    for i, step in enumerate(steps):
+        step.status, step.seconds, step.cmd = "ran", 60.0 + i, " ".join(step.command("sqlite:///mlruns.db"))
+    return out, ingest, steps, rows
+
+
+def test_report_reads_well_in_a_real_browser(demo_run, render_page):
+    from common.demo_report import build_report
+
+    out, ingest, steps, rows = demo_run
+    metrics = build_report(out, ingest, steps, total_seconds=1234.0, clip_patches=out / "clip_patches" / "datalist.json")
+    saved = json.loads((out / "report" / "metrics.json").read_text())
+    assert {"clip", "probmap", "pseudolabel", "hsam"} <= set(saved)
+    assert all(saved[s]["ran"] for s in ("clip", "probmap", "pseudolabel", "hsam")), {s: saved[s].get("error") for s in ("clip", "probmap", "pseudolabel", "hsam")}
+    hsam_dice = float(np.mean([r["dice"] for r in rows["hsam"]]))
+    assert saved["hsam"]["heldout_phantoms"]["dice"]["mean"] == pytest.approx(hsam_dice)
+    assert saved["probmap"]["heldout_phantoms"]["lung_mask_dice"]["mean"] == pytest.approx(np.mean([r["lung_mask_dice"] for r in rows["probmap"]]))
+    assert saved["clip"]["val_zero_shot_acc"] == pytest.approx(0.8) and saved["clip"]["best_epoch"] == 3
+    assert np.asarray(saved["clip"]["zero_shot_confusion"]).sum() == 15 and np.asarray(saved["clip"]["zero_shot_confusion"]).sum(1).tolist() == [3] * 5
+    # the comparison table is the bundle docs' script: HU threshold and the three stages, H-SAM's Dice as scored above
+    table = saved["hsam"]["comparison"]["summary"]
+    assert len(table) == 4 and table["H-SAM on pseudo labels (SA-3b)"]["dice"]["mean"] == pytest.approx(hsam_dice, abs=1e-6)
+    assert saved["timings"]["total_s"] == 1234.0 and saved["timings"]["hsam_s"] > 0
+    assert "held-out phantom lung Dice" in metrics["summary_text"]
+    assert saved["pseudolabel"]["hsam_datalist"]["training"] == ["chest_crop_b"]
+
+    facts = render_page(out / "report" / "index.html", out / "report" / "screenshot.png", width=1280)
+    for heading in ("What ran", "Evaluation on held-out phantoms", "CT, probability map, pseudo label and H-SAM mask",
+                    "SA-1 foundation_clip: training and zero-shot classification", "SA-2 probmap: zero-shot probability maps",
+                    "SA-3a pseudolabel: SAM pseudo labels", "SA-3b hsam_finetune: H-SAM on the pseudo labels", "MLflow runs", "Data and quality control"):
+        assert heading in facts["headings"], facts["headings"]
+    assert facts["broken_images"] == [] and facts["n_images"] >= 10, facts
+    assert not facts["overflow_x"], (facts["scroll_width"], facts["viewport_width"])
+    assert f"{hsam_dice:.3f}" in facts["text"] and "20:34" in facts["text"]  # H-SAM's Dice and the total time, as read on the page
+    assert "did not finish" not in facts["text"] and not facts["page_errors"]
+    from PIL import Image
+
+    shot = np.asarray(Image.open(facts["png"]).convert("L"), dtype=float)
+    assert shot.shape[1] == 1280 and shot.shape[0] == facts["page_height"] and shot.std() > 10
+
+
+def test_report_of_a_stopped_demo_shows_what_finished(demo_run, tmp_path, render_page):
+    """SA-3b's outputs missing (the demo stopped there): the earlier stages are reported, SA-3b says it did not finish."""
+    import shutil
+
+    from common.demo_report import build_report
+
+    out, ingest, steps, _ = demo_run
+    partial = tmp_path / "demo"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("hsam_finetune", "report"))
+    shutil.copytree(out / "report" / "figures", partial / "report" / "figures")  # the ingest figures, drawn before the stages
+    metrics = build_report(partial, ingest, steps, failure="demo step hsam_finetune_train failed (exit 1)", total_seconds=600.0,
+                           clip_patches=out / "clip_patches" / "datalist.json")
+    assert metrics["probmap"]["ran"] and metrics["pseudolabel"]["ran"] and not metrics["hsam"]["ran"]
+    facts = render_page(partial / "report" / "index.html", tmp_path / "shot.png")
+    assert "The demo stopped: demo step hsam_finetune_train failed (exit 1)" in facts["text"]
+    assert "SA-3b did not finish" in facts["text"] and facts["broken_images"] == []
