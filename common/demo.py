@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest, shared_data_dir
-from common.io import write_json_atomic
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
 from common.metrics import dice_score
@@ -77,6 +76,7 @@ class Step:
     seconds: float | None = None
     status: str = "not run"
     extra_done: list[Path] = field(default_factory=list)
+    cmd: str = ""  # the command as run, for the report
 
     def command(self, tracking_uri: str) -> list[str]:
         bundle_root = BUNDLES / self.bundle

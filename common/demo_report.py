@@ -300,7 +300,7 @@ def build_report(out: Path, ingest: dict, steps: list, failure: str | None = Non
     timings = {"ingest_qc_preprocessing_s": round(ingest.get("seconds", 0.0), 1), **{f"{s}_s": round(v, 1) for s, v in stage_seconds.items()}}
     if total_seconds is not None:
         timings["total_s"] = round(total_seconds, 1)
-    commands = "".join(f"<li><code>{html.escape(getattr(s, 'cmd', ''))}</code></li>" for s in steps)
+    commands = "".join(f"<li><code>{html.escape(s.cmd)}</code></li>" for s in steps)
     summary_rows = [{"stage": STAGE_TITLES[s], "time (m:s)": _clock(stage_seconds[s]), "headline": _headline(s, stage_metrics[s])} for s in STAGE_TITLES]
     what_ran = (f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
                 f"Total {_clock(total_seconds)} (m:s); ingest, QC and preprocessing {_clock(ingest.get('seconds'))}. Demo size: phantoms "
@@ -333,7 +333,7 @@ def build_report(out: Path, ingest: dict, steps: list, failure: str | None = Non
                          f"Its report: <i>{html.escape(' '.join(example['report']))}</i></p>" + _img("figures/phantom_ground_truth.png")))
     write_html_page(report_dir / "index.html", "Lung CT without hand-drawn labels: demo report", sections)
     metrics = {**stage_metrics, "ingest": {k: v for k, v in ingest.items() if k not in ("figures", "qc_rows")}, "timings": timings,
-               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": getattr(s, "cmd", None)} for s in steps],
+               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": s.cmd} for s in steps],
                "mlflow_runs": runs, "failure": failure}
     write_json_atomic(report_dir / "metrics.json", metrics)
     metrics["summary_text"] = "\n".join(f"{STAGE_TITLES[s]} ({_clock(stage_seconds[s])}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES)
