@@ -41,7 +41,7 @@ from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
 from common.metrics import dice_score
 from common.qc import CaseRef, qc_case, write_qc_report
-from common.demo_report import REAL_SCANS
+from common.demo_report import REAL_SCANS, _clock
 from common.report import LUNG_WINDOW, save_overlay_png
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,6 @@ def prepare_scans(out: Path) -> None:
         if not link.is_symlink():
             folder.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source)
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None) -> None:
