@@ -1,0 +1,204 @@
+"""``make demo``'s step runner (common.demo.run_steps) and its stop-on-failure path through run_demo.
+
+Each step here is a real ``Step`` whose command is a tiny real Python subprocess in place of
+``python -m monai.bundle run``: it logs that it ran (its name, working directory, tracking URI and
+PYTHONUNBUFFERED) and then writes its done files, exits 1, or exits 0 without writing them. So the
+runner's own logic is exercised for real (subprocess, exit codes, done files, skip, retrain, the error
+message and its re-run command) in well under a second per test.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import common.demo as demo
+import common.demo_report as demo_report
+from common.demo import REPO_ROOT, Step, run_steps
+
+# The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files).
+CHILD = r"""
+import json, os, sys, pathlib
+mode, name, log, tracking_uri, *done = sys.argv[1:]
+with open(log, "a") as f:
+    f.write(json.dumps({"name": name, "cwd": os.getcwd(), "tracking_uri": tracking_uri,
+                        "unbuffered": os.environ.get("PYTHONUNBUFFERED")}) + "\n")
+if mode == "fail":
+    sys.exit(1)
+if mode == "ok":
+    for p in done:
+        pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(p).write_text(name)
+"""
+
+
+@dataclass
+class ScriptStep(Step):
+    """A demo Step whose command is the tiny child above rather than ``monai.bundle run``."""
+
+    mode: str = "ok"
+    log: Path | None = None
+
+    def command(self, tracking_uri: str) -> list[str]:
+        return [sys.executable, "-c", CHILD, self.mode, self.name, str(self.log), tracking_uri,
+                *[str(p) for p in [self.done_file, *self.extra_done]]]
+
+
+def _step(out: Path, name: str, mode: str = "ok", stage: str = "clip", n_extra: int = 0) -> ScriptStep:
+    return ScriptStep(stage, name, "no_bundle", [], {}, out / name / "done.json", f"test step {name}",
+                      extra_done=[out / name / f"extra_{i}.json" for i in range(n_extra)], mode=mode, log=out / "ran.jsonl")
+
+
+def _ran(out: Path) -> list[dict]:
+    log = out / "ran.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _finish(step: Step) -> None:
+    """Write a step's done files as a previous run would have."""
+    for p in [step.done_file, *step.extra_done]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("earlier run")
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch) -> Path:
+    # run_steps first calls prepare_scans(out), which generates the demo's training phantoms and links the
+    # real CT from ../shared: seconds of work and real data that these fake steps never read. A no-op here
+    # keeps the tests to the runner's own logic (prepare_scans is exercised by `make demo` itself).
+    monkeypatch.setattr(demo, "prepare_scans", lambda out: None)
+    folder = tmp_path / "demo out"  # a space, so the re-run command's quoting is tested too
+    folder.mkdir()
+    return folder
+
+
+def test_steps_run_in_order_as_real_subprocesses(out, capsys):
+    steps = [_step(out, "first", n_extra=2), _step(out, "second", stage="probmap")]
+    run_steps(steps, out)
+
+    ran = _ran(out)
+    assert [r["name"] for r in ran] == ["first", "second"]
+    for r in ran:  # each process runs from the repository root, unbuffered, into the one MLflow store of <out>
+        assert Path(r["cwd"]) == REPO_ROOT
+        assert r["unbuffered"] == "1"
+        assert r["tracking_uri"] == f"sqlite:///{(out / 'mlruns.db').resolve()}"
+    for s in steps:
+        assert s.status == "ran"
+        assert s.finished()
+        assert isinstance(s.seconds, float) and 0.0 < s.seconds < 30.0
+        assert shlex.split(s.cmd) == s.command(ran[0]["tracking_uri"])  # the command as run, for the report
+    printed = capsys.readouterr().out
+    assert "==> [1/2] first: test step first" in printed and "==> [2/2] second: test step second" in printed
+    assert "first done in 0:0" in printed
+
+
+def test_finished_steps_are_reused_not_run(out, capsys):
+    steps = [_step(out, "done_before", n_extra=1), _step(out, "new")]
+    _finish(steps[0])
+    run_steps(steps, out)
+
+    assert [r["name"] for r in _ran(out)] == ["new"]
+    assert (steps[0].status, steps[0].seconds) == ("reused", 0.0)
+    assert steps[0].done_file.read_text() == "earlier run"  # untouched
+    assert steps[1].status == "ran" and steps[1].seconds > 0.0
+    assert steps[0].cmd  # a reused step still shows its command in the report
+    assert f"==> [1/2] done_before: already finished ({steps[0].done_file}), reused" in capsys.readouterr().out
+
+
+def test_a_step_missing_one_extra_done_file_runs_again(out):
+    step = _step(out, "partial", n_extra=2)
+    _finish(step)
+    step.extra_done[1].unlink()  # e.g. a multi-case step stopped before its last case
+    run_steps([step], out)
+
+    assert [r["name"] for r in _ran(out)] == ["partial"]
+    assert step.status == "ran"
+    assert all(p.read_text() == "partial" for p in [step.done_file, *step.extra_done])
+
+
+def test_retrain_runs_finished_steps_again(out):
+    steps = [_step(out, "a", n_extra=1), _step(out, "b")]
+    for s in steps:
+        _finish(s)
+    run_steps(steps, out, retrain=True)
+
+    assert [r["name"] for r in _ran(out)] == ["a", "b"]
+    assert [s.status for s in steps] == ["ran", "ran"]
+    assert all(s.seconds > 0.0 for s in steps)
+    assert steps[0].done_file.read_text() == "a" and steps[0].extra_done[0].read_text() == "a"  # rewritten
+
+
+def _rerun(cmd_line: str) -> int:
+    """Run the re-run command exactly as the message prints it, through a shell from the repository root."""
+    return subprocess.run(["bash", "-c", cmd_line], cwd=REPO_ROOT).returncode
+
+
+def test_nonzero_exit_stops_the_demo_with_the_rerun_command(out):
+    steps = [_step(out, "good"), _step(out, "broken", mode="fail", stage="probmap"), _step(out, "after", stage="hsam")]
+    with pytest.raises(RuntimeError) as info:
+        run_steps(steps, out, started=0.0)
+
+    message = str(info.value)
+    first, rerun = message.split("\n", 1)  # (the child script itself spans lines; monai.bundle commands do not)
+    assert first.startswith("demo step broken failed (exit 1) after 0:0") and first.endswith("; re-run it with:")
+    assert rerun == "  " + steps[1].cmd
+    assert [r["name"] for r in _ran(out)] == ["good", "broken"]  # "after" never started
+    assert [s.status for s in steps] == ["ran", "failed", "not run"]
+    assert steps[1].seconds > 0.0 and steps[2].seconds is None
+    assert not steps[2].done_file.exists()
+    # the printed command is the exact one: run through a shell (quoting of "demo out" included) it runs
+    # the same step again and fails the same way
+    assert _rerun(rerun.strip()) == 1
+    assert [r["name"] for r in _ran(out)] == ["good", "broken", "broken"]
+
+
+def test_exit_zero_without_the_done_file_is_a_failure(out):
+    steps = [_step(out, "silent", mode="no_done", n_extra=1), _step(out, "after")]
+    with pytest.raises(RuntimeError, match=r"^demo step silent failed \(no .*done\.json\) after 0:0") as info:
+        run_steps(steps, out)
+
+    assert f"(no {steps[0].done_file})" in str(info.value)
+    assert str(info.value).endswith("re-run it with:\n  " + steps[0].cmd)
+    assert [r["name"] for r in _ran(out)] == ["silent"]
+    assert [s.status for s in steps] == ["failed", "not run"]
+    assert _rerun(steps[0].cmd) == 0 and not steps[0].done_file.exists()
+
+
+def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
+    """run_demo: the failure goes into the report (metrics.json, index.html) and the demo exits naming both."""
+    # run_ingest reads, QCs and preprocesses every default case (minutes); the report only needs its summary.
+    ingest = {"n_cases": 0, "n_passed": 0, "n_excluded": 0, "excluded": {}, "cases": [], "figures": [], "qc_rows": [],
+              "phantom_example": None, "qc_dir": str(out / "qc")}
+    monkeypatch.setattr(demo, "run_ingest", lambda out_, data_dir, fig_dir: dict(ingest))
+    steps = [_step(out, "clip_ok"), _step(out, "probmap_broken", mode="fail", stage="probmap"), _step(out, "hsam_after", stage="hsam")]
+    monkeypatch.setattr(demo, "demo_steps", lambda out_: steps)
+    # Two report sections are heavy even with no stage output: the held-out comparison runs
+    # benchmarks/hsam_comparison.py, which generates and scores the held-out phantoms anyway (about 30 s
+    # here), and the SA-1 section imports torch and the CLIP networks before it finds no checkpoint (about
+    # 10 s cold). Both are stubbed; the rest of build_report (steps table, failure, metrics.json) is real.
+    monkeypatch.setattr(demo_report, "comparison_section", lambda *a: (None, "<p>comparison not run in this test</p>"))
+    monkeypatch.setattr(demo_report, "clip_section", lambda *a: ({"ran": False}, "<p>SA-1 section not built in this test</p>"))
+
+    with pytest.raises(SystemExit) as info:
+        demo.run_demo(out, data_dir=out / "unused")
+
+    message = str(info.value.code)
+    assert message.startswith("demo stopped: demo step probmap_broken failed (exit 1)")
+    assert steps[1].cmd in message
+    assert message.endswith(f"report so far: {out / 'report' / 'index.html'}")
+    assert [r["name"] for r in _ran(out)] == ["clip_ok", "probmap_broken"]
+
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["failure"].startswith("demo step probmap_broken failed (exit 1)")
+    assert [(s["name"], s["status"]) for s in metrics["steps"]] == [("clip_ok", "ran"), ("probmap_broken", "failed"), ("hsam_after", "not run")]
+    assert metrics["steps"][2]["seconds"] is None
+    assert [s["command"] for s in metrics["steps"]] == [s.cmd for s in steps]
+    assert metrics["steps"][0]["seconds"] > 0.0 and metrics["timings"]["hsam_s"] == 0.0
+    page = (out / "report" / "index.html").read_text()
+    assert "The demo stopped: demo step probmap_broken failed (exit 1)" in page
