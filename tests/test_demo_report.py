@@ -104,7 +104,8 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
         {"epoch": e, "epoch_loss": 2.0 / e, "epoch_loss_contrastive": 1.8 / e, "epoch_loss_distill": 0.2 / e,
          "val_zero_shot_acc": 0.5 + 0.1 * e, "val_recall_at_5": 0.9, "val_distill_cosine": 0.7} for e in (1, 2, 3)]})
     write_json_atomic(out / "hsam_finetune" / "train" / "metrics_history.json", {"history": [
-        {"epoch": e, "epoch_loss": 1.0 / e, "val_mean_dice": 0.6 + 0.1 * e, "best_epoch": e} for e in (1, 2, 3)]})
+        {"epoch": e, "epoch_loss": 1.0 / e, "epoch_loss_stage1": 1.1 / e, "epoch_loss_stage2": 0.9 / e, "val_mean_dice": 0.6 + 0.1 * e, "best_epoch": e}
+        for e in (1, 2, 3)]})
     fig_dir = out / "report" / "figures"
     fig_dir.mkdir(parents=True)
     tiny = json.loads(tiny_phantom_manifest.read_text())
@@ -115,6 +116,27 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
     for i, step in enumerate(steps):
         step.status, step.seconds, step.cmd = "ran", 60.0 + i, " ".join(step.command("sqlite:///mlruns.db"))
     return out, ingest, steps, rows
+
+
+def test_hsam_section_draws_the_epoch_losses_the_trainer_records(tmp_path, monkeypatch):
+    """The loss keys hsam_finetune's train.json records (EpochAverage, as MetricsHistory writes them) are drawn in the loss panel."""
+    import common.report
+    from common.demo_report import hsam_section
+    from common.io import write_json_atomic
+
+    history = [{"epoch": e, "epoch_loss": 1.0 / e, "epoch_loss_stage1": 1.1 / e, "epoch_loss_stage2": 0.9 / e,
+                "val_mean_dice": 0.5 + 0.1 * e, "best_epoch": e} for e in (1, 2)]
+    write_json_atomic(tmp_path / "hsam_finetune" / "train" / "metrics_history.json", {"history": history})
+    summary = {k: {"mean": 0.5, "sd": 0.1} for k in ("dice", "hd95_mm")}
+    write_json_atomic(tmp_path / "hsam_finetune" / "heldout_phantoms" / "scores.json", {"cases": [{"case_id": "p0", "dice": 0.5}], "summary": summary})
+    figures = []
+    save = common.report._save_figure
+    monkeypatch.setattr(common.report, "_save_figure", lambda fig, path: (figures.append({ax.get_title(): [l.get_label() for l in ax.get_lines()] for ax in fig.axes}), save(fig, path))[1])
+    (tmp_path / "figures").mkdir()
+    metrics, body = hsam_section(tmp_path, tmp_path / "figures")
+    assert metrics["ran"] and (tmp_path / "figures" / "hsam_curves.png").is_file() and "hsam_curves.png" in body
+    assert figures[0]["training losses (epoch means)"] == ["epoch_loss", "epoch_loss_stage1", "epoch_loss_stage2"]
+    assert "val_mean_dice" in figures[0]["validation"]
 
 
 def test_report_reads_well_in_a_real_browser(demo_run, render_page):

@@ -157,8 +157,12 @@ def test_deep_supervision_scores_stage1_at_reduced_and_stage2_at_full_resolution
     wrong = {"stage1": -right["stage1"], "stage2": -right["stage2"]}
     loss = DeepSupervisionLoss(stage_weights=(0.4, 0.6))
     assert float(loss(right, label)) < 0.25 < 1.0 < float(loss(wrong, label))  # the reduced label is soft at the border
+    total = float(loss(wrong, label))  # the per-stage terms the trainer averages per epoch, before the stage weights
+    assert set(loss.terms) == {"loss_stage1", "loss_stage2"} and not loss.terms["loss_stage2"].requires_grad
+    assert total == pytest.approx(0.4 * float(loss.terms["loss_stage1"]) + 0.6 * float(loss.terms["loss_stage2"]), rel=1e-5)
     only2 = DeepSupervisionLoss(stage_weights=(0.0, 1.0))
     assert float(only2({"stage1": wrong["stage1"], "stage2": right["stage2"]}, label)) < 0.05  # stage 1 not scored
+    assert set(only2.terms) == {"loss_stage2"}
     assert float(loss(label * 40 - 20, label)) < 0.05  # a plain network's logits are stage 2
     with pytest.raises(ValueError, match="stage_weights"):
         DeepSupervisionLoss(stage_weights=(0.0, 0.0))
@@ -379,6 +383,8 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
     assert "case gone skipped" in log and "pseudo label not found" in log
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 2 and all(0.0 <= h["val_mean_dice"] <= 1.0 for h in history)
+    for key in ("epoch_loss", "epoch_loss_stage1", "epoch_loss_stage2"):  # the epoch means the report's loss panel draws
+        assert all(np.isfinite(h.get(key, float("nan"))) and h[key] > 0 for h in history), (key, history)
     assert torch.load(ckpt, weights_only=True)["variant"] == "tiny_sam"
     from mlflow.tracking import MlflowClient  # --tracking mlflow: MONAI's default store, output_dir/mlruns.db
 
@@ -494,6 +500,7 @@ def test_baseline_overlays_train_and_score_with_the_same_recipe(tmp_path, tiny_p
     assert train.returncode == 0, train.stderr[-3000:]
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 1 and 0.0 <= history[0]["val_mean_dice"] <= 1.0
+    assert np.isfinite(history[0]["epoch_loss"]) and history[0]["epoch_loss"] == pytest.approx(history[0]["epoch_loss_stage2"])  # one stage
     saved = torch.load(ckpt, weights_only=True)  # the whole baseline network, named, not an H-SAM record
     assert saved["format"] == "state_dict" and saved["network"] == {"unet": "UNet", "unetr": "UNETR"}[baseline]
 

@@ -40,6 +40,10 @@ class DeepSupervisionLoss(nn.Module):
     label's border (in pixels of the training slice; scaled to the stage-1 grid). A pseudo label's
     errors sit at its border (a SAM mask a few pixels inside the pleura), so the network learns the
     lung from the pixels the label is sure of and places the border by the image itself.
+
+    ``terms`` holds the last call's per-stage losses (detached, before the stage weights, as
+    ``loss_stage1`` / ``loss_stage2``; a stage of weight 0 is not computed, a plain tensor is stage 2),
+    for the trainer's per-epoch means (``common.engines.EpochAverage`` in ``train.json``).
     """
 
     def __init__(self, lambda_bce: float = 1.0, lambda_dice: float = 1.0, stage_weights: Sequence[float] = (0.4, 0.6), smooth: float = 1e-5,
@@ -55,6 +59,7 @@ class DeepSupervisionLoss(nn.Module):
         # Eq. 11 (BCE on the sigmoid of the logits) + Eq. 12 (Dice with epsilon), weighted as Eq. 13
         self.stage_loss = DiceCELoss(sigmoid=True, batch=True, lambda_dice=self.lambda_dice, lambda_ce=self.lambda_bce, smooth_nr=smooth, smooth_dr=smooth)
         self.masked_dice = MaskedDiceLoss(sigmoid=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)
+        self.terms: dict[str, torch.Tensor] = {}
 
     def _stage(self, logits: torch.Tensor, label: torch.Tensor, full_size: int) -> torch.Tensor:
         target = resize_label(label, logits.shape[-2:])
@@ -68,9 +73,15 @@ class DeepSupervisionLoss(nn.Module):
     def forward(self, outputs, label: torch.Tensor) -> torch.Tensor:
         full = label.shape[-1]
         if not isinstance(outputs, dict):
-            return self._stage(outputs, label, full)
+            loss = self._stage(outputs, label, full)
+            self.terms = {"loss_stage2": loss.detach()}
+            return loss
         w1, w2 = self.stage_weights
-        loss = w2 * self._stage(outputs["stage2"], label, full)
+        stage2 = self._stage(outputs["stage2"], label, full)
+        self.terms = {"loss_stage2": stage2.detach()}
+        loss = w2 * stage2
         if w1 > 0:
-            loss = loss + w1 * self._stage(outputs["stage1"], label, full)
+            stage1 = self._stage(outputs["stage1"], label, full)
+            self.terms["loss_stage1"] = stage1.detach()
+            loss = loss + w1 * stage1
         return loss
