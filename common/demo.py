@@ -10,15 +10,16 @@ into one MLflow store, ``<out>/mlruns.db``, experiment ``demo``):
 2. SA-1 ``foundation_clip``: the CLIP-like model distilled from LiteMedSAM, demo size;
 3. SA-2 ``probmap``: zero-shot probability maps and lung masks of two held-out phantoms (scored against
    their truth), two training phantoms and a real TotalSegmentator chest crop;
-4. SA-3a ``pseudolabel``: SAM prompts from those maps, pseudo labels (held-out ones scored);
-5. SA-3b ``hsam_finetune``: H-SAM trained on the pseudo labels of the training phantoms and the real
-   crop, then scored on the held-out phantoms against the HU threshold and the pseudo labels, and run on
-   the real crop.
+4. SA-3a ``pseudolabel``: SAM prompts from those maps, pseudo labels of the held-out phantoms (scored)
+   and of the training phantoms, whose QC picks H-SAM's training and validation cases;
+5. SA-3b ``hsam_finetune``: H-SAM trained on the training phantoms' pseudo labels, then scored on the
+   held-out phantoms against the HU threshold and the pseudo labels, and run on the real crop (which it
+   never saw: H-SAM learns from phantoms alone here).
 
-Demo size (2 CPU cores, under 45 minutes from a fresh clone): phantoms of 48 slices of 5 mm (the
-standard phantom has 96 of 2.5 mm), two of each kind, and short H-SAM training at 128 px. A finished
-step is not run again (``--retrain`` runs them all again). The report is ``<out>/report/index.html`` with
-``metrics.json`` (sections ``clip``, ``probmap``, ``pseudolabel``, ``hsam``).
+Demo size (2 CPU cores, under 45 minutes from a fresh clone): phantoms of 40 slices of 6 mm (the
+standard phantom has 96 of 2.5 mm), two of each kind, and H-SAM at 256 px on every slice of its training
+phantom for 3 epochs. A finished step is not run again (``--retrain`` runs them all again). The report is
+``<out>/report/index.html`` with ``metrics.json`` (sections ``clip``, ``probmap``, ``pseudolabel``, ``hsam``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ DEMO_PHANTOMS = 2  # held-out and training phantoms each
 HELDOUT_SEED, TRAIN_SEED = 100, 200  # seeds SA-1 never saw (its phantoms are 0-9)
 REAL_CASE = "chest_crop_b"  # the smaller real TotalSegmentator chest crop in ../shared/data
 # H-SAM at demo size: the hsam CPU recipe (demo.json: 256 px, LoRA on the last encoder stage, boundary-ignore
-# band) on every 4th slice for 3 epochs.
-HSAM_DEMO = {"max_epochs": 3, "slice_step": 4}
+# band) on every slice of the training phantom for 3 epochs (every 4th slice: 9 steps, and it learned
+# nothing), validated on every 4th slice of the validation phantom.
+HSAM_DEMO = {"max_epochs": 3, "slice_step": 1, "val_slice_step": 4}
 STAGES = ("clip", "probmap", "pseudolabel", "hsam")
 
 
@@ -78,58 +80,61 @@ class Step:
     extra_done: list[Path] = field(default_factory=list)
     cmd: str = ""  # the command as run, for the report
 
-    def command(self, tracking_uri: str) -> list[str]:
+    def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
+        """The ``monai.bundle run`` command line; ``overwrite`` redoes cases an inference run already wrote
+        (which it would otherwise skip)."""
         bundle_root = BUNDLES / self.bundle
         configs = [str(bundle_root / "configs" / c) for c in self.configs]
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs) if len(configs) > 1 else configs[0],
                "--bundle_root", str(bundle_root)]
-        for key, value in self.overrides.items():
+        overrides = {**self.overrides, "overwrite": True} if overwrite and "inference.json" in self.configs else self.overrides
+        for key, value in overrides.items():
             cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
         return cmd + ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", "demo", "--run_name", self.name]
 
-    def finished(self) -> bool:
-        return all(Path(p).is_file() for p in [self.done_file, *self.extra_done])
-
-
-def _expression(path: Path) -> str:
-    """``output_dir`` as a config expression: with a plain path, MONAI 1.6's ``--tracking mlflow`` hands its
-    trainer MLFlowHandler the text ``/path + '/config_<time>.json'`` and the executed config is not logged."""
-    return f"$'{path}'"
+    def finished(self, since: float | None = None) -> bool:
+        """All the step's done files exist (and, with ``since``, were written at or after that ``time.time()``)."""
+        files = [Path(p) for p in [self.done_file, *self.extra_done]]
+        return all(f.is_file() and (since is None or f.stat().st_mtime >= since) for f in files)
 
 
 def demo_steps(out: Path) -> list[Step]:
     """The demo's bundle runs, in order. All paths absolute so the commands run from anywhere.
 
-    Two folders of scans: ``training_scans`` (the training phantoms and a link to the real CT), whose
-    pseudo labels train H-SAM, and ``real_scans`` (the link alone), which H-SAM segments for the report."""
+    Two folders of scans: ``training_scans`` (the training phantoms), whose pseudo labels train H-SAM, and
+    ``real_scans`` (a link to the real CT), which SA-2 maps and H-SAM segments for the report. The real CT
+    is not pseudo-labelled: H-SAM would not train on it anyway (at demo size its pseudo label fails QC)."""
     out = out.resolve()
     clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
     hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
     training, real = out / "training_scans", out / "real_scans"
-    training_ids = [f"train_phantom_{i:03d}_ct" for i in range(DEMO_PHANTOMS)] + [REAL_CASE]
+    training_ids = [f"train_phantom_{i:03d}_ct" for i in range(DEMO_PHANTOMS)]
     heldout = {"phantom_dir": str(out / "phantoms_heldout"), "phantom_seed": HELDOUT_SEED, "phantom_prefix": "heldout_phantom",
                "n_phantoms": DEMO_PHANTOMS, "phantom_shape": list(DEMO_PHANTOM_SHAPE), "phantom_spacing": list(DEMO_PHANTOM_SPACING)}
     return [
         Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
-             {"output_dir": _expression(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
+             {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
              clip_ckpt, "SA-1: train the CLIP-like model (LiteMedSAM teacher), demo size", extra_done=[out / "foundation_clip" / "metrics_history.json"]),
         Step("probmap", "probmap_heldout_phantoms", "probmap", ["inference.json", "evaluate.json"],
              {"ckpt_path": str(clip_ckpt), **heldout, "output_dir": str(out / "probmap" / "heldout_phantoms")},
              out / "probmap" / "heldout_phantoms" / "scores.json", "SA-2: probability maps and lung masks of the held-out phantoms, scored"),
         Step("probmap", "probmap_training_scans", "probmap", ["inference.json"],
              {"ckpt_path": str(clip_ckpt), "dataset_dir": str(training), "output_dir": str(out / "probmap" / "training_scans")},
-             *_case_reports(out / "probmap" / "training_scans", training_ids[:1], "probmap.json"), "SA-2: probability maps of the training phantoms and the real CT",
+             *_case_reports(out / "probmap" / "training_scans", training_ids[:1], "probmap.json"), "SA-2: probability maps of the training phantoms",
              extra_done=_case_reports(out / "probmap" / "training_scans", training_ids[1:], "probmap.json")),
+        Step("probmap", "probmap_real", "probmap", ["inference.json"],
+             {"ckpt_path": str(clip_ckpt), "dataset_dir": str(real), "output_dir": str(out / "probmap" / "real_scans")},
+             *_case_reports(out / "probmap" / "real_scans", [REAL_CASE], "probmap.json"), "SA-2: probability map and lung mask of the real CT"),
         Step("pseudolabel", "pseudolabel_heldout_phantoms", "pseudolabel", ["inference.json", "evaluate.json"],
              {**heldout, "probmap_dir": str(out / "probmap" / "heldout_phantoms"), "output_dir": str(out / "pseudolabel" / "heldout_phantoms")},
              out / "pseudolabel" / "heldout_phantoms" / "datalist.json", "SA-3a: pseudo labels of the held-out phantoms, scored",
              extra_done=[out / "pseudolabel" / "heldout_phantoms" / "scores.json"]),
         Step("pseudolabel", "pseudolabel_training_scans", "pseudolabel", ["inference.json"],
              {"dataset_dir": str(training), "probmap_dir": str(out / "probmap" / "training_scans"), "output_dir": str(out / "pseudolabel" / "training_scans")},
-             out / "pseudolabel" / "training_scans" / "datalist.json", "SA-3a: pseudo labels of the training phantoms and the real CT; QC picks H-SAM's training and validation cases"),
+             out / "pseudolabel" / "training_scans" / "datalist.json", "SA-3a: pseudo labels of the training phantoms; QC picks H-SAM's training and validation cases"),
         Step("hsam", "hsam_finetune_train", "hsam_finetune", ["train.json", "demo.json"],
              {"datalist_path": str(out / "pseudolabel" / "training_scans" / "datalist.json"), "ckpt_path": str(hsam_ckpt),
-              "output_dir": _expression(out / "hsam_finetune" / "train"), **HSAM_DEMO},
+              "output_dir": str(out / "hsam_finetune" / "train"), **HSAM_DEMO},
              hsam_ckpt, "SA-3b: train H-SAM (LoRA encoder, two decoders) on the pseudo labels", extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"]),
         Step("hsam", "hsam_finetune_heldout_phantoms", "hsam_finetune", ["inference.json", "evaluate.json"],
              {"ckpt_path": str(hsam_ckpt), **heldout, "output_dir": str(out / "hsam_finetune" / "heldout_phantoms")},
@@ -147,7 +152,7 @@ def _case_reports(output_dir: Path, case_ids: list[str], postfix: str) -> list[P
 
 def prepare_scans(out: Path) -> None:
     """The demo's scan folders: training phantoms generated into ``training_scans`` (their truth stays unused),
-    and the real CT linked into both folders."""
+    and the real CT linked into ``real_scans``."""
     from common.default_data import make_phantoms
 
     out = out.resolve()
@@ -155,11 +160,13 @@ def prepare_scans(out: Path) -> None:
     if not source.is_file():
         raise FileNotFoundError(f"{source}: the demo's real CT is missing (../shared/data, see its README)")
     make_phantoms(out / "training_scans", DEMO_PHANTOMS, seed=TRAIN_SEED, prefix="train_phantom", shape=DEMO_PHANTOM_SHAPE, spacing=DEMO_PHANTOM_SPACING)
-    for folder in (out / "training_scans", out / "real_scans"):
-        link = folder / source.name
-        if not link.is_symlink():
-            folder.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source)
+    stale = out / "training_scans" / source.name  # an earlier demo trained on it too
+    if stale.is_symlink():
+        stale.unlink()
+    link = out / "real_scans" / source.name
+    if not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source)
 
 
 def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None) -> None:
@@ -169,19 +176,20 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
     tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
     prepare_scans(out)
     for i, step in enumerate(steps, 1):
-        cmd = step.command(tracking_uri)
+        cmd = step.command(tracking_uri, overwrite=retrain)
         step.cmd = shlex.join(cmd)
         if step.finished() and not retrain:
             step.status, step.seconds = "reused", 0.0
             print(f"==> [{i}/{len(steps)}] {step.name}: already finished ({step.done_file}), reused", flush=True)
             continue
         print(f"==> [{i}/{len(steps)}] {step.name}: {step.what} (demo elapsed {_clock(time.perf_counter() - started)})", flush=True)
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time() - 1.0  # 1 s of slack for coarse file-system clocks
         result = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         step.seconds = time.perf_counter() - t
-        if result.returncode != 0 or not step.finished():
+        # on --retrain the previous run's done files are still there: only files written by this run count
+        if result.returncode != 0 or not step.finished(since=wall if retrain else None):
             step.status = "failed"
-            why = f"exit {result.returncode}" if result.returncode else f"no {step.done_file}"
+            why = f"exit {result.returncode}" if result.returncode else f"no {'new ' if retrain else ''}{step.done_file}"
             raise RuntimeError(f"demo step {step.name} failed ({why}) after {_clock(step.seconds)}; re-run it with:\n  {step.cmd}")
         step.status = "ran"
         print(f"    {step.name} done in {_clock(step.seconds)}", flush=True)

@@ -114,16 +114,17 @@ def probmap_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
     """SA-2: scores of the held-out phantoms' maps and masks, and each case's overlay."""
     held = _load(out / "probmap" / "heldout_phantoms" / "scores.json")
     figures = []
-    for which in ("heldout_phantoms", "training_scans"):
+    for which in ("heldout_phantoms", "training_scans", "real_scans"):
         for report in sorted((out / "probmap" / which).glob("*/*_probmap.json")):
             case = report.parent.name
             src = _copy_figure(report.parent / f"{case}_overlay.png", fig_dir, f"probmap_{case}.png")
             if src:
                 figures.append((src, f"{case}: lung probability and mask; most probable class"))
-    training = {p.parent.name: _load(p) for p in sorted((out / "probmap" / "training_scans").glob("*/*_probmap.json"))}
+    volumes = {which: {p.parent.name: (_load(p) or {}).get("lung_volume_ml") for p in sorted((out / "probmap" / which).glob("*/*_probmap.json"))}
+               for which in ("training_scans", "real_scans")}
     if held is None:
         return {"ran": False}, "<p class='fail'>SA-2 did not finish on the held-out phantoms (no scores.json).</p>"
-    metrics = {"ran": True, "heldout_phantoms": held["summary"], "training_scans_lung_volume_ml": {c: (r or {}).get("lung_volume_ml") for c, r in training.items()}}
+    metrics = {"ran": True, "heldout_phantoms": held["summary"], **{f"{which}_lung_volume_ml": v for which, v in volumes.items()}}
     dice = held["summary"].get("lung_mask_dice", {}).get("mean")
     body = (f"<p>Zero-shot maps from the SA-1 model (sliding patches, Eq. 4-6) and the lung mask thresholded from them. "
             f"Held-out phantoms: lung-mask Dice <b>{dice:.3f}</b> (mean of {held['summary'].get('lung_mask_dice', {}).get('n', 0)}).</p>"
@@ -222,7 +223,7 @@ def comparison_section(out: Path, fig_dir: Path, n_phantoms: int, seed: int) -> 
 
 
 def pipeline_figure(out: Path, fig_dir: Path) -> str:
-    """One held-out phantom and one real crop: CT, lung probability, pseudo label, H-SAM mask, same slice."""
+    """One held-out phantom and one real crop: CT, lung probability, pseudo label (the phantom's), H-SAM mask, same slice."""
     from common.report import save_pipeline_overlay_png
 
     from common.default_data import shared_data_dir
@@ -230,10 +231,11 @@ def pipeline_figure(out: Path, fig_dir: Path) -> str:
     cases = []
     real_done = sorted(p.name for p in (out / "hsam_finetune" / "real").glob("*") if p.is_dir())
     for which, case_id in (("heldout_phantoms", "heldout_phantom_000"), ("real", real_done[0] if real_done else "")):
-        maps = "heldout_phantoms" if which != "real" else "training_scans"  # the real CT's map and pseudo label come from the training scans
+        maps = "heldout_phantoms" if which != "real" else "real_scans"
         paths = {"prob": out / "probmap" / maps / case_id / f"{case_id}_probmap.nii.gz",
-                 "pseudo": out / "pseudolabel" / maps / case_id / f"{case_id}_pseudo_label.nii.gz",
                  "hsam": out / "hsam_finetune" / which / case_id / f"{case_id}_lung_mask.nii.gz"}
+        if which != "real":  # the demo does not pseudo-label the real CT (H-SAM trains on phantoms)
+            paths["pseudo"] = out / "pseudolabel" / maps / case_id / f"{case_id}_pseudo_label.nii.gz"
         image = (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz") if which != "real" else shared_data_dir() / REAL_SCANS / f"{case_id}.nii.gz"
         if not image.is_file() or not all(p.is_file() for p in paths.values()):
             continue
@@ -243,14 +245,15 @@ def pipeline_figure(out: Path, fig_dir: Path) -> str:
         if which != "real" and lungs.is_file():
             truth = _volume(lungs)[0] > 0
         prob = _volume(paths["prob"])[0]  # (X, Y, Z, class), lung first
-        cases.append({"name": f"{case_id} ({'held-out phantom' if which != 'real' else 'real CT, in the training set'})", "hu": np.asarray(hu, dtype=np.float32), "affine": affine,
-                      "lung_probability": prob[..., 0] if prob.ndim == 4 else prob, "pseudo_label": _volume(paths["pseudo"])[0] > 0,
+        cases.append({"name": f"{case_id} ({'held-out phantom' if which != 'real' else 'real CT, unseen in training'})", "hu": np.asarray(hu, dtype=np.float32), "affine": affine,
+                      "lung_probability": prob[..., 0] if prob.ndim == 4 else prob, "pseudo_label": _volume(paths["pseudo"])[0] > 0 if "pseudo" in paths else None,
                       "hsam": _volume(paths["hsam"])[0] > 0, "truth": truth})
     if not cases:
         return "<p class='fail'>No case has all of probability map, pseudo label and H-SAM mask.</p>"
     save_pipeline_overlay_png(fig_dir / "pipeline.png", cases, window=LUNG_WINDOW)
     return ("<p>The same axial slice through each stage: the CT; SA-2's zero-shot lung probability; the SA-3a pseudo label; "
-            "the H-SAM mask (red; the phantom's true lung field dashed yellow).</p>" + _img("figures/pipeline.png"))
+            "the H-SAM mask (red; the phantom's true lung field dashed yellow). H-SAM trained on phantoms' pseudo labels alone: "
+            "the real CT is new to it, and the demo does not pseudo-label it.</p>" + _img("figures/pipeline.png"))
 
 
 def mlflow_runs(out: Path) -> list[dict]:

@@ -273,8 +273,9 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
 def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: tuple[float, float] = LUNG_WINDOW) -> Path:
     """One row per case, one column per stage, all on the axial slice through the middle of the H-SAM mask:
     the CT; the lung probability (heat map); the pseudo label; the H-SAM mask (red), with the true lung field
-    dashed yellow where known. Each case: ``name``, ``hu``, ``affine``, ``lung_probability``, ``pseudo_label``,
-    ``hsam`` and ``truth`` (or None), arrays (X, Y, Z) on the input grid; shown in the radiological view."""
+    dashed yellow where known. Each case: ``name``, ``hu``, ``affine``, ``lung_probability``, ``pseudo_label``
+    (or None: a case that was not pseudo-labelled), ``hsam`` and ``truth`` (or None), arrays (X, Y, Z) on the
+    input grid; shown in the radiological view."""
     from common.io.volume import reorient_array
 
     plt = _plt()
@@ -282,7 +283,8 @@ def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: t
     for row, case in zip(axes, cases):
         affine = np.asarray(case["affine"])
         lps = lambda a: reorient_array(np.asarray(a), affine)[0]  # noqa: E731
-        hu, prob, pseudo, hsam = lps(case["hu"]), lps(case["lung_probability"]), lps(case["pseudo_label"]), lps(case["hsam"])
+        hu, prob, hsam = lps(case["hu"]), lps(case["lung_probability"]), lps(case["hsam"])
+        pseudo = None if case.get("pseudo_label") is None else lps(case["pseudo_label"])
         truth = None if case.get("truth") is None else lps(case["truth"])
         extent = np.flatnonzero(hsam.any(axis=(0, 1)))
         k = int(extent[len(extent) // 2]) if extent.size else hu.shape[2] // 2
@@ -294,11 +296,13 @@ def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: t
         heat = row[1].imshow(axial_display(prob[:, :, k]), cmap="inferno", vmin=0, vmax=1, alpha=0.55, aspect=aspect)
         fig.colorbar(heat, ax=row[1], fraction=0.04, pad=0.01)
         for ax, mask, colour in ((row[2], pseudo, "#2ca02c"), (row[3], hsam, "#e41a1c")):
-            if mask[:, :, k].any():
+            if mask is not None and mask[:, :, k].any():
                 ax.contour(axial_display(mask[:, :, k]).astype(float), levels=[0.5], colors=[colour], linewidths=1.1)
         if truth is not None and truth[:, :, k].any():
             row[3].contour(axial_display(truth[:, :, k]).astype(float), levels=[0.5], colors=["#ffd700"], linewidths=0.9, linestyles="dashed")
-        for ax, label in zip(row, ("CT (lung window)", "SA-2 lung probability", "SA-3a pseudo label", "SA-3b H-SAM mask" + (" (truth dashed)" if truth is not None else ""))):
-            ax.set_title(f"{case['name']}, slice {k}\n{label}" if ax is row[0] else label, fontsize=9)
+        pseudo_title = "SA-3a pseudo label" if pseudo is not None else "no pseudo label (not made for this case)"
+        for ax, label in zip(row, ("CT (lung window)", "SA-2 lung probability", pseudo_title, "SA-3b H-SAM mask" + (" (truth dashed)" if truth is not None else ""))):
+            name = case["name"].replace(" (", "\n(", 1)  # "case_id (what it is)" on two lines: wider than the axes on one
+            ax.set_title(f"{name}, slice {k}\n{label}" if ax is row[0] else label, fontsize=9)
     fig.tight_layout(pad=0.4)
     return _save_figure(fig, path)

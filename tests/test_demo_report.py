@@ -31,8 +31,10 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(array, affine), str(path))
 
 
-def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np.ndarray, affine: np.ndarray) -> dict:
-    """Write one case's SA-2 / SA-3a / SA-3b outputs as the bundles name them; returns the three masks."""
+def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np.ndarray, affine: np.ndarray,
+                  pseudo_label: bool = True, hsam_dir: str | None = None) -> dict:
+    """Write one case's SA-2 / SA-3a / SA-3b outputs as the bundles name them (SA-3a unless ``pseudo_label`` is
+    false; SA-3b into ``hsam_dir``, by default ``which``); returns the three masks."""
     from common.report import save_probmap_overlay_png, save_pseudolabel_overlay_png
 
     sa2 = np.roll(lungs, 2, axis=0)  # a shifted zero-shot mask
@@ -48,12 +50,12 @@ def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np
     (d / f"{case_id}_probmap.json").write_text(json.dumps({"case_id": case_id, "lung_volume_ml": {"total": float(sa2.sum())}}))
     d = out / "pseudolabel" / which / case_id
     sides = pseudo.astype(np.uint8) * np.where(np.arange(lungs.shape[0])[:, None, None] < lungs.shape[0] // 2, 1, 2).astype(np.uint8)
-    _save(sides, affine, d / f"{case_id}_pseudo_label.nii.gz")
-    save_pseudolabel_overlay_png(d / f"{case_id}_pseudo_overlay.png", hu, sa2, sides, affine, case_id)
-    (d / f"{case_id}_pseudolabel.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(pseudo.sum())},
-                                                              "confidence": {"passed": True, "agreement_dice": 0.9, "mean_predicted_iou": 0.85, "reasons": []}}))
-    hsam_dir = "real" if which == "training_scans" else which  # H-SAM segments the real CT after training on its pseudo label
-    _save(hsam.astype(np.uint8), affine, out / "hsam_finetune" / hsam_dir / case_id / f"{case_id}_lung_mask.nii.gz")
+    if pseudo_label:
+        _save(sides, affine, d / f"{case_id}_pseudo_label.nii.gz")
+        save_pseudolabel_overlay_png(d / f"{case_id}_pseudo_overlay.png", hu, sa2, sides, affine, case_id)
+        (d / f"{case_id}_pseudolabel.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(pseudo.sum())},
+                                                                  "confidence": {"passed": True, "agreement_dice": 0.9, "mean_predicted_iou": 0.85, "reasons": []}}))
+    _save(hsam.astype(np.uint8), affine, out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_lung_mask.nii.gz")
     return {"sa2": sa2, "pseudo": pseudo, "hsam": hsam}
 
 
@@ -84,10 +86,16 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
     write_scores(rows["probmap"], out / "probmap" / "heldout_phantoms")
     write_scores(rows["pseudolabel"], out / "pseudolabel" / "heldout_phantoms")
     write_scores(rows["hsam"], out / "hsam_finetune" / "heldout_phantoms")
+    # the training phantoms (SA-2, SA-3a; their pseudo labels train H-SAM) and the real CT (SA-2 and H-SAM, as the demo runs it)
+    img = nib.load(held[0]["image"])
+    for case_id in ("train_phantom_000_ct", "train_phantom_001_ct"):
+        _case_outputs(out, "training_scans", case_id, np.asarray(img.dataobj, np.float32), np.asarray(nib.load(held[0]["lungs"]).dataobj) > 0, img.affine)
+    write_json_atomic(out / "pseudolabel" / "training_scans" / "datalist.json",
+                      {"training": [{"case_id": "train_phantom_000_ct"}], "validation": [{"case_id": "train_phantom_001_ct"}], "excluded": []})
     img = nib.load(str(REAL_B))
     real_hu = np.asarray(img.dataobj, np.float32)
-    _case_outputs(out, "training_scans", "chest_crop_b", real_hu, hu_threshold_lung_mask(real_hu, tuple(np.linalg.norm(img.affine[:3, :3], axis=0))), img.affine)
-    write_json_atomic(out / "pseudolabel" / "training_scans" / "datalist.json", {"training": [{"case_id": "chest_crop_b"}], "validation": [], "excluded": []})
+    _case_outputs(out, "real_scans", "chest_crop_b", real_hu, hu_threshold_lung_mask(real_hu, tuple(np.linalg.norm(img.affine[:3, :3], axis=0))), img.affine,
+                  pseudo_label=False, hsam_dir="real")
     # SA-1: a tiny real LungCLIP and held-out patches with their classes, for the zero-shot confusion matrix
     torch.manual_seed(0)
     model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
@@ -157,7 +165,12 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert len(table) == 4 and table["H-SAM on pseudo labels (SA-3b)"]["dice"]["mean"] == pytest.approx(hsam_dice, abs=1e-6)
     assert saved["timings"]["total_s"] == 1234.0 and saved["timings"]["hsam_s"] > 0
     assert "held-out phantom lung Dice" in metrics["summary_text"]
-    assert saved["pseudolabel"]["hsam_datalist"]["training"] == ["chest_crop_b"]
+    assert saved["pseudolabel"]["hsam_datalist"] == {"training": ["train_phantom_000_ct"], "validation": ["train_phantom_001_ct"], "excluded": []}
+    assert saved["probmap"]["real_scans_lung_volume_ml"]["chest_crop_b"]["total"] > 0
+    from PIL import Image
+
+    pipeline = Image.open(out / "report" / "figures" / "pipeline.png")  # two rows: the held-out phantom and the real CT (no pseudo label)
+    assert pipeline.size[1] > 1.7 * 3.4 * 100 * 0.9 and pipeline.size[0] > 1000, pipeline.size
 
     facts = render_page(out / "report" / "index.html", out / "report" / "screenshot.png", width=1280)
     for heading in ("What ran", "Evaluation on held-out phantoms", "CT, probability map, pseudo label and H-SAM mask",

@@ -10,9 +10,11 @@ message and its re-run command) in well under a second per test.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,7 @@ class ScriptStep(Step):
     mode: str = "ok"
     log: Path | None = None
 
-    def command(self, tracking_uri: str) -> list[str]:
+    def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
         return [sys.executable, "-c", CHILD, self.mode, self.name, str(self.log), tracking_uri,
                 *[str(p) for p in [self.done_file, *self.extra_done]]]
 
@@ -61,10 +63,11 @@ def _ran(out: Path) -> list[dict]:
 
 
 def _finish(step: Step) -> None:
-    """Write a step's done files as a previous run would have."""
+    """Write a step's done files as a previous run would have, an hour ago."""
     for p in [step.done_file, *step.extra_done]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("earlier run")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
 
 
 @pytest.fixture
@@ -132,6 +135,34 @@ def test_retrain_runs_finished_steps_again(out):
     assert [s.status for s in steps] == ["ran", "ran"]
     assert all(s.seconds > 0.0 for s in steps)
     assert steps[0].done_file.read_text() == "a" and steps[0].extra_done[0].read_text() == "a"  # rewritten
+
+
+def test_retrain_fails_a_step_that_leaves_only_the_earlier_runs_files(out):
+    """On --retrain the previous run's done files are still on disk: a step that exits 0 but writes nothing
+    must not pass as re-done with stale results."""
+    steps = [_step(out, "stale", mode="no_done"), _step(out, "after")]
+    for s in steps:
+        _finish(s)
+    with pytest.raises(RuntimeError, match=r"demo step stale failed \(no new .*done\.json\)"):
+        run_steps(steps, out, retrain=True)
+    assert [s.status for s in steps] == ["failed", "not run"]
+    assert steps[0].done_file.read_text() == "earlier run"  # left as it was, not deleted
+
+
+def test_retrain_makes_inference_steps_redo_cases_they_already_wrote():
+    """A case-by-case bundle skips cases already written (``overwrite`` false): --retrain passes
+    ``--overwrite true`` to inference runs, and nothing to trainers or to evaluations (which overwrite anyway)."""
+    inference = Step("probmap", "p", "probmap", ["inference.json"], {"output_dir": "/x"}, Path("/x/done"), "")
+    trainer = Step("hsam", "t", "hsam_finetune", ["train.json", "demo.json"], {}, Path("/x/model.pt"), "")
+    evaluation = Step("probmap", "e", "probmap", ["inference.json", "evaluate.json"], {}, Path("/x/scores.json"), "")
+
+    def option(step, overwrite):
+        cmd = step.command("sqlite:///x.db", overwrite=overwrite)
+        return cmd[cmd.index("--overwrite") + 1] if "--overwrite" in cmd else None
+
+    assert option(inference, False) is None and option(inference, True) == "true"
+    assert option(trainer, True) is None
+    assert option(evaluation, True) == "true"  # evaluate.json sets it true already; the override agrees
 
 
 def _rerun(cmd_line: str) -> int:

@@ -167,6 +167,10 @@ def test_mlflow_run_holds_parameters_losses_and_validation_metrics(tmp_path, tin
         history = client.get_metric_history(run.info.run_id, key)
         assert [h.step for h in history] == [1, 2], key  # one value per epoch
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2  # per-iteration loss
+    # the executed config is logged although --output_dir came as a plain path (MONAI 1.6 hands the handler
+    # an unevaluated "<path> + '/config_<time>.json'"; TrackingParams mends it)
+    logged = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert any(a.startswith("config_") and a.endswith(".json") for a in logged), logged
 
 
 @pytest.mark.real

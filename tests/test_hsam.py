@@ -259,7 +259,12 @@ def test_several_datalists_are_joined_split_by_split(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"training": [{**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}))
     got = training_slices([tmp_path / "a.json", str(tmp_path / "b.json")], slice_size=32, background_share=0.0)
     assert sorted({s["case_id"] for s in got["training"]}) == ["a", "b"] and len(got["training"]) == 12
-    assert {s["case_id"] for s in got["validation"]} == {"c"}
+    assert {s["case_id"] for s in got["validation"]} == {"c"} and len(got["validation"]) == 6
+    # val_slice_step thins validation alone (6 lung slices -> every 3rd: 2); training keeps slice_step
+    thinned = training_slices([tmp_path / "a.json", tmp_path / "b.json"], slice_size=32, background_share=0.0, val_slice_step=3)
+    assert len(thinned["training"]) == 12 and len(thinned["validation"]) == 2
+    both = training_slices(tmp_path / "b.json", slice_size=32, background_share=0.0, slice_step=2)
+    assert len(both["training"]) == 3 and len(both["validation"]) == 3  # without val_slice_step, slice_step holds for both
     with pytest.raises(ValueError, match="names no datalist"):
         training_slices([])
     # a datalist whose every case QC excluded: alone an error with the reason, joined with others a warning

@@ -119,9 +119,12 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
 
 
 def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size: int | None = None, background_share: float = 0.1,
-                    hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1) -> dict:
+                    hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1,
+                    val_slice_step: int | None = None) -> dict:
     """The training and validation slices of a pseudolabel datalist, or of several (their splits joined, e.g.
-    phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``."""
+    phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``. ``val_slice_step``
+    (default: ``slice_step``) thins the validation slices alone: validation runs every epoch, and a mean Dice
+    over every n-th slice tracks it at a fraction of the cost."""
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
@@ -130,7 +133,8 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
     out, skipped = {}, []
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]
-        got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=slice_step)
+        step = slice_step if split == "training" or val_slice_step is None else val_slice_step
+        got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=step)
         out[split] = got["slices"]
         skipped += got["skipped"]
     if not out["training"]:

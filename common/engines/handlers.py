@@ -100,7 +100,8 @@ class TrackingParams:
     """Hands hyper-parameters to every ``MLFlowHandler`` on the engine, so ``--tracking mlflow`` logs them as run parameters.
 
     ``monai.bundle run --tracking mlflow`` appends its MLFlowHandler after the bundle's own handlers,
-    so at ``STARTED`` this handler runs first and fills the handler's ``experiment_param``.
+    so at ``STARTED`` this handler runs first and fills the handler's ``experiment_param`` (and points it at
+    the executed config, :func:`mend_executed_config`).
     """
 
     def __init__(self, params: dict):
@@ -112,6 +113,7 @@ class TrackingParams:
     def __call__(self, engine: Engine) -> None:
         for owner in mlflow_handlers(engine):
             owner.experiment_param = {**(owner.experiment_param or {}), **self.params}
+        mend_executed_config(engine)
 
 
 def mlflow_handlers(engine: Engine) -> list:
@@ -143,6 +145,15 @@ def _executed_config_path(artifact):
     return artifact
 
 
+def mend_executed_config(engine: Engine) -> None:
+    """Points every ``MLFlowHandler`` on ``engine`` at the executed config file MONAI wrote (see
+    :func:`_executed_config_path`), so the run logs it whether ``output_dir`` came as a path or an expression.
+    Called by :class:`TrackingParams` (trainers) and :class:`MLflowArtifactsHandler` (evaluators) before the
+    MLFlowHandler logs its artifacts at ``COMPLETED``; the file exists from before the engine starts."""
+    for h in mlflow_handlers(engine):
+        h.artifacts = tuple(_executed_config_path(a) for a in h.artifacts)
+
+
 class MLflowArtifactsHandler:
     """Logs a stage's small output files (JSON reports, score tables, overlay PNGs) as artifacts of the
     MLflow run of every ``MLFlowHandler`` on the engine; does nothing when there is none (a run without
@@ -150,8 +161,8 @@ class MLflowArtifactsHandler:
 
     It acts at ``COMPLETED``: ``monai.bundle run --tracking mlflow`` appends its MLFlowHandler after the
     bundle's own handlers and ignite calls an event's handlers in the order they were added, so the files
-    go in before that handler logs the executed config and closes the run (a plain ``--output_dir``
-    path would keep it from finding that config; this handler points it at the file). ``patterns`` are
+    go in before that handler logs the executed config and closes the run  (:func:`mend_executed_config`
+    first points it at that config). ``patterns`` are
     globs under ``output_dir`` (default: the engine's ``output_dir``); a file keeps its folder below
     ``output_dir`` under ``artifact_path``. NIfTI volumes, MONAI's executed ``config_*.json`` (the
     MLFlowHandler logs it itself), hidden (temporary) files and anything in an ``mlruns`` folder are never
@@ -173,9 +184,8 @@ class MLflowArtifactsHandler:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        mend_executed_config(engine)
         handlers = [h for h in mlflow_handlers(engine) if getattr(h, "cur_run", None) is not None]
-        for h in handlers:
-            h.artifacts = tuple(_executed_config_path(a) for a in h.artifacts)
         self.runs = [(h.client, h.cur_run.info.run_id) for h in handlers]
         if self.output_dir is None and getattr(engine, "output_dir", None) is not None:
             self.output_dir = Path(engine.output_dir)
