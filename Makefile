@@ -89,11 +89,13 @@ hsam-data: $(DATA)
 HSAM_DATALIST ?= ['outputs/pseudolabel/train_phantoms/datalist.json','outputs/pseudolabel/real/datalist.json']
 HSAM_OVERLAYS = 'bundles/hsam_finetune/configs/train.json'$(if $(filter demo,$(HSAM_CONFIG)),$(comma)'bundles/hsam_finetune/configs/demo.json')
 comma := ,
+# its own checkpoint: the demo's (HSAM_CKPT, what segment and serve use by default) stays the demo's
+HSAM_CHAIN_CKPT ?= outputs/hsam_finetune/models/model.pt
 hsam: $(DATA)
 	$(PY) -m monai.bundle run --config_file "[$(HSAM_OVERLAYS)]" --bundle_root bundles/hsam_finetune \
-		--datalist_path "$(HSAM_DATALIST)" --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/train
+		--datalist_path "$(HSAM_DATALIST)" --ckpt_path $(HSAM_CHAIN_CKPT) --output_dir outputs/hsam_finetune/train
 	$(PY) -m monai.bundle run --config_file "['bundles/hsam_finetune/configs/inference.json','bundles/hsam_finetune/configs/evaluate.json']" \
-		--bundle_root bundles/hsam_finetune --ckpt_path $(HSAM_CKPT) --output_dir outputs/hsam_finetune/heldout_phantoms
+		--bundle_root bundles/hsam_finetune --ckpt_path $(HSAM_CHAIN_CKPT) --output_dir outputs/hsam_finetune/heldout_phantoms
 
 # baselines on the same held-out phantoms: LiteMedSAM with SA-2 boxes and no fine-tuning (Algorithm 2 without
 # the map fallback), and MONAI UNet / UNETR trained on the same datalist with the same recipe
