@@ -120,7 +120,7 @@ def probmap_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
             src = _copy_figure(report.parent / f"{case}_overlay.png", fig_dir, f"probmap_{case}.png")
             if src:
                 figures.append((src, f"{case}: lung probability and mask; most probable class"))
-    volumes = {which: {p.parent.name: (_load(p) or {}).get("lung_volume_ml") for p in sorted((out / "probmap" / which).glob("*/*_probmap.json"))}
+    volumes = {which: {p.parent.name: (_load(p) or {}).get("lung_ml") for p in sorted((out / "probmap" / which).glob("*/*_probmap.json"))}
                for which in ("training_scans", "real_scans")}
     if held is None:
         return {"ran": False}, "<p class='fail'>SA-2 did not finish on the held-out phantoms (no scores.json).</p>"
@@ -186,6 +186,14 @@ def hsam_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
             f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels). "
             f"Held-out phantoms against their true lung field: Dice <b>{s['dice']['mean']:.3f}</b>, HD95 {s['hd95_mm']['mean']:.1f} mm.</p>"
             + _img("figures/hsam_curves.png") + _scores_table(held, ["case_id", "dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "sensitivity", "specificity"]))
+    if real:
+        # no truth for a real scan: its lung volume next to SA-2's shows whether H-SAM carried over to real CT
+        rows = []
+        for case, report in real.items():
+            sa2 = _load(out / "probmap" / "real_scans" / case / f"{case}_probmap.json") or {}
+            rows.append({"case": case, "H-SAM lung mL": ((report or {}).get("lung_volume_ml") or {}).get("total"),
+                         "SA-2 lung mL": (sa2.get("lung_ml") or {}).get("total")})
+        body += "<p>Real CT, never trained on (no truth; lung volume by each stage):</p>" + html_table(rows, ["case", "H-SAM lung mL", "SA-2 lung mL"])
     return metrics, body
 
 
@@ -274,6 +282,10 @@ def mlflow_runs(out: Path) -> list[dict]:
     return rows
 
 
+def _every_nth_slice(step: int) -> str:
+    return "every slice" if step == 1 else f"every {step}th slice"
+
+
 def build_report(out: Path, ingest: dict, steps: list, failure: str | None = None, total_seconds: float | None = None,
                  clip_patches: Path = CLIP_PATCHES) -> dict:
     """Write ``<out>/report/index.html`` and ``metrics.json``; returns the metrics (with ``summary_text``)."""
@@ -308,7 +320,8 @@ def build_report(out: Path, ingest: dict, steps: list, failure: str | None = Non
     what_ran = (f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
                 f"Total {_clock(total_seconds)} (m:s); ingest, QC and preprocessing {_clock(ingest.get('seconds'))}. Demo size: phantoms "
                 f"{'x'.join(map(str, DEMO_PHANTOM_SHAPE))} at {'x'.join(f'{v:g}' for v in DEMO_PHANTOM_SPACING)} mm ({DEMO_PHANTOMS} held out, {DEMO_PHANTOMS} for training), "
-                f"one real CT (TotalSegmentator chest crop b, 1.5 mm), H-SAM {HSAM_DEMO['max_epochs']} epochs on every {HSAM_DEMO['slice_step']}th slice. "
+                f"one real CT (TotalSegmentator chest crop b, 1.5 mm; SA-2 and H-SAM only, never trained on), H-SAM {HSAM_DEMO['max_epochs']} epochs on "
+                f"{_every_nth_slice(HSAM_DEMO['slice_step'])} of the training phantom, validated on {_every_nth_slice(HSAM_DEMO['val_slice_step'])} of the other. "
                 "The full-size recipes (GPU) are in each bundle's docs.</p>"
                 + html_table(summary_rows, ["stage", "time (m:s)", "headline"]) + html_table(step_rows, ["stage", "step", "what", "status", "time (m:s)"])
                 + f"<details><summary>the exact commands</summary><ol>{commands}</ol></details>")

@@ -132,7 +132,10 @@ def save_training_curves_png(history: Sequence[dict], path: str | Path, losses: 
     right.set_ylim(0, 1)
     right.set_xlabel("epoch")
     right.set_title("validation", fontsize=9)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25 ticks on a short run
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if title:

@@ -47,7 +47,7 @@ def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np
     _save(np.moveaxis(prob, 0, -1), affine, d / f"{case_id}_probmap.nii.gz")  # as SaveProbmapd writes it
     _save(sa2.astype(np.uint8), affine, d / f"{case_id}_lung_mask.nii.gz")
     save_probmap_overlay_png(d / f"{case_id}_overlay.png", hu, prob, sa2, affine, ["lung", "heart", "blood vessel", "airway", "bone"], case_id)
-    (d / f"{case_id}_probmap.json").write_text(json.dumps({"case_id": case_id, "lung_volume_ml": {"total": float(sa2.sum())}}))
+    (d / f"{case_id}_probmap.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(sa2.sum())}}))
     d = out / "pseudolabel" / which / case_id
     sides = pseudo.astype(np.uint8) * np.where(np.arange(lungs.shape[0])[:, None, None] < lungs.shape[0] // 2, 1, 2).astype(np.uint8)
     if pseudo_label:
@@ -56,6 +56,11 @@ def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np
         (d / f"{case_id}_pseudolabel.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(pseudo.sum())},
                                                                   "confidence": {"passed": True, "agreement_dice": 0.9, "mean_predicted_iou": 0.85, "reasons": []}}))
     _save(hsam.astype(np.uint8), affine, out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_lung_mask.nii.gz")
+    if hsam_dir == "real":  # the case report SaveSegmentationd writes, by the same function
+        from common.engines.hsam import lung_report
+
+        (out / "hsam_finetune" / "real" / case_id / f"{case_id}_report.json").write_text(
+            json.dumps({"case_id": case_id, **lung_report(hsam, hu, affine)}))
     return {"sa2": sa2, "pseudo": pseudo, "hsam": hsam}
 
 
@@ -166,7 +171,9 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert saved["timings"]["total_s"] == 1234.0 and saved["timings"]["hsam_s"] > 0
     assert "held-out phantom lung Dice" in metrics["summary_text"]
     assert saved["pseudolabel"]["hsam_datalist"] == {"training": ["train_phantom_000_ct"], "validation": ["train_phantom_001_ct"], "excluded": []}
-    assert saved["probmap"]["real_scans_lung_volume_ml"]["chest_crop_b"]["total"] > 0
+    real_ml = {"SA-2": saved["probmap"]["real_scans_lung_volume_ml"]["chest_crop_b"]["total"],
+               "H-SAM": saved["hsam"]["real_reports"]["chest_crop_b"]["lung_volume_ml"]["total"]}
+    assert min(real_ml.values()) > 0 and real_ml["SA-2"] != real_ml["H-SAM"], real_ml
     from PIL import Image
 
     pipeline = Image.open(out / "report" / "figures" / "pipeline.png")  # two rows: the held-out phantom and the real CT (no pseudo label)
@@ -181,6 +188,7 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert not facts["overflow_x"], (facts["scroll_width"], facts["viewport_width"])
     assert f"{hsam_dice:.3f}" in facts["text"] and "20:34" in facts["text"]  # H-SAM's Dice and the total time, as read on the page
     assert "did not finish" not in facts["text"] and not facts["page_errors"]
+    assert "H-SAM lung mL" in facts["text"] and f"{real_ml['H-SAM']}" in facts["text"]  # the real CT's volumes, side by side
     from PIL import Image
 
     shot = np.asarray(Image.open(facts["png"]).convert("L"), dtype=float)

@@ -91,6 +91,8 @@ def test_evaluation_stages_log_score_means_and_outputs_into_one_store(tmp_path, 
             value = r.data.metrics[key]
             assert math.isfinite(value) and 0.0 <= value <= 1.0
             assert value == pytest.approx(summary[key]["mean"])
+        assert (r.data.metrics["cases_done"], r.data.metrics["cases_failed"]) == (1, 0)  # run counts, labelled or not
+        assert r.data.metrics["mean_seconds_per_case"] > 0
         artifacts = _artifacts(client, r.info.run_id)
         assert any(Path(a).name.startswith("config_") and a.endswith(".json") for a in artifacts)  # the executed config
         assert {"outputs/scores.json", "outputs/scores.csv", f"outputs/{case['case_id']}/{overlay}"} <= set(artifacts)

@@ -77,7 +77,8 @@ class CaseEvaluator(SupervisedEvaluator):
     ``postprocessing`` and ``saver`` (and ``scorer`` when labels are given) run per case, and a case
     that fails, to load or later, is logged and listed in ``failed`` (``failed.json`` under
     ``output_dir``) while the run goes on. Finished rows of ``scorer`` go to ``scores.csv`` /
-    ``scores.json`` and their means into ``state.metrics`` (StatsHandler, MLflow)."""
+    ``scores.json`` and their means into ``state.metrics`` (StatsHandler, MLflow), with ``cases_done``,
+    ``cases_failed`` and ``mean_seconds_per_case``."""
 
     stage = "case"
     run_suffix = ""  # "_rank<r>" under torchrun: each rank writes its own run files
@@ -131,6 +132,10 @@ class CaseEvaluator(SupervisedEvaluator):
             summary = write_scores(self.rows, self.output_dir, name=f"scores{self.run_suffix}")
             self.state.metrics.update({k: v["mean"] for k, v in summary.items()})
             log.info("%s scores (mean over %d cases): %s", self.stage, len(self.rows), {k: round(v["mean"], 4) for k, v in summary.items()})
+        # counts for every run, so an inference run on unlabelled scans also has metrics to track (MLflow)
+        self.state.metrics.update({"cases_done": len(self.done), "cases_failed": len(self.failed)})
+        if self.case_seconds:
+            self.state.metrics["mean_seconds_per_case"] = sum(self.case_seconds) / len(self.case_seconds)
         write_json_atomic(self.output_dir / f"failed{self.run_suffix}.json", {"failed": self.failed})
         write_json_atomic(self.output_dir / f"{self.stage}_run{self.run_suffix}.json", {"done": self.done, "failed": self.failed})
         if self.failed:
