@@ -9,8 +9,9 @@ DATA   := data/default/manifest.json
 
 .PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
 
-CLIP_CKPT ?= outputs/demo/foundation_clip/models/model.pt
-HSAM_CKPT ?= outputs/demo/hsam_finetune/models/model.pt
+# the shipped models (committed); the demo writes its own under outputs/demo
+CLIP_CKPT ?= bundles/foundation_clip/models/model.pt
+HSAM_CKPT ?= bundles/hsam_finetune/models/model.pt
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

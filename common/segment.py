@@ -6,8 +6,8 @@ below -950 HU, seconds and peak memory). H-SAM runs only on the slices the SA-2 
 (plus a margin). ``OUT/overlay.png`` shows both masks on three slices. Every file is written under a
 temporary name and renamed.
 
-    python -m common.segment CT OUT [--clip-ckpt outputs/demo/foundation_clip/models/model.pt]
-                                    [--hsam-ckpt outputs/demo/hsam_finetune/models/model.pt]
+    python -m common.segment CT OUT [--clip-ckpt bundles/foundation_clip/models/model.pt]
+                                    [--hsam-ckpt bundles/hsam_finetune/models/model.pt]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CLIP = REPO / "outputs" / "demo" / "foundation_clip" / "models" / "model.pt"
-DEFAULT_HSAM = REPO / "outputs" / "demo" / "hsam_finetune" / "models" / "model.pt"
+DEFAULT_CLIP = REPO / "bundles" / "foundation_clip" / "models" / "model.pt"  # shipped (committed)
+DEFAULT_HSAM = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"  # shipped (committed)
 log = logging.getLogger("segment")
 
 
@@ -54,7 +54,7 @@ def segment(ct: str | Path, out: str | Path, clip_ckpt: str | Path = DEFAULT_CLI
         raise FileNotFoundError(f"{ct}: no such CT file or DICOM folder")
     for what, path in (("SA-1 (foundation_clip)", clip_ckpt), ("H-SAM (hsam_finetune)", hsam_ckpt)):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no {what} checkpoint; run `make demo` first or pass CLIP_CKPT=... HSAM_CKPT=...")
+            raise FileNotFoundError(f"{path}: no {what} checkpoint; the shipped models are bundles/*/models/model.pt (make release re-trains them), or pass CLIP_CKPT=... HSAM_CKPT=...")
     start = time.perf_counter()
     work = out / ".work"
     case = {"image": str(ct), "case_id": "scan"}

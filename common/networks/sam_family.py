@@ -226,11 +226,17 @@ def shared_image_predict_masks(mask_decoder: nn.Module, src: torch.Tensor, image
 # --------------------------------------------------------------------------- loading
 
 
-def _read_state_dict(path: Path) -> dict:
+def _read_raw(path: Path):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _read_state_dict(path: Path) -> dict:
+    state = _read_raw(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -242,7 +248,11 @@ def _read_state_dict(path: Path) -> dict:
 def load_state_dict_strict(module: nn.Module, path: str | Path, what: str) -> None:
     """Load ``path`` into ``module``; any missing, unexpected or mis-shaped key is a clear error."""
     path = Path(path)
-    state = _read_state_dict(path)
+    load_state_dict_checked(module, _read_state_dict(path), path, what)
+
+
+def load_state_dict_checked(module: nn.Module, state: dict, path: str | Path, what: str) -> None:
+    """Load ``state`` (read from ``path``) into ``module``; any missing, unexpected or mis-shaped key is a clear error."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
