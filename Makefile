@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
+.PHONY: install data demo release test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
 
 # the shipped models (committed); the demo writes its own under outputs/demo
 CLIP_CKPT ?= bundles/foundation_clip/models/model.pt
@@ -29,6 +29,19 @@ data: $(DATA)
 
 demo: $(DATA)
 	$(PY) -m common.demo --out outputs/demo
+
+# re-train the shipped models (bundles/foundation_clip and bundles/hsam_finetune models/model.pt) from the shared
+# real scans and training phantoms, then the label-free real-CT table of the bundle docs
+release: $(DATA)
+	$(PY) -m common.apps.release --out outputs/release
+	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/inference.json --bundle_root bundles/hsam_finetune \
+		--dataset_dir ../shared/data --output_dir outputs/release/hsam/shared
+	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/inference.json --bundle_root bundles/hsam_finetune \
+		--dataset_dir data/default/pyradiomics --output_dir outputs/release/hsam/pyradiomics
+	$(PY) benchmarks/real_ct_labelfree.py --scans ../shared/data --method H-SAM=outputs/release/hsam/shared \
+		--method SA-2=outputs/release/probmap/shared --method SA-3a=outputs/release/pseudolabel/shared --out outputs/release/labelfree/shared --overlays
+	$(PY) benchmarks/real_ct_labelfree.py --scans data/default/pyradiomics --method H-SAM=outputs/release/hsam/pyradiomics \
+		--method SA-2=outputs/release/probmap/pyradiomics --method SA-3a=outputs/release/pseudolabel/pyradiomics --out outputs/release/labelfree/pyradiomics --overlays
 
 # Debian's Chromium, the real headless browser tests/test_browser.py drives through Playwright (tests/conftest.py)
 .PHONY: browser

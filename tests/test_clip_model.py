@@ -110,6 +110,31 @@ def test_checkpoint_round_trip(model, tmp_path, bert_dir):
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 
 
+@pytest.mark.real
+def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_encoder_from_its_package(tmp_path, bert_dir):
+    from common.networks.text_encoder import default_text_encoder_path
+
+    torch.manual_seed(0)
+    enc = build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8)
+    model = LungCLIP(enc, TextEncoder(default_text_encoder_path()), embed_dim=16, teacher_shape=TEACHER_SHAPE).eval()
+    path = model.save_release(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    assert not any(k.startswith("text_encoder.") for k in raw["state_dict"])
+    assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    full = model.save_checkpoint(tmp_path / "full.pt")
+    assert path.stat().st_size < full.stat().st_size / 5  # MiniLM is most of the full file
+    loaded = LungCLIP.load_checkpoint(path).eval()
+    x, texts = torch.rand(2, 1, 40, 40), ["CT patch of the lung", "CT patch of the heart"]
+    with torch.no_grad():
+        a, b = model(x, texts), loaded(x, texts)
+    for k in ("image_embeds", "text_embeds"):
+        assert torch.nn.functional.cosine_similarity(a[k], b[k]).min() > 0.999, k
+    other = LungCLIP(build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8), TextEncoder(bert_dir), embed_dim=16,
+                     teacher_shape=TEACHER_SHAPE)
+    with pytest.raises(ValueError, match="differs from the registry package"):
+        other.save_release(tmp_path / "tiny.pt")
+
+
 def test_wrong_architecture_checkpoint(model, tmp_path, bert_dir):
     path = model.save_checkpoint(tmp_path / "tiny.pt")
     other = LungCLIP(build_image_encoder("tiny_cnn", pretrained=False, out_channels=12), TextEncoder(bert_dir), embed_dim=16, teacher_shape=TEACHER_SHAPE)

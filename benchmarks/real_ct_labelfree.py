@@ -1,0 +1,115 @@
+"""What can be measured on real chest CT without labels, for every method's lung mask on every real scan.
+
+    .venv/bin/python benchmarks/real_ct_labelfree.py --method "H-SAM=outputs/release/hsam/shared" \\
+        --method "SA-2=outputs/release/probmap/shared" --method "SA-3a=outputs/release/pseudolabel/shared" \\
+        --scans ../shared/data --scans data/default/pyradiomics [--out docs/real_ct] [--overlays]
+
+A method is ``NAME=DIR`` where ``DIR/<case>/<case>_<postfix>`` holds its mask (``lung_mask.nii.gz``, or a
+pseudolabel bundle's ``pseudo_label.nii.gz``). Per scan and method: lung volume per side (mL; sides by
+:func:`common.lungmask.split_left_right`), the share of mask voxels below -400 HU, the share of the
+thorax's air-like voxels (below -400 HU inside the body, :func:`common.lungmask.body_mask`) the mask
+covers, and its Dice against the classical HU threshold (:func:`common.lungmask.hu_threshold_lung_mask`)
+and against SA-2's mask. ``--overlays`` draws each scan's masks at base, middle and apex.
+Writes ``OUT/labelfree.json`` and ``OUT/labelfree.md`` (the table the bundle docs quote) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MASK_POSTFIXES = ("lung_mask.nii.gz", "pseudo_label.nii.gz", "pseudolabel.nii.gz")
+
+
+def _mask_of(method_dir: Path, case_id: str):
+    for postfix in MASK_POSTFIXES:
+        p = method_dir / case_id / f"{case_id}_{postfix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", action="append", required=True, help="NAME=DIR of a method's per-case outputs")
+    ap.add_argument("--scans", action="append", required=True, help="a folder of real scans (as the bundles' dataset_dir)")
+    ap.add_argument("--sa2", default=None, help="the method NAME that is SA-2 (default: the one named SA-2)")
+    ap.add_argument("--out", default=str(REPO / "outputs" / "labelfree"))
+    ap.add_argument("--overlays", action="store_true")
+    args = ap.parse_args(argv)
+
+    import nibabel as nib
+    import numpy as np
+
+    from common.engines.probmap import scan_datalist
+    from common.io import read_ct
+    from common.lungmask import body_mask, hu_threshold_lung_mask, split_left_right
+    from common.metrics import dice_score
+
+    methods = dict(m.split("=", 1) for m in args.method)
+    sa2 = args.sa2 or next((n for n in methods if n.upper().startswith("SA-2")), None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scans in args.scans:
+        for case in scan_datalist(scans):
+            cid = case["case_id"]
+            try:
+                vol = read_ct(case["image"])
+            except Exception as e:  # noqa: BLE001 - a scan that does not read is a row with its reason
+                rows.append({"case": cid, "error": f"{type(e).__name__}: {e}"})
+                continue
+            hu = vol.hu
+            voxel_ml = vol.voxel_volume_ml
+            hu_mask = hu_threshold_lung_mask(hu, vol.spacing)
+            thorax_air = (hu < -400) & body_mask(hu)
+            masks = {}
+            for name, d in methods.items():
+                p = _mask_of(Path(d), cid)
+                if p is None:
+                    continue
+                m = np.asarray(nib.load(str(p)).dataobj) > 0
+                if m.shape != hu.shape:
+                    rows.append({"case": cid, "method": name, "error": f"{p}: grid {m.shape} is not the scan's {hu.shape}"})
+                    continue
+                masks[name] = m
+            for name, m in masks.items():
+                right, left = split_left_right(m, vol.affine) if m.any() else (m, m)
+                row = {"case": cid, "method": name, "slices": int(hu.shape[2]), "spacing_mm": [round(float(s), 2) for s in vol.spacing],
+                       "lung_ml": round(float(m.sum()) * voxel_ml, 1), "right_ml": round(float(right.sum()) * voxel_ml, 1),
+                       "left_ml": round(float(left.sum()) * voxel_ml, 1),
+                       "share_below_-400": round(float((hu[m] < -400).mean()), 3) if m.any() else None,
+                       "thorax_air_covered": round(float((m & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
+                       "dice_hu_threshold": round(dice_score(m, hu_mask), 3),
+                       "dice_sa2": round(dice_score(m, masks[sa2]), 3) if sa2 in masks and name != sa2 else None}
+                rows.append(row)
+            rows.append({"case": cid, "method": "HU threshold", "lung_ml": round(float(hu_mask.sum()) * voxel_ml, 1),
+                         "share_below_-400": round(float((hu[hu_mask] < -400).mean()), 3) if hu_mask.any() else None,
+                         "thorax_air_covered": round(float((hu_mask & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
+                         "dice_hu_threshold": 1.0 if hu_mask.any() else None,
+                         "dice_sa2": round(dice_score(hu_mask, masks[sa2]), 3) if sa2 in masks else None})
+            if args.overlays and masks:
+                from common.report import save_method_overlays_png
+
+                save_method_overlays_png(out / f"{cid}.png", hu, [("HU threshold", hu_mask), *masks.items()], vol.affine,
+                                         fractions=(0.15, 0.5, 0.85), title=f"{cid}: base, middle and apex")
+            print(f"{cid}: " + "; ".join(f"{r['method']} {r.get('lung_ml')} mL, Dice vs HU {r.get('dice_hu_threshold')}"
+                                         for r in rows if r.get("case") == cid and "error" not in r), flush=True)
+    cols = ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold", "dice_sa2"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows if "error" not in r]
+    errors = [r for r in rows if "error" in r]
+    text = "\n".join(lines) + ("\n\nerrors:\n" + "\n".join(f"- {r['case']} {r.get('method', '')}: {r['error']}" for r in errors) if errors else "")
+    (out / "labelfree.json").write_text(json.dumps(rows, indent=1))
+    (out / "labelfree.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""``make release``: re-train the shipped models from the shared data and write them where the bundles keep them.
+
+    python -m common.apps.release [--out outputs/release] [--retrain] [--no-export]
+
+The chain, each step a ``python -m monai.bundle run ... --tracking mlflow`` (MLflow store ``<out>/mlruns.db``,
+experiment ``release``), a finished step skipped on re-run:
+
+1. SA-1 ``foundation_clip`` at the CPU size (``train.json`` + ``demo.json``): image-text pairs and the
+   LiteMedSAM distillation loss on every real scan of ``../shared/data`` and pyradiomics' lung1/lung2
+   (unlabelled), plus the training phantoms' patches;
+2. SA-2 ``probmap`` on every real scan (``../shared/data``, pyradiomics) and on two training phantoms;
+3. SA-3a ``pseudolabel`` on the same scans; its QC picks H-SAM's training and validation cases;
+4. SA-3b ``hsam_finetune`` on those pseudo labels, real and phantom (``train.json`` + ``demo.json`` +
+   ``release.json``: the frozen encoder stages cached per slice and augmentation view);
+5. export: the trained tensors only, float16, to ``bundles/foundation_clip/models/model.pt`` and
+   ``bundles/hsam_finetune/models/model.pt`` (:meth:`LungCLIP.save_release`, :func:`save_hsam_release`).
+
+Then ``benchmarks/real_ct_labelfree.py`` gives the label-free table of the bundle docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from common.demo import BUNDLES, DEMO_PHANTOM_SHAPE, DEMO_PHANTOM_SPACING, REPO_ROOT, Step, run_steps
+
+TRAIN_SEED = 200  # training phantoms: seeds no score uses (SA-1's are 0-9, the held-out ones 100+)
+
+
+def scan_sets(out: Path) -> dict[str, Path]:
+    """The folders SA-2 and SA-3a run on: every real scan of ``../shared/data``, pyradiomics' two, the training phantoms."""
+    from common.default_data import shared_data_dir
+
+    return {"shared": shared_data_dir().resolve(), "pyradiomics": REPO_ROOT / "data" / "default" / "pyradiomics", "phantoms": out / "training_phantoms"}
+
+
+def prepare(out: Path) -> None:
+    from common.default_data import make_phantoms
+
+    make_phantoms(out / "training_phantoms", 2, seed=TRAIN_SEED, prefix="train_phantom", shape=DEMO_PHANTOM_SHAPE, spacing=DEMO_PHANTOM_SPACING)
+
+
+def release_steps(out: Path) -> list[Step]:
+    out = out.resolve()
+    clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
+    hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
+    sets = scan_sets(out)
+    steps = [Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
+                  {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
+                  clip_ckpt, "SA-1: the CLIP-like model, real scans and phantoms, LiteMedSAM teacher")]
+    from common.engines.probmap import case_outputs, scan_datalist
+
+    for name, folder in sets.items():
+        ids = [c["case_id"] for c in scan_datalist(folder)] if folder.exists() else [f"{name}_scan"]
+        reports = [case_outputs(out / "probmap" / name, i)["report"] for i in ids]  # each case's report is written last
+        steps.append(Step("probmap", f"probmap_{name}", "probmap", ["inference.json"],
+                          {"ckpt_path": str(clip_ckpt), "dataset_dir": str(folder), "output_dir": str(out / "probmap" / name)},
+                          reports[0], f"SA-2: probability maps of {name}", extra_done=reports[1:]))
+    for name, folder in sets.items():
+        steps.append(Step("pseudolabel", f"pseudolabel_{name}", "pseudolabel", ["inference.json"],
+                          {"dataset_dir": str(folder), "probmap_dir": str(out / "probmap" / name), "output_dir": str(out / "pseudolabel" / name)},
+                          out / "pseudolabel" / name / "datalist.json", f"SA-3a: pseudo labels of {name}"))
+    datalists = [str(out / "pseudolabel" / name / "datalist.json") for name in sets]
+    steps.append(Step("hsam", "hsam_finetune_train", "hsam_finetune", ["train.json", "demo.json", "release.json"],
+                      {"datalist_path": datalists, "ckpt_path": str(hsam_ckpt), "output_dir": str(out / "hsam_finetune" / "train")},
+                      hsam_ckpt, "SA-3b: H-SAM on the real and phantom pseudo labels (cached frozen encoder stages)",
+                      extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"]))
+    return steps
+
+
+def save_hsam_release(source: str | Path, path: str | Path) -> Path:
+    """An H-SAM checkpoint's trained tensors in float16 (LoRA, decoders), everything else as it was."""
+    import torch
+
+    from common.io.atomic import atomic_path
+    from common.networks.hsam import read_hsam_checkpoint
+
+    ckpt = read_hsam_checkpoint(source)
+    ckpt["model"] = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    ckpt["dtype"] = "float16"
+    ckpt["backbone_checkpoint"] = None  # LiteMedSAM's weights come from its registry package
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return Path(path)
+
+
+def export(out: Path) -> list[Path]:
+    from common.networks import LungCLIP
+
+    clip = LungCLIP.load_checkpoint(out / "foundation_clip" / "models" / "model.pt")
+    written = [clip.save_release(BUNDLES / "foundation_clip" / "models" / "model.pt")]
+    written.append(save_hsam_release(out / "hsam_finetune" / "models" / "model.pt", BUNDLES / "hsam_finetune" / "models" / "model.pt"))
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="outputs/release")
+    ap.add_argument("--retrain", action="store_true", help="run every step again")
+    ap.add_argument("--no-export", action="store_true", help="train only; leave bundles/*/models/model.pt as they are")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    prepare(out)  # the phantom folder exists before the steps list its scans
+    steps = release_steps(out)
+    try:
+        run_steps(steps, out, retrain=args.retrain, started=started, prepare=prepare, experiment="release")
+    except RuntimeError as err:
+        print(f"release stopped: {err}", file=sys.stderr)
+        return 1
+    for s in steps:
+        print(f"{s.name}: {s.status} ({(s.seconds or 0) / 60:.1f} min)")
+    if not args.no_export:
+        for p in export(out):
+            print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+    print(f"release chain: {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
