@@ -373,3 +373,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------- output QC (a mask, not a scan)
+
+# A whole adult lung pair holds about 2-8 L; a crop or a thick-slice series less. Below this there is
+# no lung to speak of: an empty or near-empty mask is a failure, never a result.
+MIN_LUNG_ML = 200.0
+MIN_SIDE_SHARE = 0.1  # the smaller side's share of the total: one missing lung is a finding to flag
+
+
+def lung_mask_qc(report: dict, min_lung_ml: float = MIN_LUNG_ML, min_side_share: float = MIN_SIDE_SHARE) -> dict:
+    """``{"passed", "reasons"}`` for a lung mask's report (``lung_volume_ml`` with total / right / left,
+    ``mean_lung_hu``): too little lung, one side (nearly) missing, or a mask whose mean HU is not air-like."""
+    vol = report.get("lung_volume_ml") or {}
+    total = float(vol.get("total") or 0.0)
+    reasons = []
+    if total < min_lung_ml:
+        reasons.append(f"lung mask holds {total:.0f} mL (< {min_lung_ml:.0f} mL): no plausible lung found")
+    elif "right" in vol and "left" in vol and min(float(vol["right"]), float(vol["left"])) < min_side_share * total:
+        reasons.append(f"one side holds {min(float(vol['right']), float(vol['left'])):.0f} of {total:.0f} mL (< {100 * min_side_share:.0f} %): "
+                       "a lung is missing from the mask (pneumonectomy, collapse, effusion, or a failed segmentation)")
+    hu = report.get("mean_lung_hu")
+    if total >= min_lung_ml and hu is not None and float(hu) > -400.0:
+        reasons.append(f"mean HU inside the mask is {float(hu):.0f} (> -400): the mask covers soft tissue, not aerated lung")
+    return {"passed": not reasons, "reasons": reasons}

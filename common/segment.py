@@ -1,6 +1,7 @@
 """``make segment CT=<file or DICOM folder> OUT=<dir>``: one scan through SA-2 (probmap bundle) and H-SAM.
 
-Writes ``OUT/lung_mask.nii.gz`` (binary, the input's grid and affine), ``OUT/probmap.nii.gz`` (one
+Exit 0: done; 2: a missing input or checkpoint; 3: the mask failed QC (``report.json`` ``qc.reasons``
+says why: too little lung, a side missing, soft tissue in the mask). Writes ``OUT/lung_mask.nii.gz`` (binary, the input's grid and affine), ``OUT/probmap.nii.gz`` (one
 channel per class, SA-2) and ``OUT/report.json`` (lung volume in mL per side, mean lung HU, % of lung
 below -950 HU, seconds and peak memory). H-SAM runs only on the slices the SA-2 lung mask touches
 (plus a margin). ``OUT/overlay.png`` shows both masks on three slices. Every file is written under a
@@ -67,8 +68,11 @@ def segment(ct: str | Path, out: str | Path, clip_ckpt: str | Path = DEFAULT_CLI
     import json
 
     report = json.loads(seg["report"].read_text())
+    from common.qc import lung_mask_qc
+
     report.update({"input": str(ct), "seconds": {"probmap": round(t_probmap, 1), "total": round(time.perf_counter() - start, 1)},
                    "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)})
+    report["qc"] = lung_mask_qc(report)  # an empty or implausible mask is written, but never reported as a success
     out.mkdir(parents=True, exist_ok=True)
     for src, name in ((seg["mask"], "lung_mask.nii.gz"), (pm["probmap"], "probmap.nii.gz")):
         with atomic_path(out / name) as tmp:
@@ -110,6 +114,9 @@ def main(argv=None) -> int:
         print(f"make segment: {e}", file=sys.stderr)
         return 2
     vol = report.get("lung_volume_ml", {})
+    if not report["qc"]["passed"]:
+        print(f"make segment: {args.out}/lung_mask.nii.gz failed QC: {'; '.join(report['qc']['reasons'])}", file=sys.stderr)
+        return 3
     print(f"lung volume {vol.get('total')} mL (right {vol.get('right')}, left {vol.get('left')}); mean lung HU {report.get('mean_lung_hu')}; "
           f"{report['seconds']['total']} s, peak {report['peak_memory_gb']} GB; wrote {args.out}/lung_mask.nii.gz, probmap.nii.gz, report.json, overlay.png")
     return 0

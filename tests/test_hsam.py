@@ -504,13 +504,14 @@ def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path,
     hsam_ckpt = save_network(build_hsam("tiny_sam", sam_checkpoint=weights), tmp_path / "hsam.pt")
     ct = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")["path"]
     out = tmp_path / "out"
-    assert main([str(ct), str(out), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == 0
+    rc = main([str(ct), str(out), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)])
     src = nib.load(str(ct))
     mask = nib.load(str(out / "lung_mask.nii.gz"))
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
     assert nib.load(str(out / "probmap.nii.gz")).shape == (*src.shape, 5)
     report = json.loads((out / "report.json").read_text())
-    assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu", "seconds", "peak_memory_gb"} <= set(report)
+    assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu", "seconds", "peak_memory_gb", "qc"} <= set(report)
+    assert rc == (0 if report["qc"]["passed"] else 3)  # a random H-SAM's mask may fail QC: then the exit code says so
     assert not (out / ".work").exists() and (out / "overlay.png").stat().st_size > 1000
     assert main([str(ct), str(tmp_path / "out2"), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tmp_path / "none.pt")]) == 2
     assert not (tmp_path / "out2").exists()
@@ -521,7 +522,7 @@ def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path,
 
     monkeypatch.setattr(common.segment, "_save_overlay", broken_overlay)
     out3 = tmp_path / "out3"
-    assert main([str(ct), str(out3), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == 0
+    assert main([str(ct), str(out3), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == rc
     assert {p.name for p in out3.iterdir()} == {"lung_mask.nii.gz", "probmap.nii.gz", "report.json"}
     assert "overlay not written (RuntimeError: no display)" in caplog.text
 
@@ -660,3 +661,31 @@ def test_bundle_trains_from_the_feature_cache(tmp_path, tiny_phantom_manifest):
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 2 and all(np.isfinite(h["epoch_loss"]) for h in history)
     assert len(list((tmp_path / "cache").glob("*_v1.pt"))) > 0 and ckpt.is_file()
+
+
+def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
+    from common.apps.release import save_hsam_release
+    from common.engines.hsam import save_network
+
+    from common.networks import load_sam_family
+
+    torch.manual_seed(0)
+    backbone = load_sam_family("tiny_sam", random_init=True)
+    backbone_weights = tmp_path / "tiny_sam.pth"
+    torch.save(torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder,
+                                    "mask_decoder": backbone.mask_decoder}).state_dict(), backbone_weights)
+    model = build_hsam("tiny_sam", sam_checkpoint=backbone_weights)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # trained-looking LoRA weights
+    full = save_network(model, tmp_path / "full.pt")
+    release = save_hsam_release(full, tmp_path / "release.pt")
+    raw = torch.load(release, weights_only=True)
+    assert raw["dtype"] == "float16" and all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+    assert set(raw["model"]) == set(model.trainable_state_dict())
+    loaded = load_hsam(release, sam_checkpoint=backbone_weights)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = model.eval().probability(model(x)), loaded.probability(loaded(x))
+    assert float((a - b).abs().max()) < 5e-3

@@ -165,3 +165,16 @@ def test_qc_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "1 passed, 0 excluded" in res.stdout
     assert (tmp_path / "qc" / "qc_report.csv").exists()
+
+
+def test_lung_mask_qc_never_passes_an_empty_or_implausible_mask():
+    from common.qc import lung_mask_qc
+
+    good = {"lung_volume_ml": {"total": 4200.0, "right": 2300.0, "left": 1900.0}, "mean_lung_hu": -810.0}
+    assert lung_mask_qc(good) == {"passed": True, "reasons": []}
+    empty = lung_mask_qc({"lung_volume_ml": {"total": 0.0}, "mean_lung_hu": None})
+    assert not empty["passed"] and "no plausible lung" in empty["reasons"][0]
+    one_side = lung_mask_qc({"lung_volume_ml": {"total": 2000.0, "right": 1950.0, "left": 50.0}, "mean_lung_hu": -800.0})
+    assert not one_side["passed"] and "a lung is missing" in one_side["reasons"][0]
+    tissue = lung_mask_qc({"lung_volume_ml": {"total": 5200.0, "right": 2600.0, "left": 2600.0}, "mean_lung_hu": -150.0})
+    assert not tissue["passed"] and "soft tissue" in tissue["reasons"][0]
