@@ -39,9 +39,9 @@ release: $(DATA)
 	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/inference.json --bundle_root bundles/hsam_finetune \
 		--dataset_dir data/default/pyradiomics --output_dir outputs/release/hsam/pyradiomics
 	$(PY) benchmarks/real_ct_labelfree.py --scans ../shared/data --method H-SAM=outputs/release/hsam/shared \
-		--method SA-2=outputs/release/probmap/shared --method SA-3a=outputs/release/pseudolabel/shared --out outputs/release/labelfree/shared --overlays
+		--method SA-2=outputs/release/probmap/shared --method SA-3a=outputs/release/pseudolabel/shared --probmap-dir outputs/release/probmap/shared --out outputs/release/labelfree/shared --overlays
 	$(PY) benchmarks/real_ct_labelfree.py --scans data/default/pyradiomics --method H-SAM=outputs/release/hsam/pyradiomics \
-		--method SA-2=outputs/release/probmap/pyradiomics --method SA-3a=outputs/release/pseudolabel/pyradiomics --out outputs/release/labelfree/pyradiomics --overlays
+		--method SA-2=outputs/release/probmap/pyradiomics --method SA-3a=outputs/release/pseudolabel/pyradiomics --probmap-dir outputs/release/probmap/pyradiomics --out outputs/release/labelfree/pyradiomics --overlays
 
 # Debian's Chromium, the real headless browser tests/test_browser.py drives through Playwright (tests/conftest.py)
 .PHONY: browser

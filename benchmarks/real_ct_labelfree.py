@@ -9,7 +9,8 @@ pseudolabel bundle's ``pseudo_label.nii.gz``). Per scan and method: lung volume 
 :func:`common.lungmask.split_left_right`), the share of mask voxels below -400 HU, the share of the
 thorax's air-like voxels (below -400 HU inside the body, :func:`common.lungmask.body_mask`) the mask
 covers, and its Dice against the classical HU threshold (:func:`common.lungmask.hu_threshold_lung_mask`)
-and against SA-2's mask. ``--overlays`` draws each scan's masks at base, middle and apex.
+and against SA-2's mask; with ``--probmap-dir``, SA-2's raw map (argmax lung) with the share of its lung
+outside the body (``outside_body``). ``--overlays`` draws each scan's masks at base, middle and apex.
 Writes ``OUT/labelfree.json`` and ``OUT/labelfree.md`` (the table the bundle docs quote) and prints it.
 """
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", required=True, help="NAME=DIR of a method's per-case outputs")
     ap.add_argument("--scans", action="append", required=True, help="a folder of real scans (as the bundles' dataset_dir)")
     ap.add_argument("--sa2", default=None, help="the method NAME that is SA-2 (default: the one named SA-2)")
+    ap.add_argument("--probmap-dir", default=None, help="SA-2's outputs: adds a row for its raw map (argmax lung, before clean-up)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "labelfree"))
     ap.add_argument("--overlays", action="store_true")
     args = ap.parse_args(argv)
@@ -88,6 +90,18 @@ def main(argv=None) -> int:
                        "dice_hu_threshold": round(dice_score(m, hu_mask), 3),
                        "dice_sa2": round(dice_score(m, masks[sa2]), 3) if sa2 in masks and name != sa2 else None}
                 rows.append(row)
+            if args.probmap_dir:  # SA-2's raw map, before any clean-up: where it puts lung (argmax channel 0)
+                pm = Path(args.probmap_dir) / cid / f"{cid}_probmap.nii.gz"
+                if pm.is_file():
+                    prob = np.asarray(nib.load(str(pm)).dataobj, dtype=np.float32)
+                    raw = prob.argmax(axis=-1) == 0
+                    del prob
+                    outside = ~body_mask(hu)
+                    rows.append({"case": cid, "method": "SA-2 raw map (argmax lung)", "lung_ml": round(float(raw.sum()) * voxel_ml, 1),
+                                 "share_below_-400": round(float((hu[raw] < -400).mean()), 3) if raw.any() else None,
+                                 "thorax_air_covered": round(float((raw & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
+                                 "dice_hu_threshold": round(dice_score(raw, hu_mask), 3),
+                                 "outside_body": round(float((raw & outside).sum()) / max(int(raw.sum()), 1), 3)})
             rows.append({"case": cid, "method": "HU threshold", "lung_ml": round(float(hu_mask.sum()) * voxel_ml, 1),
                          "share_below_-400": round(float((hu[hu_mask] < -400).mean()), 3) if hu_mask.any() else None,
                          "thorax_air_covered": round(float((hu_mask & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
                                          fractions=(0.15, 0.5, 0.85), title=f"{cid}: base, middle and apex")
             print(f"{cid}: " + "; ".join(f"{r['method']} {r.get('lung_ml')} mL, Dice vs HU {r.get('dice_hu_threshold')}"
                                          for r in rows if r.get("case") == cid and "error" not in r), flush=True)
-    cols = ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold", "dice_sa2"]
+    cols = ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold", "dice_sa2", "outside_body"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows if "error" not in r]
     errors = [r for r in rows if "error" in r]
