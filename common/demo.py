@@ -79,8 +79,9 @@ class Step:
     status: str = "not run"
     extra_done: list[Path] = field(default_factory=list)
     cmd: str = ""  # the command as run, for the report
+    experiment: str = "demo"  # the MLflow experiment
 
-    def command(self, tracking_uri: str, overwrite: bool = False, experiment: str = "demo") -> list[str]:
+    def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
         """The ``monai.bundle run`` command line; ``overwrite`` redoes cases an inference run already wrote
         (which it would otherwise skip)."""
         bundle_root = BUNDLES / self.bundle
@@ -90,7 +91,7 @@ class Step:
         overrides = {**self.overrides, "overwrite": True} if overwrite and "inference.json" in self.configs else self.overrides
         for key, value in overrides.items():
             cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-        return cmd + ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", experiment, "--run_name", self.name]
+        return cmd + ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", self.experiment, "--run_name", self.name]
 
     def finished(self, since: float | None = None) -> bool:
         """All the step's done files exist (and, with ``since``, were written at or after that ``time.time()``)."""
@@ -169,8 +170,7 @@ def prepare_scans(out: Path) -> None:
         link.symlink_to(source)
 
 
-def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, prepare=prepare_scans,
-              experiment: str = "demo") -> None:
+def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, prepare=prepare_scans) -> None:
     """Run each step as its own ``monai.bundle run`` process (its progress bars and logs on this terminal);
     stop at the first failure with the command to re-run it. ``prepare(out)`` makes the scan folders first."""
     started = time.perf_counter() if started is None else started
@@ -178,7 +178,7 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
     if prepare is not None:
         prepare(out)
     for i, step in enumerate(steps, 1):
-        cmd = step.command(tracking_uri, overwrite=retrain, experiment=experiment)
+        cmd = step.command(tracking_uri, overwrite=retrain)
         step.cmd = shlex.join(cmd)
         if step.finished() and not retrain:
             step.status, step.seconds = "reused", 0.0

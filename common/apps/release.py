@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     prepare(out)  # the phantom folder exists before the steps list its scans
     steps = release_steps(out)
     try:
-        run_steps(steps, out, retrain=args.retrain, started=started, prepare=prepare, experiment="release")
+        for s in steps:
+            s.experiment = "release"
+        run_steps(steps, out, retrain=args.retrain, started=started, prepare=prepare)
     except RuntimeError as err:
         print(f"release stopped: {err}", file=sys.stderr)
         return 1
