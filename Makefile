@@ -31,9 +31,11 @@ demo: $(DATA)
 	$(PY) -m common.demo --out outputs/demo
 
 # re-train the shipped models (bundles/foundation_clip and bundles/hsam_finetune models/model.pt) from the shared
-# real scans and training phantoms, then the label-free real-CT table of the bundle docs
+# real scans and training phantoms, then the label-free real-CT table of the bundle docs.
+# RELEASE_ARGS="--clip-ckpt bundles/foundation_clip/models/model.pt" re-trains H-SAM on the shipped SA-1 model
+RELEASE_ARGS ?=
 release: $(DATA)
-	$(PY) -m common.apps.release --out outputs/release
+	$(PY) -m common.apps.release --out outputs/release $(RELEASE_ARGS)
 	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/inference.json --bundle_root bundles/hsam_finetune \
 		--dataset_dir ../shared/data --output_dir outputs/release/hsam/shared
 	$(PY) -m monai.bundle run --config_file bundles/hsam_finetune/configs/inference.json --bundle_root bundles/hsam_finetune \

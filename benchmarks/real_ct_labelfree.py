@@ -10,7 +10,10 @@ pseudolabel bundle's ``pseudo_label.nii.gz``). Per scan and method: lung volume 
 thorax's air-like voxels (below -400 HU inside the body, :func:`common.lungmask.body_mask`) the mask
 covers, and its Dice against the classical HU threshold (:func:`common.lungmask.hu_threshold_lung_mask`)
 and against SA-2's mask; with ``--probmap-dir``, SA-2's raw map (argmax lung) with the share of its lung
-outside the body (``outside_body``). ``--overlays`` draws each scan's masks at base, middle and apex.
+outside the body (``outside_body``). A method whose folder also holds ``<case>_lung_probability.nii.gz`` (the
+hsam_finetune bundle's) gets a second row, ``NAME without clean-up``: its probability > 0.5 before the named
+label-free post-processing (``LungMaskCleanupd``: the largest components, holes filled), so the clean-up is
+measured with and without. ``--overlays`` draws each scan's masks at base, middle and apex.
 Writes ``OUT/labelfree.json`` and ``OUT/labelfree.md`` (the table the bundle docs quote) and prints it.
 """
 
@@ -80,6 +83,9 @@ def main(argv=None) -> int:
                     rows.append({"case": cid, "method": name, "error": f"{p}: grid {m.shape} is not the scan's {hu.shape}"})
                     continue
                 masks[name] = m
+                raw = Path(d) / cid / f"{cid}_lung_probability.nii.gz"
+                if raw.is_file():  # the network's own output before the named clean-up
+                    masks[f"{name} without clean-up"] = np.asarray(nib.load(str(raw)).dataobj, dtype=np.float32) > 0.5
             for name, m in masks.items():
                 right, left = split_left_right(m, vol.affine) if m.any() else (m, m)
                 row = {"case": cid, "method": name, "slices": int(hu.shape[2]), "spacing_mm": [round(float(s), 2) for s in vol.spacing],

@@ -233,3 +233,19 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
     assert metrics["steps"][0]["seconds"] > 0.0 and metrics["timings"]["hsam_s"] == 0.0
     page = (out / "report" / "index.html").read_text()
     assert "The demo stopped: demo step probmap_broken failed (exit 1)" in page
+
+
+def test_release_chain_maps_with_a_given_sa1_checkpoint_instead_of_training_one(tmp_path):
+    from common.apps.release import release_steps
+
+    trained = release_steps(tmp_path / "a")
+    assert trained[0].name == "foundation_clip_train"
+    sa1 = tmp_path / "sa1.pt"
+    sa1.write_bytes(b"x")
+    reused = release_steps(tmp_path / "b", clip_ckpt=sa1)
+    assert [s.stage for s in reused].count("clip") == 0
+    assert len(reused) == len(trained) - 1
+    probmaps = [s for s in reused if s.stage == "probmap"]
+    assert probmaps and all(s.overrides["ckpt_path"] == str(sa1) for s in probmaps)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        release_steps(tmp_path / "c", clip_ckpt=tmp_path / "missing.pt")

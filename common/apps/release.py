@@ -43,14 +43,19 @@ def prepare(out: Path) -> None:
     make_phantoms(out / "training_phantoms", 2, seed=TRAIN_SEED, prefix="train_phantom", shape=DEMO_PHANTOM_SHAPE, spacing=DEMO_PHANTOM_SPACING)
 
 
-def release_steps(out: Path) -> list[Step]:
+def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
+    """The chain's bundle runs; ``clip_ckpt`` (e.g. the shipped SA-1 file) skips SA-1 training and maps with that model."""
     out = out.resolve()
-    clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
     hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
     sets = scan_sets(out)
-    steps = [Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
-                  {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
-                  clip_ckpt, "SA-1: the CLIP-like model, real scans and phantoms, LiteMedSAM teacher")]
+    steps = []
+    if clip_ckpt is None:
+        clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
+        steps.append(Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
+                          {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
+                          clip_ckpt, "SA-1: the CLIP-like model, real scans and phantoms, LiteMedSAM teacher"))
+    elif not Path(clip_ckpt).is_file():
+        raise FileNotFoundError(f"--clip-ckpt {clip_ckpt}: no such SA-1 checkpoint")
     from common.engines.probmap import case_outputs, scan_datalist
 
     for name, folder in sets.items():
@@ -87,11 +92,14 @@ def save_hsam_release(source: str | Path, path: str | Path) -> Path:
     return Path(path)
 
 
-def export(out: Path) -> list[Path]:
+def export(out: Path, clip_trained: bool = True) -> list[Path]:
+    """The trained models into the bundles; ``clip_trained=False`` (the chain re-used an SA-1 file) leaves SA-1's as it is."""
     from common.networks import LungCLIP
 
-    clip = LungCLIP.load_checkpoint(out / "foundation_clip" / "models" / "model.pt")
-    written = [clip.save_release(BUNDLES / "foundation_clip" / "models" / "model.pt")]
+    written = []
+    if clip_trained:
+        clip = LungCLIP.load_checkpoint(out / "foundation_clip" / "models" / "model.pt")
+        written.append(clip.save_release(BUNDLES / "foundation_clip" / "models" / "model.pt"))
     written.append(save_hsam_release(out / "hsam_finetune" / "models" / "model.pt", BUNDLES / "hsam_finetune" / "models" / "model.pt"))
     return written
 
@@ -101,12 +109,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/release")
     ap.add_argument("--retrain", action="store_true", help="run every step again")
     ap.add_argument("--no-export", action="store_true", help="train only; leave bundles/*/models/model.pt as they are")
+    ap.add_argument("--clip-ckpt", default=None, help="an SA-1 checkpoint to map with instead of training one (e.g. the shipped "
+                    "bundles/foundation_clip/models/model.pt); SA-1's shipped file is then left as it is")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     prepare(out)  # the phantom folder exists before the steps list its scans
-    steps = release_steps(out)
+    clip_ckpt = Path(args.clip_ckpt).resolve() if args.clip_ckpt else None
+    try:
+        steps = release_steps(out, clip_ckpt)
+    except FileNotFoundError as err:
+        print(f"release: {err}", file=sys.stderr)
+        return 2
     try:
         for s in steps:
             s.experiment = "release"
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
     for s in steps:
         print(f"{s.name}: {s.status} ({(s.seconds or 0) / 60:.1f} min)")
     if not args.no_export:
-        for p in export(out):
+        for p in export(out, clip_trained=clip_ckpt is None):
             print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
     print(f"release chain: {(time.perf_counter() - started) / 60:.1f} min")
     return 0
