@@ -689,3 +689,31 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
     with torch.no_grad():
         a, b = model.eval().probability(model(x)), loaded.probability(loaded(x))
     assert float((a - b).abs().max()) < 5e-3
+
+
+def test_shipped_hsam_segments_the_lungs_of_real_ct_without_prompts():
+    """The committed model (bundles/hsam_finetune/models/model.pt, float16 trained tensors on LiteMedSAM from its
+    package) on real slices it never trained on (TotalSegmentator crop b: its pseudo label failed QC): the
+    lungs, agreeing with the classical HU threshold, and no soft tissue called lung."""
+    from monai.transforms import LoadImage
+
+    from common.inferers import SliceEnsembleInferer
+    from common.io import CTReader
+    from common.lungmask import hu_threshold_lung_mask
+    from common.metrics import dice_score
+    from common.transforms.intensity import HUWindow
+
+    shipped = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"
+    model = load_hsam(shipped).eval()
+    image = LoadImage(reader=CTReader(), image_only=True)(TOTALSEG_B)  # as the inference bundle reads it
+    hu = np.asarray(image, dtype=np.float32)
+    lungs = hu_threshold_lung_mask(hu, tuple(float(s) for s in image.pixdim[:3]))
+    z = np.flatnonzero(lungs.any(axis=(0, 1)))
+    ks = z[[len(z) // 4, len(z) // 2, 3 * len(z) // 4]]
+    x = HUWindow()(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu[:, :, ks], -1, 0))))[:, None].float()
+    with torch.no_grad():
+        prob = SliceEnsembleInferer(slice_batch=3)(x, model)[:, 0].numpy()
+    for i, k in enumerate(ks):
+        mask = prob[i] > 0.5
+        assert dice_score(mask, lungs[:, :, k]) > 0.85, (k, dice_score(mask, lungs[:, :, k]))
+        assert (hu[:, :, k][mask] < -400).mean() > 0.85
