@@ -15,7 +15,6 @@ crop itself. Prints one line per method (Dice, HD95, lung mL) and writes ``OUT/s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -63,8 +62,9 @@ def main(argv=None) -> int:
     with atomic_path(crop) as tmp:
         nib.save(nib.Nifti1Image(np.round(hu).astype(np.int16), affine), str(tmp))
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
+    reference_ml = round(float(reference.sum()) * voxel_ml, 1)
     touching = [name for name, face in (("i=0", reference[0]), ("i=-1", reference[-1]), ("j=0", reference[:, 0])) if face.any()]
-    print(f"{args.scan}: crop {hu.shape} of {vol.hu.shape}; reference lung {reference.sum() * voxel_ml:.1f} mL, touches the edges {touching}")
+    print(f"{args.scan}: crop {hu.shape} of {vol.hu.shape}; reference lung {reference_ml} mL, touches the edges {touching}")
 
     rows = {}
     t = time.perf_counter()
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                       "lung_ml": round(float(mask.sum()) * voxel_ml, 1)}
     rows["make segment (H-SAM)"].update({"qc": report.get("qc"), "seconds": round(seconds, 1)})
     write_json_atomic(out / "scores.json", {"scan": str(args.scan), "crop_shape": list(hu.shape), "cut_mm": args.cut_mm,
-                                            "reference_ml": round(float(reference.sum()) * voxel_ml, 1), "methods": rows})
+                                            "reference_ml": reference_ml, "methods": rows})
     for name, r in rows.items():
         print(f"{name}: Dice {r['dice']}, HD95 {r['hd95_mm']} mm, {r['lung_ml']} mL" + (f", QC {r['qc']}" if "qc" in r else ""))
     return 0

@@ -83,9 +83,9 @@ def main(argv=None) -> int:
                     rows.append({"case": cid, "method": name, "error": f"{p}: grid {m.shape} is not the scan's {hu.shape}"})
                     continue
                 masks[name] = m
-                raw = Path(d) / cid / f"{cid}_lung_probability.nii.gz"
-                if raw.is_file():  # the network's own output before the named clean-up
-                    masks[f"{name} without clean-up"] = np.asarray(nib.load(str(raw)).dataobj, dtype=np.float32) > 0.5
+                probability = Path(d) / cid / f"{cid}_lung_probability.nii.gz"
+                if probability.is_file():  # the network's own output before the named clean-up
+                    masks[f"{name} without clean-up"] = np.asarray(nib.load(str(probability)).dataobj, dtype=np.float32) > 0.5
             for name, m in masks.items():
                 right, left = split_left_right(m, vol.affine) if m.any() else (m, m)
                 row = {"case": cid, "method": name, "slices": int(hu.shape[2]), "spacing_mm": [round(float(s), 2) for s in vol.spacing],
