@@ -9,7 +9,7 @@ pseudolabel bundle's ``pseudo_label.nii.gz``). Per scan and method: lung volume 
 :func:`common.lungmask.split_left_right`), the share of mask voxels below -400 HU, the share of the
 thorax's air-like voxels (below -400 HU inside the body, :func:`common.lungmask.body_mask`) the mask
 covers, and its Dice against the classical HU threshold (:func:`common.lungmask.hu_threshold_lung_mask`)
-and against SA-2's mask; with ``--probmap-dir``, SA-2's raw map (argmax lung) with the share of its lung
+and against SA-2's mask; with ``--probmap-dir``, SA-2's raw map (lung probability > 0.5) with the share of its lung
 outside the body (``outside_body``). A method whose folder also holds ``<case>_lung_probability.nii.gz`` (the
 hsam_finetune bundle's) gets a second row, ``NAME without clean-up``: its probability > 0.5 before the named
 label-free post-processing (``LungMaskCleanupd``: the largest components, holes filled), so the clean-up is
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", required=True, help="NAME=DIR of a method's per-case outputs")
     ap.add_argument("--scans", action="append", required=True, help="a folder of real scans (as the bundles' dataset_dir)")
     ap.add_argument("--sa2", default=None, help="the method NAME that is SA-2 (default: the one named SA-2)")
-    ap.add_argument("--probmap-dir", default=None, help="SA-2's outputs: adds a row for its raw map (argmax lung, before clean-up)")
+    ap.add_argument("--probmap-dir", default=None, help="SA-2's outputs: adds a row for its raw map (lung probability > 0.5, before clean-up)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "labelfree"))
     ap.add_argument("--overlays", action="store_true")
     args = ap.parse_args(argv)
@@ -96,14 +96,14 @@ def main(argv=None) -> int:
                        "dice_hu_threshold": round(dice_score(m, hu_mask), 3),
                        "dice_sa2": round(dice_score(m, masks[sa2]), 3) if sa2 in masks and name != sa2 else None}
                 rows.append(row)
-            if args.probmap_dir:  # SA-2's raw map, before any clean-up: where it puts lung (argmax channel 0)
+            if args.probmap_dir:  # SA-2's raw map, before any clean-up: where lung takes more than half the probability
                 pm = Path(args.probmap_dir) / cid / f"{cid}_probmap.nii.gz"
                 if pm.is_file():
                     prob = np.asarray(nib.load(str(pm)).dataobj, dtype=np.float32)
-                    raw = prob.argmax(axis=-1) == 0
+                    raw = prob[..., 0] > 0.5  # the background classes' share is not in the file: argmax alone would miss it
                     del prob
                     outside = ~body_mask(hu)
-                    rows.append({"case": cid, "method": "SA-2 raw map (argmax lung)", "lung_ml": round(float(raw.sum()) * voxel_ml, 1),
+                    rows.append({"case": cid, "method": "SA-2 raw map (lung p > 0.5)", "lung_ml": round(float(raw.sum()) * voxel_ml, 1),
                                  "share_below_-400": round(float((hu[raw] < -400).mean()), 3) if raw.any() else None,
                                  "thorax_air_covered": round(float((raw & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
                                  "dice_hu_threshold": round(dice_score(raw, hu_mask), 3),

@@ -71,7 +71,7 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
     phantom patches (Eq. 4 + argmax)."""
     import torch
 
-    from common.classes import CLASS_NAMES
+    from common.classes import PATCH_CLASSES
     from common.data import class_prompts, load_clip_datalist
     from common.networks import LungCLIP
     from common.report import save_confusion_png, save_training_curves_png
@@ -101,10 +101,10 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
         txt = torch.nn.functional.normalize(model.encode_text(class_prompts()), dim=-1)
         pred = (img @ txt.t()).argmax(1).numpy()
     truth = np.array([e["label"] for e in patches])
-    confusion = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=int)
+    confusion = np.zeros((len(PATCH_CLASSES), len(PATCH_CLASSES)), dtype=int)
     np.add.at(confusion, (truth, pred), 1)
     accuracy = float((pred == truth).mean())
-    save_confusion_png(confusion, CLASS_NAMES, fig_dir / "clip_confusion.png", f"held-out phantom patches: accuracy {accuracy:.3f}")
+    save_confusion_png(confusion, PATCH_CLASSES, fig_dir / "clip_confusion.png", f"held-out phantom patches: accuracy {accuracy:.3f}")
     metrics.update({"saved_model_zero_shot_acc": accuracy, "zero_shot_confusion": confusion.tolist()})
     body += _img("figures/clip_confusion.png", "45%")
     return metrics, body

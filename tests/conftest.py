@@ -19,6 +19,7 @@ LIDC_DIR = SHARED / "lidc_idri_1011_dicom"
 TOTALSEG_A = SHARED / "totalseg_chest_crops" / "chest_crop_a.nii.gz"
 TOTALSEG_B = SHARED / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
 DEEPLESION = SHARED / "deeplesion_png"
+LUNG_PET_CT_DX_8MM = SHARED / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm"
 
 
 def pytest_configure(config):

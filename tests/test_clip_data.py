@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.classes import CLASS_NAMES
+from common.classes import BACKGROUND_NAMES, CLASS_NAMES, PATCH_CLASSES
 from common.data import SkippingDataset, build_clip_datalist, class_prompts, collate_skipping, patch_caption
 from common.data.clip_pairs import deeplesion_sentences, radchestct_sentences
+from tests.conftest import LUNG_PET_CT_DX_8MM
 
 SETTINGS = dict(slice_size=64, num_slices=3, phantom_slices=3, patch_mm=60.0, patch_size=32, patches_per_class=2, val_phantoms=1)
 
@@ -24,7 +25,8 @@ def tiny_pairs(tiny_phantom_manifest, tmp_path_factory):
 
 def test_prompts_and_captions_share_wording():
     prompts = class_prompts()
-    assert prompts == [f"CT patch of the {c}" for c in CLASS_NAMES]
+    assert prompts == [f"CT patch of the {c}" for c in CLASS_NAMES + BACKGROUND_NAMES]  # anatomy in channel order, then background
+    assert patch_caption("air outside the body", "air outside the body") == "CT patch of the air outside the body"
     assert patch_caption("aorta", "blood vessel") == "CT patch of the aorta, a blood vessel"
     assert patch_caption("trachea", "airway") == "CT patch of the trachea, an airway"
     assert patch_caption("right lung", "lung") == "CT patch of the right lung"  # the name already says the class
@@ -48,7 +50,11 @@ def test_datalist_splits_kinds_and_files(tiny_pairs, tiny_phantom_manifest):
     assert {e["case_id"] for e in data["training"]} == {"totalseg_chest_crop_b", *phantoms[:-1]}
     assert data["skipped"] == []
     real = [e for e in data["training"] if e["case_id"] == "totalseg_chest_crop_b"]
-    assert len(real) == 3 and all(e["kind"] == "slice" and e["text"] == "" and e["label"] == -1 for e in real)  # distillation only
+    real_slices = [e for e in real if e["kind"] == "slice"]
+    assert len(real_slices) == 3 and all(e["text"] == "" and e["label"] == -1 for e in real_slices)  # distillation only
+    # the crop has no air around the patient: its only patches are of lung, where the HU threshold finds it
+    real_patches = [e for e in real if e["kind"] == "patch"]
+    assert real_patches and all(e["label"] == 0 and e["text"] == "CT patch of the lung" for e in real_patches)
     phantom_slices = [e for e in data["training"] if e["kind"] == "slice" and e["case_id"] != "totalseg_chest_crop_b"]
     assert phantom_slices and all("ct chest" in e["text"] for e in phantom_slices)  # the cleaned report
     for e in data["training"] + data["validation"]:
@@ -58,20 +64,41 @@ def test_datalist_splits_kinds_and_files(tiny_pairs, tiny_phantom_manifest):
     assert json.loads((out / "datalist.json").read_text())["validation"] == data["validation"]
 
 
+def test_real_scan_patches_are_what_needs_no_label(tmp_path):
+    """A full-field real scan gives captioned patches of the classes known without a hand-drawn label: the air
+    outside the body (``body_mask``) and the lung (the classical HU threshold)."""
+    from common.io import write_json_atomic
+
+    manifest = tmp_path / "manifest.json"
+    write_json_atomic(manifest, {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []})
+    data = build_clip_datalist(manifest, tmp_path / "pairs", progress=False, **{**SETTINGS, "val_phantoms": 0})
+    patches = [e for e in data["training"] if e["kind"] == "patch"]
+    air, lung = PATCH_CLASSES.index("air outside the body"), PATCH_CLASSES.index("lung")
+    assert len(patches) == 2 * 3 * SETTINGS["patches_per_class"]  # every slice has room for both
+    assert {e["label"] for e in patches} == {air, lung}
+    for e in patches:  # window [-1000, 400] HU -> [0, 1]; the body may show at the edge of an air patch
+        assert e["text"] == ("CT patch of the air outside the body" if e["label"] == air else "CT patch of the lung")
+        img = np.load(e["image"]).astype(np.float32)
+        c = img.shape[0] // 2
+        assert float(img[c - 1 : c + 1, c - 1 : c + 1].mean()) < (0.15 if e["label"] == air else 0.45)  # -790 / -370 HU
+
+
 def test_patches_show_their_class(tiny_pairs):
     """The centre of a patch has the intensity of its class (window [-1000, 400] HU -> [0, 1])."""
     _, data = tiny_pairs
     patches = [e for e in data["training"] + data["validation"] if e["kind"] == "patch"]
     seen = {e["label"] for e in patches}
-    assert {0, 2, 4} <= seen  # lung, blood vessel and bone are big enough in every phantom
-    expected = {0: (0.0, 0.5), 1: (0.6, 0.9), 2: (0.6, 1.0), 3: (0.0, 0.45), 4: (0.7, 1.0)}  # lung, heart, vessel, airway (lumen), bone
+    assert {0, 2, 4, 5, 6} <= seen  # lung, blood vessel, bone, outside air and soft tissue are big enough in every phantom
+    # lung, heart, vessel, airway (lumen), bone, air outside the body (the skin may share its centre at 5 mm pixels),
+    # soft tissue (fat to muscle)
+    expected = {0: (0.0, 0.5), 1: (0.6, 0.9), 2: (0.6, 1.0), 3: (0.0, 0.45), 4: (0.7, 1.0), 5: (0.0, 0.45), 6: (0.45, 0.9)}
     for e in patches:
         img = np.load(e["image"]).astype(np.float32)
         c = img.shape[0] // 2
         centre = float(img[c - 1 : c + 1, c - 1 : c + 1].mean())
         lo, hi = expected[e["label"]]
         assert lo <= centre <= hi, f"{e['text']}: centre {centre:.2f} outside {lo, hi}"
-        assert CLASS_NAMES[e["label"]] in e["text"]
+        assert PATCH_CLASSES[e["label"]] in e["text"]
 
 
 def test_datalist_reuses_cases_and_skips_unreadable(tiny_pairs, tiny_phantom_manifest, tmp_path):

@@ -164,7 +164,7 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert saved["hsam"]["heldout_phantoms"]["dice"]["mean"] == pytest.approx(hsam_dice)
     assert saved["probmap"]["heldout_phantoms"]["lung_mask_dice"]["mean"] == pytest.approx(np.mean([r["lung_mask_dice"] for r in rows["probmap"]]))
     assert saved["clip"]["val_zero_shot_acc"] == pytest.approx(0.8) and saved["clip"]["best_epoch"] == 3
-    assert np.asarray(saved["clip"]["zero_shot_confusion"]).sum() == 15 and np.asarray(saved["clip"]["zero_shot_confusion"]).sum(1).tolist() == [3] * 5
+    assert np.asarray(saved["clip"]["zero_shot_confusion"]).sum() == 15 and np.asarray(saved["clip"]["zero_shot_confusion"]).sum(1).tolist() == [3] * 5 + [0, 0]  # 5 anatomical + 2 background rows
     # the comparison table is the bundle docs' script: HU threshold and the three stages, H-SAM's Dice as scored above
     table = saved["hsam"]["comparison"]["summary"]
     assert len(table) == 4 and table["H-SAM on pseudo labels (SA-3b)"]["dice"]["mean"] == pytest.approx(hsam_dice, abs=1e-6)

@@ -106,7 +106,7 @@ def test_inference_bundle_exports_embeddings_and_resumes(tiny_clip, dataset, tmp
     assert np.load(embedding_path(out, "lidc")).shape[0] == 12
 
     text = json.loads((out / "text_embeddings.json").read_text())
-    assert text["prompts"] == class_prompts() and len(text["prompts"]) == 5 and text["embed_dim"] == EMBED_DIM
+    assert text["prompts"] == class_prompts() and len(text["prompts"]) == 7 and text["embed_dim"] == EMBED_DIM
     with torch.no_grad():
         np.testing.assert_allclose(np.asarray(text["embeddings"]), model.encode_text(text["prompts"]).numpy(), rtol=1e-4, atol=1e-5)
 

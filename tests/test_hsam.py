@@ -314,6 +314,28 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
         training_slices(tmp_path / "none.json")
 
 
+def test_background_slices_never_show_lung_the_pseudo_label_missed(tmp_path):
+    """A slice past the pseudo label's end that still shows enclosed air (lung) is no 'no lung' example."""
+    from common.data import training_slices
+    from common.data.slices import enclosed_air_share
+
+    hu = np.full((24, 24, 12), -1000.0, dtype=np.float32)  # air around the patient
+    hu[3:21, 3:21, :] = 40.0  # the body, every slice
+    hu[6:18, 6:18, 0:9] = -850.0  # lung on slices 0-8 ...
+    lab = np.zeros(hu.shape, dtype=np.uint8)
+    lab[6:18, 6:18, 3:9] = 1  # ... but the pseudo label stops short of slices 0-2
+    window = (-1000.0, 400.0)
+    share = enclosed_air_share((np.clip(hu, *window) - window[0]) / (window[1] - window[0]), window)
+    assert share[:9] == pytest.approx([144 / 576] * 9) and not share[9:].any()  # the outside air is not counted
+    case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab), "case_id": "short"}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [case], "validation": []}))
+    got = training_slices(tmp_path / "datalist.json", slice_size=24, background_share=1.0)
+    background = sorted(s["slice"] for s in got["training"] if s["label"].sum() == 0)
+    assert background == [9, 10, 11]  # the three lung-free slices; 0-2 are left out
+    every = training_slices(tmp_path / "datalist.json", slice_size=24, background_share=1.0, background_max_air=None)
+    assert sorted(s["slice"] for s in every["training"] if s["label"].sum() == 0) != background  # the old rule takes lung slices too
+
+
 def test_several_datalists_are_joined_split_by_split(tmp_path):
     from common.data import training_slices
 

@@ -150,7 +150,7 @@ def test_litemedsam_segments_a_real_lung_from_a_box():
 def _tiny_bert_dir(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "heart", "bone", "left", "right", "##s", "blood", "vessel", "airway", "ct", "patch", "of", "the"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "heart", "bone", "left", "right", "##s", "blood", "vessel", "airway", "ct", "patch", "of", "the", "air", "outside", "body", "soft", "tissue"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast.from_pretrained(str(tmp_path))  # the vocab_file constructor reads every word as [UNK]
     torch.manual_seed(0)

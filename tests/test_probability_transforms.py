@@ -58,6 +58,22 @@ def test_softmax_sums_to_one_and_scale_sharpens():
     assert torch.allclose(soft, torch.softmax(sim, dim=0), atol=1e-6)
 
 
+def test_background_classes_take_their_share_and_are_dropped():
+    """Two anatomical channels and one background channel: the softmax runs over all three, only the
+    first two come out, and where the background wins they no longer sum to 1."""
+    sim = torch.tensor([[0.1, 0.3], [0.0, -0.2], [0.5, -0.5]])[:, :, None]  # (C=3, 2, 1): background wins pixel 0
+    full = SimilarityToProbability("softmax", scale=10.0)(sim)
+    kept = SimilarityToProbability("softmax", scale=10.0, num_classes=2)(sim)
+    assert kept.shape == (2, 2, 1) and torch.allclose(kept, full[:2])
+    assert float(kept[:, 0].sum()) < 0.1 and float(kept[:, 1].sum()) > 0.99  # air: no anatomy; lung pixel: all of it
+    d = SimilarityToProbabilityd("pred", scale=10.0, num_classes=2)({"pred": sim.numpy()})
+    assert d["pred"].shape == (2, 2, 1) and np.allclose(d["pred"], kept.numpy())
+    with pytest.raises(ValueError, match="num_classes"):
+        SimilarityToProbability(num_classes=4)(sim)
+    with pytest.raises(ValueError, match="num_classes"):
+        SimilarityToProbability(num_classes=0)
+
+
 def test_minmax_maps_each_channel_to_unit_range_and_constant_channel_to_zero():
     sim = np.stack([np.linspace(-0.2, 0.6, 60).reshape(3, 4, 5), np.full((3, 4, 5), 0.3)]).astype(np.float64)
     p = SimilarityToProbability("minmax")(sim)

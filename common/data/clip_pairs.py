@@ -8,10 +8,14 @@ image left, anterior up):
   ``slice_size``. Their text is a report (phantom report sentences; RAD-ChestCT labels and
   DeepLesion lesion metadata turned into sentences) or empty: text-less slices teach the image
   encoder through distillation only.
-* **patches** (phantoms only, where the label map says what is under the patch): squares of
-  ``patch_mm`` millimetres centred on one class, resized to ``patch_size``, with a grounded
-  caption ("CT patch of the aorta, a blood vessel"). They are what makes patch-level zero-shot
-  classification (SA-2) work.
+* **patches**: squares of ``patch_mm`` millimetres centred on one class, resized to ``patch_size``,
+  with a grounded caption ("CT patch of the aorta, a blood vessel"). They are what makes
+  patch-level zero-shot classification (SA-2) work. Phantoms give every class of
+  ``PATCH_CLASSES`` (their label map says what is under the patch; label 0 inside the body is
+  "soft tissue"); real scans give what needs no hand-drawn label: "air outside the body"
+  (``body_mask``) and "lung" where the classical HU threshold finds it. Without the first SA-2 has
+  no class for that air but lung; without the second the only real patches are of air, and the
+  model learns that dark real CT is outside air.
 
 Held-out phantoms make the validation split (their patches carry a class index for zero-shot
 accuracy). A case already written is reused on re-run; an unreadable case is reported and skipped.
@@ -27,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.classes import CLASS_NAMES
+from common.classes import PATCH_CLASSES
 from common.io import read_ct, read_radchestct_labels, write_json_atomic
 from common.io.atomic import atomic_path
 from common.transforms.intensity import HU_WINDOW, HUWindow
@@ -37,13 +41,15 @@ log = logging.getLogger(__name__)
 # Zero-shot prompt per class (Eq. 4 compares a patch with these); patch captions share its wording.
 PATCH_PROMPT = "CT patch of the {}"
 DATALIST_FORMAT = "clip_pairs/1"
+# The patch classes a real scan gives without a hand-drawn label (body_mask, the classical HU threshold).
+REAL_PATCH_CLASSES = ("lung", "air outside the body")
 
 # DeepLesion DL_info.csv Coarse_lesion_type codes.
 DEEPLESION_TYPES = {1: "bone", 2: "abdomen", 3: "mediastinum", 4: "liver", 5: "lung", 6: "kidney", 7: "soft tissue", 8: "pelvis"}
 
 
-def class_prompts(template: str = PATCH_PROMPT, class_names: Sequence[str] = CLASS_NAMES) -> list[str]:
-    """One text prompt per class, in channel order."""
+def class_prompts(template: str = PATCH_PROMPT, class_names: Sequence[str] = PATCH_CLASSES) -> list[str]:
+    """One text prompt per patch class (the anatomical classes in channel order, then the background ones)."""
     return [template.format(c) for c in class_names]
 
 
@@ -189,8 +195,26 @@ class _CaseWriter:
                              "slice_index": int(slice_index), "sample_id": f"{self.case_id}/{name}"})
 
 
+def patch_class_map(label2d: np.ndarray | None, body2d: np.ndarray, hu_lung2d: np.ndarray | None = None) -> np.ndarray:
+    """Per pixel, 1 + the index in ``PATCH_CLASSES`` of what is there (0: no patch class).
+
+    ``label2d`` is a phantom's label map; label 0 inside the body (``body2d``) is soft tissue, anything
+    outside it is air. A real scan has no label map (None): what is known there without one is the air
+    outside the body and, from the classical HU threshold (``hu_lung2d``), the lung."""
+    air, soft = PATCH_CLASSES.index("air outside the body") + 1, PATCH_CLASSES.index("soft tissue") + 1
+    out = np.zeros(body2d.shape, dtype=np.uint8) if label2d is None else np.asarray(label2d, dtype=np.uint8).copy()
+    if label2d is not None:
+        out[(out == 0) & body2d] = soft
+    elif hu_lung2d is not None:
+        out[hu_lung2d & body2d] = PATCH_CLASSES.index("lung") + 1
+    out[~body2d] = air
+    return out
+
+
 def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[dict]:
-    """Write the slices (and, for phantoms, patches) of one manifest case; returns its datalist entries."""
+    """Write the slices and patches of one manifest case; returns its datalist entries."""
+    from common.lungmask import body_mask, hu_threshold_lung_mask
+
     out_dir = Path(out_dir)
     vol = read_ct(case["path"], axcodes="LPS")
     hu = vol.hu
@@ -199,6 +223,7 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
     window = HUWindow(settings["hu_window"])
     writer = _CaseWriter(out_dir, case["id"])
     text = case_text(case, settings["text_preprocessing"])
+    label = None
     if is_phantom:
         import nibabel as nib
 
@@ -210,11 +235,16 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
             raise ValueError(f"{case['label']}: label shape {label.shape} differs from the CT {hu.shape}")
         meta = json.loads(Path(case["report"]).read_text())
         captions = meta["captions"]
-        lung_k = np.flatnonzero((label == CLASS_NAMES.index("lung") + 1).any(axis=(0, 1)))
+        lung_k = np.flatnonzero((label == PATCH_CLASSES.index("lung") + 1).any(axis=(0, 1)))
         ks = np.unique(np.linspace(lung_k[0], lung_k[-1], settings["phantom_slices"] + 2)[1:-1].round().astype(int))
     else:
         start = max((n_k - settings["num_slices"]) // 2, 0)
         ks = np.arange(start, min(start + settings["num_slices"], n_k))
+    # real scans: the air around the patient and the HU threshold's lung are known without a label; real
+    # lung patches keep "dark real CT" from meaning "outside air" (the only other real patch class)
+    classes = [c for c in settings["patch_classes"] if is_phantom or c in REAL_PATCH_CLASSES]
+    body = body_mask(hu) if settings["patches_per_class"] and classes else None
+    hu_lung = hu_threshold_lung_mask(hu, vol.spacing) if body is not None and not is_phantom else None
     rng = np.random.default_rng(_stable_seed(case["id"]))
     px_mm = float(max(vol.spacing[0] * hu.shape[0], vol.spacing[1] * hu.shape[1])) / settings["slice_size"]
     fill = float(hu.min())
@@ -222,19 +252,25 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
     for k in ks.tolist():
         img = axial_slice01(hu, k, settings["slice_size"], window, fill)
         writer.add(img, "slice", f"z{k:04d}", text, -1, k)
-        if not is_phantom or not settings["patches_per_class"]:
+        if body is None:
             continue
-        lab2d = _resize2d(_square(label[:, :, k].T, 0).astype(np.float32), settings["slice_size"], "nearest").astype(np.uint8)
+        body2d = _resize2d(_square(body[:, :, k].T.astype(np.float32), 0), settings["slice_size"], "nearest") > 0.5
+        lab2d = None if label is None else _resize2d(_square(label[:, :, k].T, 0).astype(np.float32), settings["slice_size"], "nearest").astype(np.uint8)
+        lung2d = None if hu_lung is None else _resize2d(_square(hu_lung[:, :, k].T.astype(np.float32), 0), settings["slice_size"], "nearest") > 0.5
+        region = patch_class_map(lab2d, body2d, lung2d)
         patch_px = max(int(round(settings["patch_mm"] / px_mm)), 4)
         half = patch_px // 2
-        for c, name in enumerate(CLASS_NAMES):
-            for n, (r, q) in enumerate(sample_patch_centres(lab2d, c + 1, patch_px, settings["patch_purity"], settings["patches_per_class"], rng)):
+        for name in classes:
+            c = PATCH_CLASSES.index(name)
+            for n, (r, q) in enumerate(sample_patch_centres(region, c + 1, patch_px, settings["patch_purity"], settings["patches_per_class"], rng)):
                 crop = img[r - half : r - half + patch_px, q - half : q - half + patch_px]
-                # back to voxel indices of the (square-padded) volume for the caption lookup
-                s = side / settings["slice_size"]
-                pad_i, pad_j = (side - hu.shape[0]) // 2, (side - hu.shape[1]) // 2
-                ijk = (int(q * s) - pad_i, int(r * s) - pad_j, k)
-                caption = patch_caption(_structure_at(captions, name, ijk), name)
+                if is_phantom:  # back to voxel indices of the (square-padded) volume for the caption lookup
+                    s = side / settings["slice_size"]
+                    pad_i, pad_j = (side - hu.shape[0]) // 2, (side - hu.shape[1]) // 2
+                    ijk = (int(q * s) - pad_i, int(r * s) - pad_j, k)
+                    caption = patch_caption(_structure_at(captions, name, ijk), name)
+                else:
+                    caption = patch_caption(name, name)
                 writer.add(_resize2d(crop, settings["patch_size"], "area"), "patch", f"z{k:04d}_{name.replace(' ', '_')}_{n}", caption, c, k)
     return writer.entries
 
@@ -277,7 +313,8 @@ def build_clip_datalist(
     cases = [c for c in json.loads(manifest_path.read_text())["cases"] if c["id"] not in set(exclude)]
     settings = {"slice_size": int(slice_size), "num_slices": int(num_slices), "phantom_slices": int(phantom_slices), "patch_mm": float(patch_mm),
                 "patch_size": int(patch_size), "patches_per_class": int(patches_per_class), "patch_purity": float(patch_purity),
-                "text_preprocessing": text_preprocessing, "hu_window": [float(h) for h in hu_window]}
+                "text_preprocessing": text_preprocessing, "hu_window": [float(h) for h in hu_window], "patch_classes": list(PATCH_CLASSES),
+                "real_patch_classes": list(REAL_PATCH_CLASSES)}
     phantoms = [c["id"] for c in cases if c.get("kind") == "phantom"]
     val_ids = set(phantoms[len(phantoms) - int(val_phantoms):]) if val_phantoms else set()
     if val_phantoms and len(phantoms) <= int(val_phantoms):
@@ -326,6 +363,7 @@ __all__ = [
     "deeplesion_sentences",
     "load_clip_datalist",
     "patch_caption",
+    "patch_class_map",
     "radchestct_sentences",
     "sample_patch_centres",
 ]

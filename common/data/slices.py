@@ -81,8 +81,30 @@ def _resize_slices(x: np.ndarray, size: int | None, mode: str) -> torch.Tensor:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+ENCLOSED_AIR_HU = -400.0  # darker than this and enclosed by the body: lung-like air
+
+
+def enclosed_air_share(image01: np.ndarray, hu_window: Sequence[float] = (-1000.0, 400.0)) -> np.ndarray:
+    """Per axial slice of a windowed (X, Y, Z) volume, the share of its pixels that is air the body encloses.
+
+    Air is below ``ENCLOSED_AIR_HU``; what touches the slice's border is the air around the patient."""
+    from scipy import ndimage
+
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    air = np.asarray(image01) < (ENCLOSED_AIR_HU - lo) / (hi - lo)
+    share = np.zeros(air.shape[-1])
+    for z in range(air.shape[-1]):
+        labels, n = ndimage.label(air[..., z])
+        if n == 0:
+            continue
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        share[z] = float((~np.isin(labels, border) & (labels > 0)).mean())
+    return share
+
+
 def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, background_share: float = 0.1, min_label_pixels: int = 20,
-                  hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, split: str = "training", slice_step: int = 1) -> dict:
+                  hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, split: str = "training", slice_step: int = 1,
+                  background_max_air: float | None = 0.002) -> dict:
     """``{"slices": [{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}, ...], "skipped": [{"case", "reason"}]}``.
 
     Every axial slice with at least ``min_label_pixels`` of label is kept, plus ``background_share`` as
@@ -90,6 +112,11 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
     slice to one square size so slices of different scans batch together (None: native size, which
     then must agree across cases). ``slice_step`` keeps every n-th label slice: neighbours a few mm
     apart add little but time when an epoch costs seconds per slice (CPU).
+
+    A slice without label is a background candidate only where at most ``background_max_air`` of it is
+    air the body encloses (:func:`enclosed_air_share`; None: every one): pseudo labels often stop a few
+    centimetres short of the apex and the bases, and a slice past their end that still shows lung would
+    teach "no lung" there. Such a slice is left out, neither positive nor negative.
     """
     rng = np.random.default_rng(seed)
     slices, skipped = [], []
@@ -107,6 +134,8 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
         counts = label.reshape(-1, label.shape[-1]).sum(axis=0)
         fg = np.flatnonzero(counts >= min_label_pixels)[:: max(1, int(slice_step))]
         bg = np.flatnonzero(counts == 0)
+        if background_max_air is not None and bg.size:
+            bg = bg[enclosed_air_share(image[..., bg], hu_window) <= float(background_max_air)]
         n_bg = min(len(bg), int(round(background_share * len(fg))))
         chosen = np.sort(np.concatenate([fg, rng.choice(bg, size=n_bg, replace=False) if n_bg else np.array([], dtype=int)]))
         imgs = _resize_slices(np.moveaxis(image[..., chosen], -1, 0), slice_size, "bilinear")
@@ -120,7 +149,7 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
 
 def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size: int | None = None, background_share: float = 0.1,
                     hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1,
-                    val_slice_step: int | None = None) -> dict:
+                    val_slice_step: int | None = None, background_max_air: float | None = 0.002) -> dict:
     """The training and validation slices of a pseudolabel datalist, or of several (their splits joined, e.g.
     phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``. ``val_slice_step``
     (default: ``slice_step``) thins the validation slices alone: validation runs every epoch, and a mean Dice
@@ -134,7 +163,8 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]
         step = slice_step if split == "training" or val_slice_step is None else val_slice_step
-        got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=step)
+        got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=step,
+                            background_max_air=background_max_air)
         out[split] = got["slices"]
         skipped += got["skipped"]
     if not out["training"]:

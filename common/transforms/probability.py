@@ -112,10 +112,17 @@ class SimilarityToProbability(Transform):
     1 / temperature); the channels sum to 1. ``"minmax"`` (Eq. 5): each channel rescaled to [0, 1]
     over its whole extent; a constant channel becomes 0. ``"sigmoid"`` (Eq. 6):
     ``1 / (1 + exp(-alpha (sim - beta)))`` per voxel.
+
+    ``num_classes`` keeps the first that many channels: those after it are background classes
+    ("air outside the body", "soft tissue") that take their share of the softmax and are then
+    dropped, so the anatomical channels no longer have to sum to 1 where there is no anatomy.
     """
 
-    def __init__(self, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5):
+    def __init__(self, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5, num_classes: int | None = None):
         self.method = _check_method(method, SIMILARITY_METHODS, "SimilarityToProbability")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+        self.num_classes = None if num_classes is None else int(num_classes)
         for name, value in (("scale", scale), ("alpha", alpha), ("beta", beta)):
             if not np.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
@@ -125,6 +132,8 @@ class SimilarityToProbability(Transform):
         t = _float_tensor(img)
         if t.ndim < 2:
             raise ValueError(f"SimilarityToProbability expects channel-first maps (C, ...), got shape {tuple(t.shape)}")
+        if self.num_classes is not None and t.shape[0] < self.num_classes:
+            raise ValueError(f"SimilarityToProbability: {t.shape[0]} channels, fewer than num_classes={self.num_classes}")
         # in place on the private copy: a whole-scan map (700 MB for 5 x 512 x 512 x 133) is never doubled
         if self.method == "softmax":
             out = t.mul_(self.scale).clamp_(-_LOGIT_LIMIT, _LOGIT_LIMIT)
@@ -141,15 +150,18 @@ class SimilarityToProbability(Transform):
         else:
             out = torch.sigmoid_(t.sub_(self.beta).mul_(self.alpha))
         out = _finite_out(out).clamp_(0.0, 1.0)
+        if self.num_classes is not None:
+            out = out[: self.num_classes].contiguous()
         return convert_to_dst_type(out, img, dtype=np.float32)[0]
 
 
 class SimilarityToProbabilityd(MapTransform):
     """Dictionary twin of :class:`SimilarityToProbability`."""
 
-    def __init__(self, keys: KeysCollection, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5,
+                 num_classes: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.to_probability = SimilarityToProbability(method, scale, alpha, beta)
+        self.to_probability = SimilarityToProbability(method, scale, alpha, beta, num_classes)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
