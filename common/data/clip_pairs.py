@@ -211,6 +211,11 @@ def patch_class_map(label2d: np.ndarray | None, body2d: np.ndarray, hu_lung2d: n
     return out
 
 
+def _mask_plane(mask: np.ndarray, k: int, size: int) -> np.ndarray:
+    """Axial plane ``k`` of an [i, j, k] label or mask volume on the model's slice grid (as :func:`axial_slice01`), float32."""
+    return _resize2d(_square(mask[:, :, k].T.astype(np.float32), 0), size, "nearest")
+
+
 def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[dict]:
     """Write the slices and patches of one manifest case; returns its datalist entries."""
     from common.lungmask import body_mask, hu_threshold_lung_mask
@@ -254,10 +259,9 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
         writer.add(img, "slice", f"z{k:04d}", text, -1, k)
         if body is None:
             continue
-        body2d = _resize2d(_square(body[:, :, k].T.astype(np.float32), 0), settings["slice_size"], "nearest") > 0.5
-        lab2d = None if label is None else _resize2d(_square(label[:, :, k].T, 0).astype(np.float32), settings["slice_size"], "nearest").astype(np.uint8)
-        lung2d = None if hu_lung is None else _resize2d(_square(hu_lung[:, :, k].T.astype(np.float32), 0), settings["slice_size"], "nearest") > 0.5
-        region = patch_class_map(lab2d, body2d, lung2d)
+        lab2d = None if label is None else _mask_plane(label, k, settings["slice_size"]).astype(np.uint8)
+        lung2d = None if hu_lung is None else _mask_plane(hu_lung, k, settings["slice_size"]) > 0.5
+        region = patch_class_map(lab2d, _mask_plane(body, k, settings["slice_size"]) > 0.5, lung2d)
         patch_px = max(int(round(settings["patch_mm"] / px_mm)), 4)
         half = patch_px // 2
         for name in classes:
