@@ -7,8 +7,8 @@ augmented image, its label and the frozen stages' output are written to disk
 (:func:`build_feature_cache`). Training then reads one view per slice and epoch
 (:class:`CachedViewDataset`, views taken in turn) and runs only the trainable rest of the encoder.
 
-Files are named by a digest of the slice's pixels and label, the view, the seed, the backbone and where
-it is cut, so a re-run reuses what is there and a changed pseudo label or set-up writes new files.
+Files are named by a digest of the slice's pixels and label, the view, the seed, the backbone, where
+it is cut and the augmentation chain (:func:`augmentation_signature`), so a re-run reuses what is there and a changed pseudo label or set-up writes new files.
 Every file is written under a temporary name and renamed.
 """
 
@@ -36,6 +36,25 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
+def _transform_names(t) -> str:
+    inner = getattr(t, "transforms", None)
+    return type(t).__name__ + (f"[{','.join(_transform_names(c) for c in inner)}]" if inner else "")
+
+
+def augmentation_signature(augmentation, probe: dict, seeds: int = 8) -> str:
+    """What the cache key knows of an augmentation chain: its transforms' names, nested, and what it does
+    to ``probe`` (one training slice) under ``seeds`` fixed seeds, so a changed chain or parameter writes
+    new views instead of reading ones the old chain drew."""
+    if augmentation is None:
+        return "none"
+    outputs = []
+    for seed in range(int(seeds)):
+        augmentation.set_random_state(seed=seed)
+        out = augmentation({"image": probe["image"], "label": probe["label"]})
+        outputs += [torch.as_tensor(np.asarray(out[k])).float()[..., ::4, ::4] for k in ("image", "label")]
+    return _digest(_transform_names(augmentation), *outputs)
+
+
 @torch.no_grad()
 def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir: str | Path, views: int = 2, seed: int = 0,
                         batch_size: int = 8, progress: bool = True) -> list[dict]:
@@ -58,7 +77,7 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     views = 1 if augmentation is None else int(views)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    setup = (model.variant, split, views, seed, type(augmentation).__name__)
+    setup = (model.variant, split, views, seed, augmentation_signature(augmentation, slices[0]) if len(slices) else "")
     entries, todo = [], []
     for i, s in enumerate(slices):
         key = _digest(s["image"], s["label"], *setup)
