@@ -83,6 +83,22 @@ def test_real_scan_patches_are_what_needs_no_label(tmp_path):
         assert float(img[c - 1 : c + 1, c - 1 : c + 1].mean()) < (0.15 if e["label"] == air else 0.45)  # -790 / -370 HU
 
 
+def test_real_patch_classes_can_be_left_out_for_the_ablation(tmp_path):
+    """``real_patch_classes`` picks what a real scan's patches may be: "lung" alone, or none (its slices then feed the
+    distillation loss only); a class a real scan cannot give without a label is an error."""
+    from common.io import write_json_atomic
+
+    manifest = tmp_path / "manifest.json"
+    write_json_atomic(manifest, {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []})
+    settings = {**SETTINGS, "val_phantoms": 0}
+    lung_only = build_clip_datalist(manifest, tmp_path / "lung", progress=False, real_patch_classes=["lung"], **settings)
+    assert {e["label"] for e in lung_only["training"] if e["kind"] == "patch"} == {PATCH_CLASSES.index("lung")}
+    none = build_clip_datalist(manifest, tmp_path / "none", progress=False, real_patch_classes=[], **settings)
+    assert [e["kind"] for e in none["training"]] == ["slice"] * 3
+    with pytest.raises(ValueError, match="heart"):
+        build_clip_datalist(manifest, tmp_path / "bad", progress=False, real_patch_classes=["heart"], **settings)
+
+
 def test_patches_show_their_class(tiny_pairs):
     """The centre of a patch has the intensity of its class (window [-1000, 400] HU -> [0, 1])."""
     _, data = tiny_pairs

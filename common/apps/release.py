@@ -6,7 +6,7 @@ The chain, each step a ``python -m monai.bundle run ... --tracking mlflow`` (MLf
 experiment ``release``), a finished step skipped on re-run:
 
 1. SA-1 ``foundation_clip`` at the CPU size (``train.json`` + ``demo.json``): image-text pairs and the
-   LiteMedSAM distillation loss on every real scan of ``../shared/data`` and pyradiomics' lung1/lung2
+   LiteMedSAM distillation loss on the real scans of ``make data``'s manifest (not yet the Lung-PET-CT-Dx series)
    (unlabelled), plus the training phantoms' patches;
 2. SA-2 ``probmap`` on every real scan (``../shared/data``, pyradiomics) and on two training phantoms;
 3. SA-3a ``pseudolabel`` on the same scans; its QC picks H-SAM's training and validation cases;

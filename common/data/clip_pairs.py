@@ -247,7 +247,7 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
         ks = np.arange(start, min(start + settings["num_slices"], n_k))
     # real scans: the air around the patient and the HU threshold's lung are known without a label; real
     # lung patches keep "dark real CT" from meaning "outside air" (the only other real patch class)
-    classes = [c for c in settings["patch_classes"] if is_phantom or c in REAL_PATCH_CLASSES]
+    classes = [c for c in settings["patch_classes"] if is_phantom or c in settings.get("real_patch_classes", REAL_PATCH_CLASSES)]
     body = body_mask(hu) if settings["patches_per_class"] and classes else None
     hu_lung = hu_threshold_lung_mask(hu, vol.spacing) if body is not None and not is_phantom else None
     rng = np.random.default_rng(_stable_seed(case["id"]))
@@ -299,6 +299,7 @@ def build_clip_datalist(
     text_preprocessing: str = "clean",
     hu_window: Sequence[float] = HU_WINDOW,
     exclude: Sequence[str] = (),
+    real_patch_classes: Sequence[str] = REAL_PATCH_CLASSES,
     progress: bool = True,
 ) -> dict:
     """Write every sample of a manifest's cases under ``out_dir`` and return the datalist.
@@ -306,7 +307,9 @@ def build_clip_datalist(
     The returned dict (also ``out_dir/datalist.json``) has ``training`` and ``validation`` lists
     (the last ``val_phantoms`` phantoms), image paths absolute, and ``skipped`` (case, reason).
     A case written before with the same settings is reused; one that fails to read is skipped
-    with its reason. ``exclude`` names case ids to leave out (e.g. those QC rejected).
+    with its reason. ``exclude`` names case ids to leave out (e.g. those QC rejected); ``real_patch_classes``
+    the captioned patch classes a real scan gives (a subset of ``REAL_PATCH_CLASSES``; empty: real scans give
+    slices for the slice captions and the distillation loss only).
     """
     from tqdm.auto import tqdm
 
@@ -318,7 +321,10 @@ def build_clip_datalist(
     settings = {"slice_size": int(slice_size), "num_slices": int(num_slices), "phantom_slices": int(phantom_slices), "patch_mm": float(patch_mm),
                 "patch_size": int(patch_size), "patches_per_class": int(patches_per_class), "patch_purity": float(patch_purity),
                 "text_preprocessing": text_preprocessing, "hu_window": [float(h) for h in hu_window], "patch_classes": list(PATCH_CLASSES),
-                "real_patch_classes": list(REAL_PATCH_CLASSES)}
+                "real_patch_classes": list(real_patch_classes)}
+    unknown = sorted(set(real_patch_classes) - set(REAL_PATCH_CLASSES))
+    if unknown:
+        raise ValueError(f"real_patch_classes {unknown}: a real scan gives only {list(REAL_PATCH_CLASSES)} without a label")
     phantoms = [c["id"] for c in cases if c.get("kind") == "phantom"]
     val_ids = set(phantoms[len(phantoms) - int(val_phantoms):]) if val_phantoms else set()
     if val_phantoms and len(phantoms) <= int(val_phantoms):
