@@ -14,6 +14,16 @@ LUNG_HU_THRESHOLD = -400.0
 FREE_AIR_MEDIAN_HU = -960.0
 
 
+def touches_border(labels: np.ndarray, n: int) -> np.ndarray:
+    """Per component id 0..n of ``labels`` (as ``ndimage.label`` gives them), whether it touches the in-plane
+    border (the faces of the first two axes); id 0, the background, never does."""
+    border = np.zeros(n + 1, dtype=bool)
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        border[np.unique(face)] = True
+    border[0] = False
+    return border
+
+
 def hu_threshold_lung_mask(
     hu: np.ndarray,
     spacing: tuple[float, float, float],
@@ -28,9 +38,7 @@ def hu_threshold_lung_mask(
         return np.zeros(hu.shape, dtype=bool)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    border = np.zeros(n + 1, dtype=bool)
-    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        border[np.unique(face)] = True
+    border = touches_border(labels, n)
     big = np.flatnonzero(sizes * voxel_ml >= min_component_ml)
     big = big[big > 0]
     candidates = []
@@ -129,11 +137,7 @@ def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     labels, n = ndimage.label(air)
     if n == 0:
         return np.ones(hu.shape, dtype=bool)
-    border = np.zeros(n + 1, dtype=bool)
-    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        border[np.unique(face)] = True
-    border[0] = False
-    ids = np.flatnonzero(border)
+    ids = np.flatnonzero(touches_border(labels, n))
     outside = np.zeros(n + 1, dtype=bool)
     if ids.size:
         medians = np.atleast_1d(ndimage.median(hu, labels, ids))

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from common.networks.hsam import HSam, build_hsam, load_hsam
+from tests.conftest import DEEPLESION, TOTALSEG_B
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hsam_finetune"
-SHARED_DATA = REPO.parent / "shared" / "data"
-TOTALSEG_B = SHARED_DATA / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
 
 
 def tiny(**kwargs) -> HSam:
@@ -787,7 +786,7 @@ def test_shipped_hsam_follows_the_lungs_to_the_image_border():
     (Dice 0.66-0.75 with the HU threshold on these slices); the shipped one draws the lungs up to it."""
     from common.metrics import dice_score
 
-    hu, lungs, ks, prob = _shipped_hsam_on_real_slices(SHARED_DATA / "deeplesion_png" / "000001_02_01")
+    hu, lungs, ks, prob = _shipped_hsam_on_real_slices(DEEPLESION / "000001_02_01")
     for i, k in enumerate(ks):
         mask, ref = prob[i] > 0.5, lungs[:, :, k]
         assert dice_score(mask, ref) > 0.88, (k, dice_score(mask, ref))

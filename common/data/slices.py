@@ -90,6 +90,8 @@ def enclosed_air_share(image01: np.ndarray, hu_window: Sequence[float] = (-1000.
     Air is below ``ENCLOSED_AIR_HU``; what touches the slice's border is the air around the patient."""
     from scipy import ndimage
 
+    from common.lungmask import touches_border
+
     lo, hi = float(hu_window[0]), float(hu_window[1])
     air = np.asarray(image01) < (ENCLOSED_AIR_HU - lo) / (hi - lo)
     share = np.zeros(air.shape[-1])
@@ -97,8 +99,7 @@ def enclosed_air_share(image01: np.ndarray, hu_window: Sequence[float] = (-1000.
         labels, n = ndimage.label(air[..., z])
         if n == 0:
             continue
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        share[z] = float((~np.isin(labels, border) & (labels > 0)).mean())
+        share[z] = float(((labels > 0) & ~touches_border(labels, n)[labels]).mean())
     return share
 
 
