@@ -44,6 +44,8 @@ def shared_cases() -> list[dict]:
         {"id": "totalseg_chest_crop_b", "path": root / "totalseg_chest_crops" / "chest_crop_b.nii.gz", "kind": "real", "format": "nifti"},
         {"id": "deeplesion_000001_01_01", "path": root / "deeplesion_png" / "000001_01_01", "kind": "real", "format": "deeplesion_png"},
         {"id": "deeplesion_000001_02_01", "path": root / "deeplesion_png" / "000001_02_01", "kind": "real", "format": "deeplesion_png"},
+        {"id": "lung_pet_ct_dx_a0001", "path": root / "lung_pet_ct_dx" / "A0001_philips_5mm", "kind": "real", "format": "dicom"},
+        {"id": "lung_pet_ct_dx_a0002", "path": root / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm", "kind": "real", "format": "dicom"},
     ]
     missing = [str(c["path"]) for c in cases if not c["path"].exists()]
     if missing:

@@ -6,8 +6,9 @@ The chain, each step a ``python -m monai.bundle run ... --tracking mlflow`` (MLf
 experiment ``release``), a finished step skipped on re-run:
 
 1. SA-1 ``foundation_clip`` at the CPU size (``train.json`` + ``demo.json``): image-text pairs and the
-   LiteMedSAM distillation loss on the real scans of ``make data``'s manifest (not yet the Lung-PET-CT-Dx series)
-   (unlabelled), plus the training phantoms' patches;
+   LiteMedSAM distillation loss on the real scans of ``make data``'s manifest (unlabelled; ``demo.json``'s
+   ``exclude_cases`` holds the two Lung-PET-CT-Dx series out, as the shipped SA-1 was trained: docs/real_ct.md says
+   what adding A0002 measured), plus the phantoms' patches;
 2. SA-2 ``probmap`` on every real scan (``../shared/data``, pyradiomics) and on two training phantoms;
 3. SA-3a ``pseudolabel`` on the same scans; its QC picks H-SAM's training and validation cases;
 4. SA-3b ``hsam_finetune`` on those pseudo labels, real and phantom (``train.json`` + ``demo.json`` +
