@@ -28,7 +28,7 @@ $(DATA): $(STAMP) common/default_data.py common/phantom.py
 data: $(DATA)
 
 demo: $(DATA)
-	$(PY) -m common.demo --out outputs/demo
+	$(PY) -m common.apps.demo --out outputs/demo
 
 # re-train the shipped models (bundles/foundation_clip and bundles/hsam_finetune models/model.pt) from the shared
 # real scans and training phantoms, then the label-free real-CT table of the bundle docs.

@@ -22,6 +22,7 @@ from common.default_data import shared_data_dir
 
 TINY_SHAPE, TINY_SPACING = (64, 64, 24), (5.0, 5.0, 10.0)
 REAL_B = shared_data_dir() / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
+REAL_ID = "totalseg_chest_crop_b"  # its manifest id: the demo links it under that name
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -56,20 +57,22 @@ def _case_outputs(out: Path, which: str, case_id: str, hu: np.ndarray, lungs: np
         (d / f"{case_id}_pseudolabel.json").write_text(json.dumps({"case_id": case_id, "lung_ml": {"total": float(pseudo.sum())},
                                                                   "confidence": {"passed": True, "agreement_dice": 0.9, "mean_predicted_iou": 0.85, "reasons": []}}))
     _save(hsam.astype(np.uint8), affine, out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_lung_mask.nii.gz")
-    if hsam_dir == "real":  # the case report SaveSegmentationd writes, by the same function
+    if (hsam_dir or which).startswith("heldout_real"):  # the case report SaveSegmentationd writes, by the same function
         from common.engines.hsam import lung_report
 
-        (out / "hsam_finetune" / "real" / case_id / f"{case_id}_report.json").write_text(
+        (out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_report.json").write_text(
             json.dumps({"case_id": case_id, **lung_report(hsam, hu, affine)}))
     return {"sa2": sa2, "pseudo": pseudo, "hsam": hsam}
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
-    """A finished demo's outputs, tiny; returns (out, ingest, steps, expected figures)."""
+    """A finished demo's outputs, tiny; returns (out, ingest, steps, expected figures, the demo size)."""
+    import dataclasses
+
     import nibabel as nib
 
-    from common.demo import demo_steps, run_ingest
+    from common.apps.demo import SIZES, demo_steps, run_ingest
     from common.engines.cases import write_scores
     from common.engines.probmap import phantom_datalist
     from common.io import write_json_atomic
@@ -97,18 +100,23 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
         _case_outputs(out, "training_scans", case_id, np.asarray(img.dataobj, np.float32), np.asarray(nib.load(held[0]["lungs"]).dataobj) > 0, img.affine)
     write_json_atomic(out / "pseudolabel" / "training_scans" / "datalist.json",
                       {"training": [{"case_id": "train_phantom_000_ct"}], "validation": [{"case_id": "train_phantom_001_ct"}], "excluded": []})
+    # the held-out real scan: SA-2 and H-SAM of the demo's chain and of the shipped one (a thinner mask), as make segment writes them
     img = nib.load(str(REAL_B))
     real_hu = np.asarray(img.dataobj, np.float32)
-    _case_outputs(out, "real_scans", "chest_crop_b", real_hu, hu_threshold_lung_mask(real_hu, tuple(np.linalg.norm(img.affine[:3, :3], axis=0))), img.affine,
-                  pseudo_label=False, hsam_dir="real")
+    real_lungs = hu_threshold_lung_mask(real_hu, tuple(np.linalg.norm(img.affine[:3, :3], axis=0)))
+    rows["real"] = {"HU": real_lungs}
+    for who, lungs in (("demo", real_lungs), ("shipped", ndimage.binary_erosion(real_lungs, iterations=2))):
+        rows["real"][who] = _case_outputs(out, f"heldout_real_{who}", REAL_ID, real_hu, lungs, img.affine, pseudo_label=False)["hsam"]
+    (out / "heldout_scans").mkdir()
+    (out / "heldout_scans" / f"{REAL_ID}.nii.gz").symlink_to(REAL_B)
     # SA-1: a tiny real LungCLIP and held-out patches with their classes, for the zero-shot confusion matrix
     torch.manual_seed(0)
     model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
                             text_model_dir=tiny_text_dir, embed_dim=32, teacher_shape=None)
     model.preprocessing = {"image_size": 32}
     model.save_checkpoint(out / "foundation_clip" / "models" / "model.pt")
-    patches = out / "clip_patches"
-    patches.mkdir()
+    patches = out / "data" / "clip_pairs_demo"  # where SA-1's demo.json writes them under the data folder
+    patches.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(15):
         np.save(patches / f"p{i}.npy", rng.random((32, 32), dtype=np.float32))
@@ -125,16 +133,18 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
     write_json_atomic(out / "data" / "manifest.json", {**tiny, "cases": [c for c in tiny["cases"] if c["kind"] == "phantom"][:1]})  # one case is enough here
     ingest = run_ingest(out, out / "data", fig_dir)
     ingest["seconds"] = 12.0
-    steps = demo_steps(out)
+    size = dataclasses.replace(SIZES["demo"], phantom_shape=TINY_SHAPE, phantom_spacing=TINY_SPACING, heldout_phantoms=2, training_phantoms=2,
+                               real_training=(), real_heldout=(REAL_ID,))
+    steps = demo_steps(out, size)
     for i, step in enumerate(steps):
         step.status, step.seconds, step.cmd = "ran", 60.0 + i, " ".join(step.command("sqlite:///mlruns.db"))
-    return out, ingest, steps, rows
+    return out, ingest, steps, rows, size
 
 
 def test_hsam_section_draws_the_epoch_losses_the_trainer_records(tmp_path, monkeypatch):
     """The loss keys hsam_finetune's train.json records (EpochAverage, as MetricsHistory writes them) are drawn in the loss panel."""
     import common.report
-    from common.demo_report import hsam_section
+    from common.apps.demo_report import hsam_section
     from common.io import write_json_atomic
 
     history = [{"epoch": e, "epoch_loss": 1.0 / e, "epoch_loss_stage1": 1.1 / e, "epoch_loss_stage2": 0.9 / e,
@@ -153,10 +163,11 @@ def test_hsam_section_draws_the_epoch_losses_the_trainer_records(tmp_path, monke
 
 
 def test_report_reads_well_in_a_real_browser(demo_run, render_page):
-    from common.demo_report import build_report
+    from common.apps.demo_report import build_report
+    from common.metrics import dice_score
 
-    out, ingest, steps, rows = demo_run
-    metrics = build_report(out, ingest, steps, total_seconds=1234.0, clip_patches=out / "clip_patches" / "datalist.json")
+    out, ingest, steps, rows, size = demo_run
+    metrics = build_report(out, ingest, steps, size, data_dir=out / "data", total_seconds=1234.0)
     saved = json.loads((out / "report" / "metrics.json").read_text())
     assert {"clip", "probmap", "pseudolabel", "hsam"} <= set(saved)
     assert all(saved[s]["ran"] for s in ("clip", "probmap", "pseudolabel", "hsam")), {s: saved[s].get("error") for s in ("clip", "probmap", "pseudolabel", "hsam")}
@@ -171,16 +182,21 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert saved["timings"]["total_s"] == 1234.0 and saved["timings"]["hsam_s"] > 0
     assert "held-out phantom lung Dice" in metrics["summary_text"]
     assert saved["pseudolabel"]["hsam_datalist"] == {"training": ["train_phantom_000_ct"], "validation": ["train_phantom_001_ct"], "excluded": []}
-    real_ml = {"SA-2": saved["probmap"]["real_scans_lung_volume_ml"]["chest_crop_b"]["total"],
-               "H-SAM": saved["hsam"]["real_reports"]["chest_crop_b"]["lung_volume_ml"]["total"]}
-    assert min(real_ml.values()) > 0 and real_ml["SA-2"] != real_ml["H-SAM"], real_ml
+    assert saved["probmap"]["heldout_real_demo_lung_volume_ml"][REAL_ID]["total"] > 0
+    # the held-out real scan: the demo's H-SAM and the shipped one, each against the HU threshold, by the bundle docs' script
+    shipped = {r["method"]: r for r in saved["shipped"]["rows"]}
+    assert {"H-SAM demo", "H-SAM shipped", "SA-2 demo", "SA-2 shipped", "HU threshold"} <= set(shipped), sorted(shipped)
+    expected = {who: round(dice_score(rows["real"][who], rows["real"]["HU"]), 3) for who in ("demo", "shipped")}
+    assert {who: shipped[f"H-SAM {who}"]["dice_hu_threshold"] for who in expected} == expected and expected["demo"] > expected["shipped"]
+    assert f"H-SAM demo Dice vs HU threshold {expected['demo']:.3f}" in metrics["summary_text"]
+    assert (out / "report" / "figures" / f"heldout_real_{REAL_ID}.png").is_file()
     from PIL import Image
 
     pipeline = Image.open(out / "report" / "figures" / "pipeline.png")  # two rows: the held-out phantom and the real CT (no pseudo label)
     assert pipeline.size[1] > 1.7 * 3.4 * 100 * 0.9 and pipeline.size[0] > 1000, pipeline.size
 
     facts = render_page(out / "report" / "index.html", out / "report" / "screenshot.png", width=1280)
-    for heading in ("What ran", "Evaluation on held-out phantoms", "CT, probability map, pseudo label and H-SAM mask",
+    for heading in ("What ran", "The demo's models and the shipped ones on a real scan no stage trained on", "Evaluation on held-out phantoms", "CT, probability map, pseudo label and H-SAM mask",
                     "SA-1 foundation_clip: training and zero-shot classification", "SA-2 probmap: zero-shot probability maps",
                     "SA-3a pseudolabel: SAM pseudo labels", "SA-3b hsam_finetune: H-SAM on the pseudo labels", "MLflow runs", "Data and quality control"):
         assert heading in facts["headings"], facts["headings"]
@@ -188,7 +204,7 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     assert not facts["overflow_x"], (facts["scroll_width"], facts["viewport_width"])
     assert f"{hsam_dice:.3f}" in facts["text"] and "20:34" in facts["text"]  # H-SAM's Dice and the total time, as read on the page
     assert "did not finish" not in facts["text"] and not facts["page_errors"]
-    assert "H-SAM lung mL" in facts["text"] and f"{real_ml['H-SAM']}" in facts["text"]  # the real CT's volumes, side by side
+    assert "H-SAM shipped" in facts["text"] and str(shipped["H-SAM shipped"]["lung_ml"]) in facts["text"]  # the held-out real scan's table
     from PIL import Image
 
     shot = np.asarray(Image.open(facts["png"]).convert("L"), dtype=float)
@@ -199,15 +215,14 @@ def test_report_of_a_stopped_demo_shows_what_finished(demo_run, tmp_path, render
     """SA-3b's outputs missing (the demo stopped there): the earlier stages are reported, SA-3b says it did not finish."""
     import shutil
 
-    from common.demo_report import build_report
+    from common.apps.demo_report import build_report
 
-    out, ingest, steps, _ = demo_run
+    out, ingest, steps, _, size = demo_run
     partial = tmp_path / "demo"
     shutil.copytree(out, partial, ignore=shutil.ignore_patterns("hsam_finetune", "report"))
     shutil.copytree(out / "report" / "figures", partial / "report" / "figures")  # the ingest figures, drawn before the stages
-    metrics = build_report(partial, ingest, steps, failure="demo step hsam_finetune_train failed (exit 1)", total_seconds=600.0,
-                           clip_patches=out / "clip_patches" / "datalist.json")
+    metrics = build_report(partial, ingest, steps, size, data_dir=partial / "data", failure="step hsam_finetune_train failed (exit 1)", total_seconds=600.0)
     assert metrics["probmap"]["ran"] and metrics["pseudolabel"]["ran"] and not metrics["hsam"]["ran"]
     facts = render_page(partial / "report" / "index.html", tmp_path / "shot.png")
-    assert "The demo stopped: demo step hsam_finetune_train failed (exit 1)" in facts["text"]
+    assert "The demo stopped: step hsam_finetune_train failed (exit 1)" in facts["text"]
     assert "SA-3b did not finish" in facts["text"] and facts["broken_images"] == []

@@ -1,4 +1,4 @@
-"""``make demo``'s step runner (common.demo.run_steps) and its stop-on-failure path through run_demo.
+"""The step runner of ``make demo`` and ``make release`` (common.apps.pipeline.run_steps) and the demo's stop-on-failure path through run_demo.
 
 Each step here is a real ``Step`` whose command is a tiny real Python subprocess in place of
 ``python -m monai.bundle run``: it logs that it ran (its name, working directory, tracking URI and
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import common.demo as demo
-import common.demo_report as demo_report
-from common.demo import REPO_ROOT, Step, run_steps
+import common.apps.demo as demo
+import common.apps.demo_report as demo_report
+from common.apps.pipeline import REPO_ROOT, Step, run_steps
 
 # The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files).
 CHILD = r"""
@@ -75,7 +75,7 @@ def out(tmp_path, monkeypatch) -> Path:
     # run_steps first calls prepare_scans(out), which generates the demo's training phantoms and links the
     # real CT from ../shared: seconds of work and real data that these fake steps never read. A no-op here
     # keeps the tests to the runner's own logic (prepare_scans is exercised by `make demo` itself).
-    monkeypatch.setattr(demo, "prepare_scans", lambda out: None)
+    monkeypatch.setattr(demo, "prepare_scans", lambda *args: None)
     folder = tmp_path / "demo out"  # a space, so the re-run command's quoting is tested too
     folder.mkdir()
     return folder
@@ -143,7 +143,7 @@ def test_retrain_fails_a_step_that_leaves_only_the_earlier_runs_files(out):
     steps = [_step(out, "stale", mode="no_done"), _step(out, "after")]
     for s in steps:
         _finish(s)
-    with pytest.raises(RuntimeError, match=r"demo step stale failed \(no new .*done\.json\)"):
+    with pytest.raises(RuntimeError, match=r"step stale failed \(no new .*done\.json\)"):
         run_steps(steps, out, retrain=True)
     assert [s.status for s in steps] == ["failed", "not run"]
     assert steps[0].done_file.read_text() == "earlier run"  # left as it was, not deleted
@@ -160,9 +160,22 @@ def test_retrain_makes_inference_steps_redo_cases_they_already_wrote():
         cmd = step.command("sqlite:///x.db", overwrite=overwrite)
         return cmd[cmd.index("--overwrite") + 1] if "--overwrite" in cmd else None
 
-    assert option(inference, False) is None and option(inference, True) == "true"
+    assert option(inference, False) is None and option(inference, True) == "True"  # a Python literal, as python-fire parses it
     assert option(trainer, True) is None
-    assert option(evaluation, True) == "true"  # evaluate.json sets it true already; the override agrees
+    assert option(evaluation, True) == "True"  # evaluate.json sets it true already; the override agrees
+
+
+def test_overrides_reach_the_bundle_as_the_values_they_are():
+    """``monai.bundle run`` parses its command line with python-fire: False, None, lists of dicts and floats must
+    arrive as themselves (JSON's ``false`` would arrive as the string "false", which a config takes as true)."""
+    from fire.parser import DefaultParseValue
+
+    overrides = {"pretrained": False, "random_init": True, "text_model_dir": None, "tau": 0.0, "phantom_shape": [64, 64, 12],
+                 "cases": [{"image": "/data/a b/scan", "case_id": "a"}], "qc": {"lung_ml_range": [0.0, 1.0e9]}, "output_dir": "/x/y"}
+    cmd = Step("probmap", "p", "probmap", ["inference.json"], overrides, Path("/x/done"), "").command("sqlite:///x.db")
+    parsed = {key: DefaultParseValue(cmd[cmd.index(f"--{key}") + 1]) for key in overrides}
+    assert parsed == overrides
+    assert parsed["pretrained"] is False and parsed["text_model_dir"] is None
 
 
 def _rerun(cmd_line: str) -> int:
@@ -177,7 +190,7 @@ def test_nonzero_exit_stops_the_demo_with_the_rerun_command(out):
 
     message = str(info.value)
     first, rerun = message.split("\n", 1)  # (the child script itself spans lines; monai.bundle commands do not)
-    assert first.startswith("demo step broken failed (exit 1) after 0:0") and first.endswith("; re-run it with:")
+    assert first.startswith("step broken failed (exit 1) after 0:0") and first.endswith("; re-run it with:")
     assert rerun == "  " + steps[1].cmd
     assert [r["name"] for r in _ran(out)] == ["good", "broken"]  # "after" never started
     assert [s.status for s in steps] == ["ran", "failed", "not run"]
@@ -191,7 +204,7 @@ def test_nonzero_exit_stops_the_demo_with_the_rerun_command(out):
 
 def test_exit_zero_without_the_done_file_is_a_failure(out):
     steps = [_step(out, "silent", mode="no_done", n_extra=1), _step(out, "after")]
-    with pytest.raises(RuntimeError, match=r"^demo step silent failed \(no .*done\.json\) after 0:0") as info:
+    with pytest.raises(RuntimeError, match=r"^step silent failed \(no .*done\.json\) after 0:0") as info:
         run_steps(steps, out)
 
     assert f"(no {steps[0].done_file})" in str(info.value)
@@ -208,7 +221,7 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
               "phantom_example": None, "qc_dir": str(out / "qc")}
     monkeypatch.setattr(demo, "run_ingest", lambda out_, data_dir, fig_dir: dict(ingest))
     steps = [_step(out, "clip_ok"), _step(out, "probmap_broken", mode="fail", stage="probmap"), _step(out, "hsam_after", stage="hsam")]
-    monkeypatch.setattr(demo, "demo_steps", lambda out_: steps)
+    monkeypatch.setattr(demo, "demo_steps", lambda *args: steps)
     # Two report sections are heavy even with no stage output: the held-out comparison runs
     # benchmarks/hsam_comparison.py, which generates and scores the held-out phantoms anyway (about 30 s
     # here), and the SA-1 section imports torch and the CLIP networks before it finds no checkpoint (about
@@ -220,19 +233,19 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
         demo.run_demo(out, data_dir=out / "unused")
 
     message = str(info.value.code)
-    assert message.startswith("demo stopped: demo step probmap_broken failed (exit 1)")
+    assert message.startswith("demo stopped: step probmap_broken failed (exit 1)")
     assert steps[1].cmd in message
     assert message.endswith(f"report so far: {out / 'report' / 'index.html'}")
     assert [r["name"] for r in _ran(out)] == ["clip_ok", "probmap_broken"]
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert metrics["failure"].startswith("demo step probmap_broken failed (exit 1)")
+    assert metrics["failure"].startswith("step probmap_broken failed (exit 1)")
     assert [(s["name"], s["status"]) for s in metrics["steps"]] == [("clip_ok", "ran"), ("probmap_broken", "failed"), ("hsam_after", "not run")]
     assert metrics["steps"][2]["seconds"] is None
     assert [s["command"] for s in metrics["steps"]] == [s.cmd for s in steps]
     assert metrics["steps"][0]["seconds"] > 0.0 and metrics["timings"]["hsam_s"] == 0.0
     page = (out / "report" / "index.html").read_text()
-    assert "The demo stopped: demo step probmap_broken failed (exit 1)" in page
+    assert "The demo stopped: step probmap_broken failed (exit 1)" in page
 
 
 def test_release_chain_maps_with_a_given_sa1_checkpoint_instead_of_training_one(tmp_path):

@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from common.demo import BUNDLES, DEMO_PHANTOM_SHAPE, DEMO_PHANTOM_SPACING, REPO_ROOT, Step, run_steps
+from common.apps.demo import SIZES
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, run_steps
+
+PHANTOM_SHAPE, PHANTOM_SPACING = SIZES["demo"].phantom_shape, SIZES["demo"].phantom_spacing  # the demo's training phantoms
 
 TRAIN_SEED = 200  # training phantoms: seeds no score uses (SA-1's are 0-9, the held-out ones 100+)
 
@@ -41,7 +44,7 @@ def scan_sets(out: Path) -> dict[str, Path]:
 def prepare(out: Path) -> None:
     from common.default_data import make_phantoms
 
-    make_phantoms(out / "training_phantoms", 2, seed=TRAIN_SEED, prefix="train_phantom", shape=DEMO_PHANTOM_SHAPE, spacing=DEMO_PHANTOM_SPACING)
+    make_phantoms(out / "training_phantoms", 2, seed=TRAIN_SEED, prefix="train_phantom", shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
 
 
 def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
