@@ -314,6 +314,26 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
         training_slices(tmp_path / "none.json")
 
 
+def test_when_qc_excluded_every_case_the_error_names_the_option_that_admits_them(tmp_path):
+    """A pseudolabel datalist whose every case QC excluded: training stops naming admit_qc_excluded, and with it the
+    excluded cases (those with a pseudo label on disk) train; an excluded case with no label stays out."""
+    from common.data import training_slices
+
+    hu = np.full((24, 24, 10), -800.0, dtype=np.float32)
+    lab = np.zeros((24, 24, 10), dtype=np.uint8)
+    lab[6:18, 6:18, 2:8] = 1
+    case = {"image": _nifti(tmp_path / "a_ct.nii.gz", hu), "label": _nifti(tmp_path / "a_label.nii.gz", lab), "case_id": "a", "reasons": ["agreement < 0.85"]}
+    failed = {"case_id": "unreadable", "reasons": ["not a CT"]}  # no pseudo label was written for it
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "excluded": [case, failed]}))
+    with pytest.raises(ValueError, match=r"2 excluded: agreement < 0.85; not a CT\).*admit_qc_excluded=true \(hsam_finetune: --admit_qc_excluded true\)"):
+        training_slices(tmp_path / "datalist.json", slice_size=32)
+    (tmp_path / "none.json").write_text(json.dumps({"training": [], "validation": [], "excluded": []}))
+    with pytest.raises(ValueError, match=r"no usable training case .*QC excluded 2 case\(s\): set admit_qc_excluded=true"):
+        training_slices([tmp_path / "datalist.json", tmp_path / "none.json"], slice_size=32)  # several datalists joined
+    got = training_slices(tmp_path / "datalist.json", slice_size=32, background_share=0.0, admit_excluded=True)
+    assert {s["case_id"] for s in got["training"]} == {"a"} and len(got["training"]) == 6 and got["validation"] == []
+
+
 def test_background_slices_never_show_lung_the_pseudo_label_missed(tmp_path):
     """A slice past the pseudo label's end that still shows enclosed air (lung) is no 'no lung' example."""
     from common.data import training_slices

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-def load_datalist(path: str | Path, allow_empty: bool = False) -> dict:
+def load_datalist(path: str | Path, allow_empty: bool = False, admit_excluded: bool = False) -> dict:
     """Read a decathlon-style datalist; relative paths are taken from the working directory, else from the datalist's folder.
-    A datalist without training or validation cases is an error unless ``allow_empty`` (one of several joined)."""
+    A datalist without training or validation cases is an error unless ``allow_empty`` (one of several joined).
+    ``admit_excluded``: the cases QC excluded that have a pseudo label on disk train too (``excluded`` joins ``training``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist not found (run the pseudolabel bundle first, or pass datalist_path)")
@@ -31,20 +32,25 @@ def load_datalist(path: str | Path, allow_empty: bool = False) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a JSON datalist ({e})") from None
     out = {}
+    admitted = [e for e in data.get("excluded", []) if e.get("image") and e.get("label")] if admit_excluded else []
     for split in ("training", "validation", "test"):
         items = []
-        for item in data.get(split, []):
+        for item in data.get(split, []) + (admitted if split == "training" else []):
             item = dict(item)
             for key in ("image", "label"):
                 if key in item and not Path(item[key]).is_absolute() and not Path(item[key]).exists() and (path.parent / item[key]).exists():
                     item[key] = str(path.parent / item[key])
             items.append(item)
         out[split] = items
+    out["excluded"] = [] if admit_excluded else list(data.get("excluded", []))
     if not out["training"] and not out["validation"]:
         excluded = data.get("excluded", [])
         why = f" ({len(excluded)} excluded: {'; '.join(r for e in excluded[:3] for r in e.get('reasons', []))})" if excluded else ""
         if not allow_empty:
-            raise ValueError(f"{path}: datalist has no 'training' or 'validation' cases{why}")
+            raise ValueError(f"{path}: datalist has no 'training' or 'validation' cases{why}. QC excluded every case: look at the "
+                             "pseudo labels (qc.csv and the overlays beside the datalist); to train on them anyway set "
+                             "admit_qc_excluded=true (hsam_finetune: --admit_qc_excluded true), or re-run the pseudolabel bundle "
+                             "with other qc thresholds (e.g. --qc#min_agreement 0.8 --overwrite true)")
         log.warning("%s: no training or validation case%s; training on the other datalists", path, why)
     return out
 
@@ -150,15 +156,15 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
 
 def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size: int | None = None, background_share: float = 0.1,
                     hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1,
-                    val_slice_step: int | None = None, background_max_air: float | None = 0.002) -> dict:
+                    val_slice_step: int | None = None, background_max_air: float | None = 0.002, admit_excluded: bool = False) -> dict:
     """The training and validation slices of a pseudolabel datalist, or of several (their splits joined, e.g.
     phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``. ``val_slice_step``
     (default: ``slice_step``) thins the validation slices alone: validation runs every epoch, and a mean Dice
-    over every n-th slice tracks it at a fraction of the cost."""
+    over every n-th slice tracks it at a fraction of the cost. ``admit_excluded`` trains on the cases QC excluded too."""
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
-    loaded = [load_datalist(p, allow_empty=len(paths) > 1) for p in paths]
+    loaded = [load_datalist(p, allow_empty=len(paths) > 1, admit_excluded=admit_excluded) for p in paths]
     datalist = {split: [item for d in loaded for item in d[split]] for split in ("training", "validation")}
     out, skipped = {}, []
     for split in ("training", "validation"):
@@ -169,6 +175,9 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
         out[split] = got["slices"]
         skipped += got["skipped"]
     if not out["training"]:
-        raise ValueError(f"{datalist_path}: no usable training case ({len(skipped)} skipped: {[s['reason'] for s in skipped][:3]})")
+        excluded = sum(len(d["excluded"]) for d in loaded)
+        hint = (f"; QC excluded {excluded} case(s): set admit_qc_excluded=true (hsam_finetune: --admit_qc_excluded true) to train on them anyway"
+                if excluded else "")
+        raise ValueError(f"{datalist_path}: no usable training case ({len(skipped)} skipped: {[s['reason'] for s in skipped][:3]}){hint}")
     out["skipped"] = skipped
     return out
