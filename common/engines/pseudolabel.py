@@ -119,8 +119,8 @@ class PseudoLabelEvaluator(CaseEvaluator):
 # --------------------------------------------------------------------------- confidence and writing
 
 
-def case_confidence(pseudo: np.ndarray, reference: np.ndarray, info: dict, lung_ml: float, min_predicted_iou: float = 0.8,
-                    min_agreement: float = 0.85, min_kept_share: float = 0.5, lung_ml_range: Sequence[float] = (300.0, 9000.0)) -> dict:
+def case_confidence(pseudo: np.ndarray, reference: np.ndarray, info: dict, lung_ml: float, min_predicted_iou: float = 0.75,
+                    min_agreement: float = 0.875, min_kept_share: float = 0.5, lung_ml_range: Sequence[float] = (300.0, 9000.0)) -> dict:
     """The case's confidence figures and QC verdict: SAM's mean predicted IoU of the kept candidates, the
     Dice between the pseudo label and the SA-2 lung mask, the share of candidates kept and the
     lung volume's plausibility; each figure under its bound is a reason to leave the case out."""
