@@ -27,8 +27,10 @@ $(DATA): $(STAMP) common/default_data.py common/phantom.py
 
 data: $(DATA)
 
+# DEMO_ARGS="--seed 1 --out outputs/demo_seed1": another SA-1 seed (docs/reproducibility.md); "--size smoke": the chain test's size
+DEMO_ARGS ?=
 demo: $(DATA)
-	$(PY) -m common.apps.demo --out outputs/demo
+	$(PY) -m common.apps.demo --out outputs/demo $(DEMO_ARGS)
 
 # re-train the shipped models (bundles/foundation_clip and bundles/hsam_finetune models/model.pt) from the shared
 # real scans and training phantoms, then the label-free real-CT table of the bundle docs.
