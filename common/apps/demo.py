@@ -91,8 +91,8 @@ SIZES = {
         real_heldout=("lung_pet_ct_dx_a0001",),
         hsam={"max_epochs": 6, "slice_step": 2, "val_slice_step": 2, "feature_cache_views": 1},
     ),
-    # the smallest chain that runs every step: tiny phantoms, tiny random networks in every stage, SA-2's threshold and SA-3a's QC that admit everything: a test of the
-    # plumbing, not of the method
+    # the smallest chain that runs every step: tiny phantoms, tiny random networks in every stage, SA-2's threshold
+    # and SA-3a's QC that admit everything: a test of the plumbing, not of the method
     "smoke": DemoSize(
         "smoke", (64, 64, 12), (5.0, 5.0, 20.0), heldout_phantoms=1, training_phantoms=1,
         real_training=("deeplesion_000001_01_01",), real_heldout=(),
@@ -102,7 +102,8 @@ SIZES = {
               "image_size": 32, "train_text_encoder": False, "batch_size": 8, "num_workers": 0, "max_epochs": 1, "warmup_epochs": 0,
               "val_phantoms": 1, "exclude_cases": []},
         probmap={"tau": 0.0},  # a random SA-1 gives no lung above the real threshold; 0 keeps the body, so SA-3a has a box to prompt
-        pseudolabel={"sam_variant": "tiny_sam", "network_def#random_init": True, "overlap_threshold": 0.0, "qc": {"min_predicted_iou": 0.0, "min_agreement": 0.0, "min_kept_share": 0.0, "lung_ml_range": [0.0, 1.0e9]}},
+        pseudolabel={"sam_variant": "tiny_sam", "network_def#random_init": True, "overlap_threshold": 0.0,
+                     "qc": {"min_predicted_iou": 0.0, "min_agreement": 0.0, "min_kept_share": 0.0, "lung_ml_range": [0.0, 1.0e9]}},
         hsam_configs=("train.json",),
         hsam={"sam_variant": "tiny_sam", "sam_random_init": True, "slice_size": 64, "max_epochs": 1, "batch_size": 4, "num_workers": 0,
               "boundary_ignore_px": 2},
