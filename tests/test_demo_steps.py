@@ -262,3 +262,21 @@ def test_release_chain_maps_with_a_given_sa1_checkpoint_instead_of_training_one(
     assert probmaps and all(s.overrides["ckpt_path"] == str(sa1) for s in probmaps)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         release_steps(tmp_path / "c", clip_ckpt=tmp_path / "missing.pt")
+
+
+def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
+    from common.apps.pipeline import linked_scan, scan_link_name
+
+    sources = {"dicom_case": tmp_path / "src" / "series", "nifti_case": tmp_path / "src" / "scan.nii.gz", "nrrd_case": tmp_path / "src" / "scan.nrrd"}
+    sources["dicom_case"].mkdir(parents=True)
+    sources["nifti_case"].write_bytes(b"x")
+    sources["nrrd_case"].write_bytes(b"x")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for case_id, source in sources.items():
+        (folder / scan_link_name(case_id, source)).symlink_to(source)
+    assert {c: linked_scan(folder, c).name for c in sources} == {"dicom_case": "dicom_case", "nifti_case": "nifti_case.nii.gz", "nrrd_case": "nrrd_case.nrrd"}
+    # a case whose id is another's prefix is not taken for it, and an unlinked case names the path it would have
+    (folder / scan_link_name("nifti_case_2", sources["nifti_case"])).symlink_to(sources["nifti_case"])
+    assert linked_scan(folder, "nifti_case").name == "nifti_case.nii.gz"
+    assert linked_scan(folder, "missing_case") == folder / "missing_case"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, run_steps
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, linked_scan, run_steps, scan_link_name
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
@@ -157,14 +157,15 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
     ]
     # the held-out real scans: SA-2 then H-SAM on the slices SA-2's mask touches (as make segment does), with the
     # demo's models and with the shipped ones
-    models = [("demo", clip_ckpt, hsam_ckpt, "hsam")]
+    models = [("demo", clip_ckpt, hsam_ckpt, "hsam")] if size.real_heldout else []
     if size.compare_shipped:
+        missing = [str(p) for p in SHIPPED.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"the shipped models are missing: {', '.join(missing)} (they are committed: check out the repository again)")
         models.append(("shipped", SHIPPED["clip"], SHIPPED["hsam"], "shipped"))
     for who, clip_file, hsam_file, stage in models:
-        if not size.real_heldout:
-            break
         maps = out / "probmap" / f"heldout_real_{who}"
-        cases = [{"image": _linked_scan(heldout_real, c), "case_id": c, "region": str(maps / c / f"{c}_lung_mask.nii.gz")} for c in size.real_heldout]
+        cases = [{"image": str(linked_scan(heldout_real, c)), "case_id": c, "region": str(maps / c / f"{c}_lung_mask.nii.gz")} for c in size.real_heldout]
         reports = case_reports(maps, list(size.real_heldout), "probmap.json")
         steps.append(Step(stage if who == "shipped" else "probmap", f"probmap_heldout_real_{who}", "probmap", ["inference.json"],
                           probmap(clip_file, dataset_dir=str(heldout_real), output_dir=str(maps)), reports[0],
@@ -174,19 +175,7 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
         steps.append(Step(stage, f"hsam_finetune_heldout_real_{who}", "hsam_finetune", ["inference.json"],
                           {"ckpt_path": str(hsam_file), "cases": cases, **(size.hsam_inference if who == "demo" else {}), "output_dir": str(seg)},
                           reports[0], f"SA-3b ({who} H-SAM model): lung mask of the real scan no stage trained on", extra_done=reports[1:]))
-    if size.compare_shipped:
-        missing = [str(p) for p in SHIPPED.values() if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"the shipped models are missing: {', '.join(missing)} (they are committed: check out the repository again)")
     return steps
-
-
-def _linked_scan(folder: Path, case_id: str) -> str:
-    """The path :func:`prepare_scans` links a scan to (a folder by its id, a file with its extension)."""
-    for name in (case_id, f"{case_id}.nii.gz", f"{case_id}.nii", f"{case_id}.nrrd", f"{case_id}.mha"):
-        if (folder / name).exists() or (folder / name).is_symlink():
-            return str(folder / name)
-    return str(folder / case_id)
 
 
 def prepare_scans(out: Path, size: DemoSize = SIZES["demo"], data_dir: Path = DEFAULT_OUT) -> None:
@@ -211,14 +200,6 @@ def prepare_scans(out: Path, size: DemoSize = SIZES["demo"], data_dir: Path = DE
                 link.unlink()
             if not link.is_symlink():
                 link.symlink_to(source, target_is_directory=source.is_dir())
-
-
-def scan_link_name(case_id: str, source: Path) -> str:
-    """A scan's link in the demo's folders: its manifest id, and a file's own extension (readers go by it), so the
-    bundles name the case by the manifest id."""
-    if source.is_dir():
-        return case_id
-    return case_id + (".nii.gz" if source.name.endswith(".nii.gz") else source.suffix)
 
 
 def prepare_smoke_data(out: Path, size: DemoSize) -> Path:

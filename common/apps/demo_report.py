@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import REPO_ROOT, clock
+from common.apps.pipeline import REPO_ROOT, clock, linked_scan
 from common.io import write_json_atomic
 from common.report import LUNG_WINDOW, figure_grid, html_table, write_html_page
 
@@ -262,7 +262,7 @@ def pipeline_figure(out: Path, fig_dir: Path, real_case: str | None) -> str:
                  "hsam": out / "hsam_finetune" / seg / case_id / f"{case_id}_lung_mask.nii.gz"}
         if not real:  # the held-out real scan is not pseudo-labelled: no stage trains on it
             paths["pseudo"] = out / "pseudolabel" / maps / case_id / f"{case_id}_pseudo_label.nii.gz"
-        image = next(iter(sorted((out / "heldout_scans").glob(f"{case_id}*"))), out / "heldout_scans" / case_id) if real else (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz")
+        image = linked_scan(out / "heldout_scans", case_id) if real else (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz")
         if not image.exists() or not all(p.is_file() for p in paths.values()):
             continue
         if real:

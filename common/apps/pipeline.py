@@ -68,6 +68,26 @@ def case_reports(output_dir: Path, case_ids: list[str], postfix: str) -> list[Pa
     return [output_dir / c / f"{c}_{postfix}" for c in case_ids]
 
 
+SCAN_FILE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def scan_link_name(case_id: str, source: Path) -> str:
+    """A scan's link in a chain's scan folder: its manifest id, and a file's own extension (readers go by it),
+    so the bundles name the case by the manifest id."""
+    if source.is_dir():
+        return case_id
+    return case_id + (".nii.gz" if source.name.endswith(".nii.gz") else source.suffix)
+
+
+def linked_scan(folder: Path, case_id: str) -> Path:
+    """The scan :func:`scan_link_name` linked for ``case_id`` in ``folder`` (a DICOM folder by its id, a file with
+    its extension); ``folder / case_id`` when nothing is linked yet (a step list may be built first)."""
+    for name in (case_id, *(case_id + s for s in SCAN_FILE_SUFFIXES)):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return folder / name
+    return folder / case_id
+
+
 def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, prepare=None) -> None:
     """Run each step as its own ``monai.bundle run`` process (its progress bars and logs on this terminal);
     stop at the first failure with the command to re-run it. ``prepare(out)`` makes the scan folders first."""
@@ -95,4 +115,4 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
         print(f"    {step.name} done in {clock(step.seconds)}", flush=True)
 
 
-__all__ = ["BUNDLES", "REPO_ROOT", "Step", "case_reports", "clock", "run_steps"]
+__all__ = ["BUNDLES", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "linked_scan", "run_steps", "scan_link_name"]
