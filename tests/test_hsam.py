@@ -407,6 +407,12 @@ def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_sli
     affine = torch.diag(torch.tensor([-0.7, -0.7, 2.5, 1.0], dtype=torch.float64))
     meta_prob = SliceEnsembleInferer(slice_batch=4, input_size=32)(MetaTensor(volume, affine=affine), FixedSize())
     assert isinstance(meta_prob, MetaTensor) and torch.allclose(meta_prob.affine.reshape(4, 4).double(), affine)
+    # a batch of slices (validation) goes through slice_batch at a time, with the probability of one pass
+    seen.clear()
+    slices = volume[0].permute(3, 0, 1, 2)  # (6, 1, 48, 40)
+    chunked = SliceEnsembleInferer(slice_batch=4, input_size=32)(slices, FixedSize())
+    assert len(seen) == 2 and chunked.shape == slices.shape  # two forward passes: 4 slices, then 2
+    torch.testing.assert_close(chunked, SliceEnsembleInferer(slice_batch=6, input_size=32)(slices, FixedSize()))
 
 
 # --------------------------------------------------------------------------- metrics

@@ -75,6 +75,18 @@ def test_box_mapping_matches_segment_anything():
     assert torch.allclose(medsam.box_from_input(medsam.box_to_input(boxes, (200, 300)), (200, 300)), torch.as_tensor(boxes, dtype=torch.float32), atol=1e-3)
 
 
+def test_cpu_encoding_one_slice_at_a_time_gives_the_batch_embeddings(tiny_lite):
+    """On the CPU ``encode`` runs slice by slice (faster there): the embeddings are the whole batch's."""
+    slices = torch.rand(3, 1, 48, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = tiny_lite.image_encoder(tiny_lite.preprocess(slices))
+        one_by_one = tiny_lite.encode(slices)
+        from_numpy = tiny_lite.encode(slices[:, 0].numpy())  # (B, H, W) arrays too
+    assert one_by_one.shape == batched.shape == (3, *tiny_lite.embedding_shape)
+    torch.testing.assert_close(one_by_one, batched, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_numpy, batched, rtol=1e-5, atol=1e-5)
+
+
 def test_segment_boxes_shapes(tiny_lite):
     masks, iou = tiny_lite.segment_boxes(np.random.default_rng(0).random((2, 64, 80), dtype=np.float32), [[5, 5, 40, 30], [10, 10, 60, 50]])
     assert masks.shape == (2, 64, 80) and masks.dtype == bool and iou.shape == (2,)

@@ -57,12 +57,13 @@ def augmentation_signature(augmentation, probe: dict, seeds: int = 8) -> str:
 
 @torch.no_grad()
 def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir: str | Path, views: int = 2, seed: int = 0,
-                        batch_size: int = 8, progress: bool = True) -> list[dict]:
+                        batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Augment every slice ``views`` times and cache (image, label, frozen features) per view.
 
     ``slices``: ``{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}`` as
     :func:`common.data.training_slices` gives them; ``augmentation``: a MONAI ``Compose`` of dictionary
-    transforms (or None: every view is the slice itself, and one view is enough). Returns one
+    transforms (or None: every view is the slice itself, and one view is enough); ``batch_size`` slices go through the
+    frozen stages at once (None: 8 on a GPU, 1 on the CPU). Returns one
     ``{"views": [path, ...], "case_id", "slice"}`` per slice.
     """
     from common.engines.clip import unwrap
@@ -87,6 +88,8 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     if len(todo) < len(slices) * views:
         log.info("feature cache %s: %d of %d views already cached", cache_dir, len(slices) * views - len(todo), len(slices) * views)
     device = next(model.parameters()).device
+    if batch_size is None:  # the CPU goes one slice at a time (see SamFamily.encode: page faults of batched 1024² activations)
+        batch_size = 8 if device.type == "cuda" else 1
     was_training = model.training
     model.eval()
     bar = None

@@ -24,7 +24,8 @@ def foreground_probability(network: torch.nn.Module, slices: torch.Tensor) -> to
 
 
 class SliceEnsembleInferer(Inferer):
-    """``(B, 1, H, W)`` slices -> their probability; ``(1, 1, X, Y, Z)`` volumes -> slice by slice along Z.
+    """``(B, 1, H, W)`` slices -> their probability; ``(1, 1, X, Y, Z)`` volumes -> slice by slice along Z
+    (either ``slice_batch`` slices at a time).
 
     ``slice_mask`` (Z,) booleans, given to ``__call__``, limits a volume to the slices worth running
     (e.g. those the SA-2 lung map touches, plus a margin); the others are 0.
@@ -55,8 +56,8 @@ class SliceEnsembleInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, **kwargs) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
-        if x.ndim == 4:
-            return self._probability(network, x)
+        if x.ndim == 4:  # in chunks of slice_batch: on the CPU one at a time is faster (see SamFamily.encode)
+            return torch.cat([self._probability(network, x[i : i + self.slice_batch]) for i in range(0, x.shape[0], self.slice_batch)])
         if x.ndim != 5 or x.shape[:2] != (1, 1):
             raise ValueError(f"SliceEnsembleInferer takes (B, 1, H, W) slices or one (1, 1, X, Y, Z) volume, got {tuple(x.shape)}")
         z_all = np.arange(x.shape[-1]) if slice_mask is None else np.flatnonzero(np.asarray(slice_mask, dtype=bool).reshape(-1))
