@@ -265,19 +265,19 @@ def test_teacher_frozen_and_cached(random_teacher, tmp_path):
     calls = []
     enc = t.sam.image_encoder
     original = enc.forward
-    enc.forward = lambda x: (calls.append(x.shape[0]), original(x))[1]
+    enc.forward = lambda x: (calls.append(x.shape[0]), original(x))[1]  # slices per encoder call (one at a time on the CPU)
     try:
         slices = torch.rand(2, 1, 40, 50, requires_grad=True)
         cache = TeacherCache(tmp_path / "cache", t)
         keys = [cache_key("case1", 3, 0), cache_key("case1", 3, 1)]  # two views of one slice: two entries
         first = cache.get(keys, slices)
         assert first.shape == (2, 256, 16, 16) and first.dtype == torch.float32 and not first.requires_grad
-        assert calls == [2]
+        assert sum(calls) == 2
         again = TeacherCache(tmp_path / "cache", t).get(keys[::-1], slices.flip(0))  # a new epoch, new process
-        assert calls == [2]  # served from disk
+        assert sum(calls) == 2  # served from disk
         assert torch.equal(again, first.flip(0))
         mixed = cache.get([keys[0], cache_key("case1", 4, 0), keys[0]], torch.rand(3, 1, 40, 50))
-        assert calls == [2, 1]  # only the new key is encoded, duplicates once
+        assert sum(calls) == 3  # only the new key is encoded, duplicates once
         assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[2], first[0])
         assert cache.hits == 2 and cache.misses == 3
         assert not list((tmp_path / "cache").rglob("*.tmp"))
@@ -290,7 +290,7 @@ def test_teacher_frozen_and_cached(random_teacher, tmp_path):
         cache.get(meta_keys, MetaTensor(torch.rand(1, 1, 40, 50)))
         hits = cache.hits
         back = TeacherCache(tmp_path / "cache", t).get(meta_keys, torch.rand(1, 1, 40, 50))
-        assert calls == [2, 1, 1] and type(back) is torch.Tensor  # read from disk, not encoded again
+        assert sum(calls) == 4 and type(back) is torch.Tensor  # read from disk, not encoded again
         assert type(torch.load(cache.path(meta_keys[0]), weights_only=True)) is torch.Tensor and cache.hits == hits
     finally:
         enc.forward = original
