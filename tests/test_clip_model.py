@@ -257,6 +257,25 @@ def test_training_step_on_model(model):
 # ------------------------------------------------------------------ teacher
 
 
+def test_teacher_cache_follows_the_weights_content_not_their_path(tmp_path):
+    """A moved checkout (or virtual environment) keeps its teacher cache; other weights never share it."""
+    import shutil
+
+    from common.networks import litemedsam_checkpoint
+    from common.networks.teacher import weights_digest
+
+    moved = tmp_path / "elsewhere" / "lite_medsam.pth"
+    moved.parent.mkdir()
+    shutil.copy(litemedsam_checkpoint(), moved)
+    here, there = Teacher("litemedsam", pool_to=16), Teacher("litemedsam", pool_to=16, checkpoint=moved)
+    assert here.sam.checkpoint != there.sam.checkpoint and here.signature == there.signature
+    assert TeacherCache(tmp_path / "cache", here).cache_dir == TeacherCache(tmp_path / "cache", there).cache_dir
+    assert Teacher("litemedsam", pool_to=8, checkpoint=moved).signature != here.signature  # pooling is part of it
+    other = tmp_path / "other.pth"
+    other.write_bytes(moved.read_bytes()[:-1] + b"x")
+    assert weights_digest(other) != weights_digest(moved) and weights_digest(None) == "random"
+
+
 def test_teacher_frozen_and_cached(random_teacher, tmp_path):
     t = random_teacher
     assert all(not p.requires_grad for p in t.parameters())

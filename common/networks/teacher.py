@@ -19,6 +19,24 @@ import torch.nn.functional as F
 from common.networks.sam_family import SamFamily, load_sam_family
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(path: str | Path | None) -> str:
+    """SHA-256 (first 16 hex digits) of a weights file, read once per process; "random" without a file."""
+    if path is None or not Path(path).is_file():
+        return "random" if path is None else str(path)
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 class Teacher(nn.Module):
     """A SamFamily image encoder, frozen and always in eval mode: slices (B, 1, H, W) in [0, 1] -> (B, 256, 64, 64).
 
@@ -47,8 +65,9 @@ class Teacher(nn.Module):
 
     @property
     def signature(self) -> str:
-        """Identifies the teacher's outputs (variant, weights, pooling): part of every cache key."""
-        return f"{self.sam.variant.name}|{self.sam.checkpoint}|pool{self.pool_to}"
+        """Identifies the teacher's outputs (variant, weights, pooling): part of every cache key. The weights by
+        their content, so a cache stays valid when the checkout or its virtual environment moves."""
+        return f"{self.sam.variant.name}|{weights_digest(self.sam.checkpoint)}|pool{self.pool_to}"
 
     @torch.no_grad()
     def forward(self, slices01) -> torch.Tensor:
@@ -122,4 +141,4 @@ class TeacherCache:
         return torch.stack([found[k] for k in keys]).float()
 
 
-__all__ = ["Teacher", "TeacherCache", "cache_key"]
+__all__ = ["Teacher", "TeacherCache", "cache_key", "weights_digest"]
