@@ -259,7 +259,7 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
     picks = sorted({int(extent[int(round(f * (len(extent) - 1)))]) for f in fractions})
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
-    fig, axes = plt.subplots(len(picks), len(masks_l), figsize=(2.6 * len(masks_l), 2.7 * len(picks)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(len(picks), len(masks_l), figsize=(2.6 * len(masks_l), 3.0 * len(picks)), dpi=100, squeeze=False)
     for row, k in zip(axes, picks):
         for ax, (name, m) in zip(row, masks_l):
             ax.imshow(axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
@@ -268,8 +268,10 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
                     ax.contour(axial_display(mask).astype(float), levels=[0.5], colors=[colour], linewidths=0.9, linestyles=style)
             ax.set_title(f"{name}\nslice {k}", fontsize=7)
             ax.axis("off")
-    fig.suptitle(title + ("; truth dashed yellow" if ref_l is not None else ""), fontsize=8)
-    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 0.96))
+    height = fig.get_figheight()
+    fig.suptitle(title + ("; truth dashed yellow" if ref_l is not None else ""), fontsize=8, y=1 - 0.08 / height)
+    # explicit spacing: tight_layout let each row's two-line titles run into the row above
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.65 / height, wspace=0.04, hspace=0.25)
     return _save_figure(fig, path)
 
 
