@@ -128,8 +128,9 @@ class SamFamily(nn.Module):
     def encode(self, slices) -> torch.Tensor:
         """Image embeddings (B, 256, 64, 64) of slices in [0, 1].
 
-        On the CPU one slice at a time: a batch's 1024² activations cost more in page faults than batching
-        saves (LiteMedSAM, 8 slices on 2 cores: 19 s one by one, 27-30 s as one batch; the same embeddings)."""
+        On the CPU one slice at a time, with the same embeddings: a batch's 1024² activations cost page faults
+        (LiteMedSAM, 8 slices on 2 cores with another job running: 19 s one by one, 27-30 s as one batch; on an
+        idle machine the demo's SA-1 showed no gain, docs/reproducibility.md)."""
         if self.device.type == "cpu" and getattr(slices, "ndim", 0) in (3, 4) and len(slices) > 1:
             return torch.cat([self.image_encoder(self.preprocess(slices[i : i + 1])) for i in range(len(slices))])
         return self.image_encoder(self.preprocess(slices))
