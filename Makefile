@@ -16,8 +16,9 @@ HSAM_CKPT ?= bundles/hsam_finetune/models/model.pt
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch 2.14.1 + torchvision 0.29.1 come from this machine's local wheels (CUDA build, runs on CPU)
-	$(PY) -m pip install --quiet -e . versioneer
+	# torch 2.14.1 + torchvision 0.29.1 come from this machine's local wheels (CUDA build, runs on CPU);
+	# --no-compile: Python compiles the few modules it imports on first use, not all of torch and transformers now
+	$(PY) -m pip install --quiet --no-compile -e . versioneer
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -254,6 +254,43 @@ def test_training_step_on_model(model):
     assert any(p.grad is not None for p in model.image_encoder.parameters())
 
 
+def test_frozen_text_encoder_encodes_each_text_once_on_its_own(bert_dir):
+    """A frozen text encoder's features are kept per text: the same rows whatever batch a text comes in, the
+    text encoder's own output for that text, W_t still trained, and new weights forget them."""
+    torch.manual_seed(0)
+    enc = build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8)
+    frozen = LungCLIP(enc, TextEncoder(bert_dir), embed_dim=16, teacher_shape=None, train_text_encoder=False).train()
+    texts = ["left lung", "a much longer caption about the heart and the great vessels", "bone"]
+    calls = []
+    frozen.text_encoder.register_forward_hook(lambda module, args, out: calls.append(list(args[0])))
+    out = frozen.encode_text(texts)
+    again = frozen.encode_text([texts[2], texts[0], "new text"])
+    assert calls == [[t] for t in texts] + [["new text"]]  # one text per call, each once
+    torch.testing.assert_close(again[:2], torch.stack([out[2], out[0]]))
+    with torch.no_grad():
+        own = frozen.text_projection(frozen.text_encoder([texts[1]]))
+    torch.testing.assert_close(out[1:2], own)
+    out.sum().backward()
+    assert frozen.text_projection.weight.grad is not None
+    assert all(p.grad is None for p in frozen.text_encoder.parameters())
+    state = {k: v + 0.1 if k.startswith("text_encoder.") and v.is_floating_point() else v for k, v in frozen.state_dict().items()}
+    frozen.load_state_dict(state)
+    assert not frozen._frozen_text
+    with torch.no_grad():
+        assert not torch.allclose(frozen.encode_text(texts[:1]), out[:1].detach())
+
+
+def test_student_encoder_is_channels_last_with_the_nchw_embeddings(model):
+    x = torch.rand(2, 1, 48, 48)
+    convs = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with torch.no_grad():
+        nhwc = model.encode_image(x)
+        model.image_encoder.to(memory_format=torch.contiguous_format)
+        nchw = model.encode_image(x)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ teacher
 
 

@@ -87,6 +87,28 @@ def test_cpu_encoding_one_slice_at_a_time_gives_the_batch_embeddings(tiny_lite):
     torch.testing.assert_close(from_numpy, batched, rtol=1e-5, atol=1e-5)
 
 
+def test_encoder_batch_is_one_on_the_cpu_and_the_gpu_batch_on_cuda():
+    from common.networks.sam_family import encoder_batch
+
+    assert encoder_batch("cpu", 16) == 1 and encoder_batch(torch.device("cpu")) == 1
+    assert encoder_batch("cuda:0", 16) == 16 and encoder_batch("cuda", 0) == 1
+
+
+def test_image_encoder_weights_are_channels_last_with_the_nchw_embeddings(tiny_lite):
+    """NHWC conv weights (faster on the CPU): the same embeddings as NCHW ones, and loading weights keeps NHWC."""
+    convs = [m.weight for m in tiny_lite.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    slices = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        nhwc = tiny_lite.encode(slices)
+        tiny_lite.image_encoder.to(memory_format=torch.contiguous_format)
+        nchw = tiny_lite.encode(slices)
+        tiny_lite.image_encoder.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+    tiny_lite.image_encoder.load_state_dict(tiny_lite.image_encoder.state_dict())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 def test_segment_boxes_shapes(tiny_lite):
     masks, iou = tiny_lite.segment_boxes(np.random.default_rng(0).random((2, 64, 80), dtype=np.float32), [[5, 5, 40, 30], [10, 10, 60, 50]])
     assert masks.shape == (2, 64, 80) and masks.dtype == bool and iou.shape == (2,)

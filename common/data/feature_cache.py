@@ -63,11 +63,12 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     ``slices``: ``{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}`` as
     :func:`common.data.training_slices` gives them; ``augmentation``: a MONAI ``Compose`` of dictionary
     transforms (or None: every view is the slice itself, and one view is enough); ``batch_size`` slices go through the
-    frozen stages at once (None: 8 on a GPU, 1 on the CPU). Returns one
+    frozen stages at once (None: :func:`common.networks.sam_family.encoder_batch`). Returns one
     ``{"views": [path, ...], "case_id", "slice"}`` per slice.
     """
     from common.engines.clip import unwrap
     from common.io.atomic import atomic_path
+    from common.networks.sam_family import ENCODER_LAYOUT, encoder_batch
 
     model = unwrap(network)
     if int(views) < 1:
@@ -78,7 +79,7 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     views = 1 if augmentation is None else int(views)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    setup = (model.variant, split, views, seed, augmentation_signature(augmentation, slices[0]) if len(slices) else "")
+    setup = (model.variant, split, views, seed, augmentation_signature(augmentation, slices[0]) if len(slices) else "", ENCODER_LAYOUT)
     entries, todo = [], []
     for i, s in enumerate(slices):
         key = _digest(s["image"], s["label"], *setup)
@@ -88,8 +89,8 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     if len(todo) < len(slices) * views:
         log.info("feature cache %s: %d of %d views already cached", cache_dir, len(slices) * views - len(todo), len(slices) * views)
     device = next(model.parameters()).device
-    if batch_size is None:  # the CPU goes one slice at a time (see SamFamily.encode: page faults of batched 1024² activations)
-        batch_size = 8 if device.type == "cuda" else 1
+    if batch_size is None:
+        batch_size = encoder_batch(device)
     was_training = model.training
     model.eval()
     bar = None

@@ -56,7 +56,7 @@ class SliceEnsembleInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, **kwargs) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
-        if x.ndim == 4:  # in chunks of slice_batch: on the CPU one at a time is faster (see SamFamily.encode)
+        if x.ndim == 4:  # in chunks of slice_batch (common.networks.sam_family.encoder_batch: one on the CPU)
             return torch.cat([self._probability(network, x[i : i + self.slice_batch]) for i in range(0, x.shape[0], self.slice_batch)])
         if x.ndim != 5 or x.shape[:2] != (1, 1):
             raise ValueError(f"SliceEnsembleInferer takes (B, 1, H, W) slices or one (1, 1, X, Y, Z) volume, got {tuple(x.shape)}")

@@ -20,6 +20,20 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+# The image encoders' convolution weight layout (channels last, see SamFamily), part of the key of every cache of
+# encoder outputs: NHWC embeddings differ from NCHW ones by about 3e-6, and a cache must not mix the two.
+ENCODER_LAYOUT = "nhwc"
+
+
+def encoder_batch(device: str | torch.device, gpu_batch: int = 8) -> int:
+    """Slices per image-encoder call: ``gpu_batch`` on a GPU, one on the CPU.
+
+    On the CPU a batch is slower than its slices one by one, with the same embeddings (LiteMedSAM, 8 slices of
+    512², 2 idle cores: 17.0 s as one batch, 13.0 s one by one; ``benchmarks/encoder_layout.py``): a batch's
+    activations no longer fit the caches. Every SAM-family encoder loop takes its batch from here."""
+    return max(1, int(gpu_batch)) if torch.device(device).type == "cuda" else 1
+
+
 @dataclass(frozen=True)
 class SamVariant:
     """How one member of the family wants its input."""
@@ -49,7 +63,9 @@ class SamFamily(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, variant: SamVariant, checkpoint: str | None = None):
         super().__init__()
-        self.image_encoder = image_encoder
+        # NHWC convolution weights: LiteMedSAM's encoder runs 8 slices in 9.4 s instead of 13.0 s on 2 CPU cores,
+        # embeddings equal to 3e-6 (benchmarks/encoder_layout.py); loading weights keeps the layout
+        self.image_encoder = image_encoder.to(memory_format=torch.channels_last)
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.variant = variant
@@ -126,13 +142,11 @@ class SamFamily(nn.Module):
         return F.pad(x, (0, s - rw, 0, s - rh))
 
     def encode(self, slices) -> torch.Tensor:
-        """Image embeddings (B, 256, 64, 64) of slices in [0, 1].
-
-        On the CPU one slice at a time, with the same embeddings: a batch's 1024² activations cost page faults
-        (LiteMedSAM, 8 slices on 2 cores with another job running: 19 s one by one, 27-30 s as one batch; on an
-        idle machine the demo's SA-1 showed no gain, docs/reproducibility.md)."""
-        if self.device.type == "cpu" and getattr(slices, "ndim", 0) in (3, 4) and len(slices) > 1:
-            return torch.cat([self.image_encoder(self.preprocess(slices[i : i + 1])) for i in range(len(slices))])
+        """Image embeddings (B, 256, 64, 64) of slices in [0, 1], :func:`encoder_batch` slices at a time."""
+        n = len(slices) if getattr(slices, "ndim", 0) in (3, 4) else 0
+        step = encoder_batch(self.device, n) if n else 0
+        if 0 < step < n:
+            return torch.cat([self.image_encoder(self.preprocess(slices[i : i + step])) for i in range(0, n, step)])
         return self.image_encoder(self.preprocess(slices))
 
     # ------------------------------------------------------------------ prompt side

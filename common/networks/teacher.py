@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.networks.sam_family import SamFamily, load_sam_family
+from common.networks.sam_family import ENCODER_LAYOUT, SamFamily, load_sam_family
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -29,11 +29,8 @@ def weights_digest(path: str | Path | None) -> str:
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()[:16]
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     return _DIGESTS[key]
 
 
@@ -66,8 +63,9 @@ class Teacher(nn.Module):
     @property
     def signature(self) -> str:
         """Identifies the teacher's outputs (variant, weights, pooling): part of every cache key. The weights by
-        their content, so a cache stays valid when the checkout or its virtual environment moves."""
-        return f"{self.sam.variant.name}|{weights_digest(self.sam.checkpoint)}|pool{self.pool_to}"
+        their content, so a cache stays valid when the checkout or its virtual environment moves; and the
+        encoder's weight layout (``ENCODER_LAYOUT``)."""
+        return f"{self.sam.variant.name}|{weights_digest(self.sam.checkpoint)}|pool{self.pool_to}|{ENCODER_LAYOUT}"
 
     @torch.no_grad()
     def forward(self, slices01) -> torch.Tensor:
