@@ -29,8 +29,8 @@ def encoder_batch(device: str | torch.device, gpu_batch: int = 8) -> int:
     """Slices per image-encoder call: ``gpu_batch`` on a GPU, one on the CPU.
 
     On the CPU a batch is slower than its slices one by one, with the same embeddings (LiteMedSAM, 8 slices of
-    512², 2 idle cores: 17.0 s as one batch, 13.0 s one by one; ``benchmarks/encoder_layout.py``): a batch's
-    activations no longer fit the caches. Every SAM-family encoder loop takes its batch from here."""
+    512², 2 idle cores: 15.7-17.0 s as one batch, 12.6-13.0 s one by one; ``benchmarks/encoder_layout.py``).
+    Every SAM-family encoder loop takes its batch from here."""
     return max(1, int(gpu_batch)) if torch.device(device).type == "cuda" else 1
 
 
@@ -63,8 +63,8 @@ class SamFamily(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, variant: SamVariant, checkpoint: str | None = None):
         super().__init__()
-        # NHWC convolution weights: LiteMedSAM's encoder runs 8 slices in 9.4 s instead of 13.0 s on 2 CPU cores,
-        # embeddings equal to 3e-6 (benchmarks/encoder_layout.py); loading weights keeps the layout
+        # NHWC convolution weights: LiteMedSAM's encoder runs 8 slices one by one in 8.9-9.4 s instead of 12.6-13.0 s
+        # on 2 CPU cores, embeddings equal to 3e-6 (benchmarks/encoder_layout.py); loading weights keeps the layout
         self.image_encoder = image_encoder.to(memory_format=torch.channels_last)
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
