@@ -16,9 +16,9 @@ HSAM_CKPT ?= bundles/hsam_finetune/models/model.pt
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch 2.14.1 + torchvision 0.29.1 come from this machine's local wheels (CUDA build, runs on CPU);
-	# --no-compile: Python compiles the few modules it imports on first use, not all of torch and transformers now
-	$(PY) -m pip install --quiet --no-compile -e . versioneer
+	# torch 2.14.1 + torchvision 0.29.1 come from this machine's local wheels (CUDA build, runs on CPU). Byte-compiled
+	# at install (no --no-compile): with PYTHONDONTWRITEBYTECODE set, as here, each process would compile again
+	$(PY) -m pip install --quiet -e . versioneer
 	@touch $(STAMP)
 
 install: $(STAMP)
