@@ -242,8 +242,8 @@ class LungCLIP(nn.Module):
         self.pooling = pooling
         if not init_temperature > 0:
             raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
-        # NHWC convolution weights: EfficientNet-Lite0 trains a batch of 32 at 96² in 0.33 s instead of 0.54 s and
-        # encodes a slice's 442 windows in 2.9 s instead of 5.1 s on 2 CPU cores (benchmarks/encoder_layout.py)
+        # NHWC convolution weights: EfficientNet-Lite0 trains a batch of 32 at 96² in 0.33-0.37 s instead of 0.54-0.57 s
+        # and encodes a slice's 442 windows in 2.9-3.1 s instead of 5.1 s on 2 CPU cores (benchmarks/encoder_layout.py)
         self.image_encoder = image_encoder.to(memory_format=torch.channels_last)
         self.text_encoder = text_encoder
         self.embed_dim = int(embed_dim)
