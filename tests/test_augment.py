@@ -143,3 +143,30 @@ def test_bad_views_and_inputs(slice_img):
         CTRandAugment().view(slice_img, "x", -1)
     with pytest.raises(ValueError, match=r"channel-first 2D slice \(C, H, W\)"):
         CTRandAugment().view(slice_img[0], "x", 1)
+
+
+def test_reused_pipeline_gives_the_views_of_a_fresh_one_in_threads_and_after_pickling(slice_img):
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monai.transforms import SomeOf
+
+    aug = CTRandAugment(n_ops=3, magnitude=1.0)
+
+    def fresh(key: str, view_id: int) -> np.ndarray:  # what every view was before pipelines were reused
+        t = torch.from_numpy(slice_img.copy())
+        pipeline = SomeOf([OPS[n](1.0, t.shape[1:]) for n in aug.ops], num_transforms=3, replace=False)
+        out = pipeline.set_random_state(seed=view_seed(key, view_id))(t)
+        return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+    keys = [(f"case_{k}", 1 + k % 4) for k in range(40)]
+    expected = [fresh(*k) for k in keys]
+    for (key, v), e in zip(keys, expected):
+        np.testing.assert_array_equal(aug.view(slice_img, key, v), e)
+    with ThreadPoolExecutor(4) as pool:  # one pipeline per thread: no draw leaks between threads
+        outs = list(pool.map(lambda kv: aug.view(slice_img, *kv), keys * 3))
+    for out, e in zip(outs, expected * 3):
+        np.testing.assert_array_equal(out, e)
+    clone = pickle.loads(pickle.dumps(aug))  # a spawned DataLoader worker's copy
+    assert "_local" not in clone.__dict__
+    np.testing.assert_array_equal(clone.view(slice_img, *keys[0]), expected[0])

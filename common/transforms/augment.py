@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -127,6 +128,23 @@ class CTRandAugment(Randomizable, Transform):
         self.randomize()
         return self._apply(img, self._seed)
 
+    def _pipeline(self, spatial: tuple[int, ...]) -> SomeOf:
+        """The ops for slices of this size, built once per thread: building MONAI's transforms cost a third of a
+        view (py-spy, SA-1 demo). Each use re-seeds every op (``set_random_state``), and each op draws its
+        parameters anew on each call, so no draw carries over from one view to the next."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self._local = threading.local()
+        pipelines = local.__dict__.setdefault("pipelines", {})
+        if spatial not in pipelines:
+            pipelines[spatial] = SomeOf([OPS[n](self.magnitude, spatial) for n in self.ops], num_transforms=self.n_ops, replace=False)
+        return pipelines[spatial]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_local", None)  # per-thread pipelines: rebuilt where the transform is unpickled (spawned workers)
+        return state
+
     def view(self, img, sample_id: str, view_id: int):
         """The view ``view_id`` of sample ``sample_id``: bit-identical on every call and in every process
         (so a cached teacher embedding matches it). View 0 is the clean image (a clipped float32 copy)."""
@@ -138,9 +156,8 @@ class CTRandAugment(Randomizable, Transform):
         t = convert_to_tensor(img, dtype=torch.float32, track_meta=False).clone()  # some ops work in place
         if t.ndim != 3:
             raise ValueError(f"CTRandAugment expects a channel-first 2D slice (C, H, W), got shape {tuple(t.shape)}")
-        if seed is not None:  # a fresh pipeline per call: no state shared between calls or threads
-            pipeline = SomeOf([OPS[n](self.magnitude, t.shape[1:]) for n in self.ops], num_transforms=self.n_ops, replace=False)
-            t = pipeline.set_random_state(seed=seed)(t)
+        if seed is not None:  # re-seeding every op makes the view a function of the seed alone
+            t = self._pipeline(tuple(t.shape[1:])).set_random_state(seed=seed)(t)
             t = t.as_tensor() if isinstance(t, MetaTensor) else torch.as_tensor(t)
         out = torch.clamp(t.float(), 0.0, 1.0)
         return convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)[0]
