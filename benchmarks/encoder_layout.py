@@ -30,6 +30,18 @@ def _time(fn, repeats: int):
     return (time.perf_counter() - start) / repeats, out
 
 
+def student_training_step(clip, batch: torch.Tensor) -> torch.Tensor:
+    """One SA-1 student step (both heads, backward) on ``batch``; returns W_i's gradient. Seeded: the same dropout
+    masks on every call, so two settings compare like for like."""
+    torch.manual_seed(0)
+    fmap = clip.feature_map(batch)
+    loss = clip.project_image(fmap).square().mean() + clip.distill_head(fmap).square().mean()
+    loss.backward()
+    grad = clip.image_projection.weight.grad.clone()
+    clip.zero_grad(set_to_none=True)
+    return grad
+
+
 def _layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
     return module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -64,13 +76,7 @@ def main(argv=None) -> float:
     batch = torch.rand(32, 1, 96, 96)
 
     def step():
-        torch.manual_seed(0)  # the same dropout masks in both layouts
-        fmap = clip.feature_map(batch)
-        loss = clip.project_image(fmap).square().mean() + clip.distill_head(fmap).square().mean()
-        loss.backward()
-        grad = clip.image_projection.weight.grad.clone()
-        clip.zero_grad(set_to_none=True)
-        return grad
+        return student_training_step(clip, batch)
 
     clip.train()
     res = {}
