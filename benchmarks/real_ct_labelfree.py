@@ -13,7 +13,11 @@ and against SA-2's mask; with ``--probmap-dir``, SA-2's raw map (lung probabilit
 outside the body (``outside_body``). A method whose folder also holds ``<case>_lung_probability.nii.gz`` (the
 hsam_finetune bundle's) gets a second row, ``NAME without clean-up``: its probability > 0.5 before the named
 label-free post-processing (``LungMaskCleanupd``: the largest components, holes filled), so the clean-up is
-measured with and without. ``--overlays`` draws each scan's masks at base, middle and apex.
+measured with and without. ``--overlays`` draws each scan's masks at base, middle and apex. ``--surface-mm D`` splits
+each mask's disagreement with the HU threshold by distance from the HU threshold's lung surface: ``missed_surface_ml``
+(HU-threshold lung the mask leaves out, at most D mm deep) and ``missed_deep_ml`` (deeper), ``extra_surface_ml``
+(mask outside the HU-threshold lung, at most D mm from it) and ``extra_far_ml``: a boundary drawn a few mm inside
+or outside, against a region missed or added.
 Writes ``OUT/labelfree.json`` and ``OUT/labelfree.md`` (the table the bundle docs quote) and prints it.
 """
 
@@ -46,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probmap-dir", default=None, help="SA-2's outputs: adds a row for its raw map (lung probability > 0.5, before clean-up)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "labelfree"))
     ap.add_argument("--overlays", action="store_true")
+    ap.add_argument("--surface-mm", type=float, default=None, help="split the disagreement with the HU threshold at this distance (mm) from its surface")
     args = ap.parse_args(argv)
 
     import nibabel as nib
@@ -73,6 +78,11 @@ def main(argv=None) -> int:
             voxel_ml = vol.voxel_volume_ml
             hu_mask = hu_threshold_lung_mask(hu, vol.spacing)
             thorax_air = (hu < -400) & body_mask(hu)
+            if args.surface_mm is not None:  # mm inside / outside the HU threshold's lung surface
+                from scipy import ndimage
+
+                depth = ndimage.distance_transform_edt(hu_mask, sampling=vol.spacing)
+                distance = ndimage.distance_transform_edt(~hu_mask, sampling=vol.spacing)
             masks = {}
             for name, d in methods.items():
                 p = _mask_of(Path(d), cid)
@@ -95,6 +105,12 @@ def main(argv=None) -> int:
                        "thorax_air_covered": round(float((m & thorax_air).sum()) / max(int(thorax_air.sum()), 1), 3),
                        "dice_hu_threshold": round(dice_score(m, hu_mask), 3),
                        "dice_sa2": round(dice_score(m, masks[sa2]), 3) if sa2 in masks and name != sa2 else None}
+                if args.surface_mm is not None:
+                    near, missed, extra = args.surface_mm, hu_mask & ~m, m & ~hu_mask
+                    row.update({"missed_surface_ml": round(float((missed & (depth <= near)).sum()) * voxel_ml, 1),
+                                "missed_deep_ml": round(float((missed & (depth > near)).sum()) * voxel_ml, 1),
+                                "extra_surface_ml": round(float((extra & (distance <= near)).sum()) * voxel_ml, 1),
+                                "extra_far_ml": round(float((extra & (distance > near)).sum()) * voxel_ml, 1)})
                 rows.append(row)
             if args.probmap_dir:  # SA-2's raw map, before any clean-up: where lung takes more than half the probability
                 pm = Path(args.probmap_dir) / cid / f"{cid}_probmap.nii.gz"
@@ -121,6 +137,8 @@ def main(argv=None) -> int:
             print(f"{cid}: " + "; ".join(f"{r['method']} {r.get('lung_ml')} mL, Dice vs HU {r.get('dice_hu_threshold')}"
                                          for r in rows if r.get("case") == cid and "error" not in r), flush=True)
     cols = ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold", "dice_sa2", "outside_body"]
+    if args.surface_mm is not None:
+        cols += ["missed_surface_ml", "missed_deep_ml", "extra_surface_ml", "extra_far_ml"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows if "error" not in r]
     errors = [r for r in rows if "error" in r]
