@@ -57,12 +57,17 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
     for key in ("epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"):
         assert np.isfinite(trainer.state.metrics[key]) and trainer.state.metrics[key] > 0, key
     m = evaluator.state.metrics
+    assert 0.0 <= m["val_lung_map_dice"] <= 1.0 and evaluator.state.key_metric_name == "val_lung_map_dice"
     assert 0.0 <= m["val_zero_shot_acc"] <= 1.0 and 0.0 < m["val_recall_at_5"] <= 1.0
     assert -1.0 <= m["val_distill_cosine"] <= 1.0
     assert trainer.state.metrics["skipped_samples"] == 0
     history = json.loads((tmp / "out" / "metrics_history.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[-1]["val_zero_shot_acc"] == m["val_zero_shot_acc"] and history[-1]["epoch_loss"] == trainer.state.metrics["epoch_loss"]
+    # the checkpoint is the epoch whose SA-2 lung map scored best, whatever its patch accuracy
+    best = max(history, key=lambda row: row["val_lung_map_dice"])
+    assert history[-1]["best_epoch"] == evaluator.state.best_metric_epoch == best["epoch"]
+    assert evaluator.state.best_metric == best["val_lung_map_dice"]
     # the teacher cache holds each (slice, view) it was asked for, and the second epoch read from it
     cached = list((tmp / "cache").rglob("*.pt"))
     assert cached, "no teacher embedding cached"
@@ -74,22 +79,21 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
     with torch.no_grad():
         assert model.encode_image(torch.rand(2, 1, 32, 32)).shape == (2, 16)
         assert model.encode_text(["CT patch of the lung"]).shape == (1, 16)
-    # the file is the best epoch's model (its key metric), written whole
-    assert evaluator.state.best_metric == max(evaluator.state.best_metric, m["val_zero_shot_acc"])
-    assert not list((tmp / "models").glob("*.tmp*"))
+    assert not list((tmp / "models").glob("*.tmp*"))  # written whole
 
 
 @pytest.mark.timeout(300)
 def test_evaluate_config_scores_the_saved_best_model(trained, tiny_phantom_manifest, tiny_text_dir):
-    """evaluate.json reloads models/model.pt and reproduces the best epoch's validation figures."""
+    """evaluate.json reloads models/model.pt and reproduces the best epoch's validation figures: the file is
+    the best epoch's model, and the preprocessing it carries is the one its lung map was drawn with."""
     tmp, _, evaluator = trained
     wf = _workflow(tmp, tiny_phantom_manifest, tiny_text_dir, overlays=(TINY_CLIP_OVERLAY, CONFIGS / "evaluate.json"), output_dir=str(tmp / "eval"))
     wf.initialize()
     wf.run()
     wf.finalize()
     saved = dict(line.split(",") for line in (tmp / "eval" / "metrics.csv").read_text().splitlines())
-    assert float(saved["val_zero_shot_acc"]) == pytest.approx(evaluator.state.best_metric, abs=1e-6)
-    assert {"val_recall_at_5", "val_distill_cosine"} <= set(saved)
+    assert float(saved["val_lung_map_dice"]) == pytest.approx(evaluator.state.best_metric, abs=1e-6)
+    assert {"val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"} <= set(saved)
 
 
 @pytest.mark.timeout(300)
@@ -171,6 +175,47 @@ def test_mlflow_run_holds_parameters_losses_and_validation_metrics(tmp_path, tin
     # an unevaluated "<path> + '/config_<time>.json'"; TrackingParams mends it)
     logged = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert any(a.startswith("config_") and a.endswith(".json") for a in logged), logged
+
+
+@pytest.mark.timeout(300)
+def test_lung_map_dice_scores_sa2s_map_of_the_held_out_phantoms(tiny_phantom_manifest, tiny_text_dir, monkeypatch):
+    """SA-1's checkpoint metric: the real map of a tiny model, then maps whose Dice is known (the true lung
+    field, and the lung field shrunk by one voxel as a sharper classifier shrank it)."""
+    from scipy import ndimage
+
+    from common.data import validation_phantoms
+    from common.engines import LungMapDice
+    from common.metrics import dice_score
+    from common.networks import build_lung_clip
+
+    cases = validation_phantoms(tiny_phantom_manifest, 1)
+    assert [c["id"] for c in cases] == ["tiny_phantom_2"]  # the last phantom, as build_clip_datalist validates on
+    torch.manual_seed(0)
+    model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
+                            text_model_dir=tiny_text_dir, embed_dim=16, teacher_shape=None).train()
+    metric = LungMapDice(model, cases, {"slice_size": 64, "image_size": 32, "patch_size": 32, "patch_mm": 60.0}, num_slices=3)
+    volumes = metric.volumes()
+    (hu, lungs, _), = volumes
+    assert hu.shape[2] == lungs.shape[2] == 3 and all(lungs[:, :, k].any() for k in range(3))  # three slices, each through the lungs
+    dice = metric.compute()
+    assert 0.0 <= dice <= 1.0 and metric.compute() == dice  # deterministic
+    assert model.training  # the network goes back to training mode
+
+    def map_of(field):  # similarity +1 for lung where ``field`` is, -1 elsewhere; every other class 0
+        def volume(hu, affine, network, name="volume"):
+            sim = torch.zeros((7,) + hu.shape)
+            sim[0] = torch.from_numpy(np.where(field, 1.0, -1.0))
+            return sim
+        return volume
+
+    monkeypatch.setattr(metric.inferer, "volume", map_of(lungs))
+    assert metric.compute() == pytest.approx(1.0) and metric.last_area_ratio == pytest.approx(1.0)
+    shrunk = np.stack([ndimage.binary_erosion(lungs[:, :, k]) for k in range(3)], axis=2)
+    monkeypatch.setattr(metric.inferer, "volume", map_of(shrunk))
+    expected = dice_score(shrunk, lungs)
+    assert expected < 1.0 and metric.compute() == pytest.approx(expected) and metric.last_area_ratio < 1.0
+    with pytest.raises(ValueError, match="held-out phantom"):
+        LungMapDice(model, [], {})
 
 
 @pytest.mark.real

@@ -285,6 +285,17 @@ def _stable_seed(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:4], "little")
 
 
+def validation_phantoms(manifest: str | Path, val_phantoms: int = 1, exclude: Sequence[str] = ()) -> list[dict]:
+    """The manifest's cases SA-1 validates on: its last ``val_phantoms`` phantoms (after ``exclude``)."""
+    manifest_path = Path(manifest)
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: manifest not found (run `make data`)")
+    phantoms = [c for c in json.loads(manifest_path.read_text())["cases"] if c.get("kind") == "phantom" and c["id"] not in set(exclude)]
+    if val_phantoms and len(phantoms) <= int(val_phantoms):
+        raise ValueError(f"{manifest_path}: {len(phantoms)} phantoms, need more than val_phantoms={val_phantoms} (some must train)")
+    return phantoms[len(phantoms) - int(val_phantoms):] if val_phantoms else []
+
+
 def build_clip_datalist(
     manifest: str | Path,
     out_dir: str | Path,
@@ -325,10 +336,7 @@ def build_clip_datalist(
     unknown = sorted(set(real_patch_classes) - set(REAL_PATCH_CLASSES))
     if unknown:
         raise ValueError(f"real_patch_classes {unknown}: a real scan gives only {list(REAL_PATCH_CLASSES)} without a label")
-    phantoms = [c["id"] for c in cases if c.get("kind") == "phantom"]
-    val_ids = set(phantoms[len(phantoms) - int(val_phantoms):]) if val_phantoms else set()
-    if val_phantoms and len(phantoms) <= int(val_phantoms):
-        raise ValueError(f"{manifest_path}: {len(phantoms)} phantoms, need more than val_phantoms={val_phantoms} (some must train)")
+    val_ids = {c["id"] for c in validation_phantoms(manifest_path, val_phantoms, exclude)}
     datalist: dict = {"format": DATALIST_FORMAT, "settings": settings, "training": [], "validation": [], "skipped": []}
     for case in tqdm(cases, desc="SA-1 samples", unit="case", disable=not progress):
         index = out_dir / "cases" / f"{case['id']}.json"
@@ -376,4 +384,5 @@ __all__ = [
     "patch_class_map",
     "radchestct_sentences",
     "sample_patch_centres",
+    "validation_phantoms",
 ]

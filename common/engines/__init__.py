@@ -2,13 +2,14 @@
 
 from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings, unwrap
 from common.engines.handlers import MetricsHistory, MLflowArtifactsHandler, SaveBestLungCLIP, SkippedSamplesReport, TrackingParams
-from common.engines.metrics import DistillationCosine, EpochAverage, RetrievalRecall, ZeroShotAccuracy
+from common.engines.metrics import DistillationCosine, EpochAverage, LungMapDice, RetrievalRecall, ZeroShotAccuracy
 
 __all__ = [
     "CLIPEvaluator",
     "CLIPTrainer",
     "DistillationCosine",
     "EpochAverage",
+    "LungMapDice",
     "MetricsHistory",
     "MLflowArtifactsHandler",
     "RetrievalRecall",

@@ -1,16 +1,29 @@
-"""ignite metrics over the SA-1 engines' outputs, computed with the functions of :mod:`common.metrics`.
+"""ignite metrics of the SA-1 engines, computed with the functions of :mod:`common.metrics`.
 
 They accumulate a whole validation pass (zero-shot accuracy and recall@k are set-level figures,
 not batch means) and attach to MONAI workflows as ``key_val_metric`` / ``additional_metrics``.
+:class:`LungMapDice` is the one that reads no batch: it draws SA-2's lung map of held-out phantoms.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
+import numpy as np
 import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
+from scipy import ndimage
 
+from common.classes import BACKGROUND_NAMES, CLASS_NAMES
+from common.engines.clip import unwrap
+from common.inferers.patch_similarity import PatchSimilarityInferer
+from common.io import read_ct
 from common.metrics import embedding_cosine, retrieval_recall_at_k, zero_shot_accuracy
+from common.transforms.probability import SimilarityToProbability
+
+log = logging.getLogger(__name__)
 
 
 class _DictOutputMetric(Metric):
@@ -110,4 +123,84 @@ class EpochAverage(_DictOutputMetric):
         return self._sum / self._n
 
 
-__all__ = ["DistillationCosine", "EpochAverage", "RetrievalRecall", "ZeroShotAccuracy"]
+class LungMapDice(Metric):
+    """Dice of SA-2's raw lung map of held-out phantoms against their lung field, drawn with the network as
+    it stands at the end of the validation pass: the map-level figure to choose SA-1's checkpoint by.
+
+    Zero-shot accuracy scores patches centred on one class; SA-2 averages the similarities of the sliding
+    windows that cover each pixel, and at the lung surface those windows straddle it. Three SA-1 seeds showed
+    that a higher patch accuracy can draw a smaller lung map (docs/reproducibility.md), so the checkpoint is
+    judged on the map itself: ``num_slices`` axial slices (evenly spread over the middle 80 % of the lungs'
+    extent) of each case in ``cases`` (manifest entries with ``path`` and ``lungs``), mapped as SA-2's
+    ``inference.json`` maps them (sliding windows, mean aggregation, softmax with the background classes),
+    the lung channel cut at ``tau`` and its holes filled per slice (vessels and airways inside the lung are
+    other classes), pooled over all slices. ``preprocessing`` is the one the checkpoint will carry (slice
+    size, image size, patch size and mm, HU window). ``last_area_ratio`` keeps mapped / true lung area.
+    """
+
+    def __init__(self, network, cases: Sequence[dict], preprocessing: dict, num_slices: int = 4, stride_mm: float = 20.0, tau: float = 0.6,
+                 class_names: Sequence[str] = CLASS_NAMES, background_names: Sequence[str] = BACKGROUND_NAMES, batch_size: int = 16,
+                 output_transform=lambda x: x, device="cpu"):
+        if not cases:
+            raise ValueError("LungMapDice needs at least one held-out phantom (val_phantoms >= 1)")
+        if int(num_slices) < 1:
+            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        self.network, self.cases, self.num_slices, self.tau = network, list(cases), int(num_slices), float(tau)
+        self.num_classes = len(class_names)
+        pre = dict(preprocessing)
+        self.inferer = PatchSimilarityInferer(list(class_names) + list(background_names), patch_mm=pre.get("patch_mm"), stride_mm=stride_mm,
+                                              batch_size=batch_size, slice_size=pre.get("slice_size"), image_size=pre.get("image_size"),
+                                              patch_size=pre.get("patch_size"), hu_window=pre.get("hu_window"), progress=False)
+        self._volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self.last_area_ratio = float("nan")
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self):
+        pass
+
+    def update(self, output):
+        pass
+
+    def volumes(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(HU, lung field, affine) of the chosen slices of each case, read once."""
+        if self._volumes is None:
+            self._volumes = []
+            for case in self.cases:
+                ct, lungs = read_ct(case["path"], axcodes="LPS"), read_ct(case["lungs"], axcodes="LPS").hu > 0
+                if ct.hu.shape != lungs.shape:
+                    raise ValueError(f"{case['lungs']}: lung field {lungs.shape} does not match its CT {ct.hu.shape} ({case['path']})")
+                z = np.flatnonzero(lungs.any(axis=(0, 1)))
+                if z.size == 0:
+                    raise ValueError(f"{case['lungs']}: the lung field is empty, nothing to score a lung map on")
+                lo, hi = z[0] + 0.1 * (z[-1] - z[0]), z[-1] - 0.1 * (z[-1] - z[0])
+                ks = np.unique(np.linspace(lo, hi, self.num_slices).round().astype(int))
+                self._volumes.append((ct.hu[:, :, ks], lungs[:, :, ks], ct.affine))
+        return self._volumes
+
+    def to_probability(self, sim: torch.Tensor, scale: float):
+        """SA-2's softmax: the background classes take their share of it, then drop out."""
+        return SimilarityToProbability("softmax", scale=scale, num_classes=self.num_classes)(sim)
+
+    def compute(self) -> float:
+        model = unwrap(self.network)
+        was_training = model.training
+        model.eval()
+        scale = float(model.temperature_scale().detach())
+        overlap = mapped = truth = 0
+        try:
+            for hu, lungs, affine in self.volumes():
+                sim = self.inferer.volume(hu, affine, model, name="held-out phantom")
+                prob = np.asarray(self.to_probability(sim, scale))[0]
+                pred = np.stack([ndimage.binary_fill_holes(prob[:, :, k] >= self.tau) for k in range(prob.shape[2])], axis=2)
+                overlap += int((pred & lungs).sum())
+                mapped += int(pred.sum())
+                truth += int(lungs.sum())
+        finally:
+            model.train(was_training)
+        self.last_area_ratio = mapped / max(truth, 1)
+        dice = 2.0 * overlap / max(mapped + truth, 1)
+        log.info("SA-2 lung map of the held-out phantoms: Dice %.4f, mapped / true lung area %.3f", dice, self.last_area_ratio)
+        return dice
+
+
+__all__ = ["DistillationCosine", "EpochAverage", "LungMapDice", "RetrievalRecall", "ZeroShotAccuracy"]
