@@ -56,8 +56,7 @@ def train(name: str, overrides: dict, config: str, out: Path, threads: int | Non
     history = json.loads((run_dir / "metrics_history.json").read_text())["history"]
     best = next(row for row in history if row["epoch"] == history[-1]["best_epoch"])  # the checkpoint's epoch
     return {"run": name, **overrides, "best_epoch": best["epoch"], "epochs": len(history), "zero_shot_acc": best["val_zero_shot_acc"],
-            "recall_at_5": best.get("val_recall_at_5"), "distill_cosine": best.get("val_distill_cosine"),
-            "lung_map_dice": best.get("val_lung_map_dice"), "minutes": seconds / 60}
+            "recall_at_5": best.get("val_recall_at_5"), "distill_cosine": best.get("val_distill_cosine"), "minutes": seconds / 60}
 
 
 def main(argv=None) -> int:

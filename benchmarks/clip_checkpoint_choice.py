@@ -1,10 +1,11 @@
-"""Which SA-1 epoch each checkpoint criterion picks, and what SA-2 then maps: held-out patch accuracy against the
-Dice of SA-2's lung map of the held-out phantoms (``val_lung_map_dice``, SA-1's key metric since 2026-12-06).
+"""Which SA-1 epoch each checkpoint criterion picks, and what SA-2 then maps: held-out patch accuracy (SA-1's key
+metric) against the Dice of SA-2's lung map of the held-out phantoms (``common.engines.LungMapDice``, attached here).
 
-Trains SA-1 with the demo's recipe (``train.json`` + ``demo.json``, as ``make demo`` and the shipped model) and one
-seed, keeping every epoch's checkpoint (``<out>/epochs/epoch_<n>.pt``), then prints each epoch's figures and the
-epoch each criterion picks (the first best, as MONAI's evaluator keeps it). Run SA-2 on the two picks to compare
-their maps (``probmap`` ``inference.json`` with ``--ckpt_path``), as docs/reproducibility.md does.
+Trains SA-1 with the demo's recipe (``train.json`` + ``demo.json``, as ``make demo`` and the shipped model, early
+stopping on accuracy) and one seed, keeping every epoch's checkpoint (``<out>/epochs/epoch_<n>.pt``), then prints
+each epoch's figures and the epoch each criterion picks (the first best, as MONAI's evaluator keeps it). Run SA-2 on
+the two picks to compare their maps (``probmap`` ``inference.json`` with ``--ckpt_path``), as docs/reproducibility.md
+does: on 2026-12-06 the map's pick was the better map of the held-out phantom and the far worse one of a real scan.
 
     .venv/bin/python benchmarks/clip_checkpoint_choice.py --seed 1 --out outputs/checkpoint_choice/seed1 \\
         [--set teacher_cache_dir=/path/to/a/warm/cache]
@@ -26,7 +27,8 @@ def train(seed: int, out: Path, extra: dict) -> list[dict]:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from common.engines import unwrap
+    from common.data import validation_phantoms
+    from common.engines import LungMapDice, unwrap
 
     configs = REPO / "bundles" / "foundation_clip" / "configs"
     wf = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / "demo.json")], workflow_type="train", logging_file=False,
@@ -34,6 +36,9 @@ def train(seed: int, out: Path, extra: dict) -> list[dict]:
     wf.initialize()
     evaluator, network = wf.parser.get_parsed_content("validate#evaluator"), wf.parser.get_parsed_content("network")
     preprocessing = wf.parser.get_parsed_content("model_preprocessing")
+    cases = validation_phantoms(wf.parser.get_parsed_content("manifest"), wf.parser.get_parsed_content("val_phantoms"),
+                                wf.parser.get_parsed_content("exclude_cases"))
+    LungMapDice(network, cases, preprocessing).attach(evaluator, "val_lung_map_dice")  # before the handlers that read it
 
     def keep_epoch(engine) -> None:
         model = unwrap(network)

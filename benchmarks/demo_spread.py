@@ -33,7 +33,6 @@ def _real_row(metrics: dict, method: str) -> dict:
 
 # (label, how to read it from metrics.json, digits)
 FIGURES = [
-    ("SA-1 validation lung-map Dice (its checkpoint metric)", lambda m: _get(m, "clip.val_lung_map_dice"), 3),
     ("SA-1 validation zero-shot accuracy", lambda m: _get(m, "clip.val_zero_shot_acc"), 3),
     ("SA-1 best epoch", lambda m: _get(m, "clip.best_epoch"), 0),
     ("SA-2 held-out phantom lung-mask Dice", lambda m: _get(m, "probmap.heldout_phantoms.lung_mask_dice.mean"), 3),

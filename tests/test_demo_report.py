@@ -123,9 +123,8 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
     write_json_atomic(patches / "datalist.json", {"validation": [{"image": str(patches / f"p{i}.npy"), "label": i % 5} for i in range(15)]})
     write_json_atomic(out / "foundation_clip" / "metrics_history.json", {"history": [
         {"epoch": e, "epoch_loss": 2.0 / e, "epoch_loss_contrastive": 1.8 / e, "epoch_loss_distill": 0.2 / e,
-         # patch accuracy rises to epoch 3, the lung map peaks at epoch 2: the checkpoint (best_epoch) is epoch 2's
-         "val_lung_map_dice": (0.80, 0.90, 0.85)[e - 1], "best_epoch": min(e, 2),
-         "val_zero_shot_acc": 0.5 + 0.1 * e, "val_recall_at_5": 0.9, "val_distill_cosine": 0.7} for e in (1, 2, 3)]})
+         # the checkpoint (best_epoch, the key metric's) is epoch 2's: the report reads it, not the last epoch
+         "val_zero_shot_acc": (0.6, 0.8, 0.7)[e - 1], "best_epoch": min(e, 2), "val_recall_at_5": 0.9, "val_distill_cosine": 0.7} for e in (1, 2, 3)]})
     write_json_atomic(out / "hsam_finetune" / "train" / "metrics_history.json", {"history": [
         {"epoch": e, "epoch_loss": 1.0 / e, "epoch_loss_stage1": 1.1 / e, "epoch_loss_stage2": 0.9 / e, "val_mean_dice": 0.6 + 0.1 * e, "best_epoch": e}
         for e in (1, 2, 3)]})
@@ -176,7 +175,7 @@ def test_report_reads_well_in_a_real_browser(demo_run, render_page):
     hsam_dice = float(np.mean([r["dice"] for r in rows["hsam"]]))
     assert saved["hsam"]["heldout_phantoms"]["dice"]["mean"] == pytest.approx(hsam_dice)
     assert saved["probmap"]["heldout_phantoms"]["lung_mask_dice"]["mean"] == pytest.approx(np.mean([r["lung_mask_dice"] for r in rows["probmap"]]))
-    assert saved["clip"]["best_epoch"] == 2 and saved["clip"]["val_lung_map_dice"] == pytest.approx(0.90) and saved["clip"]["val_zero_shot_acc"] == pytest.approx(0.7)
+    assert saved["clip"]["best_epoch"] == 2 and saved["clip"]["val_zero_shot_acc"] == pytest.approx(0.8)
     assert np.asarray(saved["clip"]["zero_shot_confusion"]).sum() == 15 and np.asarray(saved["clip"]["zero_shot_confusion"]).sum(1).tolist() == [3] * 5 + [0, 0]  # 5 anatomical + 2 background rows
     # the comparison table is the bundle docs' script: HU threshold and the three stages, H-SAM's Dice as scored above
     table = saved["hsam"]["comparison"]["summary"]
