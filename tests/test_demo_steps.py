@@ -24,18 +24,13 @@ import common.apps.demo as demo
 import common.apps.demo_report as demo_report
 from common.apps.pipeline import REPO_ROOT, Step, run_steps
 
-# The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done
-# files, "slow" = "ok" after 2 s, "slow_fail" = "fail" after 2 s).
+# The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files).
 CHILD = r"""
-import json, os, sys, pathlib, time
+import json, os, sys, pathlib
 mode, name, log, tracking_uri, *done = sys.argv[1:]
 with open(log, "a") as f:
-    f.write(json.dumps({"name": name, "cwd": os.getcwd(), "tracking_uri": tracking_uri, "start": time.time(),
+    f.write(json.dumps({"name": name, "cwd": os.getcwd(), "tracking_uri": tracking_uri,
                         "unbuffered": os.environ.get("PYTHONUNBUFFERED")}) + "\n")
-print("child", name, "says hello")
-if mode.startswith("slow"):
-    time.sleep(2.0)
-    mode = mode[5:] or "ok"
 if mode == "fail":
     sys.exit(1)
 if mode == "ok":
@@ -57,10 +52,9 @@ class ScriptStep(Step):
                 *[str(p) for p in [self.done_file, *self.extra_done]]]
 
 
-def _step(out: Path, name: str, mode: str = "ok", stage: str = "clip", n_extra: int = 0, beside: bool = False, after=()) -> ScriptStep:
+def _step(out: Path, name: str, mode: str = "ok", stage: str = "clip", n_extra: int = 0) -> ScriptStep:
     return ScriptStep(stage, name, "no_bundle", [], {}, out / name / "done.json", f"test step {name}",
-                      extra_done=[out / name / f"extra_{i}.json" for i in range(n_extra)], mode=mode, log=out / "ran.jsonl",
-                      beside=beside, after=tuple(after))
+                      extra_done=[out / name / f"extra_{i}.json" for i in range(n_extra)], mode=mode, log=out / "ran.jsonl")
 
 
 def _ran(out: Path) -> list[dict]:
@@ -286,58 +280,3 @@ def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
     (folder / scan_link_name("nifti_case_2", sources["nifti_case"])).symlink_to(sources["nifti_case"])
     assert linked_scan(folder, "nifti_case").name == "nifti_case.nii.gz"
     assert linked_scan(folder, "missing_case") == folder / "missing_case"
-
-
-@pytest.mark.timeout(120)
-def test_steps_beside_the_chain_run_next_to_it_once_what_they_need_finished(out, capsys):
-    steps = [_step(out, "train", mode="slow"), _step(out, "map_new", beside=True, after=["train"]),
-             _step(out, "map_shipped", mode="slow", beside=True), _step(out, "score", mode="slow")]
-    run_steps(steps, out)
-
-    ran = {r["name"]: r for r in _ran(out)}
-    done_at = {s.name: s.done_file.stat().st_mtime for s in steps}
-    assert set(ran) == {"train", "map_new", "map_shipped", "score"} and all(s.status == "ran" for s in steps)
-    assert ran["map_shipped"]["start"] < done_at["train"]  # it needs nothing: it ran while "train" did
-    assert ran["map_new"]["start"] >= done_at["train"] - 0.05  # it needs "train"'s model
-    assert ran["score"]["start"] >= done_at["train"] - 0.05  # the chain itself stays in order
-    # a step beside the chain writes its output to a log, not over the chain's progress bars
-    assert "child map_shipped says hello" in (out / "logs" / "map_shipped.log").read_text()
-    printed = capsys.readouterr().out
-    assert "child map_shipped says hello" not in printed
-    assert "[3/4] map_shipped: test step map_shipped" in printed and "map_shipped done in 0:0" in printed and "beside the chain" in printed
-    # the MLflow store and its experiment were made before two processes could race to make them
-    from mlflow.tracking import MlflowClient
-
-    assert MlflowClient(tracking_uri=ran["train"]["tracking_uri"]).get_experiment_by_name("demo") is not None
-
-
-@pytest.mark.timeout(120)
-def test_a_failed_step_beside_the_chain_stops_it_with_the_rerun_command(out):
-    steps = [_step(out, "train", mode="slow"), _step(out, "map_shipped", mode="fail", beside=True), _step(out, "score")]
-    with pytest.raises(RuntimeError) as info:
-        run_steps(steps, out)
-
-    message = str(info.value)
-    assert message.startswith("step map_shipped failed (exit 1)") and str(out / "logs" / "map_shipped.log") in message
-    assert message.endswith("re-run it with:\n  " + steps[1].cmd)
-    assert [s.status for s in steps] == ["ran", "failed", "not run"]  # the chain stopped after the step it was in
-
-
-@pytest.mark.timeout(120)
-def test_a_failed_chain_ends_the_step_running_beside_it(out):
-    steps = [_step(out, "train", mode="fail"), _step(out, "map_shipped", mode="slow", beside=True)]
-    t = time.perf_counter()
-    with pytest.raises(RuntimeError, match="^step train failed"):
-        run_steps(steps, out)
-
-    assert time.perf_counter() - t < 10.0
-    time.sleep(2.5)  # past the time the beside step would have taken: it was ended, it wrote nothing
-    assert not steps[1].done_file.exists() and steps[1].status != "ran"
-
-
-def test_after_must_name_an_earlier_step_and_only_steps_beside_the_chain_wait(out):
-    with pytest.raises(ValueError, match="'after' must name earlier steps"):
-        run_steps([_step(out, "map", beside=True, after=["train"]), _step(out, "train")], out)
-    with pytest.raises(ValueError, match="'after' must name earlier steps"):
-        run_steps([_step(out, "train"), _step(out, "map", after=["train"])], out)
-    assert _ran(out) == []

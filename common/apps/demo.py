@@ -156,8 +156,7 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
              out / "hsam_finetune" / "heldout_phantoms" / "scores.json", "SA-3b: H-SAM lung masks of the held-out phantoms, scored"),
     ]
     # the held-out real scans: SA-2 then H-SAM on the slices SA-2's mask touches (as make segment does), with the
-    # demo's models and with the shipped ones. They run beside the chain (niced: on the cores it leaves idle), each
-    # once the models it needs exist; the report waits for them.
+    # demo's models and with the shipped ones
     models = [("demo", clip_ckpt, hsam_ckpt, "hsam")] if size.real_heldout else []
     if size.compare_shipped:
         missing = [str(p) for p in SHIPPED.values() if not p.is_file()]
@@ -170,14 +169,12 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
         reports = case_reports(maps, list(size.real_heldout), "probmap.json")
         steps.append(Step(stage if who == "shipped" else "probmap", f"probmap_heldout_real_{who}", "probmap", ["inference.json"],
                           probmap(clip_file, dataset_dir=str(heldout_real), output_dir=str(maps)), reports[0],
-                          f"SA-2 ({who} SA-1 model): maps of the real scan no stage trained on", extra_done=reports[1:],
-                          beside=True, after=("foundation_clip_train",) if who == "demo" else ()))
+                          f"SA-2 ({who} SA-1 model): maps of the real scan no stage trained on", extra_done=reports[1:]))
         seg = out / "hsam_finetune" / f"heldout_real_{who}"
         reports = case_reports(seg, list(size.real_heldout), "report.json")
         steps.append(Step(stage, f"hsam_finetune_heldout_real_{who}", "hsam_finetune", ["inference.json"],
                           {"ckpt_path": str(hsam_file), "cases": cases, **(size.hsam_inference if who == "demo" else {}), "output_dir": str(seg)},
-                          reports[0], f"SA-3b ({who} H-SAM model): lung mask of the real scan no stage trained on", extra_done=reports[1:],
-                          beside=True, after=(f"probmap_heldout_real_{who}",) + (("hsam_finetune_train",) if who == "demo" else ())))
+                          reports[0], f"SA-3b ({who} H-SAM model): lung mask of the real scan no stage trained on", extra_done=reports[1:]))
     return steps
 
 
