@@ -34,6 +34,7 @@ SETTINGS = [
     ("stride_mm", "10", {"stride_mm": 10.0}),
     ("stride_mm", "30", {"stride_mm": 30.0}),
     ("aggregation", "max", {"aggregation": "max"}),
+    ("aggregation", "gaussian", {"aggregation": "gaussian"}),
     ("prompt", "'{}'", {"prompt_templates": ["{}"]}),
     ("prompt", "'a CT image of the {}'", {"prompt_templates": ["a CT image of the {}"]}),
     ("prompt", "ensemble of 3", {"prompt_templates": ["CT patch of the {}", "{}", "a CT image of the {}"]}),

@@ -133,7 +133,7 @@ class LungMapDice(Metric):
     metric, it chose a better phantom map and a far worse map of a real scan (docs/reproducibility.md), so
     SA-1 keeps choosing by accuracy. It maps ``num_slices`` axial slices (evenly spread over the middle 80 % of the lungs'
     extent) of each case in ``cases`` (manifest entries with ``path`` and ``lungs``), mapped as SA-2's
-    ``inference.json`` maps them (sliding windows, mean aggregation, softmax with the background classes),
+    ``inference.json`` maps them (sliding windows, centre-weighted aggregation, softmax with the background classes),
     the lung channel cut at ``tau`` and its holes filled per slice (vessels and airways inside the lung are
     other classes), pooled over all slices. ``preprocessing`` is the one the checkpoint will carry (slice
     size, image size, patch size and mm, HU window). ``last_area_ratio`` keeps mapped / true lung area.

@@ -6,6 +6,8 @@ from common.inferers.patch_similarity import (
     class_text_embeddings,
     dense_similarity_maps,
     patch_similarity_maps,
+    spread_window_scores,
+    window_weights,
 )
 from common.inferers.prompted_sam import PromptedSamInferer, algorithm2_literal, pseudo_label_slice
 from common.inferers.slices import SliceEnsembleInferer, foreground_probability
@@ -21,4 +23,6 @@ __all__ = [
     "foreground_probability",
     "patch_similarity_maps",
     "pseudo_label_slice",
+    "spread_window_scores",
+    "window_weights",
 ]

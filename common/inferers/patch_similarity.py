@@ -2,7 +2,9 @@
 
 Every pixel of a slice gets, per class prompt, the cosine similarity (Eq. 4) between the text
 embedding and the embeddings of the sliding-window patches that cover it, averaged (or maxed)
-over those patches. Two implementations give the same map:
+over those patches; ``"gaussian"`` averages them weighted by the pixel's distance from each
+window's centre (MONAI's Gaussian importance map), because SA-1 labels a patch by its central
+quarter, not by all of it. Two implementations give the same map:
 
 * :func:`algorithm1_literal` is the algorithm as written: one encoder call per patch, the
   prompts encoded inside the loop. It is the reference for tests and ``benchmarks/probmap_speed.py``.
@@ -36,7 +38,7 @@ from common.transforms.intensity import HU_WINDOW, HUWindow
 
 logger = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", "max")
+AGGREGATIONS = ("mean", "max", "gaussian")
 MODES = ("sliding", "dense")
 MULTI_WINDOW = ("mean", "max")
 EMPTY_SIMILARITY = -1.0  # the least cosine similarity: what a slice with nothing on it scores for every class
@@ -105,6 +107,19 @@ def window_index(size: int, patch_px: int, stride_px: int, device=None) -> torch
     return flat.reshape(-1, patch_px * patch_px)
 
 
+def window_weights(patch_px: int, aggregation: str = "mean", sigma_scale: float = 0.125) -> torch.Tensor:
+    """(p, p) weight of each pixel of a window in the pixel's average: ones for ``"mean"``; for ``"gaussian"``
+    MONAI's Gaussian importance map (sigma ``sigma_scale`` x the window, 0.125 putting one sigma on the
+    central quarter that SA-1's patch label describes), so a pixel takes most from the windows centred near it."""
+    if aggregation == "gaussian":
+        if not sigma_scale > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+        from monai.data.utils import compute_importance_map
+
+        return compute_importance_map((int(patch_px), int(patch_px)), mode="gaussian", sigma_scale=float(sigma_scale)).float()
+    return torch.ones((int(patch_px), int(patch_px)))
+
+
 def model_input_resizer(patch_size: int, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """(N, p, p) patches -> (N, image_size, image_size): SA-1's area resize to ``patch_size``, then its
     loader's bilinear (anti-aliased) resize. MONAI resizes channels together, so patches ride as channels."""
@@ -133,15 +148,18 @@ def algorithm1_literal(
     patch_size: int = 48,
     image_size: int = 96,
     aggregation: str = "mean",
+    sigma_scale: float = 0.125,
 ) -> torch.Tensor:
-    """Algorithm 1 line by line on one (S, S) slice in [0, 1]: (C, S, S) similarity map. Slow on purpose."""
+    """Algorithm 1 line by line on one (S, S) slice in [0, 1]: (C, S, S) similarity map. Slow on purpose.
+    ``"gaussian"`` weights line 9's sum and count by :func:`window_weights`."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     device = network.device
     h, w = slice01.shape[-2:]
     c = len(class_names)
-    prob_map = torch.zeros((c, h, w)) if aggregation == "mean" else torch.full((c, h, w), -float("inf"))
+    prob_map = torch.full((c, h, w), -float("inf")) if aggregation == "max" else torch.zeros((c, h, w))
     count = torch.zeros((h, w))
+    weight = window_weights(patch_px, aggregation, sigma_scale)
     resize = model_input_resizer(patch_size, image_size)
     for i in window_starts(h, patch_px, stride_px):  # line 1
         for j in window_starts(w, patch_px, stride_px):  # line 2
@@ -151,12 +169,12 @@ def algorithm1_literal(
             text_embeds = class_text_embeddings(network, class_names, templates)  # lines 6-7, inside the loop as written
             sims = F.normalize(image_embed.float(), dim=-1) @ text_embeds.T  # line 8: Eq. 4
             sims = sims[0].cpu()[:, None, None]
-            if aggregation == "mean":  # line 9
-                prob_map[:, i : i + patch_px, j : j + patch_px] += sims
-            else:
+            if aggregation == "max":
                 prob_map[:, i : i + patch_px, j : j + patch_px] = torch.maximum(prob_map[:, i : i + patch_px, j : j + patch_px], sims)
-            count[i : i + patch_px, j : j + patch_px] += 1
-    return prob_map / count if aggregation == "mean" else prob_map  # line 12
+            else:  # line 9
+                prob_map[:, i : i + patch_px, j : j + patch_px] += sims * weight
+            count[i : i + patch_px, j : j + patch_px] += weight
+    return prob_map if aggregation == "max" else prob_map / count  # line 12
 
 
 @torch.no_grad()
@@ -172,6 +190,7 @@ def patch_similarity_maps(
     batch_size: int = 32,
     channels_last: bool = True,
     amp: bool = False,
+    sigma_scale: float = 0.125,
 ) -> torch.Tensor:
     """Production Algorithm 1: (N, 1, S, S) slices in [0, 1] -> (N, C, S, S) similarity maps (on CPU)."""
     if aggregation not in AGGREGATIONS:
@@ -195,16 +214,29 @@ def patch_similarity_maps(
             enc = network.image_encoder
             emb = network.project_image(enc.features(enc.prepare(x).contiguous(memory_format=fmt)))
         sims[a : a + batch_size] = (F.normalize(emb.float(), dim=-1) @ text.T).cpu()
-    # spread each window's C scores over its p*p pixels: (N*C, L*p*p) values into (N*C, S*S)
-    c = text.shape[0]
-    values = sims.view(n, n_win, c).permute(0, 2, 1).reshape(n * c, n_win, 1).expand(-1, -1, patch_px * patch_px).reshape(n * c, -1)
+    return spread_window_scores(sims.view(n, n_win, -1), s, patch_px, stride_px, aggregation, sigma_scale)
+
+
+def spread_window_scores(scores: torch.Tensor, size: int, patch_px: int, stride_px: int, aggregation: str = "mean",
+                         sigma_scale: float = 0.125) -> torch.Tensor:
+    """Algorithm 1's lines 9-12 for a whole slice at once: (N, L, C) scores of the :func:`window_index` windows
+    of (N) ``size``-pixel square slices -> (N, C, S, S) maps, each pixel aggregating the windows that cover it."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    n, n_win, c = scores.shape
+    s = int(size)
+    index = window_index(s, patch_px, stride_px)  # (L, p*p)
+    if index.shape[0] != n_win:
+        raise ValueError(f"{n_win} window scores for {index.shape[0]} windows of a {s} px slice (patch {patch_px}, stride {stride_px})")
+    # each window's C scores over its p*p pixels: (N*C, L*p*p) values into (N*C, S*S)
+    values = scores.float().permute(0, 2, 1).reshape(n * c, n_win, 1).expand(-1, -1, patch_px * patch_px).reshape(n * c, -1)
     flat_index = index.reshape(1, -1).expand(n * c, -1)
-    if aggregation == "mean":
-        out = torch.zeros((n * c, s * s)).scatter_add_(1, flat_index, values)
-        count = torch.zeros(s * s).scatter_add_(0, index.reshape(-1), torch.ones(index.numel()))
-        out /= count
-    else:
+    if aggregation == "max":
         out = torch.full((n * c, s * s), -float("inf")).scatter_reduce_(1, flat_index, values, reduce="amax")
+    else:  # a weighted mean: every window's pixels weighted by window_weights (all ones for "mean")
+        weight = window_weights(patch_px, aggregation, sigma_scale).reshape(1, -1).expand(n_win, -1).reshape(-1)
+        out = torch.zeros((n * c, s * s)).scatter_add_(1, flat_index, values * weight)
+        out /= torch.zeros(s * s).scatter_add_(0, index.reshape(-1), weight)
     return out.view(n, c, s, s)
 
 
@@ -258,7 +290,9 @@ class PatchSimilarityInferer(Inferer):
     """MONAI inferer for SA-2: (B, 1, X, Y, Z) HU volume (MetaTensor with its affine) -> (B, C, X, Y, Z)
     cosine similarity to each class prompt (Eq. 4), on the input grid.
 
-    Sliding mode (Algorithm 1) runs ``patch_mm`` windows every ``stride_mm``; several ``patch_mm``
+    Sliding mode (Algorithm 1) runs ``patch_mm`` windows every ``stride_mm``, each pixel averaging the windows
+    that cover it (``aggregation``: "mean", "max", or "gaussian", weighted towards each window's centre with
+    ``sigma_scale`` as MONAI's ``SlidingWindowInferer`` weights its windows); several ``patch_mm``
     values are the method's multi-window option, combined by ``multi_window`` ("mean" or "max").
     A slice with no contrast (all one value) scores ``EMPTY_SIMILARITY`` everywhere, so that it
     maps to no class instead of to noise. Settings the model was trained with (``slice_size``,
@@ -271,9 +305,10 @@ class PatchSimilarityInferer(Inferer):
         templates: Sequence[str] = (PATCH_PROMPT,),
         patch_mm: float | Sequence[float] | None = None,
         stride_mm: float = 10.0,
-        aggregation: str = "mean",
+        aggregation: str = "gaussian",
         multi_window: str = "mean",
         mode: str = "sliding",
+        sigma_scale: float = 0.125,
         batch_size: int = 32,
         slice_batch: int = 8,
         slice_size: int | None = None,
@@ -298,7 +333,9 @@ class PatchSimilarityInferer(Inferer):
         class_prompt_texts(self.class_names, self.templates)  # template errors at start-up
         self.patch_mm = None if patch_mm is None else [float(p) for p in np.atleast_1d(patch_mm)]
         self.stride_mm = float(stride_mm)
-        self.aggregation, self.multi_window, self.mode = aggregation, multi_window, mode
+        if aggregation == "gaussian" and not sigma_scale > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+        self.aggregation, self.multi_window, self.mode, self.sigma_scale = aggregation, multi_window, mode, float(sigma_scale)
         self.batch_size, self.slice_batch = int(batch_size), int(slice_batch)
         self.overrides = {"slice_size": slice_size, "image_size": image_size, "patch_size": patch_size, "hu_window": hu_window}
         self.channels_last, self.amp, self.progress = bool(channels_last), bool(amp), bool(progress)
@@ -335,7 +372,7 @@ class PatchSimilarityInferer(Inferer):
             else:
                 stride_px = max(int(round(self.stride_mm / px_mm)), 1)
                 maps.append(patch_similarity_maps(slices01, network, text, patch_px, stride_px, cfg["patch_size"], cfg["image_size"],
-                                                  self.aggregation, self.batch_size, self.channels_last, self.amp))
+                                                  self.aggregation, self.batch_size, self.channels_last, self.amp, self.sigma_scale))
         stack = torch.stack(maps)
         return stack.mean(0) if self.multi_window == "mean" else stack.amax(0)
 
@@ -372,7 +409,7 @@ class PatchSimilarityInferer(Inferer):
         if empty:
             logger.warning("%s: %d of %d slices have no contrast (one value throughout) and map to no class: %s", name, len(empty), nz, empty[:10])
         self.last_info = {"empty_slices": empty, "slice_pixel_mm": px_mm, **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
-                          "stride_mm": self.stride_mm, "aggregation": self.aggregation, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
+                          "stride_mm": self.stride_mm, "aggregation": self.aggregation, "sigma_scale": self.sigma_scale, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
         # back to the input's voxel order (channel axis first stays first)
         return torch.from_numpy(np.stack([back(ch) for ch in out]))
 
