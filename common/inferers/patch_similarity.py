@@ -291,8 +291,8 @@ class PatchSimilarityInferer(Inferer):
     cosine similarity to each class prompt (Eq. 4), on the input grid.
 
     Sliding mode (Algorithm 1) runs ``patch_mm`` windows every ``stride_mm``, each pixel averaging the windows
-    that cover it (``aggregation``: "mean", "max", or "gaussian", weighted towards each window's centre with
-    ``sigma_scale`` as MONAI's ``SlidingWindowInferer`` weights its windows); several ``patch_mm``
+    that cover it (``aggregation``: "gaussian", the default, weighted towards each window's centre with
+    ``sigma_scale`` as MONAI's ``SlidingWindowInferer`` weights its windows, or "mean" or "max"); several ``patch_mm``
     values are the method's multi-window option, combined by ``multi_window`` ("mean" or "max").
     A slice with no contrast (all one value) scores ``EMPTY_SIMILARITY`` everywhere, so that it
     maps to no class instead of to noise. Settings the model was trained with (``slice_size``,
