@@ -102,8 +102,8 @@ def main(argv=None) -> int:
             table[f"{name} {aggregation}"] = figures(out)
     keys = list(dict.fromkeys(k for f in table.values() for k in f))
     lines = ["| figure | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
-    lines += [f"| {k} | " + " | ".join("" if f.get(k) is None else f"{f[k]:.3f}" if isinstance(f[k], float) and f[k] <= 1 else f"{f[k]:.0f}"
-                                      for f in table.values()) + " |" for k in keys]
+    digits = {k: 0 if "mL" in k else 3 for k in keys}  # volumes in whole mL, Dice and shares to 3 decimals
+    lines += [f"| {k} | " + " | ".join("" if f.get(k) is None else f"{f[k]:.{digits[k]}f}" for f in table.values()) + " |" for k in keys]
     text = "\n".join(lines)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "aggregation.md").write_text(text + "\n")

@@ -333,8 +333,7 @@ class PatchSimilarityInferer(Inferer):
         class_prompt_texts(self.class_names, self.templates)  # template errors at start-up
         self.patch_mm = None if patch_mm is None else [float(p) for p in np.atleast_1d(patch_mm)]
         self.stride_mm = float(stride_mm)
-        if aggregation == "gaussian" and not sigma_scale > 0:
-            raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+        window_weights(4, aggregation, sigma_scale)  # sigma_scale errors at start-up
         self.aggregation, self.multi_window, self.mode, self.sigma_scale = aggregation, multi_window, mode, float(sigma_scale)
         self.batch_size, self.slice_batch = int(batch_size), int(slice_batch)
         self.overrides = {"slice_size": slice_size, "image_size": image_size, "patch_size": patch_size, "hu_window": hu_window}
