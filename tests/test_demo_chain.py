@@ -1,6 +1,7 @@
 """The whole ``make demo`` chain at its smallest size, as a user runs it: ``python -m common.apps.demo --size smoke``
 from a clean output folder. Every step (ingest, SA-1, SA-2, SA-3a, SA-3b, report) runs for real, each learning and
-inference step through ``python -m monai.bundle run`` with MLflow tracking, on tiny phantoms and a real DeepLesion
+inference step through ``python -m monai.bundle run`` with MLflow tracking (each its own process, forked from the
+demo's preloaded server and run as ``python -m`` runs a module: common.apps.pipeline.run_python), on tiny phantoms and a real DeepLesion
 scan with tiny random networks (the ``smoke`` size of common.apps.demo.SIZES), so that a chain that breaks between
 stages (a renamed output, a config key, a datalist the next stage cannot read) fails here and not in a 30-minute demo.
 The method's quality is not tested here: the stages' own tests and ``make demo`` do that.

@@ -1,10 +1,11 @@
 """The step runner of ``make demo`` and ``make release`` (common.apps.pipeline.run_steps) and the demo's stop-on-failure path through run_demo.
 
-Each step here is a real ``Step`` whose command is a tiny real Python subprocess in place of
+Each step here is a real ``Step`` whose command is a tiny real Python program in place of
 ``python -m monai.bundle run``: it logs that it ran (its name, working directory, tracking URI and
 PYTHONUNBUFFERED) and then writes its done files, exits 1, or exits 0 without writing them. So the
-runner's own logic is exercised for real (subprocess, exit codes, done files, skip, retrain, the error
-message and its re-run command) in well under a second per test.
+runner's own logic is exercised for real (a child process per step, exit codes, done files, skip, retrain,
+the error message and its re-run command) in well under a second per test. The tests of ``run_python`` check
+that a step forked from the preloaded server runs as ``python <argv>`` would in a fresh process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 import common.apps.demo as demo
 import common.apps.demo_report as demo_report
-from common.apps.pipeline import REPO_ROOT, Step, run_steps
+from common.apps.pipeline import PRELOAD, REPO_ROOT, Step, run_python, run_steps
 
 # The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files).
 CHILD = r"""
@@ -81,7 +82,7 @@ def out(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def test_steps_run_in_order_as_real_subprocesses(out, capsys):
+def test_steps_run_in_order_as_real_child_processes(out, capsys):
     steps = [_step(out, "first", n_extra=2), _step(out, "second", stage="probmap")]
     run_steps(steps, out)
 
@@ -280,3 +281,61 @@ def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
     (folder / scan_link_name("nifti_case_2", sources["nifti_case"])).symlink_to(sources["nifti_case"])
     assert linked_scan(folder, "nifti_case").name == "nifti_case.nii.gz"
     assert linked_scan(folder, "missing_case") == folder / "missing_case"
+
+
+# --------------------------------------------------------------------------- run_python: a step forked from the preloaded server
+
+PROBE = """
+import json, os, sys
+print(json.dumps({"name": __name__, "argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("LUNGSEG_TEST_PROBE"),
+                  "mark": globals().get("MARK"), "unbuffered": os.environ.get("PYTHONUNBUFFERED")}))
+import common  # the interpreter state a step can change: must not reach the next step
+assert not hasattr(common, "_probe_mark"), "a previous child's change is visible"
+common._probe_mark = True
+code = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 0
+if sys.argv[1:2] == ["raise"]:
+    raise ValueError("probe failed on purpose")
+sys.exit(code)
+"""
+
+
+def _fresh_python(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_run_python_runs_a_script_as_a_fresh_interpreter_would(tmp_path, monkeypatch):
+    script = tmp_path / "probe dir" / "probe.py"
+    script.parent.mkdir()
+    script.write_text(PROBE)
+    monkeypatch.setenv("LUNGSEG_TEST_PROBE", "set after the server started")  # the environment follows each call
+    for args, code in ((["a b", "c"], 0), (["7"], 7), (["raise"], 1)):
+        log = tmp_path / f"run_{code}.log"
+        returncode = run_python([str(script), *args], cwd=tmp_path, log=log)
+        fresh = _fresh_python([str(script), *args], tmp_path)
+        assert returncode == fresh.returncode == code
+        printed, expected = log.read_text().splitlines()[0], fresh.stdout.splitlines()[0]
+        assert json.loads(printed) == json.loads(expected)
+        assert json.loads(printed)["probe"] == "set after the server started" and json.loads(printed)["path0"] == str(script.parent)
+    assert "ValueError: probe failed on purpose" in (tmp_path / "run_1.log").read_text()
+
+
+def test_run_python_runs_modules_and_code_like_python_m_and_c(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text('{"b": [1, 2], "a": null}')
+    log = tmp_path / "m.log"
+    assert run_python(["-m", "json.tool", "--sort-keys", str(data)], cwd=tmp_path, log=log) == 0
+    assert log.read_text() == _fresh_python(["-m", "json.tool", "--sort-keys", str(data)], tmp_path).stdout
+    code = "import sys, json; print(json.dumps([__name__, sys.argv]))"
+    assert run_python(["-c", code, "x", "y"], cwd=tmp_path, log=log) == 0
+    assert json.loads(log.read_text()) == ["__main__", ["-c", "x", "y"]] == json.loads(_fresh_python(["-c", code, "x", "y"], tmp_path).stdout)
+
+
+def test_run_python_children_start_with_the_heavy_modules_imported(tmp_path):
+    """The point of the server: torch, MONAI and the bundles' code are already imported in each child, which a fresh
+    interpreter spends 10-15 s on; the forking and the running are in the child, so nothing leaks between steps (the
+    probe above asserts that too)."""
+    log = tmp_path / "modules.log"
+    code = "import sys, json; print(json.dumps(sorted(m for m in sys.argv[1:] if m in sys.modules)))"
+    assert run_python(["-c", code, *PRELOAD], log=log) == 0
+    assert json.loads(log.read_text()) == sorted(PRELOAD)
+    assert json.loads(_fresh_python(["-c", code, *PRELOAD], tmp_path).stdout) == []

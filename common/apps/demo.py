@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, linked_scan, run_steps, scan_link_name
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, linked_scan, run_steps, scan_link_name, start_python_server
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
@@ -297,6 +297,7 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, siz
         data_dir = prepare_smoke_data(out, size)
     fig_dir = out / "report" / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    start_python_server()  # the steps' process server imports torch, MONAI and the rest while ingest runs
     print(f"==> ingest, automated QC and preprocessing of the default data ({data_dir / 'manifest.json'})", flush=True)
     t = time.perf_counter()
     ingest = run_ingest(out, data_dir, fig_dir)

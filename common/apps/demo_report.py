@@ -10,13 +10,11 @@ from __future__ import annotations
 import html
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import REPO_ROOT, clock, linked_scan
+from common.apps.pipeline import REPO_ROOT, clock, linked_scan, run_python
 from common.io import write_json_atomic
 from common.report import LUNG_WINDOW, figure_grid, html_table, write_html_page
 
@@ -29,6 +27,15 @@ def _load(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _run_script(argv: list[str], dest: Path) -> tuple[int, str]:
+    """A benchmark script of the report, as ``python <argv>`` (:func:`run_python`); its exit status and output
+    (kept in ``dest/<script>.log``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    log = dest / f"{Path(argv[0]).stem}.log"
+    returncode = run_python(argv, log=log)
+    return returncode, log.read_text(errors="replace") if log.is_file() else ""
 
 
 def _img(src: str, width: str = "100%") -> str:
@@ -193,14 +200,14 @@ def comparison_section(out: Path, fig_dir: Path, n_phantoms: int, seed: int) -> 
                "pseudo labels (SA-3a)": out / "pseudolabel" / "heldout_phantoms" / "{case}" / "{case}_pseudo_label.nii.gz",
                "H-SAM on pseudo labels (SA-3b)": out / "hsam_finetune" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz"}
     dest = out / "report" / "comparison"
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "hsam_comparison.py"), "--phantom-dir", str(out / "phantoms_heldout"),
+    cmd = [str(REPO_ROOT / "benchmarks" / "hsam_comparison.py"), "--phantom-dir", str(out / "phantoms_heldout"),
            "--phantoms", str(n_phantoms), "--seed", str(seed), "--out", str(dest)]
     for name, pattern in methods.items():
         cmd += ["--method", f"{name}={pattern}"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    returncode, output = _run_script(cmd, dest)
     table = _load(dest / "comparison.json")
-    if result.returncode != 0 or table is None:
-        return None, f"<p class='fail'>The comparison did not run: <code>{html.escape(result.stderr[-800:])}</code></p>"
+    if returncode != 0 or table is None:
+        return None, f"<p class='fail'>The comparison did not run: <code>{html.escape(output[-800:])}</code></p>"
     rows = []
     for name, s in table["summary"].items():
         rows.append({"method": name, **{label: f"{s[key]['mean']:.3f} ± {s[key]['sd']:.3f}" for label, key in
@@ -229,12 +236,12 @@ def heldout_real_section(out: Path, fig_dir: Path, case_ids: tuple[str, ...]) ->
     if not methods:
         return None, "<p class='fail'>No model ran on the held-out real scan.</p>"
     dest = out / "report" / "heldout_real"
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "real_ct_labelfree.py"), "--scans", str(out / "heldout_scans"), "--out", str(dest),
+    cmd = [str(REPO_ROOT / "benchmarks" / "real_ct_labelfree.py"), "--scans", str(out / "heldout_scans"), "--out", str(dest),
            "--overlays", "--sa2", "SA-2 demo"] + [a for name, d in methods.items() for a in ("--method", f"{name}={d}")]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    returncode, output = _run_script(cmd, dest)
     rows = _load(dest / "labelfree.json")
-    if result.returncode != 0 or rows is None:
-        return None, f"<p class='fail'>The label-free comparison did not run: <code>{html.escape(result.stderr[-800:])}</code></p>"
+    if returncode != 0 or rows is None:
+        return None, f"<p class='fail'>The label-free comparison did not run: <code>{html.escape(output[-800:])}</code></p>"
     rows = [r for r in rows if "error" not in r]
     figures = [f for f in (_copy_figure(dest / f"{c}.png", fig_dir, f"heldout_real_{c}.png") for c in case_ids) if f]
     table = html_table(rows, ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold"])

@@ -4,14 +4,21 @@ build their chains from these.
 
 Each step is its own process (its progress bars and logs on the terminal, its MLflow run in the chain's store);
 a step whose done files exist is skipped on a re-run, and a failed step stops the chain with the command that
-re-runs it.
+re-runs it. :func:`run_python` starts those processes: each is ``python <argv>`` exactly as the printed command
+runs it (``runpy``, as ``python -m`` does), forked from one server process that imported torch, MONAI and the
+rest once (multiprocessing's ``forkserver`` with preloaded modules), so that a step does not spend 10-15 s of a
+2-core machine importing them again; the fork gives each step a fresh process all the same (its own memory,
+threads, seeds and exit code).
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +26,72 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = REPO_ROOT / "bundles"
+
+
+# what every step imports (10-15 s a process on 2 CPU cores): the fork server imports it once
+PRELOAD = ("common", "common.data", "common.engines", "common.inferers", "common.networks", "common.transforms", "monai",
+           "monai.bundle.scripts", "fire", "torch", "torchvision", "transformers", "segment_anything", "efficientnet_lite_pytorch", "peft",
+           "mlflow", "ignite", "nibabel", "scipy.ndimage", "skimage", "matplotlib.pyplot")
+
+
+def _python_main(argv: list[str], cwd: str, env: dict, log: str | None) -> None:
+    """In the forked child: ``python <argv>`` (``-m module ...``, ``-c code ...`` or ``script.py ...``) as the interpreter would run
+    it, with the caller's environment and working folder, its output to the terminal or to ``log``."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=True)  # what PYTHONUNBUFFERED=1 gives a fresh process
+    try:
+        if argv[0] == "-m":
+            sys.argv = argv[1:]  # runpy puts the module's file in argv[0], as python -m does
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        else:
+            sys.argv = list(argv)
+            sys.path.insert(0, str(Path(argv[0]).resolve().parent))
+            runpy.run_path(argv[0], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # multiprocessing ends its children with os._exit, which skips them (MLflow ends its run there)
+        for stream in (sys.stdout, sys.stderr):
+            if not stream.closed:  # a program may close them (json.tool does), as the interpreter's exit allows
+                stream.flush()
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # heeded when the server starts
+    return ctx
+
+
+def start_python_server() -> None:
+    """Start :func:`run_python`'s server now, so that it imports :data:`PRELOAD` while this process does other
+    work (the first :func:`run_python` starts it otherwise). Environment variables that libraries read when they
+    load (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) take the values they have now; the others follow each call."""
+    _forkserver()
+    multiprocessing.forkserver.ensure_running()
+
+
+def run_python(argv: list[str], cwd: Path = REPO_ROOT, log: Path | None = None) -> int:
+    """``python <argv>`` in a process forked from the preloaded server (started on first use); its exit status.
+    ``log``: the file that takes its output (default: this terminal)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = _forkserver().Process(target=_python_main, args=(list(argv), str(cwd), env, None if log is None else str(log)), name=" ".join(argv[:2]))
+    child.start()
+    try:
+        child.join()
+    except BaseException:  # Ctrl-C or a kill of this process: the step goes with it
+        child.terminate()
+        child.join()
+        raise
+    return child.exitcode
 
 
 def clock(seconds: float | None) -> str:
@@ -89,7 +162,7 @@ def linked_scan(folder: Path, case_id: str) -> Path:
 
 
 def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, prepare=None) -> None:
-    """Run each step as its own ``monai.bundle run`` process (its progress bars and logs on this terminal);
+    """Run each step as its own ``monai.bundle run`` process (:func:`run_python`; its progress bars and logs on this terminal);
     stop at the first failure with the command to re-run it. ``prepare(out)`` makes the scan folders first."""
     started = time.perf_counter() if started is None else started
     tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
@@ -104,15 +177,16 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
             continue
         print(f"==> [{i}/{len(steps)}] {step.name}: {step.what} (elapsed {clock(time.perf_counter() - started)})", flush=True)
         t, wall = time.perf_counter(), time.time() - 1.0  # 1 s of slack for coarse file-system clocks
-        result = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        returncode = run_python(cmd[1:])
         step.seconds = time.perf_counter() - t
         # on --retrain the previous run's done files are still there: only files written by this run count
-        if result.returncode != 0 or not step.finished(since=wall if retrain else None):
+        if returncode != 0 or not step.finished(since=wall if retrain else None):
             step.status = "failed"
-            why = f"exit {result.returncode}" if result.returncode else f"no {'new ' if retrain else ''}{step.done_file}"
+            why = f"exit {returncode}" if returncode else f"no {'new ' if retrain else ''}{step.done_file}"
             raise RuntimeError(f"step {step.name} failed ({why}) after {clock(step.seconds)}; re-run it with:\n  {step.cmd}")
         step.status = "ran"
         print(f"    {step.name} done in {clock(step.seconds)}", flush=True)
 
 
-__all__ = ["BUNDLES", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "linked_scan", "run_steps", "scan_link_name"]
+__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "linked_scan", "run_python", "run_steps",
+           "scan_link_name", "start_python_server"]
