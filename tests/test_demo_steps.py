@@ -287,7 +287,8 @@ def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
 
 PROBE = """
 import json, os, sys
-print(json.dumps({"name": __name__, "argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("LUNGSEG_TEST_PROBE"),
+import multiprocessing
+print(json.dumps({"name": __name__, "start_method": multiprocessing.get_start_method(), "argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("LUNGSEG_TEST_PROBE"),
                   "mark": globals().get("MARK"), "unbuffered": os.environ.get("PYTHONUNBUFFERED")}))
 import common  # the interpreter state a step can change: must not reach the next step
 assert not hasattr(common, "_probe_mark"), "a previous child's change is visible"
