@@ -7,8 +7,8 @@ same command forked from the preloaded server (:func:`common.apps.pipeline.run_p
 The step: SA-2 (``probmap`` ``inference.json``, the shipped SA-1) on one small real scan of the manifest (DeepLesion
 000001_01_01, 13 slices, by default), each run into its own output folder. Prints each run's seconds, checks that every
 array the step writes (probability map, lung mask, sides) is the same to the bit in every run, and ends with
-``speedup <x>``: the fresh processes' mean time over the forked ones' (the first fork, which starts the server and
-waits for its imports, counted apart). Run it on an idle machine; PYTHONDONTWRITEBYTECODE must be unset (as the
+``speedup <x>``: the fresh processes' mean time over the forked ones' (a first fresh run that fills the page cache,
+and the first fork, which starts the server and waits for its imports, counted apart). Run it on an idle machine; PYTHONDONTWRITEBYTECODE must be unset (as the
 Makefile does), or each fresh process compiles its imports again.
 """
 
@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> float:
         step = ["-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/probmap/configs/inference.json"),
                 "--bundle_root", str(REPO / "bundles/probmap"), "--ckpt_path", str(REPO / "bundles/foundation_clip/models/model.pt"),
                 "--dataset_dir", str(tmp / "scans"), "--overlay", "False"]
-        times: dict[str, list[float]] = {"fresh process": [], "forked, server start": [], "forked": []}
+        times: dict[str, list[float]] = {"warm-up": [], "fresh process": [], "forked, server start": [], "forked": []}
         outputs = []
-        runs = [("fresh process", i) for i in range(args.repeats)] + [("forked, server start", 0)] + [("forked", i) for i in range(args.repeats)]
+        # an uncounted fresh run first: it reads the files from disk into the page cache, which every later run finds there
+        runs = [("warm-up", 0)] + [("fresh process", i) for i in range(args.repeats)] + [("forked, server start", 0)] + [("forked", i) for i in range(args.repeats)]
         for how, i in runs:
             out = tmp / f"{how.replace(' ', '_').replace(',', '')}_{i}"
             start = time.perf_counter()
-            if how == "fresh process":
+            if how in ("warm-up", "fresh process"):
                 code = subprocess.run([sys.executable, *step, "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True).returncode
             else:
                 code = run_python([*step, "--output_dir", str(out)], log=tmp / f"{out.name}.log")

@@ -40,8 +40,8 @@ def _python_main(argv: list[str], cwd: str, env: dict, log: str | None) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    # a forkserver child inherits "forkserver" as its start method: the DataLoader workers of a step would then
-    # come from the server, each epoch, with their dataset pickled over (SA-1 1.5x slower); a fresh interpreter's default
+    # a forkserver child inherits "forkserver" as its start method: a step's DataLoader workers would then come from
+    # the server, each epoch, their dataset pickled over (SA-1 1.5x slower); a fresh interpreter's default instead
     multiprocessing.set_start_method(None, force=True)
     if log is not None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
