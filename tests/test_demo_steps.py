@@ -23,21 +23,17 @@ import pytest
 
 import common.apps.demo as demo
 import common.apps.demo_report as demo_report
-from common.apps.pipeline import PRELOAD, REPO_ROOT, BackgroundSteps, Step, run_python, run_steps
+from common.apps.pipeline import PRELOAD, REPO_ROOT, Step, run_python, run_steps
 
-# The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files,
-# "sleep" = a minute's sleep, then exit 0 without done files).
+# The child: log one JSON line, then behave as its mode says ("ok", "fail" = exit 1, "no_done" = exit 0 without done files).
 CHILD = r"""
 import json, os, sys, pathlib
 mode, name, log, tracking_uri, *done = sys.argv[1:]
 with open(log, "a") as f:
-    f.write(json.dumps({"name": name, "cwd": os.getcwd(), "tracking_uri": tracking_uri, "idle": os.sched_getscheduler(0) == os.SCHED_IDLE,
+    f.write(json.dumps({"name": name, "cwd": os.getcwd(), "tracking_uri": tracking_uri,
                         "unbuffered": os.environ.get("PYTHONUNBUFFERED")}) + "\n")
 if mode == "fail":
     sys.exit(1)
-if mode == "sleep":
-    import time
-    time.sleep(60)
 if mode == "ok":
     for p in done:
         pathlib.Path(p).parent.mkdir(parents=True, exist_ok=True)
@@ -73,12 +69,6 @@ def _finish(step: Step) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("earlier run")
         os.utime(p, (time.time() - 3600, time.time() - 3600))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def python_server():
-    """The preloaded server up before the tests time their steps: its start (10-25 s of imports) is no step's time."""
-    assert run_python(["-c", "pass"]) == 0
 
 
 @pytest.fixture
@@ -231,8 +221,7 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
     ingest = {"n_cases": 0, "n_passed": 0, "n_excluded": 0, "excluded": {}, "cases": [], "figures": [], "qc_rows": [],
               "phantom_example": None, "qc_dir": str(out / "qc")}
     monkeypatch.setattr(demo, "run_ingest", lambda out_, data_dir, fig_dir: dict(ingest))
-    steps = [_step(out, "clip_ok"), _step(out, "probmap_broken", mode="fail", stage="probmap"), _step(out, "hsam_after", stage="hsam"),
-             _step(out, "shipped_aside", stage="shipped")]  # the shipped models' runs: in the background, finished all the same
+    steps = [_step(out, "clip_ok"), _step(out, "probmap_broken", mode="fail", stage="probmap"), _step(out, "hsam_after", stage="hsam")]
     monkeypatch.setattr(demo, "demo_steps", lambda *args: steps)
     # Two report sections are heavy even with no stage output: the held-out comparison runs
     # benchmarks/hsam_comparison.py, which generates and scores the held-out phantoms anyway (about 30 s
@@ -248,78 +237,16 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
     assert message.startswith("demo stopped: step probmap_broken failed (exit 1)")
     assert steps[1].cmd in message
     assert message.endswith(f"report so far: {out / 'report' / 'index.html'}")
-    assert sorted(r["name"] for r in _ran(out)) == ["clip_ok", "probmap_broken", "shipped_aside"]
-    assert [r["idle"] for r in _ran(out) if r["name"] == "shipped_aside"] == [True]
+    assert [r["name"] for r in _ran(out)] == ["clip_ok", "probmap_broken"]
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["failure"].startswith("step probmap_broken failed (exit 1)")
-    assert [(s["name"], s["status"]) for s in metrics["steps"]] == [("clip_ok", "ran"), ("probmap_broken", "failed"), ("hsam_after", "not run"),
-                                                                    ("shipped_aside", "ran")]
+    assert [(s["name"], s["status"]) for s in metrics["steps"]] == [("clip_ok", "ran"), ("probmap_broken", "failed"), ("hsam_after", "not run")]
     assert metrics["steps"][2]["seconds"] is None
     assert [s["command"] for s in metrics["steps"]] == [s.cmd for s in steps]
     assert metrics["steps"][0]["seconds"] > 0.0 and metrics["timings"]["hsam_s"] == 0.0
     page = (out / "report" / "index.html").read_text()
     assert "The demo stopped: step probmap_broken failed (exit 1)" in page
-
-
-def test_background_steps_run_beside_the_chain_at_idle_priority(out, capsys):
-    """BackgroundSteps: its steps run in order while run_steps runs the chain, each at SCHED_IDLE with its output in
-    its log; the chain's own steps keep the normal policy."""
-    chain = [_step(out, "chain_a"), _step(out, "chain_b")]
-    aside = [_step(out, "aside_a", stage="shipped", n_extra=1), _step(out, "aside_b", stage="shipped")]
-    lane = BackgroundSteps(aside, out, log_dir=out / "logs").start()
-    run_steps(chain, out)
-    lane.wait()
-
-    ran = {r["name"]: r for r in _ran(out)}
-    assert set(ran) == {"chain_a", "chain_b", "aside_a", "aside_b"}
-    assert [ran[n]["idle"] for n in ("chain_a", "chain_b", "aside_a", "aside_b")] == [False, False, True, True]
-    assert all(Path(ran[n]["cwd"]) == REPO_ROOT and ran[n]["tracking_uri"] == f"sqlite:///{(out / 'mlruns.db').resolve()}" for n in ran)
-    assert [s.status for s in chain + aside] == ["ran"] * 4 and all(s.finished() for s in aside)
-    assert all((out / "logs" / f"{s.name}.log").is_file() for s in aside)
-    printed = capsys.readouterr().out
-    assert "==> [background 1/2] aside_a: test step aside_a" in printed and f"(in the background, log {out / 'logs' / 'aside_a.log'})" in printed
-    assert "==> [background 2/2] aside_b" in printed and "==> [1/2] chain_a" in printed
-
-
-def test_a_failed_background_step_stops_its_lane_with_the_rerun_command(out):
-    aside = [_step(out, "aside_broken", mode="fail", stage="shipped"), _step(out, "aside_after", stage="shipped")]
-    lane = BackgroundSteps(aside, out).start()
-    with pytest.raises(RuntimeError) as info:
-        lane.wait()
-    first, rerun = str(info.value).split("\n", 1)
-    assert first.startswith("step aside_broken failed (exit 1) after 0:0") and "(in the background, log" in first
-    assert rerun == "  " + aside[0].cmd
-    assert [r["name"] for r in _ran(out)] == ["aside_broken"]
-    assert [s.status for s in aside] == ["failed", "not run"]
-
-
-def test_stopping_the_background_lane_ends_its_running_step(out):
-    aside = [_step(out, "aside_sleeps", mode="sleep", stage="shipped"), _step(out, "aside_never", stage="shipped")]
-    lane = BackgroundSteps(aside, out).start()
-    deadline = time.time() + 30
-    while not _ran(out) and time.time() < deadline:  # the child has started once it logged
-        time.sleep(0.05)
-    t = time.perf_counter()
-    lane.stop()
-    assert time.perf_counter() - t < 10.0  # terminated, not slept out
-    assert not lane.running
-    assert [r["name"] for r in _ran(out)] == ["aside_sleeps"]
-    assert aside[1].status == "not run"
-
-
-def test_run_python_takes_a_thread_count_and_the_idle_policy(tmp_path):
-    code = ("import json, os, torch; print(json.dumps([os.sched_getscheduler(0) == os.SCHED_IDLE, torch.get_num_threads(),"
-            " os.environ.get('OMP_NUM_THREADS')]))")
-    log = tmp_path / "probe.log"
-    assert run_python(["-c", code], cwd=tmp_path, log=log, threads=1, idle=True) == 0
-    assert json.loads(log.read_text()) == [True, 1, "1"]
-    assert run_python(["-c", code], cwd=tmp_path, log=log) == 0
-    idle, threads, omp = json.loads(log.read_text())
-    assert idle is False and omp == os.environ.get("OMP_NUM_THREADS")
-    import torch
-
-    assert threads == torch.get_num_threads()  # a step's own default: one per core, as in this process
 
 
 def test_release_chain_maps_with_a_given_sa1_checkpoint_instead_of_training_one(tmp_path):

@@ -36,8 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import (BUNDLES, REPO_ROOT, BackgroundSteps, Step, case_reports, clock, create_experiments, linked_scan, run_steps,
-                                  scan_link_name, start_python_server)
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, linked_scan, run_steps, scan_link_name, start_python_server
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
@@ -305,23 +304,11 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, siz
     ingest["seconds"] = time.perf_counter() - t
     prepare_scans(out, size, data_dir)  # before the steps are listed: they name the linked scans
     steps = demo_steps(out, size, seed)
-    # the shipped models' runs on the held-out real scan need nothing the demo trains: they go in the background, on
-    # the CPU time the chain leaves idle (common.apps.pipeline.BackgroundSteps)
-    background = [s for s in steps if s.stage == "shipped"]
-    failures = []
-    if background:
-        create_experiments(out, sorted({s.experiment for s in steps}))  # both lanes log to one store from the start
-    lane = BackgroundSteps(background, out, retrain=retrain, started=started, log_dir=out / "logs").start()
+    failure = None
     try:
-        for run in (lambda: run_steps([s for s in steps if s not in background], out, retrain=retrain, started=started), lane.wait):
-            try:
-                run()
-            except RuntimeError as err:  # the report still shows what finished, and the failure
-                failures.append(str(err))
-    except BaseException:  # Ctrl-C: no step left running
-        lane.stop()
-        raise
-    failure = "\n".join(failures) or None
+        run_steps(steps, out, retrain=retrain, started=started)
+    except RuntimeError as err:  # the report still shows what finished, and the failure
+        failure = str(err)
     print(f"==> report (elapsed {clock(time.perf_counter() - started)})", flush=True)
     metrics = build_report(out, ingest, steps, size=size, seed=seed, data_dir=data_dir, failure=failure, total_seconds=time.perf_counter() - started)
     if failure:

@@ -345,17 +345,14 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
     runs = mlflow_runs(out)
 
     step_rows, stage_seconds = [], {s: 0.0 for s in STAGE_TITLES}
-    aside = {s.stage for s in steps if s.background and s.seconds}  # stages that ran beside the chain, not in its time
     for step in steps:
         stage_seconds[step.stage] += step.seconds or 0.0
-        step_rows.append({"stage": STAGE_TITLES[step.stage], "step": step.name, "what": step.what, "status": step.status,
-                          "time (m:s)": clock(step.seconds) + (" in the background" if step.background and step.seconds else "")})
-    stage_clock = {s: clock(v) + (" in the background" if s in aside else "") for s, v in stage_seconds.items()}
+        step_rows.append({"stage": STAGE_TITLES[step.stage], "step": step.name, "what": step.what, "status": step.status, "time (m:s)": clock(step.seconds)})
     timings = {"ingest_qc_preprocessing_s": round(ingest.get("seconds", 0.0), 1), **{f"{s}_s": round(v, 1) for s, v in stage_seconds.items()}}
     if total_seconds is not None:
         timings["total_s"] = round(total_seconds, 1)
     commands = "".join(f"<li><code>{html.escape(s.cmd)}</code></li>" for s in steps)
-    summary_rows = [{"stage": STAGE_TITLES[s], "time (m:s)": stage_clock[s], "headline": _headline(s, stage_metrics[s])} for s in STAGE_TITLES]
+    summary_rows = [{"stage": STAGE_TITLES[s], "time (m:s)": clock(stage_seconds[s]), "headline": _headline(s, stage_metrics[s])} for s in STAGE_TITLES]
     hsam = size.hsam
     what_ran = (f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
                 f"Total {clock(total_seconds)} (m:s); ingest, QC and preprocessing {clock(ingest.get('seconds'))}. Size <b>{html.escape(size.name)}</b>, "
@@ -391,10 +388,10 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
                          f"Its report: <i>{html.escape(' '.join(example['report']))}</i></p>" + _img("figures/phantom_ground_truth.png")))
     write_html_page(report_dir / "index.html", "Lung CT without hand-drawn labels: demo report", sections)
     metrics = {**stage_metrics, "size": size.name, "seed": seed, "ingest": {k: v for k, v in ingest.items() if k not in ("figures", "qc_rows")}, "timings": timings,
-               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "background": s.background, "command": s.cmd} for s in steps],
+               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": s.cmd} for s in steps],
                "mlflow_runs": runs, "failure": failure}
     write_json_atomic(report_dir / "metrics.json", metrics)
-    metrics["summary_text"] = "\n".join(f"{STAGE_TITLES[s]} ({stage_clock[s]}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES)
+    metrics["summary_text"] = "\n".join(f"{STAGE_TITLES[s]} ({clock(stage_seconds[s])}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES)
     return metrics
 
 

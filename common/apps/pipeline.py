@@ -20,7 +20,6 @@ import os
 import runpy
 import shlex
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +34,12 @@ PRELOAD = ("common", "common.data", "common.engines", "common.inferers", "common
            "mlflow", "ignite", "nibabel", "scipy.ndimage", "skimage", "matplotlib.pyplot")
 
 
-def _python_main(argv: list[str], cwd: str, env: dict, log: str | None, threads: int | None = None, idle: bool = False) -> None:
+def _python_main(argv: list[str], cwd: str, env: dict, log: str | None) -> None:
     """In the forked child: ``python <argv>`` (``-m module ...``, ``-c code ...`` or ``script.py ...``) as the interpreter would run
-    it, with the caller's environment and working folder, its output to the terminal or to ``log``; ``threads`` and
-    ``idle`` as :func:`start_python` says."""
+    it, with the caller's environment and working folder, its output to the terminal or to ``log``."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    if idle:  # Linux's lowest class: CPU time only when no other process wants it (threads started later inherit it)
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(int(threads))
     # a forkserver child inherits "forkserver" as its start method: a step's DataLoader workers would then come from
     # the server, each epoch, their dataset pickled over (SA-1 1.5x slower); a fresh interpreter's default instead
     multiprocessing.set_start_method(None, force=True)
@@ -90,23 +82,12 @@ def start_python_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
-def start_python(argv: list[str], cwd: Path = REPO_ROOT, log: Path | None = None, threads: int | None = None, idle: bool = False):
-    """Start ``python <argv>`` in a process forked from the preloaded server (started on first use); the started
-    ``multiprocessing`` process. ``log``: the file that takes its output (default: this terminal). ``threads``: torch's
-    intra-op threads (default: torch's own choice, one per core); ``idle``: the process runs at Linux's ``SCHED_IDLE``
-    policy, on CPU time that no other process wants."""
+def run_python(argv: list[str], cwd: Path = REPO_ROOT, log: Path | None = None) -> int:
+    """``python <argv>`` in a process forked from the preloaded server (started on first use); its exit status.
+    ``log``: the file that takes its output (default: this terminal)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if threads is not None:  # for the libraries and processes the step starts itself
-        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    child = _forkserver().Process(target=_python_main, args=(list(argv), str(cwd), env, None if log is None else str(log), threads, idle),
-                                  name=" ".join(argv[:2]))
+    child = _forkserver().Process(target=_python_main, args=(list(argv), str(cwd), env, None if log is None else str(log)), name=" ".join(argv[:2]))
     child.start()
-    return child
-
-
-def run_python(argv: list[str], cwd: Path = REPO_ROOT, log: Path | None = None, threads: int | None = None, idle: bool = False) -> int:
-    """``python <argv>`` as :func:`start_python` starts it, waited for; its exit status."""
-    child = start_python(argv, cwd, log, threads, idle)
     try:
         child.join()
     except BaseException:  # Ctrl-C or a kill of this process: the step goes with it
@@ -138,7 +119,6 @@ class Step:
     extra_done: list[Path] = field(default_factory=list)
     cmd: str = ""  # the command as run, for the report
     experiment: str = "demo"  # the MLflow experiment
-    background: bool = False  # run by BackgroundSteps, beside the chain: its time is not the chain's
 
     def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
         """The ``monai.bundle run`` command line; ``overwrite`` redoes cases an inference run already wrote
@@ -184,115 +164,32 @@ def linked_scan(folder: Path, case_id: str) -> Path:
     return folder / case_id
 
 
-def _run_step(step: Step, label: str, tracking_uri: str, retrain: bool, started: float, runner=run_python, note: str = "") -> None:
-    """One step of a chain: reused when its done files exist (unless ``retrain``), else ``runner(argv)`` runs its
-    ``python -m monai.bundle run`` command; a failure raises RuntimeError with the command that re-runs it."""
-    cmd = step.command(tracking_uri, overwrite=retrain)
-    step.cmd = shlex.join(cmd)
-    if step.finished() and not retrain:
-        step.status, step.seconds = "reused", 0.0
-        print(f"==> {label} {step.name}: already finished ({step.done_file}), reused", flush=True)
-        return
-    print(f"==> {label} {step.name}: {step.what} (elapsed {clock(time.perf_counter() - started)}){note}", flush=True)
-    t, wall = time.perf_counter(), time.time() - 1.0  # 1 s of slack for coarse file-system clocks
-    returncode = runner(cmd[1:])
-    step.seconds = time.perf_counter() - t
-    # on --retrain the previous run's done files are still there: only files written by this run count
-    if returncode != 0 or not step.finished(since=wall if retrain else None):
-        step.status = "failed"
-        why = f"exit {returncode}" if returncode else f"no {'new ' if retrain else ''}{step.done_file}"
-        raise RuntimeError(f"step {step.name} failed ({why}) after {clock(step.seconds)}{note}; re-run it with:\n  {step.cmd}")
-    step.status = "ran"
-    print(f"    {step.name} done in {clock(step.seconds)}{note}", flush=True)
-
-
-def tracking_uri_of(out: Path) -> str:
-    """The MLflow store of a chain: one SQLite file in its output folder."""
-    return f"sqlite:///{(out / 'mlruns.db').resolve()}"
-
-
 def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, prepare=None) -> None:
     """Run each step as its own ``monai.bundle run`` process (:func:`run_python`; its progress bars and logs on this terminal);
     stop at the first failure with the command to re-run it. ``prepare(out)`` makes the scan folders first."""
     started = time.perf_counter() if started is None else started
+    tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
     if prepare is not None:
         prepare(out)
     for i, step in enumerate(steps, 1):
-        _run_step(step, f"[{i}/{len(steps)}]", tracking_uri_of(out), retrain, started)
+        cmd = step.command(tracking_uri, overwrite=retrain)
+        step.cmd = shlex.join(cmd)
+        if step.finished() and not retrain:
+            step.status, step.seconds = "reused", 0.0
+            print(f"==> [{i}/{len(steps)}] {step.name}: already finished ({step.done_file}), reused", flush=True)
+            continue
+        print(f"==> [{i}/{len(steps)}] {step.name}: {step.what} (elapsed {clock(time.perf_counter() - started)})", flush=True)
+        t, wall = time.perf_counter(), time.time() - 1.0  # 1 s of slack for coarse file-system clocks
+        returncode = run_python(cmd[1:])
+        step.seconds = time.perf_counter() - t
+        # on --retrain the previous run's done files are still there: only files written by this run count
+        if returncode != 0 or not step.finished(since=wall if retrain else None):
+            step.status = "failed"
+            why = f"exit {returncode}" if returncode else f"no {'new ' if retrain else ''}{step.done_file}"
+            raise RuntimeError(f"step {step.name} failed ({why}) after {clock(step.seconds)}; re-run it with:\n  {step.cmd}")
+        step.status = "ran"
+        print(f"    {step.name} done in {clock(step.seconds)}", flush=True)
 
 
-def create_experiments(out: Path, names: list[str]) -> None:
-    """Create the chain's MLflow store and experiments now: two steps that started at once would both create them
-    (MONAI's MLFlowHandler creates a missing experiment), and one would fail on the other's."""
-    code = ("import sys, mlflow; client = mlflow.MlflowClient(sys.argv[1])\n"
-            "for name in sys.argv[2:]:\n"
-            "    client.get_experiment_by_name(name) or client.create_experiment(name)")
-    if run_python(["-c", code, tracking_uri_of(out), *names]) != 0:
-        raise RuntimeError(f"could not create the MLflow experiments {names} in {tracking_uri_of(out)}")
-
-
-class BackgroundSteps:
-    """Steps that no other step of a chain needs, run one after the other in a thread of this process while
-    :func:`run_steps` runs the chain. Each runs at Linux's ``SCHED_IDLE`` policy with one torch thread
-    (:func:`start_python`): it takes the CPU time that the chain's steps leave idle (their data loading, file
-    writing and single-threaded stretches) and gives way at once when they want the core back; with one thread
-    it never holds half of a parallel region up. Each step's output goes to ``<log_dir>/<name>.log``.
-    ``start()``, then ``wait()`` for them (the first failure raises its RuntimeError), or ``stop()`` them."""
-
-    def __init__(self, steps: list[Step], out: Path, retrain: bool = False, started: float | None = None, log_dir: Path | None = None):
-        self.steps, self.out, self.retrain = list(steps), out, retrain
-        for step in self.steps:
-            step.background = True
-        self.started = time.perf_counter() if started is None else started
-        self.log_dir = Path(log_dir) if log_dir is not None else out / "logs"
-        self.error: RuntimeError | None = None
-        self._child = None
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run_all, name="background steps", daemon=True)
-
-    def start(self) -> "BackgroundSteps":
-        if self.steps:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._thread.start()
-        return self
-
-    def _run_all(self) -> None:
-        for i, step in enumerate(self.steps, 1):
-            if self._stopped:
-                return
-            log = self.log_dir / f"{step.name}.log"
-            try:
-                _run_step(step, f"[background {i}/{len(self.steps)}]", tracking_uri_of(self.out), self.retrain, self.started,
-                          runner=lambda argv, log=log: self._run(argv, log), note=f" (in the background, log {log})")
-            except RuntimeError as err:
-                self.error = err
-                return
-
-    def _run(self, argv: list[str], log: Path) -> int:
-        self._child = start_python(argv, log=log, threads=1, idle=True)
-        self._child.join()
-        return self._child.exitcode
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def wait(self) -> None:
-        if self.running:
-            print(f"==> waiting for the background steps (elapsed {clock(time.perf_counter() - self.started)})", flush=True)
-            self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        """Terminate the running step and start no other (Ctrl-C, or the chain's own process going away)."""
-        self._stopped = True
-        child = self._child
-        if child is not None and child.exitcode is None:
-            child.terminate()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
-__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "BackgroundSteps", "Step", "case_reports", "clock", "create_experiments", "linked_scan",
-           "run_python", "run_steps", "scan_link_name", "start_python", "start_python_server", "tracking_uri_of"]
+__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "linked_scan", "run_python", "run_steps",
+           "scan_link_name", "start_python_server"]
