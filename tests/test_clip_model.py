@@ -354,6 +354,56 @@ def test_teacher_frozen_and_cached(random_teacher, tmp_path):
         cache.get(["a"], torch.rand(2, 1, 8, 8))
 
 
+def test_fused_efficientnet_gives_the_same_features_with_no_batchnorm_left():
+    """fused_for_inference (SA-2's windows): BatchNorm folded into the convolutions, symmetric paddings moved into
+    them, ReLU6 in place; the features equal the module's own to float rounding, and the module itself is untouched."""
+    torch.manual_seed(0)
+    enc = build_image_encoder("efficientnet_lite0", pretrained=False).eval()
+    for m in enc.modules():  # running statistics and affine terms away from the identity, so that folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fused = enc.fused_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules()) == 49  # the original keeps all of them
+    pads = [m.static_padding.padding for m in fused.modules() if isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d)]
+    assert pads and all(len(set(p)) > 1 for p in pads)  # only the asymmetric (stride-2) ones remain
+    assert all(not p.requires_grad for p in fused.parameters()) and not fused.training
+    x = torch.rand(3, 1, 96, 96)
+    with torch.no_grad():
+        a, b = enc(x), fused(x)
+    assert a.shape == b.shape == (3, 1280, 3, 3)
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    tiny = build_image_encoder("tiny_cnn", pretrained=False)
+    assert tiny.fused_for_inference() is tiny  # the base class has nothing to fuse
+
+
+def test_inferer_fuses_once_per_weights_and_again_after_they_change(tmp_path):
+    """The inferer's fused copy follows the network's weights: an optimizer step (SA-1's validation metric maps
+    with a network in training) makes a new one."""
+    from common.inferers.patch_similarity import PatchSimilarityInferer
+
+    torch.manual_seed(0)
+    clip = LungCLIP(build_image_encoder("efficientnet_lite0", pretrained=False).eval(), None)
+    inferer = PatchSimilarityInferer(progress=False)
+    first = inferer.image_encoder(clip)
+    assert first is not clip.image_encoder and inferer.image_encoder(clip) is first
+    with torch.no_grad():
+        clip.image_encoder.net._conv_stem.weight.add_(0.1)  # in place, as an optimizer step is
+    second = inferer.image_encoder(clip)
+    assert second is not first
+    assert torch.allclose(second.net._conv_stem.weight, fused_stem(clip.image_encoder), atol=1e-6)
+    assert PatchSimilarityInferer(fuse_encoder=False, progress=False).image_encoder(clip) is clip.image_encoder
+
+
+def fused_stem(enc) -> torch.Tensor:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(enc.net._conv_stem, enc.net._bn0).weight
+
+
 # ------------------------------------------------------------------ real models
 
 

@@ -227,3 +227,24 @@ def test_report_of_a_stopped_demo_shows_what_finished(demo_run, tmp_path, render
     facts = render_page(partial / "report" / "index.html", tmp_path / "shot.png")
     assert "The demo stopped: step hsam_finetune_train failed (exit 1)" in facts["text"]
     assert "SA-3b did not finish" in facts["text"] and facts["broken_images"] == []
+
+
+def test_ingest_gives_the_same_rows_case_by_case_and_two_at_a_time(tiny_phantom_manifest, tmp_path):
+    """run_ingest's worker processes: the same QC verdicts, volumes, Dice and figures, in the manifest's order, as
+    one case after the other (only the timings differ)."""
+    from common.apps.demo import run_ingest
+
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers_{workers}"
+        (out / "figures").mkdir(parents=True)
+        results[workers] = run_ingest(out, tiny_phantom_manifest.parent, out / "figures", workers=workers)
+        results[workers]["written"] = sorted(p.name for p in (out / "preprocessed").iterdir())
+        assert len(results[workers]["written"]) == len(results[workers]["cases"])  # one preprocessed volume a case
+    untimed = [[{k: v for k, v in row.items() if not k.endswith(" s")} for row in results[w]["cases"]] for w in (1, 2)]
+    assert untimed[0] == untimed[1]
+    assert [row["case"] for row in untimed[1]] == [c["id"] for c in json.loads(tiny_phantom_manifest.read_text())["cases"]]
+    assert all(row["qc"] == "pass" and "lung mL (R/L)" in row for row in untimed[1])
+    assert [f[0] for f in results[1]["figures"]] == [f[0] for f in results[2]["figures"]]
+    assert results[1]["qc_rows"] == results[2]["qc_rows"] and results[1]["n_passed"] == results[2]["n_passed"] == 4
+    assert results[1]["written"] == results[2]["written"]

@@ -191,8 +191,10 @@ def patch_similarity_maps(
     channels_last: bool = True,
     amp: bool = False,
     sigma_scale: float = 0.125,
+    encoder=None,
 ) -> torch.Tensor:
-    """Production Algorithm 1: (N, 1, S, S) slices in [0, 1] -> (N, C, S, S) similarity maps (on CPU)."""
+    """Production Algorithm 1: (N, 1, S, S) slices in [0, 1] -> (N, C, S, S) similarity maps (on CPU). ``encoder``: the
+    image encoder to run (default the network's own; the inferer passes its ``fused_for_inference`` copy)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     n, _, s, s2 = slices01.shape
@@ -207,11 +209,11 @@ def patch_similarity_maps(
     text = text_embeds.to(device).float()
     sims = torch.empty((n * n_win, text.shape[0]))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    network.image_encoder.to(memory_format=fmt)  # weights in the same layout as the patches (oneDNN's fast path on CPU)
+    enc = network.image_encoder if encoder is None else encoder
+    enc.to(memory_format=fmt)  # weights in the same layout as the patches (oneDNN's fast path on CPU)
     for a in range(0, n * n_win, batch_size):
         x = resize(patches[a : a + batch_size])[:, None].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            enc = network.image_encoder
             emb = network.project_image(enc.features(enc.prepare(x).contiguous(memory_format=fmt)))
         sims[a : a + batch_size] = (F.normalize(emb.float(), dim=-1) @ text.T).cpu()
     return spread_window_scores(sims.view(n, n_win, -1), s, patch_px, stride_px, aggregation, sigma_scale)
@@ -294,6 +296,8 @@ class PatchSimilarityInferer(Inferer):
     that cover it (``aggregation``: "gaussian", the default, weighted towards each window's centre with
     ``sigma_scale`` as MONAI's ``SlidingWindowInferer`` weights its windows, or "mean" or "max"); several ``patch_mm``
     values are the method's multi-window option, combined by ``multi_window`` ("mean" or "max").
+    ``fuse_encoder`` runs the windows through the encoder's ``fused_for_inference`` copy (EfficientNet-Lite: BatchNorm
+    folded into the convolutions, 1.3x faster, the same similarities to float rounding).
     A slice with no contrast (all one value) scores ``EMPTY_SIMILARITY`` everywhere, so that it
     maps to no class instead of to noise. Settings the model was trained with (``slice_size``,
     ``image_size``, ``patch_size``, ``patch_mm``, ``hu_window``) default to those in its checkpoint.
@@ -317,6 +321,7 @@ class PatchSimilarityInferer(Inferer):
         hu_window: Sequence[float] | None = None,
         channels_last: bool = True,
         amp: bool = False,
+        fuse_encoder: bool = True,
         progress: bool = True,
     ):
         super().__init__()
@@ -337,8 +342,9 @@ class PatchSimilarityInferer(Inferer):
         self.aggregation, self.multi_window, self.mode, self.sigma_scale = aggregation, multi_window, mode, float(sigma_scale)
         self.batch_size, self.slice_batch = int(batch_size), int(slice_batch)
         self.overrides = {"slice_size": slice_size, "image_size": image_size, "patch_size": patch_size, "hu_window": hu_window}
-        self.channels_last, self.amp, self.progress = bool(channels_last), bool(amp), bool(progress)
+        self.channels_last, self.amp, self.fuse_encoder, self.progress = bool(channels_last), bool(amp), bool(fuse_encoder), bool(progress)
         self._text_cache: tuple[int, torch.Tensor] | None = None
+        self._encoder_cache: tuple[tuple, torch.nn.Module] | None = None
         self.last_info: dict = {}
 
     # settings ---------------------------------------------------------------
@@ -358,6 +364,17 @@ class PatchSimilarityInferer(Inferer):
             self._text_cache = (id(network), class_text_embeddings(network, self.class_names, self.templates))
         return self._text_cache[1]
 
+    def image_encoder(self, network):
+        """The encoder the windows go through: with ``fuse_encoder``, the network's ``fused_for_inference`` copy
+        (BatchNorm folded into the convolutions; the same features to float rounding), made once per network."""
+        if not self.fuse_encoder:
+            return network.image_encoder
+        # a network being trained (SA-1's validation metric) changes its weights in place: their version counters say so
+        key = (id(network), tuple(p._version for p in network.image_encoder.parameters()))
+        if self._encoder_cache is None or self._encoder_cache[0] != key:
+            self._encoder_cache = (key, network.image_encoder.fused_for_inference())
+        return self._encoder_cache[1]
+
     # one volume ---------------------------------------------------------------
 
     def slice_maps(self, slices01: torch.Tensor, network, text: torch.Tensor, px_mm: float, cfg: dict) -> torch.Tensor:
@@ -371,7 +388,8 @@ class PatchSimilarityInferer(Inferer):
             else:
                 stride_px = max(int(round(self.stride_mm / px_mm)), 1)
                 maps.append(patch_similarity_maps(slices01, network, text, patch_px, stride_px, cfg["patch_size"], cfg["image_size"],
-                                                  self.aggregation, self.batch_size, self.channels_last, self.amp, self.sigma_scale))
+                                                  self.aggregation, self.batch_size, self.channels_last, self.amp, self.sigma_scale,
+                                                  encoder=self.image_encoder(network)))
         stack = torch.stack(maps)
         return stack.mean(0) if self.multi_window == "mean" else stack.amax(0)
 

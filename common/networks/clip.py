@@ -11,6 +11,7 @@ the global embedding live in the same space.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.prepare(x))
 
+    def fused_for_inference(self) -> "ImageEncoder":
+        """An eval-mode encoder for inference that computes the same features with fewer operations; the base class
+        has nothing to fuse and gives itself. Training keeps the module as it is."""
+        return self
+
 
 class TinyCNNEncoder(ImageEncoder):
     """A few strided convolutions (stride 8): for tests and quick CPU runs."""
@@ -111,6 +117,32 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     def features(self, x):
         return self.net.extract_features(x)
+
+    def fused_for_inference(self) -> "EfficientNetLiteEncoder":
+        """A frozen eval-mode copy with each BatchNorm folded into the convolution before it (torch's
+        ``fuse_conv_bn_eval``), the TensorFlow-style "same" paddings that are symmetric moved into their convolutions
+        (no padded copy of the activations), and ReLU6 in place: a third of the work of a forward pass was
+        BatchNorm, padding and clamping (``benchmarks/encoder_fusion.py``: SA-2's windows 1.3x faster on 2 CPU cores;
+        features equal to float rounding, 1e-5 relative)."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        fused = copy.deepcopy(self).eval().requires_grad_(False)
+        net = fused.net
+        pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+        for block in net._blocks:
+            pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for module, conv, bn in pairs:
+            if hasattr(module, conv):  # a block without expansion has no _expand_conv
+                setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
+                setattr(module, bn, nn.Identity())
+        for module in net.modules():
+            if isinstance(module, nn.ReLU6):
+                module.inplace = True  # every ReLU6 here follows a convolution whose output nothing else reads
+            pad = getattr(module, "static_padding", None)
+            if isinstance(pad, nn.ZeroPad2d) and len(set(pad.padding)) == 1:
+                module.padding = (pad.padding[0], pad.padding[0])
+                module.static_padding = nn.Identity()
+        return fused
 
 
 class ResNetEncoder(ImageEncoder):
