@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.apps.pipeline import linked_scan, run_python, scan_link_name  # noqa: E402
+from common.apps.pipeline import link_scan, run_python  # noqa: E402
 from common.default_data import DEFAULT_OUT, load_manifest  # noqa: E402
 from common.networks import LungCLIP  # noqa: E402
 
@@ -65,10 +65,7 @@ def step_part(case_id: str) -> None:
         raise SystemExit(f"{DEFAULT_OUT / 'manifest.json'}: no case {case_id}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source = Path(cases[case_id]["path"]).resolve()
-        (tmp / "scans").mkdir()
-        (tmp / "scans" / scan_link_name(case_id, source)).symlink_to(source, target_is_directory=source.is_dir())
-        assert linked_scan(tmp / "scans", case_id).exists()
+        link_scan(tmp / "scans", case_id, Path(cases[case_id]["path"]))
         outputs = {}
         if run_python(["-c", "pass"]) != 0:  # the preloaded server up first: its imports are neither run's time
             raise SystemExit("could not start the step server")

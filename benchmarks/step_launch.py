@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.apps.pipeline import linked_scan, run_python, scan_link_name  # noqa: E402
+from common.apps.pipeline import link_scan, run_python  # noqa: E402
 from common.default_data import DEFAULT_OUT, load_manifest  # noqa: E402
 
 
@@ -48,10 +48,7 @@ def main(argv: list[str] | None = None) -> float:
         raise SystemExit(f"{DEFAULT_OUT / 'manifest.json'}: no case {args.case}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source = Path(cases[args.case]["path"])
-        (tmp / "scans").mkdir()
-        (tmp / "scans" / scan_link_name(args.case, source)).symlink_to(source.resolve(), target_is_directory=source.is_dir())
-        assert linked_scan(tmp / "scans", args.case).exists()
+        link_scan(tmp / "scans", args.case, Path(cases[args.case]["path"]))
         step = ["-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/probmap/configs/inference.json"),
                 "--bundle_root", str(REPO / "bundles/probmap"), "--ckpt_path", str(REPO / "bundles/foundation_clip/models/model.pt"),
                 "--dataset_dir", str(tmp / "scans"), "--overlay", "False"]

@@ -346,3 +346,20 @@ def test_run_python_children_start_with_the_heavy_modules_imported(tmp_path):
     assert run_python(["-c", code, *PRELOAD], log=log) == 0
     assert json.loads(log.read_text()) == sorted(PRELOAD)
     assert json.loads(_fresh_python(["-c", code, *PRELOAD], tmp_path).stdout) == []
+
+
+def test_link_scan_links_by_case_id_and_replaces_a_link_to_another_scan(tmp_path):
+    from common.apps.pipeline import link_scan, linked_scan
+
+    first, second = tmp_path / "a.nii.gz", tmp_path / "series"
+    first.write_bytes(b"x")
+    second.mkdir()
+    link = link_scan(tmp_path / "scans", "case", first)
+    assert link == tmp_path / "scans" / "case.nii.gz" and link.resolve() == first and linked_scan(tmp_path / "scans", "case") == link
+    assert link_scan(tmp_path / "scans", "case", first) == link  # linked again: left as it is
+    folder_link = link_scan(tmp_path / "other", "case", second)
+    assert folder_link.name == "case" and folder_link.resolve() == second
+    stale = tmp_path / "other" / "case"
+    third = tmp_path / "series2"
+    third.mkdir()
+    assert link_scan(tmp_path / "other", "case", third).resolve() == third and stale.is_symlink()

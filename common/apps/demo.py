@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, linked_scan, run_steps, scan_link_name, start_python_server
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, link_scan, linked_scan, run_steps, start_python_server
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
@@ -194,12 +194,7 @@ def prepare_scans(out: Path, size: DemoSize = SIZES["demo"], data_dir: Path = DE
             source = Path(cases[case_id]["path"]).resolve()
             if not source.exists():
                 raise FileNotFoundError(f"{source}: the demo's real scan {case_id} is missing (../shared/data, see its README)")
-            link = out / folder / scan_link_name(case_id, source)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if link.is_symlink() and link.resolve() != source:
-                link.unlink()
-            if not link.is_symlink():
-                link.symlink_to(source, target_is_directory=source.is_dir())
+            link_scan(out / folder, case_id, source)
 
 
 def prepare_smoke_data(out: Path, size: DemoSize) -> Path:

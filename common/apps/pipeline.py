@@ -155,6 +155,19 @@ def scan_link_name(case_id: str, source: Path) -> str:
     return case_id + (".nii.gz" if source.name.endswith(".nii.gz") else source.suffix)
 
 
+def link_scan(folder: Path, case_id: str, source: Path) -> Path:
+    """Link ``source`` (a scan file or a DICOM folder) into ``folder`` under :func:`scan_link_name`, replacing a link to
+    another scan; the link."""
+    source = Path(source).resolve()
+    link = Path(folder) / scan_link_name(case_id, source)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() != source:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(source, target_is_directory=source.is_dir())
+    return link
+
+
 def linked_scan(folder: Path, case_id: str) -> Path:
     """The scan :func:`scan_link_name` linked for ``case_id`` in ``folder`` (a DICOM folder by its id, a file with
     its extension); ``folder / case_id`` when nothing is linked yet (a step list may be built first)."""
@@ -191,5 +204,5 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
         print(f"    {step.name} done in {clock(step.seconds)}", flush=True)
 
 
-__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "linked_scan", "run_python", "run_steps",
+__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "link_scan", "linked_scan", "run_python", "run_steps",
            "scan_link_name", "start_python_server"]
