@@ -52,6 +52,7 @@ from scipy.special import ndtr
 
 from common.classes import AIRWAY, BACKGROUND, BONE, CLASS_NAMES, HEART, LEFT_LUNG, LUNG, RIGHT_LUNG, VESSEL
 from common.io.atomic import atomic_path, write_json_atomic
+from common.io.nifti import save_nifti_array
 from common.io.volume import CTVolume
 
 __all__ = ["Phantom", "generate_phantom", "write_phantom", "render_slice_png", "main"]
@@ -1492,18 +1493,12 @@ def write_phantom(phantom: Phantom, out_dir, case_id: str, overwrite: bool = Fal
     """Write ``{case_id}_ct.nii.gz`` (int16 HU), ``_label.nii.gz``, ``_lungs.nii.gz`` (uint8, same
     affine) and ``_report.json``, each through a temporary name.  Existing complete outputs are
     kept unless ``overwrite``.  Returns the paths."""
-    import nibabel as nib
-
     paths = phantom_paths(out_dir, case_id)
     if not overwrite and all(p.exists() for p in paths.values()):
         return {k: str(p) for k, p in paths.items()}
     phantom.ct.to_nifti(paths["ct"])
     for key, arr in (("label", phantom.labels), ("lungs", phantom.lungs)):
-        img = nib.Nifti1Image(np.asarray(arr, np.uint8), phantom.ct.affine)
-        img.header.set_xyzt_units("mm")
-        img.header.set_data_dtype(np.uint8)
-        with atomic_path(paths[key]) as tmp:
-            nib.save(img, str(tmp))
+        save_nifti_array(arr, phantom.ct.affine, paths[key], np.uint8, xyz_units="mm", sform=False)
     write_json_atomic(paths["report"], {"case_id": case_id, "report": phantom.report, "captions": phantom.captions, "meta": phantom.meta})
     return {k: str(p) for k, p in paths.items()}
 

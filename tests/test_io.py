@@ -384,3 +384,28 @@ def test_reading_in_a_target_orientation_equals_reorienting(lidc_subset, axcodes
     assert np.array_equal(direct.hu, expected.hu) and np.allclose(direct.affine, expected.affine)
     crop = read_ct(TOTALSEG_B, axcodes=axcodes)
     assert nib.aff2axcodes(crop.affine) == tuple(axcodes)
+
+
+def test_save_nifti_writes_what_nibabel_writes_through_isal_gzip(tmp_path, rng):
+    """common.io.nifti: the .nii.gz is a gzip stream any reader opens, with the voxels and header nib.save writes,
+    and no temporary is left beside it; a plain .nii is written too."""
+    import gzip
+
+    import nibabel as nib
+
+    from common.io.nifti import save_nifti, save_nifti_array
+
+    data = rng.random((12, 10, 6, 3)).astype(np.float32)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    ours = save_nifti_array(data, affine, tmp_path / "ours" / "map.nii.gz")
+    reference = nib.Nifti1Image(data, affine)
+    reference.set_qform(affine, code=1)
+    reference.set_sform(affine, code=1)
+    nib.save(reference, str(tmp_path / "reference.nii.gz"))
+    a, b = nib.load(ours), nib.load(tmp_path / "reference.nii.gz")
+    assert np.array_equal(np.asarray(a.dataobj), data) and a.get_data_dtype() == np.float32
+    assert a.header.binaryblock == b.header.binaryblock
+    assert gzip.decompress(ours.read_bytes()) == gzip.decompress((tmp_path / "reference.nii.gz").read_bytes())
+    assert sorted(p.name for p in ours.parent.iterdir()) == ["map.nii.gz"]
+    plain = save_nifti(nib.Nifti1Image(data[..., 0], affine), tmp_path / "plain.nii")
+    assert np.array_equal(np.asarray(nib.load(plain).dataobj), data[..., 0])

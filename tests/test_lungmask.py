@@ -63,3 +63,16 @@ def test_split_assigns_every_part_of_a_broken_mask_to_its_side():
     assert dice_score(right, truth_right) > 0.98
     assert dice_score(left, mask & ~truth_right) > 0.98
     assert right[30, 10, 5] and left[10, 10, 5]  # the cut-off bases
+
+
+def test_component_medians_equal_scipy_median(rng):
+    """The per-box medians that body_mask and the HU threshold use are SciPy's, component for component."""
+    from scipy import ndimage
+
+    from common.lungmask import component_medians
+
+    hu = rng.normal(-700, 300, size=(40, 36, 9)).astype(np.float32)
+    labels, n = ndimage.label(hu < -800)
+    ids = np.arange(1, n + 1)
+    assert n > 10
+    assert np.array_equal(component_medians(hu, labels, ids), np.atleast_1d(ndimage.median(hu, labels, ids)))

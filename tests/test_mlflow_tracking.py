@@ -42,13 +42,13 @@ def _thin_phantom(c: dict, folder: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from common.engines.cases import save_nifti_atomic
+    from common.io.nifti import save_nifti_array
 
     folder.mkdir(parents=True, exist_ok=True)
     case = {"case_id": "thin_phantom"}
     for key, src, dtype in (("image", c["path"], np.int16), ("label", c["label"], np.uint8), ("lungs", c["lungs"], np.uint8)):
         img = nib.load(src)
-        case[key] = str(save_nifti_atomic(np.asarray(img.dataobj)[:, :, 12:18], img.affine, folder / f"thin_phantom_{key}.nii.gz", dtype))
+        case[key] = str(save_nifti_array(np.asarray(img.dataobj)[:, :, 12:18], img.affine, folder / f"thin_phantom_{key}.nii.gz", dtype))
     return case
 
 

@@ -366,3 +366,17 @@ def test_class_label_map_takes_the_lung_from_its_mask_and_the_rest_by_argmax_abo
     assert t["pred"].shape == (5, 4, 3, 2)
     with pytest.raises(ValueError, match="lung mask shape"):
         ClassLabelMap()(prob, lung[:, :2])
+
+
+def test_guided_filter_in_threads_equals_plane_by_plane(rng):
+    """The guided filter runs its slices in threads and computes the guide's statistics once per slice: the result
+    is the plane-by-plane filter's, bit for bit."""
+    from common.transforms.probability import _guided_filter
+
+    prob = rng.random((3, 20, 18, 7)).astype(np.float32)
+    guide = rng.random((20, 18, 7)).astype(np.float32)
+    out = SmoothProbability("guided", sigma_mm=2.0, pixdim=(1.0, 1.0, 1.0), guided_eps=1e-3)(prob, guide=guide)
+    size = (2 * int(round(np.sqrt(3.0) * 2.0)) + 1,) * 2
+    expected = np.stack([np.stack([_guided_filter(prob[c, :, :, k].astype(np.float64), guide[:, :, k].astype(np.float64), size, 1e-3)
+                                   for k in range(7)], axis=-1) for c in range(3)]).astype(np.float32)
+    assert np.array_equal(np.asarray(out), np.clip(expected, 0.0, 1.0))

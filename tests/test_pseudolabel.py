@@ -272,7 +272,7 @@ def test_merge_splits_included_cases_and_lists_the_rest(tmp_path):
 def _write_probmap_outputs(probmap_dir: Path, case_id: str, ct_path: Path, label_path: Path | None, lung_mask: np.ndarray | None = None, affine=None):
     """What the probmap bundle leaves for a case: here the phantom's own lung field stands in for the SA-2 mask."""
     from common.engines.probmap import case_outputs
-    from common.engines.cases import save_nifti_atomic
+    from common.io.nifti import save_nifti_array
     from common.io import write_json_atomic
 
     ct = nib.load(str(ct_path))
@@ -282,8 +282,8 @@ def _write_probmap_outputs(probmap_dir: Path, case_id: str, ct_path: Path, label
         lung_mask = np.isin(label, [LABEL_OF["lung"], LABEL_OF["blood vessel"], LABEL_OF["airway"]])
     onehot = np.stack([lung_mask.astype(np.float32)] + [np.zeros(lung_mask.shape, np.float32)] * (len(CLASS_NAMES) - 1), axis=-1)
     p = case_outputs(probmap_dir, case_id)
-    save_nifti_atomic(onehot, affine, p["probmap"], np.float32)
-    save_nifti_atomic(lung_mask.astype(np.uint8), affine, p["lung_mask"], np.uint8)
+    save_nifti_array(onehot, affine, p["probmap"], np.float32)
+    save_nifti_array(lung_mask.astype(np.uint8), affine, p["lung_mask"], np.uint8)
     write_json_atomic(p["report"], {"case_id": case_id})
 
 
@@ -294,15 +294,15 @@ def _thin_case(c: dict, ds: Path, pm: Path, name: str, k: slice = slice(12, 18),
     stand-in SA-2 outputs in ``pm``. Returns ``{"image", "label", "lungs", "case_id"}``.
 
     Six slices (the default) keep a phantom's lung field about 1 L, inside the default QC volume range."""
-    from common.engines.cases import save_nifti_atomic
+    from common.io.nifti import save_nifti_array
 
     label_dir = ds if label_dir is None else label_dir
     label_dir.mkdir(parents=True, exist_ok=True)
     ct = nib.load(c["path"])
-    case = {"image": str(save_nifti_atomic(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)), "case_id": name}
+    case = {"image": str(save_nifti_array(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)), "case_id": name}
     for key in ("label", "lungs"):
         img = nib.load(c[key])
-        case[key] = str(save_nifti_atomic(np.asarray(img.dataobj)[:, :, k], img.affine, label_dir / f"{name}_{key}.nii.gz", np.uint8))
+        case[key] = str(save_nifti_array(np.asarray(img.dataobj)[:, :, k], img.affine, label_dir / f"{name}_{key}.nii.gz", np.uint8))
     _write_probmap_outputs(pm, name, Path(case["image"]), Path(case["label"]))
     return case
 

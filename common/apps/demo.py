@@ -236,9 +236,8 @@ def _ingest_worker_init() -> None:
 def _ingest_case(case: dict, out: Path, fig_dir: Path) -> tuple:
     """One case of the ingest: QC, then for a case that passes the HU-threshold lungs drawn on it, the standard
     preprocessing written to ``<out>/preprocessed``, and a phantom's Dice against its truth. (record, row, figure)."""
-    from monai.transforms import SaveImage
-
     from common.io import to_metatensor
+    from common.io.nifti import save_nifti_array
     from common.transforms import ct_preprocessing
 
     record, vol = qc_case(_case_ref(case))
@@ -257,7 +256,7 @@ def _ingest_case(case: dict, out: Path, fig_dir: Path) -> tuple:
     figure = (f"figures/{png.name}", f"{case['id']} ({case['kind']}), {vol.shape[0]}x{vol.shape[1]}x{vol.shape[2]} at {'x'.join(f'{s:.2f}' for s in vol.spacing)} mm")
     t = time.perf_counter()
     pre = ct_preprocessing(load=False, target_spacing=DEMO_SPACING)({"image": to_metatensor(vol)})["image"]
-    SaveImage(output_dir=str(out / "preprocessed"), output_postfix="preproc", separate_folder=False, print_log=False)(pre, meta_data={"filename_or_obj": case["id"]})
+    save_nifti_array(pre[0].numpy(), pre.affine.numpy(), out / "preprocessed" / f"{case['id']}_preproc.nii.gz")
     row.update({"shape": "x".join(map(str, vol.shape)), "lung mL (R/L)": f"{right.sum() * vol.voxel_volume_ml:.0f}/{left.sum() * vol.voxel_volume_ml:.0f}",
                 "preprocessed": "x".join(map(str, pre.shape[1:])), "preproc s": round(time.perf_counter() - t, 2)})
     if case["kind"] == "phantom":

@@ -41,18 +41,6 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
-    """An (X, Y, Z) or channel-last (X, Y, Z, C) array as NIfTI with ``affine``, through a temporary name."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
-
-
 def write_scores(rows: list[dict], output_dir: str | Path, name: str = "scores") -> dict:
     """``<name>.csv`` (one row per case) and ``<name>.json`` (per-metric mean, sd, n); returns the summary."""
     output_dir = Path(output_dir)
@@ -172,4 +160,4 @@ class CaseEvaluator(SupervisedEvaluator):
         return outputs
 
 
-__all__ = ["CaseEvaluator", "case_paths", "first_affine", "save_nifti_atomic", "write_scores"]
+__all__ = ["CaseEvaluator", "case_paths", "first_affine", "write_scores"]

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, save_nifti_atomic
+from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine
 from common.engines.clip import unwrap
 from common.io import write_json_atomic
+from common.io.nifti import save_nifti_array
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +242,11 @@ class SaveSegmentationd:
         paths = case_paths(self.output_dir, case_id, SEGMENTATION_OUTPUTS)
         affine = first_affine(d[self.pred_key])
         mask = _as_numpy(d[self.pred_key])[0] > 0
-        save_nifti_atomic(mask, affine, paths["mask"], dtype=np.uint8)
+        save_nifti_array(mask, affine, paths["mask"], dtype=np.uint8)
         if self.probability_key in d:
-            save_nifti_atomic(_as_numpy(d[self.probability_key])[0], affine, paths["probability"])
+            save_nifti_array(_as_numpy(d[self.probability_key])[0], affine, paths["probability"])
         if self.sides_key in d:
-            save_nifti_atomic(_as_numpy(d[self.sides_key])[0], affine, paths["sides"], dtype=np.uint8)
+            save_nifti_array(_as_numpy(d[self.sides_key])[0], affine, paths["sides"], dtype=np.uint8)
         report = {"case_id": case_id, "image": str(d[self.pred_key].meta.get("filename_or_obj", "")), "shape": list(mask.shape)}
         if self.hu_key in d:
             report.update(lung_report(mask, _as_numpy(d[self.hu_key]).reshape(mask.shape), affine, d.get(f"{self.sides_key}_ml")))

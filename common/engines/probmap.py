@@ -21,8 +21,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from common.classes import CLASS_NAMES, LABEL_OF
-from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, save_nifti_atomic, write_scores
+from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, write_scores
 from common.io.atomic import write_json_atomic
+from common.io.nifti import save_nifti_array
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,11 @@ class SaveProbmapd(MapTransform):
         affine = first_affine(d[self.image_key])  # the input's grid and affine
         if not np.all(np.isfinite(prob)):
             raise ValueError(f"{case_id}: non-finite values in the probability map; nothing written")
-        save_nifti_atomic(np.moveaxis(prob, 0, -1), affine, paths["probmap"], np.float32)
+        save_nifti_array(np.moveaxis(prob, 0, -1), affine, paths["probmap"], np.float32)
         mask = _as_numpy(d[self.mask_key])[0].astype(np.uint8)
-        save_nifti_atomic(mask, affine, paths["lung_mask"], np.uint8)
+        save_nifti_array(mask, affine, paths["lung_mask"], np.uint8)
         if self.sides_key in d:
-            save_nifti_atomic(_as_numpy(d[self.sides_key])[0].astype(np.uint8), affine, paths["lung_sides"], np.uint8)
+            save_nifti_array(_as_numpy(d[self.sides_key])[0].astype(np.uint8), affine, paths["lung_sides"], np.uint8)
         hu = _as_numpy(d[self.image_key])[0]
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         ml = d.get(f"{self.sides_key}_ml") or {"total": float(mask.sum() * np.prod(spacing) / 1000.0)}
@@ -187,7 +188,6 @@ __all__ = [
     "phantom_datalist",
     "probmap_datalist",
     "scan_datalist",
-    "save_nifti_atomic",
     "score_case",
     "write_scores",
 ]

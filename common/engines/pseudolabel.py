@@ -27,10 +27,11 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine, save_nifti_atomic
+from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine
 from common.engines.probmap import DEFAULT_EXCLUDE, scan_datalist
 from common.engines.probmap import case_outputs as probmap_outputs
 from common.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from common.io.nifti import save_nifti_array
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class SavePseudoLabeld(MapTransform):
         affine = first_affine(d[self.image_key])
         mask = _as_numpy(d[self.first_key(d)])[0] > 0
         sides = _as_numpy(d[self.sides_key])[0].astype(np.uint8) if self.sides_key in d else mask.astype(np.uint8)
-        save_nifti_atomic(sides, affine, paths["label"], np.uint8)
+        save_nifti_array(sides, affine, paths["label"], np.uint8)
         reference = _as_numpy(d[self.reference_key])[0] > 0.5
         ml = {k: round(float(v), 1) for k, v in (d.get(f"{self.sides_key}_ml") or {}).items()}
         if "total" not in ml:

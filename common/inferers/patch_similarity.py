@@ -270,7 +270,7 @@ def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str = AXCODES):
 
     out, out_affine = reorient_array(array, affine, axcodes)
     back = ornt.ornt_transform(ornt.axcodes2ornt(tuple(axcodes)), ornt.io_orientation(affine))
-    return out, out_affine, lambda a: np.ascontiguousarray(ornt.apply_orientation(a, back))
+    return out, out_affine, lambda a, copy=True: np.ascontiguousarray(ornt.apply_orientation(a, back)) if copy else ornt.apply_orientation(a, back)
 
 
 def slice_pixel_mm(shape_xy: Sequence[int], spacing_xy: Sequence[float], slice_size: int) -> float:
@@ -401,12 +401,15 @@ class PatchSimilarityInferer(Inferer):
         cfg = self.settings(network)
         text = self.text_embeddings(network)
         lps, lps_affine, back = to_axcodes(np.asarray(hu, dtype=np.float32), affine)
+        # the same array with each axial slice contiguous in memory: reading lps[:, :, k] of a z-last array sweeps the
+        # whole scan for every slice (4 s of a 64-slice scan)
+        lps = np.moveaxis(np.ascontiguousarray(np.moveaxis(lps, 2, 0)), 0, 2)
         spacing_lps = np.linalg.norm(lps_affine[:3, :3], axis=0)
         px_mm = slice_pixel_mm(lps.shape[:2], spacing_lps[:2], cfg["slice_size"])
         window = HUWindow(cfg["hu_window"])
         fill = float(lps.min())
         c, nz = len(self.class_names), lps.shape[2]
-        out = np.empty((c,) + lps.shape, dtype=np.float32)
+        per_slice = np.empty((nz, c) + lps.shape[:2], dtype=np.float32)  # slice-major: each slice's maps written in one piece
         empty = []
         bar = tqdm(total=nz, desc=f"probmap {name}", unit="slice", disable=not self.progress, leave=False)
         for k0 in range(0, nz, self.slice_batch):
@@ -420,15 +423,21 @@ class PatchSimilarityInferer(Inferer):
             for n, k in enumerate(ks):
                 if flat[n]:
                     empty.append(k)
-                out[:, :, :, k] = map_to_slice(maps[n], lps.shape[:2]).numpy()
+                per_slice[k] = map_to_slice(maps[n], lps.shape[:2]).numpy()
             bar.update(len(ks))
         bar.close()
         if empty:
             logger.warning("%s: %d of %d slices have no contrast (one value throughout) and map to no class: %s", name, len(empty), nz, empty[:10])
         self.last_info = {"empty_slices": empty, "slice_pixel_mm": px_mm, **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
                           "stride_mm": self.stride_mm, "aggregation": self.aggregation, "sigma_scale": self.sigma_scale, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
-        # back to the input's voxel order (channel axis first stays first)
-        return torch.from_numpy(np.stack([back(ch) for ch in out]))
+        # (C, X, Y, Z) back in the input's voxel order, each channel copied once into the result
+        by_channel = np.moveaxis(per_slice, 0, -1)
+        first = back(by_channel[0])
+        out = np.empty((c,) + first.shape, dtype=np.float32)
+        out[0] = first
+        for i in range(1, c):
+            out[i] = back(by_channel[i], copy=False)
+        return torch.from_numpy(out)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[1] != 1:

@@ -85,14 +85,7 @@ class CTVolume:
 
     def to_nifti(self, path: str | Path, dtype=np.int16) -> Path:
         """Write as NIfTI (int16 HU by default) via a temporary name, then rename."""
-        import nibabel as nib
+        from common.io.nifti import save_nifti_array
 
-        from common.io.atomic import atomic_path
-
-        path = Path(path)
         data = np.clip(np.rint(self.hu), -32768, 32767).astype(dtype) if np.issubdtype(dtype, np.integer) else self.hu.astype(dtype)
-        img = nib.Nifti1Image(data, self.affine)
-        img.header.set_xyzt_units("mm")
-        with atomic_path(path) as tmp:
-            nib.save(img, str(tmp))
-        return path
+        return save_nifti_array(data, self.affine, path, dtype, xyz_units="mm", sform=False)

@@ -10,6 +10,7 @@ channel has none) before anything else, so no output ever holds NaN or inf.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -170,18 +171,25 @@ class SimilarityToProbabilityd(MapTransform):
         return d
 
 
-def _guided_filter(p: np.ndarray, guide: np.ndarray, size: tuple[int, int], eps: float) -> np.ndarray:
+def _box_mean(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return ndimage.uniform_filter(a, size=size, mode="reflect")
+
+
+def _guide_statistics(guide: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Box mean and variance of a guide plane: the same for every channel it steers, so computed once."""
+    mean_i = _box_mean(guide, size)
+    return mean_i, _box_mean(guide * guide, size) - mean_i * mean_i
+
+
+def _guided_filter(p: np.ndarray, guide: np.ndarray, size: tuple[int, int], eps: float,
+                   guide_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """He et al.'s grey-guide filter of one 2D plane: locally ``q = a * guide + b``, box means of ``size``."""
-
-    def box(a: np.ndarray) -> np.ndarray:
-        return ndimage.uniform_filter(a, size=size, mode="reflect")
-
-    mean_i, mean_p = box(guide), box(p)
-    var_i = box(guide * guide) - mean_i * mean_i
-    cov_ip = box(guide * p) - mean_i * mean_p
+    mean_i, var_i = _guide_statistics(guide, size) if guide_stats is None else guide_stats
+    mean_p = _box_mean(p, size)
+    cov_ip = _box_mean(guide * p, size) - mean_i * mean_p
     a = cov_ip / (var_i + eps)
     b = mean_p - a * mean_i
-    return box(a) * guide + box(b)
+    return _box_mean(a, size) * guide + _box_mean(b, size)
 
 
 class SmoothProbability(Transform):
@@ -276,10 +284,16 @@ class SmoothProbability(Transform):
         size = tuple(2 * max(1, int(round(np.sqrt(3.0) * s))) + 1 for s in sigma[:2])
         # ``arr`` is this transform's own copy and each plane is read (as float64) before it is
         # overwritten, so the filter works in place: no second whole-scan array
-        for k in range(arr.shape[3]):
+
+        def filter_slice(k: int) -> None:
             plane_guide = g[:, :, k].astype(np.float64)  # float64: var = E[I^2] - E[I]^2 cancels badly in float32
+            stats = _guide_statistics(plane_guide, size)
             for c in range(arr.shape[0]):
-                arr[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps)
+                arr[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps, stats)
+
+        # slices in threads (SciPy's filters release the GIL; each slice writes only its own planes): the same result
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(filter_slice, range(arr.shape[3])))
         return np.clip(arr, 0.0, 1.0, out=arr)
 
 
