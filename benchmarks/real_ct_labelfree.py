@@ -28,8 +28,13 @@ import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common.classes import LEFT_LUNG, RIGHT_LUNG  # noqa: E402
 
 MASK_POSTFIXES = ("lung_mask.nii.gz", "pseudo_label.nii.gz", "pseudolabel.nii.gz")
 
@@ -42,6 +47,18 @@ def _mask_of(method_dir: Path, case_id: str):
     return None
 
 
+def _sides_of(method_dir: Path | None, case_id: str, mask: np.ndarray):
+    """(right, left) from the method's own ``lung_sides`` output (1 right, 2 left: the same split_left_right, run by the
+    bundle on the same mask), or (None, None) when there is none or it does not cover exactly ``mask``."""
+    p = None if method_dir is None else method_dir / case_id / f"{case_id}_lung_sides.nii.gz"
+    if p is None or not p.is_file():
+        return None, None
+    sides = np.asarray(nib.load(str(p)).dataobj)
+    if sides.shape != mask.shape or not np.array_equal(sides > 0, mask):
+        return None, None
+    return sides == RIGHT_LUNG, sides == LEFT_LUNG
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", action="append", required=True, help="NAME=DIR of a method's per-case outputs")
@@ -52,9 +69,6 @@ def main(argv=None) -> int:
     ap.add_argument("--overlays", action="store_true")
     ap.add_argument("--surface-mm", type=float, default=None, help="split the disagreement with the HU threshold at this distance (mm) from its surface")
     args = ap.parse_args(argv)
-
-    import nibabel as nib
-    import numpy as np
 
     from common.engines.probmap import scan_datalist
     from common.io import read_ct
@@ -97,7 +111,9 @@ def main(argv=None) -> int:
                 if probability.is_file():  # the network's own output before the named clean-up
                     masks[f"{name} without clean-up"] = np.asarray(nib.load(str(probability)).dataobj, dtype=np.float32) > 0.5
             for name, m in masks.items():
-                right, left = split_left_right(m, vol.affine) if m.any() else (m, m)
+                right, left = _sides_of(Path(methods[name]) if name in methods else None, cid, m)
+                if right is None:
+                    right, left = split_left_right(m, vol.affine) if m.any() else (m, m)
                 row = {"case": cid, "method": name, "slices": int(hu.shape[2]), "spacing_mm": [round(float(s), 2) for s in vol.spacing],
                        "lung_ml": round(float(m.sum()) * voxel_ml, 1), "right_ml": round(float(right.sum()) * voxel_ml, 1),
                        "left_ml": round(float(left.sum()) * voxel_ml, 1),

@@ -76,3 +76,37 @@ def test_component_medians_equal_scipy_median(rng):
     ids = np.arange(1, n + 1)
     assert n > 10
     assert np.array_equal(component_medians(hu, labels, ids), np.atleast_1d(ndimage.median(hu, labels, ids)))
+
+
+def test_labelfree_table_takes_a_methods_own_sides_only_when_they_cover_its_mask(phantom, tmp_path):
+    """benchmarks/real_ct_labelfree.py reads a method's lung_sides output instead of splitting its mask again; a
+    sides file that does not cover the mask exactly is ignored and the mask is split as before."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from common.io.nifti import save_nifti_array
+
+    spec = importlib.util.spec_from_file_location("real_ct_labelfree", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct_labelfree.py")
+    labelfree = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(labelfree)
+    vol = phantom.ct
+    scans = tmp_path / "scans"
+    vol.to_nifti(scans / "case.nii.gz")
+    mask = hu_threshold_lung_mask(vol.hu, vol.spacing)
+    right, left = split_left_right(mask, vol.affine)
+    sides = np.zeros(mask.shape, np.uint8)
+    sides[right], sides[left] = 1, 2
+    for name, own in (("own", sides), ("stale", np.where(left, 2, 0).astype(np.uint8))):
+        save_nifti_array(mask, vol.affine, tmp_path / name / "case" / "case_lung_mask.nii.gz", np.uint8)
+        save_nifti_array(own, vol.affine, tmp_path / name / "case" / "case_lung_sides.nii.gz", np.uint8)
+    got_right, got_left = labelfree._sides_of(tmp_path / "own", "case", mask)
+    assert np.array_equal(got_right, right) and np.array_equal(got_left, left)
+    assert labelfree._sides_of(tmp_path / "stale", "case", mask) == (None, None)
+    assert labelfree.main(["--scans", str(scans), "--method", f"own={tmp_path / 'own'}", "--method", f"stale={tmp_path / 'stale'}",
+                           "--out", str(tmp_path / "out")]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "labelfree.json").read_text())}
+    ml = vol.voxel_volume_ml
+    for name in ("own", "stale"):
+        assert rows[name]["right_ml"] == round(float(right.sum()) * ml, 1) and rows[name]["left_ml"] == round(float(left.sum()) * ml, 1)
+    assert right.sum() > 0 and left.sum() > 0
