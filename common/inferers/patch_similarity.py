@@ -431,13 +431,7 @@ class PatchSimilarityInferer(Inferer):
         self.last_info = {"empty_slices": empty, "slice_pixel_mm": px_mm, **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
                           "stride_mm": self.stride_mm, "aggregation": self.aggregation, "sigma_scale": self.sigma_scale, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
         # (C, X, Y, Z) back in the input's voxel order, each channel copied once into the result
-        by_channel = np.moveaxis(per_slice, 0, -1)
-        first = back(by_channel[0])
-        out = np.empty((c,) + first.shape, dtype=np.float32)
-        out[0] = first
-        for i in range(1, c):
-            out[i] = back(by_channel[i], copy=False)
-        return torch.from_numpy(out)
+        return torch.from_numpy(np.stack([back(ch, copy=False) for ch in np.moveaxis(per_slice, 0, -1)]))
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim != 5 or inputs.shape[1] != 1:
