@@ -161,6 +161,8 @@ def test_hsam_section_draws_the_epoch_losses_the_trainer_records(tmp_path, monke
     assert metrics["ran"] and (tmp_path / "figures" / "hsam_curves.png").is_file() and "hsam_curves.png" in body
     assert figures[0]["training losses (epoch means)"] == ["epoch_loss", "epoch_loss_stage1", "epoch_loss_stage2"]
     assert "val_mean_dice" in figures[0]["validation"]
+    assert "between the training slices" not in body
+    assert "between the training slices of every training scan" in hsam_section(tmp_path, tmp_path / "figures", between=True)[1]
 
 
 def test_report_reads_well_in_a_real_browser(demo_run, render_page):

@@ -383,6 +383,27 @@ def test_several_datalists_are_joined_split_by_split(tmp_path):
     assert {s["case_id"] for s in got["training"]} == {"a"}
 
 
+def test_validate_between_holds_out_the_slices_training_skips_in_every_training_scan(tmp_path):
+    """validate_between: the validation cases' slices plus, from each training scan, the label slices slice_step leaves
+    out (thinned by val_slice_step); never a slice that trains, and the training slices stay exactly as without it."""
+    from common.data import training_slices
+
+    hu = np.full((24, 24, 14), -800.0, dtype=np.float32)
+    lab = np.zeros((24, 24, 14), dtype=np.uint8)
+    lab[6:18, 6:18, 1:13] = 1  # label slices 1-12
+    case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab)}
+    (tmp_path / "d.json").write_text(json.dumps({"training": [{**case, "case_id": "a"}, {**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}))
+    plain = training_slices(tmp_path / "d.json", slice_size=24, background_share=0.0, slice_step=2, val_slice_step=4)
+    got = training_slices(tmp_path / "d.json", slice_size=24, background_share=0.0, slice_step=2, val_slice_step=4, validate_between=True)
+    trained = {(s["case_id"], s["slice"]) for s in got["training"]}
+    assert trained == {(s["case_id"], s["slice"]) for s in plain["training"]} == {(c, z) for c in "ab" for z in (1, 3, 5, 7, 9, 11)}
+    held = sorted((s["case_id"], s["slice"]) for s in got["validation"])
+    assert held == [("a", 2), ("a", 10), ("b", 2), ("b", 10), ("c", 1), ("c", 5), ("c", 9)]  # every 4th of 2,4,...,12; c as before
+    assert not trained & set(held)
+    with pytest.raises(ValueError, match="validate_between needs slice_step >= 2"):
+        training_slices(tmp_path / "d.json", slice_size=24, validate_between=True)
+
+
 def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_slice_grid():
     from common.inferers import SliceEnsembleInferer
 

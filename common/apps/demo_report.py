@@ -168,8 +168,9 @@ def pseudolabel_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
     return metrics, body
 
 
-def hsam_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
-    """SA-3b: training curves, held-out scores."""
+def hsam_section(out: Path, fig_dir: Path, between: bool = False) -> tuple[dict, str]:
+    """SA-3b: training curves, held-out scores; ``between``: the checkpoint was chosen on the slices between the training
+    slices too (``validate_between_slices``)."""
     from common.report import save_training_curves_png
 
     history = _load(out / "hsam_finetune" / "train" / "metrics_history.json")
@@ -185,7 +186,8 @@ def hsam_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
                "history": history, "heldout_phantoms": held["summary"]}
     s = held["summary"]
     body = (f"<p>H-SAM (LoRA on the LiteMedSAM encoder, two mask decoders) trained on the pseudo labels for {len(history)} epochs; "
-            f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels). "
+            f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels: "
+            f"{'the validation scans and the slices between the training slices of every training scan' if between else 'the validation scans'}). "
             f"Held-out phantoms against their true lung field: Dice <b>{s['dice']['mean']:.3f}</b>, HD95 {s['hd95_mm']['mean']:.1f} mm.</p>"
             + _img("figures/hsam_curves.png") + _scores_table(held, ["case_id", "dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "sensitivity", "specificity"]))
     return metrics, body
@@ -327,7 +329,8 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
     fig_dir.mkdir(parents=True, exist_ok=True)
     clip_patches = Path(data_dir or REPO_ROOT / "data" / "default") / "clip_pairs_demo" / "datalist.json"
     stage_metrics, stage_html = {}, {}
-    builders = (("clip", lambda o, f: clip_section(o, f, clip_patches)), ("probmap", probmap_section), ("pseudolabel", pseudolabel_section), ("hsam", hsam_section),
+    builders = (("clip", lambda o, f: clip_section(o, f, clip_patches)), ("probmap", probmap_section), ("pseudolabel", pseudolabel_section),
+                ("hsam", lambda o, f: hsam_section(o, f, bool(size.hsam.get("validate_between_slices")))),
                 ("shipped", lambda o, f: heldout_real_section(o, f, size.real_heldout)))
     for stage, builder in builders:
         try:

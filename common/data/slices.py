@@ -111,14 +111,16 @@ def enclosed_air_share(image01: np.ndarray, hu_window: Sequence[float] = (-1000.
 
 def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, background_share: float = 0.1, min_label_pixels: int = 20,
                   hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, split: str = "training", slice_step: int = 1,
-                  background_max_air: float | None = 0.002) -> dict:
-    """``{"slices": [{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}, ...], "skipped": [{"case", "reason"}]}``.
+                  background_max_air: float | None = 0.002, between_step: int = 0) -> dict:
+    """``{"slices": [{"image": (1, S, S), "label": (1, S, S), "case_id", "slice"}, ...], "between": [...], "skipped": [{"case", "reason"}]}``.
 
     Every axial slice with at least ``min_label_pixels`` of label is kept, plus ``background_share`` as
     many slices without label (so the model learns to say "no lung"). ``slice_size`` resizes every
     slice to one square size so slices of different scans batch together (None: native size, which
     then must agree across cases). ``slice_step`` keeps every n-th label slice: neighbours a few mm
-    apart add little but time when an epoch costs seconds per slice (CPU).
+    apart add little but time when an epoch costs seconds per slice (CPU). ``between_step`` n > 0 also
+    returns, under ``"between"``, every n-th of the label slices that ``slice_step`` leaves out (none when
+    it is 1): slices of these scans that are never trained on, to validate on.
 
     A slice without label is a background candidate only where at most ``background_max_air`` of it is
     air the body encloses (:func:`enclosed_air_share`; None: every one): pseudo labels often stop a few
@@ -126,7 +128,7 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
     teach "no lung" there. Such a slice is left out, neither positive nor negative.
     """
     rng = np.random.default_rng(seed)
-    slices, skipped = [], []
+    slices, between, skipped = [], [], []
     for item in datalist:
         case = str(item.get("case_id") or Path(str(item.get("image"))).name)
         try:
@@ -139,7 +141,13 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
             log.warning("%s slices: case %s skipped: %s", split, case, skipped[-1]["reason"])
             continue
         counts = label.reshape(-1, label.shape[-1]).sum(axis=0)
-        fg = np.flatnonzero(counts >= min_label_pixels)[:: max(1, int(slice_step))]
+        labelled = np.flatnonzero(counts >= min_label_pixels)
+        fg = labelled[:: max(1, int(slice_step))]
+        if between_step > 0:
+            left_out = np.setdiff1d(labelled, fg)[:: int(between_step)]
+            imgs = _resize_slices(np.moveaxis(image[..., left_out], -1, 0), slice_size, "bilinear")
+            labs = _resize_slices(np.moveaxis(label[..., left_out], -1, 0), slice_size, "nearest")
+            between += [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(left_out)]
         bg = np.flatnonzero(counts == 0)
         if background_max_air is not None and bg.size:
             bg = bg[enclosed_air_share(image[..., bg], hu_window) <= float(background_max_air)]
@@ -150,30 +158,43 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
         slices += [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(chosen)]
     if skipped:
         log.warning("%s slices: %d case(s) skipped, %d used", split, len(skipped), len(datalist) - len(skipped))
-    log.info("%s slices: %d from %d case(s)", split, len(slices), len(datalist) - len(skipped))
-    return {"slices": slices, "skipped": skipped}
+    log.info("%s slices: %d from %d case(s)%s", split, len(slices), len(datalist) - len(skipped),
+             f", {len(between)} between them held out" if between_step > 0 else "")
+    return {"slices": slices, "between": between, "skipped": skipped}
 
 
 def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size: int | None = None, background_share: float = 0.1,
                     hu_window: Sequence[float] = (-1000.0, 400.0), seed: int = 0, max_cases: int | None = None, slice_step: int = 1,
-                    val_slice_step: int | None = None, background_max_air: float | None = 0.002, admit_excluded: bool = False) -> dict:
+                    val_slice_step: int | None = None, background_max_air: float | None = 0.002, admit_excluded: bool = False,
+                    validate_between: bool = False) -> dict:
     """The training and validation slices of a pseudolabel datalist, or of several (their splits joined, e.g.
     phantoms and real scans): ``{"training": [...], "validation": [...], "skipped": [...]}``. ``val_slice_step``
     (default: ``slice_step``) thins the validation slices alone: validation runs every epoch, and a mean Dice
-    over every n-th slice tracks it at a fraction of the cost. ``admit_excluded`` trains on the cases QC excluded too."""
+    over every n-th slice tracks it at a fraction of the cost. ``admit_excluded`` trains on the cases QC excluded too.
+
+    ``validate_between``: the validation slices also take, from every training scan, the label slices that
+    ``slice_step`` leaves out (every ``val_slice_step``-th of them), so that the checkpoint is chosen on every
+    scan's anatomy, not on the validation cases alone (at the demo's size one small crop). They lie between
+    training slices, ``slice_step`` x spacing apart: a check of the fit to each scan, not of a new scan."""
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
     loaded = [load_datalist(p, allow_empty=len(paths) > 1, admit_excluded=admit_excluded) for p in paths]
     datalist = {split: [item for d in loaded for item in d[split]] for split in ("training", "validation")}
     out, skipped = {}, []
+    if validate_between and int(slice_step) < 2:
+        raise ValueError("validate_between needs slice_step >= 2: with every label slice in training none lies between them")
+    val_step = slice_step if val_slice_step is None else val_slice_step
+    between = []
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]
-        step = slice_step if split == "training" or val_slice_step is None else val_slice_step
+        step = slice_step if split == "training" else val_step
         got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=step,
-                            background_max_air=background_max_air)
+                            background_max_air=background_max_air, between_step=val_step if validate_between and split == "training" else 0)
         out[split] = got["slices"]
+        between = got["between"] if split == "training" else between
         skipped += got["skipped"]
+    out["validation"] = out["validation"] + between
     if not out["training"]:
         excluded = sum(len(d["excluded"]) for d in loaded)
         hint = (f"; QC excluded {excluded} case(s): set admit_qc_excluded=true (hsam_finetune: --admit_qc_excluded true) to train on them anyway"
