@@ -174,8 +174,8 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
 
     ``validate_between``: the validation slices also take, from every training scan, the label slices that
     ``slice_step`` leaves out (every ``val_slice_step``-th of them), so that the checkpoint is chosen on every
-    scan's anatomy, not on the validation cases alone (at the demo's size one small crop). They lie between
-    training slices, ``slice_step`` x spacing apart: a check of the fit to each scan, not of a new scan."""
+    scan's anatomy, not on the validation cases alone (at the demo's size one small crop). They lie next to
+    training slices: a check of the fit to each scan, not of a new scan."""
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
@@ -185,16 +185,16 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
     if validate_between and int(slice_step) < 2:
         raise ValueError("validate_between needs slice_step >= 2: with every label slice in training none lies between them")
     val_step = slice_step if val_slice_step is None else val_slice_step
-    between = []
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]
         step = slice_step if split == "training" else val_step
         got = volume_slices(cases, slice_size, background_share, hu_window=hu_window, seed=seed, split=split, slice_step=step,
                             background_max_air=background_max_air, between_step=val_step if validate_between and split == "training" else 0)
         out[split] = got["slices"]
-        between = got["between"] if split == "training" else between
         skipped += got["skipped"]
-    out["validation"] = out["validation"] + between
+        if split == "training":
+            between = got["between"]
+    out["validation"] += between  # the training scans' slices between their training slices
     if not out["training"]:
         excluded = sum(len(d["excluded"]) for d in loaded)
         hint = (f"; QC excluded {excluded} case(s): set admit_qc_excluded=true (hsam_finetune: --admit_qc_excluded true) to train on them anyway"
