@@ -87,6 +87,13 @@ def _resize_slices(x: np.ndarray, size: int | None, mode: str) -> torch.Tensor:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _slice_items(image: np.ndarray, label: np.ndarray, zs: np.ndarray, size: int | None, case: str) -> list[dict]:
+    """The axial slices ``zs`` of one case as training items (image and label resized to ``size``)."""
+    imgs = _resize_slices(np.moveaxis(image[..., zs], -1, 0), size, "bilinear")
+    labs = _resize_slices(np.moveaxis(label[..., zs], -1, 0), size, "nearest")
+    return [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(zs)]
+
+
 ENCLOSED_AIR_HU = -400.0  # darker than this and enclosed by the body: lung-like air
 
 
@@ -144,18 +151,13 @@ def volume_slices(datalist: Sequence[dict], slice_size: int | None = None, backg
         labelled = np.flatnonzero(counts >= min_label_pixels)
         fg = labelled[:: max(1, int(slice_step))]
         if between_step > 0:
-            left_out = np.setdiff1d(labelled, fg)[:: int(between_step)]
-            imgs = _resize_slices(np.moveaxis(image[..., left_out], -1, 0), slice_size, "bilinear")
-            labs = _resize_slices(np.moveaxis(label[..., left_out], -1, 0), slice_size, "nearest")
-            between += [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(left_out)]
+            between += _slice_items(image, label, np.setdiff1d(labelled, fg)[:: int(between_step)], slice_size, case)
         bg = np.flatnonzero(counts == 0)
         if background_max_air is not None and bg.size:
             bg = bg[enclosed_air_share(image[..., bg], hu_window) <= float(background_max_air)]
         n_bg = min(len(bg), int(round(background_share * len(fg))))
         chosen = np.sort(np.concatenate([fg, rng.choice(bg, size=n_bg, replace=False) if n_bg else np.array([], dtype=int)]))
-        imgs = _resize_slices(np.moveaxis(image[..., chosen], -1, 0), slice_size, "bilinear")
-        labs = _resize_slices(np.moveaxis(label[..., chosen], -1, 0), slice_size, "nearest")
-        slices += [{"image": imgs[i], "label": labs[i], "case_id": case, "slice": int(z)} for i, z in enumerate(chosen)]
+        slices += _slice_items(image, label, chosen, slice_size, case)
     if skipped:
         log.warning("%s slices: %d case(s) skipped, %d used", split, len(skipped), len(datalist) - len(skipped))
     log.info("%s slices: %d from %d case(s)%s", split, len(slices), len(datalist) - len(skipped),
@@ -179,11 +181,11 @@ def training_slices(datalist_path: str | Path | Sequence[str | Path], slice_size
     paths = [datalist_path] if isinstance(datalist_path, (str, Path)) else list(datalist_path)
     if not paths:
         raise ValueError("datalist_path names no datalist")
+    if validate_between and int(slice_step) < 2:
+        raise ValueError("validate_between needs slice_step >= 2: with every label slice in training none lies between them")
     loaded = [load_datalist(p, allow_empty=len(paths) > 1, admit_excluded=admit_excluded) for p in paths]
     datalist = {split: [item for d in loaded for item in d[split]] for split in ("training", "validation")}
     out, skipped = {}, []
-    if validate_between and int(slice_step) < 2:
-        raise ValueError("validate_between needs slice_step >= 2: with every label slice in training none lies between them")
     val_step = slice_step if val_slice_step is None else val_slice_step
     for split in ("training", "validation"):
         cases = datalist[split][: max_cases] if max_cases else datalist[split]
