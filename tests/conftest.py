@@ -20,6 +20,7 @@ TOTALSEG_A = SHARED / "totalseg_chest_crops" / "chest_crop_a.nii.gz"
 TOTALSEG_B = SHARED / "totalseg_chest_crops" / "chest_crop_b.nii.gz"
 DEEPLESION = SHARED / "deeplesion_png"
 LUNG_PET_CT_DX_8MM = SHARED / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm"
+LUNG_PET_CT_DX_5MM = SHARED / "lung_pet_ct_dx" / "A0001_philips_5mm"
 
 
 def pytest_configure(config):

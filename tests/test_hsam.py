@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.networks.hsam import HSam, build_hsam, load_hsam
-from tests.conftest import DEEPLESION, TOTALSEG_B
+from tests.conftest import DEEPLESION, LUNG_PET_CT_DX_5MM, TOTALSEG_B
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hsam_finetune"
@@ -455,6 +455,43 @@ def test_segmentation_scores_and_the_central_peripheral_split():
     assert s["hd95_mm"] > 0 and s["assd_mm"] > 0
 
 
+def _inference_postprocessing(**overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update(overrides)
+    return parser.get_parsed_content("postprocessing")
+
+
+@pytest.mark.parametrize("restrict_to_body", [True, False])
+def test_inference_drops_what_the_network_draws_outside_the_body(restrict_to_body):
+    """A0001's top slices: the shipped H-SAM drew 465 mL in the air between the blanket and the neck, a component of
+    its own, and with both lungs welded into one component "the two largest" kept it. With ``restrict_to_body`` (the
+    default) the answer keeps only what lies inside the body; without it the blob stays."""
+    from monai.data import MetaTensor
+
+    hu = np.full((48, 48, 24), -1000.0, np.float32)  # free air around the patient
+    yy, xx = np.mgrid[:48, :48]
+    body = ((yy - 30) / 16.0) ** 2 + ((xx - 24) / 22.0) ** 2 <= 1.0
+    hu[body, :16] = 40.0  # the trunk on slices 0..15, a blanket's air above it on 16..23
+    lungs = np.zeros_like(hu, bool)
+    lungs[22:36, 8:40, 2:14] = True
+    lungs[22:36, 23:25, 2:14] = False  # right and left lung, 2 voxels apart
+    lungs[28, 8:40, 6] = True  # welded by one bridge, as A0001's lungs are at the carina
+    hu[lungs] = -850.0
+    blob = np.zeros_like(hu, bool)
+    blob[2:12, 4:44, 16:24] = True  # in the free air above the trunk
+    pred = (lungs | blob).astype(np.float32)[None]
+    affine = torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0], dtype=torch.float64))  # 0.02 mL a voxel: both components above 20 mL
+    d = {"pred": MetaTensor(torch.from_numpy(pred), affine=affine), "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine)}
+    out = _inference_postprocessing(restrict_to_body=restrict_to_body, refine_boundary_mm=0.0)(d)
+    mask = np.asarray(out["pred"])[0] > 0
+    assert np.array_equal(mask[:, :, :14], lungs[:, :, :14])
+    assert np.array_equal(mask[:, :, 16:], np.zeros_like(blob[:, :, 16:]) if restrict_to_body else blob[:, :, 16:])
+    assert out["lung_sides_ml"]["total"] == pytest.approx(mask.sum() * 0.02)
+
+
 # --------------------------------------------------------------------------- real LiteMedSAM on real CT
 
 
@@ -840,3 +877,44 @@ def test_shipped_hsam_follows_the_lungs_to_the_image_border():
         assert ref[:, -1].sum() > 100  # the threshold's lungs run into the last column (posterior edge)
         gap = ref.shape[1] - 1 - int(np.flatnonzero(mask.any(axis=0))[-1])
         assert gap <= 8, (k, gap)  # release 0.4's first try: 61-63 px; release 0.3 and this release: 2-4 px
+
+
+def test_shipped_hsam_answer_keeps_only_lung_inside_the_body_and_on_its_air_edge():
+    """Lung-PET-CT-Dx A0001 (5 mm Philips PET/CT, no stage trained on it), its 14 top slices: above the apices the
+    network draws the air between a blanket and the neck (465 mL on the whole scan). The bundle's post-processing
+    drops it (``restrict_to_body``), keeps both apices, and moves the surface onto the -400 HU edge
+    (``refine_boundary_mm``), which agrees better with the HU threshold than the network's own surface."""
+    from monai.data import MetaTensor
+    from monai.transforms import LoadImage
+
+    from common.inferers import SliceEnsembleInferer
+    from common.io import CTReader
+    from common.lungmask import body_mask, hu_threshold_lung_mask
+    from common.metrics import dice_score
+    from common.transforms.intensity import HUWindow
+
+    image = LoadImage(reader=CTReader(), image_only=True)(LUNG_PET_CT_DX_5MM)
+    hu = np.asarray(image, dtype=np.float32)[:, :, 50:]  # the apices end at slice 55; the blanket's air runs 57-63
+    spacing = tuple(float(s) for s in image.pixdim[:3])
+    x = HUWindow()(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0))))[:, None].float()
+    with torch.no_grad():
+        prob = SliceEnsembleInferer(slice_batch=2)(x, load_hsam(BUNDLE / "models" / "model.pt").eval())[:, 0].numpy()
+    prob = np.moveaxis(prob, 0, -1)
+    outside, lungs = ~body_mask(hu), hu_threshold_lung_mask(hu, spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    assert (prob > 0.5)[outside].sum() * voxel_ml > 100.0  # the network's own output: the blanket's air
+
+    def answer(**overrides):
+        affine = torch.from_numpy(np.asarray(image.affine, dtype=np.float64))
+        d = {"pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine), "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine)}
+        out = _inference_postprocessing(**overrides)(d)
+        return np.asarray(out["pred"])[0] > 0, out["lung_sides_ml"]
+
+    unrestricted, _ = answer(restrict_to_body=False, refine_boundary_mm=0.0)
+    assert unrestricted[outside].sum() * voxel_ml > 100.0  # "the two largest components" alone keep it
+    plain, plain_ml = answer(refine_boundary_mm=0.0)
+    default, default_ml = answer()
+    for mask, ml in ((plain, plain_ml), (default, default_ml)):
+        assert not mask[outside].any() and ml["right"] > 20.0 and ml["left"] > 20.0
+    assert (hu[default] < -400).mean() > (hu[plain] < -400).mean() > 0.9
+    assert dice_score(default, lungs) > dice_score(plain, lungs) + 0.01

@@ -1,4 +1,5 @@
-"""SA-2 probability-map post-processing: normalisation, smoothing, thresholding, lung-mask clean-up."""
+"""SA-2 probability-map post-processing: normalisation, smoothing, thresholding; lung-mask clean-up and the
+surface refinement that H-SAM's answer goes through."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from common.metrics import dice_score
 from common.transforms import (
     LungMaskCleanup,
     LungMaskCleanupd,
+    RefineLungBoundary,
+    RefineLungBoundaryd,
     SimilarityToProbability,
     SimilarityToProbabilityd,
     SmoothProbability,
@@ -299,6 +302,38 @@ def test_cleanup_dict_twin_reads_metatensor_affine_and_spacing(lungs):
     assert isinstance(d["sides"], MetaTensor) and d["sides"].dtype == torch.uint8
     assert int(d["sides"][0, 30, 16, 5]) == RIGHT_LUNG and int(d["sides"][0, 10, 16, 5]) == LEFT_LUNG
     assert d["sides_ml"]["total"] == pytest.approx(lungs.sum() * 12.0 / 1000.0)  # 2 x 2 x 3 mm voxels
+
+
+def test_refine_boundary_moves_the_surface_onto_the_air_edge_by_at_most_the_band():
+    """A mask drawn 2 voxels inside the pleura on one side and 2 voxels out into the chest wall on the other ends on
+    the -400 HU edge; an airway beyond the band, a vessel deep inside and a lung cut by the image border stay as
+    they were."""
+    centre = (20, 16, 6)
+    lung = ellipsoid(centre, (14, 12, 9))
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32)
+    vessel = ellipsoid(centre, (1.5, 1.5, 2))
+    hu[vessel] = 40.0  # deep inside: the mask keeps it
+    hu[20, 31, :] = -1000.0  # an airway 3 voxels beyond the lung's edge (y = 28)
+    inner, outer = ellipsoid(centre, (12, 10, 7)), ellipsoid(centre, (16, 14, 11))
+    drawn = np.where(np.arange(40)[:, None, None] < 20, inner, outer)  # 2 voxels inside where x < 20, 2 out elsewhere
+    drawn[:, 24:] = inner[:, 24:]  # and 2 inside towards the airway: 5 voxels from it
+    assert dice_score(drawn, lung) < 0.95
+    refined = RefineLungBoundary(band_mm=3.0)(drawn[None].astype(np.uint8), hu)[0].astype(bool)
+    assert np.array_equal(refined, lung)  # the vessel kept, the airway left out
+    # A 1 mm band moves the edge by one voxel only; 0 leaves the mask alone.
+    one = RefineLungBoundary(band_mm=1.0)(drawn, hu)[0].astype(bool)
+    assert dice_score(drawn, lung) < dice_score(one, lung) < 1.0
+    assert np.array_equal(RefineLungBoundary(band_mm=0.0)(drawn, hu)[0].astype(bool), drawn)
+    # The band is in mm: at 0.5 mm voxels 3 mm reaches 6 voxels, so the airway's middle joins.
+    fine = RefineLungBoundaryd("m", image_key="hu", pixdim=(0.5, 0.5, 0.5))({"m": drawn[None], "hu": hu[None]})["m"][0]
+    assert fine[20, 31, 6] == 1 and refined[20, 31, 6] == 0
+    # The image border is no surface: where a crop cuts the lung, a vessel on the cut stays in the mask.
+    cut, hu_cut = lung[20:].copy(), hu[20:].copy()
+    hu_cut[0, 16, 4:9], hu_cut[0, 31, :] = 40.0, 40.0  # a vessel on the cut; no airway this time
+    kept = RefineLungBoundary(band_mm=3.0)(cut, hu_cut)[0].astype(bool)
+    assert kept[0, 16, 4:9].all() and np.array_equal(kept, cut)
+    with pytest.raises(ValueError, match="band_mm"):
+        RefineLungBoundary(band_mm=-1.0)
 
 
 def test_empty_mask_stays_empty_with_zero_volumes():

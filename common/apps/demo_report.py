@@ -252,8 +252,10 @@ def heldout_real_section(out: Path, fig_dir: Path, case_ids: tuple[str, ...]) ->
             "<code>make segment</code> runs them (SA-2, then H-SAM on the slices SA-2's mask touches). No truth here: lung volume per "
             "side, the share of the mask below -400 HU, the share of the thorax's air it covers, and Dice against the classical HU "
             "threshold (which scores 0.946 against clinicians' contours on a scan like this one). <em>Without clean-up</em>: H-SAM's "
-            "own probability above 0.5, before its named label-free clean-up (<code>LungMaskCleanupd</code>: the two largest "
-            "components, holes filled), so what the clean-up does is measured, not hidden.</p>"
+            "own probability above 0.5, before its named label-free clean-up: the surface moved onto the -400 HU edge within "
+            "3 mm (<code>RefineLungBoundaryd</code>), what lies outside the body dropped (<code>RestrictToBodyd</code>), the two "
+            "largest components kept and holes filled (<code>LungMaskCleanupd</code>), so what the clean-up does is measured, "
+            "not hidden.</p>"
             + table + "".join(_img(f) for f in figures))
     return {"rows": rows}, body
 

@@ -2,16 +2,20 @@
 
 from common.transforms.augment import CTRandAugment, CTRandAugmentd
 from common.transforms.intensity import HU_WINDOW, HUWindow, HUWindowd, NLMDenoise, NLMDenoised
-from common.transforms.pipeline import ct_preprocessing
-from common.transforms.probability import (
-    ClassLabelMap,
-    ClassLabelMapd,
+from common.transforms.mask import (
     LungMaskCleanup,
     LungMaskCleanupd,
+    RefineLungBoundary,
+    RefineLungBoundaryd,
     RemoveInconsistentSlices,
     RemoveInconsistentSlicesd,
     RestrictToBody,
     RestrictToBodyd,
+)
+from common.transforms.pipeline import ct_preprocessing
+from common.transforms.probability import (
+    ClassLabelMap,
+    ClassLabelMapd,
     SimilarityToProbability,
     SimilarityToProbabilityd,
     SmoothProbability,
@@ -32,6 +36,8 @@ __all__ = [
     "LungMaskCleanup",
     "LungMaskCleanupd",
     "NLMDenoise",
+    "RefineLungBoundary",
+    "RefineLungBoundaryd",
     "NLMDenoised",
     "RemoveInconsistentSlices",
     "RemoveInconsistentSlicesd",

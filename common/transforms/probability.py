@@ -1,5 +1,5 @@
 """SA-2 post-processing of zero-shot probability maps: normalisation (Eq. 5-6), smoothing (Eq. 7),
-thresholding (Eq. 8) and lung-mask clean-up with the right/left split.
+thresholding (Eq. 8) and the class label map; the binary lung-mask clean-up is in :mod:`common.transforms.mask`.
 
 Arrays are channel-first ``(C, X, Y, Z)`` numpy arrays or torch tensors (MetaTensor included);
 Z, the last axis, is the axial slice axis. Probabilities come out float32 and masks uint8, in the
@@ -20,8 +20,6 @@ from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple_rep
 from scipy import ndimage
-
-from common.classes import LEFT_LUNG, RIGHT_LUNG
 
 SIMILARITY_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
 SMOOTHING_METHODS: tuple[str, ...] = ("none", "gaussian", "bilateral", "guided")
@@ -457,183 +455,6 @@ class ThresholdProbabilityd(MapTransform):
             d[mask_key] = self.threshold(img)
             d[f"{mask_key}_threshold"] = float(self.threshold.last_threshold)
             d[f"{mask_key}_threshold_method"] = self.threshold.method
-        return d
-
-
-class LungMaskCleanup(Transform):
-    """Clean a binary lung mask ``(1, X, Y, Z)`` or ``(X, Y, Z)`` (foreground: value > 0.5) into uint8 ``(1, X, Y, Z)``.
-
-    Keeps the ``max_components`` largest 3D connected components (6-connectivity, faces only, as
-    :func:`common.lungmask.hu_threshold_lung_mask`: diagonal contacts do not weld islands to a
-    lung) of at least ``min_component_ml``, then fills holes (vessels, nodules) per axial slice.
-    ``max_components=None`` keeps every large enough component. Voxel volume from the
-    ``pixdim`` given to ``__call__``, else the constructor's, else the input MetaTensor's, else 1 mm.
-    """
-
-    def __init__(self, max_components: int | None = 2, min_component_ml: float = 10.0, fill_holes: bool = True, pixdim: Sequence[float] | None = None):
-        if max_components is not None and int(max_components) < 1:
-            raise ValueError(f"max_components must be at least 1 (or None for all), got {max_components}")
-        if not min_component_ml >= 0:
-            raise ValueError(f"min_component_ml must be >= 0, got {min_component_ml}")
-        self.max_components = None if max_components is None else int(max_components)
-        self.min_component_ml, self.fill_holes, self.pixdim = float(min_component_ml), bool(fill_holes), pixdim
-
-    def __call__(self, img, pixdim: Sequence[float] | None = None):
-        mask = self.clean(self.binary(img), _spacing(img, pixdim if pixdim is not None else self.pixdim))
-        return convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
-
-    @staticmethod
-    def binary(img) -> np.ndarray:
-        """The input as an (X, Y, Z) boolean mask (NaN is background)."""
-        return _one_channel(img, "LungMaskCleanup")[0].cpu().numpy() > 0.5
-
-    def clean(self, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-        """The cleaned (X, Y, Z) boolean mask of an (X, Y, Z) boolean mask at ``spacing`` mm."""
-        labels, n = ndimage.label(mask)
-        if n == 0:
-            return np.zeros(mask.shape, dtype=bool)
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        sizes[0] = 0
-        big = np.flatnonzero(sizes * voxel_ml >= self.min_component_ml)
-        big = big[big > 0]
-        big = big[np.argsort(sizes[big], kind="stable")[::-1]][: self.max_components]
-        keep = np.zeros(n + 1, dtype=bool)
-        keep[big] = True
-        out = keep[labels]
-        if self.fill_holes:
-            for k in np.flatnonzero(out.any(axis=(0, 1))):
-                out[:, :, k] = ndimage.binary_fill_holes(out[:, :, k])
-        return out
-
-
-class LungMaskCleanupd(MapTransform):
-    """Dictionary twin of :class:`LungMaskCleanup` that also splits the clean mask into right and left.
-
-    Writes ``sides_key`` (uint8 ``(1, X, Y, Z)``: ``RIGHT_LUNG`` = 1, ``LEFT_LUNG`` = 2, 0 elsewhere)
-    by :func:`common.lungmask.split_left_right` (right = larger RAS x), and
-    ``f"{sides_key}_ml"`` = ``{"right", "left", "total"}`` volumes in mL (total: the clean mask).
-    The affine is the MetaTensor's, else ``affine``, else identity; the spacing ``pixdim``, else
-    the MetaTensor's, else the affine's column norms. With several keys, give one ``sides_key`` per key.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        sides_key: str | Sequence[str] = "lung_sides",
-        affine=None,
-        max_components: int | None = 2,
-        min_component_ml: float = 10.0,
-        fill_holes: bool = True,
-        pixdim: Sequence[float] | None = None,
-        allow_missing_keys: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.sides_keys = _one_each("sides_key", sides_key, self.keys)
-        self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
-        self.cleanup = LungMaskCleanup(max_components, min_component_ml, fill_holes, pixdim)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from common.lungmask import split_left_right
-
-        d = dict(data)
-        for key, sides_key in self.key_iterator(d, self.sides_keys):
-            img = d[key]
-            if isinstance(img, MetaTensor):
-                affine = np.asarray(convert_to_numpy(img.affine), dtype=float)
-            else:
-                affine = self.affine if self.affine is not None else np.eye(4)
-            spacing = _spacing(img, self.cleanup.pixdim, affine)
-            mask = self.cleanup.clean(self.cleanup.binary(img), spacing)
-            right, left = split_left_right(mask, affine)
-            sides = np.zeros((1,) + mask.shape, dtype=np.uint8)
-            sides[0][right] = RIGHT_LUNG
-            sides[0][left] = LEFT_LUNG
-            voxel_ml = float(np.prod(spacing)) / 1000.0
-            d[key] = convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
-            d[sides_key] = convert_to_dst_type(sides, img, dtype=np.uint8)[0]
-            d[f"{sides_key}_ml"] = {
-                "right": float(right.sum()) * voxel_ml,
-                "left": float(left.sum()) * voxel_ml,
-                "total": float(mask.sum()) * voxel_ml,
-            }
-        return d
-
-
-class RestrictToBody(Transform):
-    """Zero a mask outside the patient's body (``common.lungmask.body_mask`` of the HU image): the air
-    around the patient looks like lung to a patch classifier, and lungs are always inside the body."""
-
-    def __init__(self, threshold_hu: float = -500.0):
-        self.threshold_hu = float(threshold_hu)
-
-    def __call__(self, mask, hu):
-        from common.lungmask import body_mask
-
-        m = convert_to_numpy(mask)
-        body = body_mask(convert_to_numpy(hu).reshape(m.shape[-3:]), self.threshold_hu)
-        return convert_to_dst_type((m > 0) & body.reshape(m.shape), mask, dtype=np.uint8)[0]
-
-
-class RestrictToBodyd(MapTransform):
-    """Dictionary twin of :class:`RestrictToBody`; the HU volume comes from ``image_key``."""
-
-    def __init__(self, keys: KeysCollection, image_key: str = "image", threshold_hu: float = -500.0, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.image_key = image_key
-        self.restrict = RestrictToBody(threshold_hu)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.restrict(d[key], d[self.image_key])
-        return d
-
-
-class RemoveInconsistentSlices(Transform):
-    """Drop the axial slices of a binary mask ``(1, X, Y, Z)`` that do not continue their neighbours.
-
-    A slice is kept when at least ``min_overlap`` of its area lies inside the union of the masks of
-    the slices above and below (lungs change slowly from slice to slice); an isolated slice (both
-    neighbours empty) scores 0, and so does a slice where a prompt leaked into the body. Volumes
-    of one or two slices are left alone. Slices are the third voxel axis (axial for the CT volumes
-    this project reads)."""
-
-    def __init__(self, min_overlap: float = 0.5):
-        if not 0.0 <= min_overlap <= 1.0:
-            raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
-        self.min_overlap = float(min_overlap)
-
-    def __call__(self, img):
-        m = _one_channel(img, "RemoveInconsistentSlices")[0].cpu().numpy() > 0.5
-        return convert_to_dst_type(self.clean(m)[None].astype(np.uint8), img, dtype=np.uint8)[0]
-
-    def clean(self, mask: np.ndarray) -> np.ndarray:
-        """The kept (X, Y, Z) boolean mask."""
-        if mask.shape[2] < 3 or self.min_overlap == 0.0:
-            return mask.copy()
-        neighbours = np.zeros_like(mask)
-        neighbours[:, :, 1:] |= mask[:, :, :-1]
-        neighbours[:, :, :-1] |= mask[:, :, 1:]
-        area = mask.sum(axis=(0, 1))
-        inside = (mask & neighbours).sum(axis=(0, 1))
-        drop = (area > 0) & (inside < self.min_overlap * area)
-        out = mask.copy()
-        out[:, :, drop] = False
-        return out
-
-
-class RemoveInconsistentSlicesd(MapTransform):
-    """Dictionary twin of :class:`RemoveInconsistentSlices`."""
-
-    def __init__(self, keys: KeysCollection, min_overlap: float = 0.5, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.transform = RemoveInconsistentSlices(min_overlap)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
         return d
 
 
