@@ -181,8 +181,9 @@ class RefineLungBoundary(Transform):
             return mask.copy()
         spacing = np.asarray(spacing, dtype=float)
         margin = np.ceil(self.band_mm / spacing).astype(int) + 1  # the band's reach, in voxels, around the mask
-        lo = np.maximum(np.argwhere(mask).min(axis=0) - margin, 0)
-        hi = np.minimum(np.argwhere(mask).max(axis=0) + margin + 1, mask.shape)
+        extent = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != i))) for i in range(3)]
+        lo = np.maximum(np.array([e[0] for e in extent]) - margin, 0)
+        hi = np.minimum(np.array([e[-1] + 1 for e in extent]) + margin, mask.shape)
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         m = mask[box]
         depth = ndimage.distance_transform_edt(m, sampling=spacing)  # a lung voxel's distance to the background
