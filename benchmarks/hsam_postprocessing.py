@@ -102,12 +102,12 @@ def main(argv=None) -> int:
     for scans, outputs, truth_postfix, reference_name in sources:
         for cid, hu, spacing, prob, affine, truth in cases(scans, outputs, truth_postfix):
             reference = truth if truth is not None else hu_threshold_lung_mask(hu, spacing)
+            a, hu32 = torch.from_numpy(affine), torch.from_numpy(np.asarray(hu, np.float32))  # once a case; every variant only reads them
             for name, chain in chains.items():
                 if chain is None:
                     mask = prob > 0.5
                 else:
-                    a = torch.from_numpy(affine)
-                    d = chain({"pred": MetaTensor(torch.from_numpy(prob)[None], affine=a), "hu": MetaTensor(torch.from_numpy(np.asarray(hu, np.float32))[None], affine=a)})
+                    d = chain({"pred": MetaTensor(torch.from_numpy(prob)[None], affine=a), "hu": MetaTensor(hu32[None], affine=a)})
                     mask = np.asarray(d["pred"])[0] > 0
                 s = segmentation_scores(mask, reference, spacing)
                 rows.append({"case": cid, "reference": reference_name, "variant": name, "lung_ml": round(float(mask.sum()) * float(np.prod(spacing)) / 1000.0, 1),
