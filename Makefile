@@ -18,12 +18,13 @@ HSAM_CKPT ?= bundles/hsam_finetune/models/model.pt
 # compiling every installed file at install took 3:42 of set-up against 2:22 without
 unexport PYTHONDONTWRITEBYTECODE
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch 2.14.1 + torchvision 0.29.1 come from this machine's local wheels (CUDA build, runs on CPU). Not
 	# byte-compiled at install: the first process to import a module writes its .pyc (see unexport above)
-	$(PY) -m pip install --quiet --no-compile -e . versioneer
+	# the package with every extra (serve: MONAI Label, track: MLflow, test), torch pinned by constraints.txt
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e ".[test]" versioneer
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -138,9 +139,12 @@ hsam-baselines: $(DATA)
 hsam-comparison: $(DATA)
 	$(PY) benchmarks/hsam_comparison.py
 
-segment:
-	@test -n "$(CT)" -a -n "$(OUT)" || { echo "usage: make segment CT=<NIfTI file or DICOM folder> OUT=<dir> [CLIP_CKPT=...] [HSAM_CKPT=...]" >&2; exit 2; }
-	$(PY) -m common.segment "$(CT)" "$(OUT)" --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
+# `lungseg` (docs/lungseg.md) with --probmap, so that OUT holds probmap.nii.gz as the design's interface says;
+# LUNGSEG_ARGS= (empty) is lungseg's faster default, LUNGSEG_ARGS="--series <UID>" picks a series
+LUNGSEG_ARGS ?= --probmap
+segment: $(STAMP)
+	@test -n "$(CT)" -a -n "$(OUT)" || { echo "usage: make segment CT=<CT file, DICOM folder or folder of cases> OUT=<dir> [CLIP_CKPT=...] [HSAM_CKPT=...] [LUNGSEG_ARGS=...]" >&2; exit 2; }
+	$(VENV)/bin/lungseg -i "$(CT)" -o "$(OUT)" --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)" $(LUNGSEG_ARGS)
 
 # MONAI Label (its monaibundle sample app) on 127.0.0.1 with the probmap and hsam_finetune bundles and their checkpoints
 PORT ?= 8000

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from common.io.atomic import atomic_path
     from common.lungmask import hu_threshold_lung_mask
     from common.metrics import segmentation_scores
-    from common.segment import segment
+    from common.segment import Models, segment
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     rows = {}
     t = time.perf_counter()
-    report = segment(crop, out / "segment", args.clip_ckpt, args.hsam_ckpt)
+    report = segment(crop, out / "segment", Models(Path(args.clip_ckpt), Path(args.hsam_ckpt)), source={"input": str(args.scan)})
     seconds = time.perf_counter() - t
     methods = {"make segment (H-SAM)": np.asarray(nib.load(str(out / "segment" / "lung_mask.nii.gz")).dataobj) > 0,
                "HU threshold on the crop": hu_threshold_lung_mask(hu, vol.spacing)}

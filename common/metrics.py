@@ -128,3 +128,42 @@ def segmentation_scores(prediction: np.ndarray, truth: np.ndarray, spacing=(1.0,
         "dice_central": dice_score(p[..., central], t[..., central]),
         "dice_peripheral": dice_score(p[..., peripheral], t[..., peripheral]),
     }
+
+
+# --------------------------------------------------------------------------- per-structure statistics
+
+
+def structure_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, names: dict[int, str], emphysema_hu: float = -950.0) -> dict:
+    """Per structure of a label map: voxels, volume (mL) and mean HU, as TotalSegmentator's ``--statistics``
+    gives them, plus the share of the structure below ``emphysema_hu`` (%LAA-950) for every lung.
+
+    ``names`` maps each label value to its name (``{1: "right lung", 2: "left lung"}``); a structure absent
+    from the map is listed with 0 voxels and ``None`` for its HU figures. A key ``"lungs"`` sums every lung.
+    """
+    labels, hu = np.asarray(labels), np.asarray(hu)
+    if labels.shape != hu.shape:
+        raise ValueError(f"labels {labels.shape} and HU {hu.shape} differ in shape")
+    voxel_ml = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    inside = np.flatnonzero(labels.ravel())  # the structures are a tenth of a chest CT: count only there
+    values, hu_in = labels.ravel()[inside].astype(np.intp), hu.ravel()[inside].astype(np.float64)
+    size = max(max(names), int(values.max(initial=0))) + 1
+    counts = np.bincount(values, minlength=size)
+    sums = np.bincount(values, weights=hu_in, minlength=size)
+    laa = np.bincount(values, weights=hu_in < emphysema_hu, minlength=size)
+    key = f"percent_below_{int(abs(emphysema_hu))}_hu"
+
+    def entry(values: list[int]) -> dict:
+        n = int(sum(counts[v] for v in values))
+        out = {"voxels": n, "volume_ml": round(n * voxel_ml, 1), "mean_hu": round(float(sum(sums[v] for v in values)) / n, 1) if n else None}
+        return out
+
+    stats = {}
+    lungs = [v for v, name in names.items() if "lung" in name]
+    for value, name in names.items():
+        stats[name] = {"label": int(value), **entry([value])}
+        if value in lungs:
+            stats[name][key] = round(100.0 * float(laa[value]) / counts[value], 2) if counts[value] else None
+    if lungs:
+        n = int(sum(counts[v] for v in lungs))
+        stats["lungs"] = {**entry(lungs), key: round(100.0 * float(sum(laa[v] for v in lungs)) / n, 2) if n else None}
+    return stats

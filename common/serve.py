@@ -106,9 +106,12 @@ def _served_config(bundle: ServedBundle) -> tuple[dict, dict]:
     configs = bundle.bundle_dir / "configs"
     files = [configs / "inference.json"] + ([configs / "monailabel.json"] if (configs / "monailabel.json").is_file() else [])
     config = ConfigParser.load_config_files([str(f) for f in files])
-    outputs = config.pop("monailabel_outputs", None)
+    inputs, outputs = config.pop("monailabel_inputs", None), config.pop("monailabel_outputs", None)
     config.update({"ckpt_path": str(Path(bundle.checkpoint).resolve()), **bundle.overrides})
     metadata = json.loads((configs / "metadata.json").read_text())
+    # metadata.json describes the network (slices, windows); MONAI Label reads the served task's volume in and label map out
+    if inputs:
+        metadata["network_data_format"]["inputs"] = inputs
     if outputs:
         metadata["network_data_format"]["outputs"] = outputs
     return config, metadata

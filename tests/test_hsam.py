@@ -193,6 +193,33 @@ def test_checkpoint_holds_only_trained_tensors_and_loads_back(tmp_path):
         assert torch.allclose(model.probability(model(x)), loaded.probability(loaded(x)), atol=1e-5)
 
 
+def test_for_inference_merges_lora_into_the_same_answer_and_refuses_to_train():
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a bypass that changes the answer, so an unmerged or lost one would show
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        before = model.probability(model(x))
+        model.for_inference("float32")
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(m.merged for m in layers) and model.encoder_dtype is None
+        assert torch.allclose(model.probability(model(x)), before, atol=1e-5)
+        model.for_inference("float32")  # twice is once: a bypass is never added to its weight again
+        assert torch.allclose(model.probability(model(x)), before, atol=1e-5)
+        model.for_inference("bfloat16")  # the encoder in bfloat16, the decoders and the answer in float32
+        assert model.encoder_dtype == torch.bfloat16
+        low = model.probability(model(x))
+        assert low.dtype == torch.float32 and (low - before).abs().max() < 0.1
+    with pytest.raises(RuntimeError, match="merged for inference"):
+        model.train()
+    with pytest.raises(ValueError, match="encoder_precision must be"):
+        model.for_inference("float16")
+
+
 def test_checkpoint_for_another_backbone_or_lora_fails_clearly(tmp_path):
     from common.engines.hsam import save_network
 
@@ -589,48 +616,6 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
 
     wrong = _bundle(args[:-4] + ["--sam_variant", "litemedsam", "--output_dir", str(tmp_path / "wrong")])
     assert wrong.returncode != 0 and "trained on the tiny_sam backbone, not litemedsam" in wrong.stderr
-
-
-# --------------------------------------------------------------------------- make segment
-
-from tests.test_probmap import tiny_clip  # noqa: E402,F401  (the tiny SA-1 checkpoint fixture)
-
-
-def test_make_segment_writes_mask_probmap_and_report_on_the_input_grid(tmp_path, tiny_clip, tiny_phantom_manifest, monkeypatch, caplog):
-    import common.segment
-    from common.engines.hsam import save_network
-    from common.networks import load_sam_family
-    from common.segment import main
-
-    torch.manual_seed(0)
-    backbone = load_sam_family("tiny_sam", random_init=True)
-    weights = tmp_path / "tiny_sam.pth"
-    parts = torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder, "mask_decoder": backbone.mask_decoder})
-    torch.save(parts.state_dict(), weights)  # a backbone checkpoint file, as MedSAM / SAM users have
-    hsam_ckpt = save_network(build_hsam("tiny_sam", sam_checkpoint=weights), tmp_path / "hsam.pt")
-    ct = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")["path"]
-    out = tmp_path / "out"
-    rc = main([str(ct), str(out), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)])
-    src = nib.load(str(ct))
-    mask = nib.load(str(out / "lung_mask.nii.gz"))
-    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine) and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
-    assert nib.load(str(out / "probmap.nii.gz")).shape == (*src.shape, 5)
-    report = json.loads((out / "report.json").read_text())
-    assert {"lung_volume_ml", "mean_lung_hu", "percent_lung_below_950_hu", "seconds", "peak_memory_gb", "qc"} <= set(report)
-    assert rc == (0 if report["qc"]["passed"] else 3)  # a random H-SAM's mask may fail QC: then the exit code says so
-    assert not (out / ".work").exists() and (out / "overlay.png").stat().st_size > 1000
-    assert main([str(ct), str(tmp_path / "out2"), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tmp_path / "none.pt")]) == 2
-    assert not (tmp_path / "out2").exists()
-
-    # the overlay is a figure: when drawing it fails, the results stay and the work folder goes
-    def broken_overlay(*args, **kwargs):
-        raise RuntimeError("no display")
-
-    monkeypatch.setattr(common.segment, "_save_overlay", broken_overlay)
-    out3 = tmp_path / "out3"
-    assert main([str(ct), str(out3), "--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(hsam_ckpt)]) == rc
-    assert {p.name for p in out3.iterdir()} == {"lung_mask.nii.gz", "probmap.nii.gz", "report.json"}
-    assert "overlay not written (RuntimeError: no display)" in caplog.text
 
 
 # --------------------------------------------------------------------------- several ranks

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from common.io import CTReadError, CTReader, read_ct, read_dicom_series, read_rtstruct, scan_dicom_folder
 from common.lungmask import hu_threshold_lung_mask
-from conftest import DEEPLESION, LIDC_DIR, TOTALSEG_B, edit_dicom, sorted_by_position
+from tests.conftest import DEEPLESION, LIDC_DIR, TOTALSEG_B, edit_dicom, sorted_by_position
 
 # --------------------------------------------------------------------------- DICOM
 
@@ -161,7 +161,6 @@ def _rtstruct(ct_folder, out, frame_uid, contours_by_roi):
     for number, (name, polygons) in enumerate(contours_by_roi.items(), start=1):
         roi = Dataset()
         roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, frame_uid
-        roi.FrameOfReferenceUID = frame_uid
         rois.append(roi)
         rc = Dataset()
         rc.ReferencedROINumber = number

@@ -9,7 +9,7 @@ from common.io import read_ct
 from common.lungmask import hu_threshold_lung_mask, split_left_right
 from common.metrics import dice_score
 from common.phantom import generate_phantom
-from conftest import TOTALSEG_A
+from tests.conftest import TOTALSEG_A
 
 
 @pytest.fixture(scope="module")

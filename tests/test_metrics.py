@@ -54,3 +54,23 @@ def test_iou_score_is_intersection_over_union():
     assert iou_score(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
     with pytest.raises(ValueError, match="differ in shape"):
         iou_score(a, b[:5])
+
+
+def test_structure_statistics_count_volume_hu_and_emphysema_per_label():
+    from common.metrics import structure_statistics
+
+    labels = np.zeros((4, 4, 2), np.uint8)
+    labels[:2, :, 0] = 1  # 8 voxels of right lung
+    labels[2:, :2, 0] = 2  # 4 voxels of left lung
+    hu = np.full(labels.shape, 40.0, np.float32)
+    hu[labels == 1] = -900.0
+    hu[:2, :2, 0] = -980.0  # 4 of the right lung's 8 below -950
+    hu[labels == 2] = -800.0
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])  # 20 mm^3 = 0.02 mL a voxel
+    s = structure_statistics(labels, hu, affine, {1: "right lung", 2: "left lung", 3: "heart"})
+    assert s["right lung"] == {"label": 1, "voxels": 8, "volume_ml": 0.2, "mean_hu": -940.0, "percent_below_950_hu": 50.0}
+    assert s["left lung"] == {"label": 2, "voxels": 4, "volume_ml": 0.1, "mean_hu": -800.0, "percent_below_950_hu": 0.0}
+    assert s["heart"] == {"label": 3, "voxels": 0, "volume_ml": 0.0, "mean_hu": None}  # absent: listed, no HU
+    assert s["lungs"] == {"voxels": 12, "volume_ml": 0.2, "mean_hu": -893.3, "percent_below_950_hu": 33.33}
+    with pytest.raises(ValueError, match="differ in shape"):
+        structure_statistics(labels, hu[..., :1], affine, {1: "right lung"})

@@ -158,7 +158,7 @@ def test_litemedsam_segments_a_real_lung_from_a_box():
     from common.metrics import dice_score
     from common.report import axial_display
     from common.transforms import HUWindow
-    from conftest import LIDC_DIR
+    from tests.conftest import LIDC_DIR
 
     vol = read_ct(LIDC_DIR, axcodes="LPS")  # axial_display: patient right on the image left
     k = vol.hu.shape[2] // 2

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from common.io import CTVolume, read_ct
 from common.qc import QCThresholds, qc_volume, run_qc
-from conftest import LIDC_DIR, TOTALSEG_A, edit_dicom, sorted_by_position
+from tests.conftest import LIDC_DIR, TOTALSEG_A, edit_dicom, sorted_by_position
 
 
 def verdicts(vol):

@@ -129,7 +129,7 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
             time.sleep(1)
         assert info is not None, log_path.read_text()[-3000:]
         assert set(info["models"]) == {"probmap", "hsam_finetune"}
-        assert info["models"]["hsam_finetune"]["labels"] == {"lung": 1}
+        assert info["models"]["hsam_finetune"]["labels"] == {"right lung": 1, "left lung": 2}  # lungseg's labels.nii.gz values
         assert info["models"]["probmap"]["labels"] == {"lung": 1, "heart": 2, "blood vessel": 3, "airway": 4, "bone": 5}
         assert "notes.txt: not a NIfTI image" in log_path.read_text()
         status, body = _request(f"{url}/datastore/?output=all")
@@ -143,16 +143,16 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
             label = nib.load(str(tmp_path / f"{model}.nii.gz"))
             assert label.shape == src.shape and np.allclose(label.affine, src.affine)
             answers[model] = np.asarray(label.dataobj)
-        assert set(np.unique(answers["hsam_finetune"])) <= {0, 1}
+        assert set(np.unique(answers["hsam_finetune"])) <= {0, 1, 2}
         assert set(np.unique(answers["probmap"])) <= {0, 1, 2, 3, 4, 5}
 
-        # the served H-SAM answer is the bundle's own: same mask as `monai.bundle run` with the same checkpoint
+        # the served H-SAM answer is the bundle's own: the same right/left map as `monai.bundle run` with the same checkpoint
         cases = json.dumps([{"image": str(studies / "phantom0.nii.gz"), "case_id": "phantom0"}])
         run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/hsam_finetune/configs/inference.json"),
                               "--bundle_root", str(REPO / "bundles/hsam_finetune"), "--ckpt_path", str(tiny_hsam), "--cases", f"${cases}",
                               "--output_dir", str(tmp_path / "bundle_out"), "--progress", "false"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-        own = np.asarray(nib.load(str(tmp_path / "bundle_out" / "phantom0" / "phantom0_lung_mask.nii.gz")).dataobj)
+        own = np.asarray(nib.load(str(tmp_path / "bundle_out" / "phantom0" / "phantom0_lung_sides.nii.gz")).dataobj)
         np.testing.assert_array_equal(answers["hsam_finetune"], own)
 
         # bad requests: clear answers, and the server stays up

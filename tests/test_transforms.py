@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 
 from common.io import read_ct, to_metatensor
 from common.transforms import HUWindow, HUWindowd, NLMDenoise, NLMDenoised, TrimSlices, TrimSlicesd, ct_preprocessing
-from conftest import TOTALSEG_B
+from tests.conftest import TOTALSEG_B
 
 
 def test_hu_window_maps_lung_window_to_unit_range():

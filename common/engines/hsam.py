@@ -123,6 +123,15 @@ def load_network(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return network
 
 
+def prepare_for_inference(network: torch.nn.Module, encoder_precision: str = "float32") -> torch.nn.Module:
+    """An H-SAM ready to segment (:meth:`common.networks.hsam.HSam.for_inference`: LoRA merged, encoder precision);
+    any other network (the UNet / UNETR baselines) in eval mode."""
+    model = unwrap(network)
+    if hasattr(model, "for_inference"):
+        model.for_inference(encoder_precision)
+    return network.eval()
+
+
 class SaveBestCheckpoint:
     """Attached to the evaluator: writes the network (:func:`save_network`) whenever the key metric improves; rank 0 only."""
 
@@ -231,7 +240,7 @@ class SaveSegmentationd:
     """Write one case's lung mask, probability, sides and report (``<output_dir>/<case>/<case>_*``), each
     through a temporary name; ``hu_key`` holds the HU volume for the report."""
 
-    def __init__(self, output_dir: str | Path, pred_key: str = "pred", probability_key: str = "probability", sides_key: str = "lung_sides",
+    def __init__(self, output_dir: str | Path, pred_key: str = "pred", probability_key: str | None = "probability", sides_key: str = "lung_sides",
                  hu_key: str = "hu", settings: dict | None = None):
         self.output_dir = Path(output_dir)
         self.pred_key, self.probability_key, self.sides_key, self.hu_key = pred_key, probability_key, sides_key, hu_key
@@ -243,7 +252,7 @@ class SaveSegmentationd:
         affine = first_affine(d[self.pred_key])
         mask = _as_numpy(d[self.pred_key])[0] > 0
         save_nifti_array(mask, affine, paths["mask"], dtype=np.uint8)
-        if self.probability_key in d:
+        if self.probability_key is not None and self.probability_key in d:
             save_nifti_array(_as_numpy(d[self.probability_key])[0], affine, paths["probability"])
         if self.sides_key in d:
             save_nifti_array(_as_numpy(d[self.sides_key])[0], affine, paths["sides"], dtype=np.uint8)

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DUPLICATE_TOL_MM = 1e-3
+MIN_SLICES = 10  # fewer is a localiser, a key image or a single slice, not a chest scan
+AXIAL_MIN_COSINE = 0.8  # |cos| of the slice normal with the patient's head-foot axis (gantry tilt up to about 35 degrees)
 
 
 def _pydicom():
@@ -39,12 +41,52 @@ class DicomSeries:
     modality: str | None = None
     description: str = ""
     folder: Path | None = None
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient of its first file
+    image_type: tuple[str, ...] = ()
+    study_uid: str = ""
 
     def __len__(self):
         return len(self.files)
 
     def summary(self) -> str:
         return f"{self.uid} ({len(self.files)} files, modality {self.modality}, '{self.description}')"
+
+    def not_a_ct_scan(self) -> str | None:
+        """Why this series is not an axial CT scan to segment (``None`` when it is one)."""
+        if self.modality not in (None, "CT"):
+            return f"modality {self.modality}, not CT"
+        if any("LOCALIZER" in t or "SCOUT" in t for t in self.image_type):
+            return "a localiser (ImageType " + "\\".join(self.image_type) + ")"
+        if len(self.files) < MIN_SLICES:
+            return f"{len(self.files)} slice(s), fewer than {MIN_SLICES}"
+        if self.orientation is not None and len(self.orientation) == 6:
+            normal = np.cross(np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:]))
+            if abs(normal[2]) < AXIAL_MIN_COSINE:
+                return f"not axial (slice normal {np.round(normal, 2).tolist()} in patient LPS)"
+        return None
+
+
+def choose_ct_series(series: dict[str, DicomSeries], series_uid: str | None = None, where: Path | str = "") -> tuple[DicomSeries, dict[str, str]]:
+    """The series to segment and, for every other series, why it was skipped.
+
+    ``series_uid`` picks one (an error naming the ones present when it is not there); otherwise the axial CT
+    series with the most slices, as TotalSegmentator and a radiologist would take the thin axial recon.
+    """
+    if series_uid is not None:
+        if series_uid not in series:
+            raise CTReadError(where, f"series {series_uid} not found; present: " + "; ".join(s.summary() for s in series.values()))
+        chosen = series[series_uid]
+        reason = chosen.not_a_ct_scan()
+        if reason:
+            raise CTReadError(where, f"series {series_uid} is {reason}")
+    else:
+        ok = [s for s in series.values() if s.not_a_ct_scan() is None]
+        if not ok:
+            listing = "; ".join(f"{s.summary()}: {s.not_a_ct_scan()}" for s in series.values())
+            raise CTReadError(where, f"no axial CT series to segment: {listing}" if listing else "no DICOM images found")
+        chosen = max(ok, key=len)
+    skipped = {s.uid: (s.not_a_ct_scan() or f"fewer slices ({len(s)}) than the series chosen ({len(chosen)})") for s in series.values() if s is not chosen}
+    return chosen, skipped
 
 
 @dataclass
@@ -84,9 +126,12 @@ def scan_dicom_folder(folder: str | Path, recursive: bool = False) -> SeriesScan
             continue
         if "PixelData" not in ds and not hasattr(ds, "Rows"):
             continue  # reports, presentation states, ... carry no image
-        s = out.series.setdefault(
-            uid, DicomSeries(uid, [], modality or None, str(getattr(ds, "SeriesDescription", "") or ""), f.parent)
-        )
+        if uid not in out.series:
+            iop = getattr(ds, "ImageOrientationPatient", None)
+            out.series[uid] = DicomSeries(uid, [], modality or None, str(getattr(ds, "SeriesDescription", "") or ""), f.parent,
+                                          tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
+                                          tuple(str(t).upper() for t in (getattr(ds, "ImageType", None) or ())), str(getattr(ds, "StudyInstanceUID", "") or ""))
+        s = out.series[uid]
         s.files.append(f)
     return out
 
@@ -309,7 +354,8 @@ def read_rtstruct(rtstruct_path: str | Path, ct: CTVolume, roi_names: Sequence[s
     if str(getattr(ds, "Modality", "")) != "RTSTRUCT":
         raise CTReadError(path, f"modality is {getattr(ds, 'Modality', None)!r}, expected RTSTRUCT")
     frame = ct.meta.get("frame_of_reference_uid")
-    rs_frames = {str(getattr(r, "FrameOfReferenceUID", "")) for r in getattr(ds, "StructureSetROISequence", [])}
+    # ReferencedFrameOfReferenceUID is the attribute PS3.3 C.8.8.5 defines there; some writers used FrameOfReferenceUID
+    rs_frames = {str(getattr(r, "ReferencedFrameOfReferenceUID", "") or getattr(r, "FrameOfReferenceUID", "")) for r in getattr(ds, "StructureSetROISequence", [])} - {""}
     if frame and rs_frames and frame not in rs_frames:
         raise CTReadError(path, f"RTSTRUCT frame of reference {sorted(rs_frames)} does not match the CT's {frame}")
 

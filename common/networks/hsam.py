@@ -196,6 +196,27 @@ def _lora_target(name: str, targets: Sequence[str]) -> bool:
     return any(re.fullmatch(t, name) if any(c in t for c in "\\*[(") else (name == t or name.endswith("." + t)) for t in targets)
 
 
+class LungProbability(nn.Module):
+    """An H-SAM seen as one tensor out: slices (B, 1, H, W) in [0, 1] -> the Eq. 14 lung probability (B, 1, H, W).
+    What the bundle's inferer computes per slice, and what its ``metadata.json`` ``network_data_format`` describes
+    (``monai.bundle verify_net_in_out --net_id probability_network``)."""
+
+    def __init__(self, hsam: "HSam"):
+        super().__init__()
+        self.hsam = hsam
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        return self.hsam.probability(self.hsam(slices))
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a GPU that supports it, or a CPU with AVX-512 BF16 / AMX (oneDNN)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class HSam(nn.Module):
     """H-SAM on a :class:`SamFamily` backbone: LoRA encoder, stage-1 SAM decoder, stage-2 hierarchical decoder.
 
@@ -231,12 +252,36 @@ class HSam(nn.Module):
         up = backbone.mask_decoder.output_upscaling
         skip_dims = (up[0].out_channels, up[3].out_channels)
         self.stage2 = HierarchicalDecoder(dim, heads=8, self_attention_pool=self_attention_pool, skip_dims=skip_dims)
+        self.encoder_dtype: torch.dtype | None = None  # autocast dtype of the image encoder (None: float32); for_inference sets it
+        self.merged = False
+
+    def for_inference(self, encoder_precision: str = "float32") -> "HSam":
+        """This network, ready to segment and no longer to train: eval mode, each LoRA bypass merged into its frozen
+        layer (peft's ``merge``: one matmul where there were three), and the image encoder run at
+        ``encoder_precision`` ("float32", "bfloat16", or "auto": bfloat16 where the device computes it natively,
+        a CPU with AVX-512 BF16 or AMX, or a GPU; float32 elsewhere). The decoders stay float32."""
+        from peft.tuners.lora import LoraLayer
+
+        if encoder_precision not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"encoder_precision must be float32, bfloat16 or auto, got {encoder_precision!r}")
+        self.eval()
+        if not self.merged:
+            for module in self.backbone.image_encoder.modules():
+                if isinstance(module, LoraLayer):
+                    module.merge()
+            self.merged = True
+        device = next(self.parameters()).device
+        bf16 = encoder_precision == "bfloat16" or (encoder_precision == "auto" and native_bfloat16(device))
+        self.encoder_dtype = torch.bfloat16 if bf16 else None
+        return self
 
     @property
     def variant(self) -> str:
         return self.backbone.variant.name
 
     def train(self, mode: bool = True):
+        if mode and getattr(self, "merged", False):
+            raise RuntimeError("this H-SAM's LoRA bypasses are merged for inference (for_inference); load the checkpoint again to train")
         super().train(mode)
         self.backbone.image_encoder.eval()  # frozen: its batch-norm statistics and dropout stay as pre-trained
         return self
@@ -283,12 +328,14 @@ class HSam(nn.Module):
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"H-SAM takes slices shaped (B, 1, H, W), got {tuple(image.shape)}")
         hw = tuple(image.shape[-2:])
-        if encoder_features is None:
-            embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
-        else:
-            from common.networks.frozen_prefix import run_rest
+        with torch.autocast(image.device.type, dtype=self.encoder_dtype or torch.bfloat16, enabled=self.encoder_dtype is not None):
+            if encoder_features is None:
+                embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
+            else:
+                from common.networks.frozen_prefix import run_rest
 
-            embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
+                embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
+        embedding = embedding.float()
         logits1, token, image_tokens, pos, skips = self.stage1(embedding, boxes)
         prior = F.adaptive_avg_pool2d(torch.sigmoid(logits1), image_tokens.shape[-2:])
         logits2, features = self.stage2(image_tokens, pos, token, prior, skips)
