@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         stats = json.loads((folder / "statistics.json").read_text())
         runs[precision] = (wall, np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj))
         s = stats["structures"]
-        print(f"lungseg --precision {precision} (H-SAM encoder in {stats['settings']['encoder_precision']}, every slice): {wall:.1f} s wall "
+        print(f"lungseg --precision {precision} (H-SAM in {stats['settings']['inference_precision']}, every slice): {wall:.1f} s wall "
               f"({stats['seconds']} s in segment), peak {stats['peak_memory_gb']} GB; right {s['right lung']['volume_ml']} mL, "
               f"left {s['left lung']['volume_ml']} mL; qc {'passed' if stats['qc']['passed'] else stats['qc']['reasons']}")
     vol = read_ct(args.scan)

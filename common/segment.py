@@ -108,12 +108,15 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
             source: dict | None = None) -> dict:
     """Segment ``ct`` (a CT file or a folder holding one DICOM series) into ``out``; returns ``statistics.json``'s content.
 
-    ``probmap``: also run SA-2 and write its five-class map (``probmap.nii.gz``, about twice the time on the CPU;
-    ``benchmarks/lungseg_speed.py``); the lung labels are H-SAM's on every slice either way. ``dicom_files``: the series' files, for the DICOM-SEG and RTSTRUCT. ``source``: what to record of the input
-    (path, Study/Series UIDs, series skipped), else the path. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; the
-    bundles' default (the first GPU when there is one) when ``None``. ``precision``: H-SAM's image encoder in
-    ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 where the device computes it natively: 2.2x faster on an
-    AVX-512 BF16 CPU, masks within Dice 0.998 of float32 on the 9 real scans; ``docs/lungseg.md``).
+    - ``probmap``: also run SA-2 and write its five-class map (``probmap.nii.gz``; about 2 more minutes on 2 CPU
+      cores for 133 slices). The lung labels are H-SAM's on every slice either way.
+    - ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; the bundles' default (the first GPU when there is one) when ``None``.
+    - ``precision``: H-SAM computed in ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 where the device computes
+      it natively: about 2x faster on an AVX-512 BF16 CPU, masks within Dice 0.998 of float32's; ``docs/lungseg.md``).
+    - ``classes``: SA-2's other structures to add (``EXTRA_CLASSES``: heart 3, blood vessel 4, airway 5, bone 6), each
+      where it is SA-2's most probable class at 0.5 or more outside H-SAM's lungs; runs SA-2.
+    - ``dicom_files``: the series' files, for the DICOM-SEG and RTSTRUCT.
+    - ``source``: what to record of the input (path, Study/Series UIDs, series skipped), else the path.
     """
     from common.engines.cases import case_paths
     from common.engines.hsam import SEGMENTATION_OUTPUTS
@@ -148,7 +151,7 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
     try:
         # every slice: the answer does not depend on whether SA-2 ran (its region would only skip slices)
         run_bundle("hsam_finetune", {**run, "ckpt_path": str(models.hsam), "output_dir": str(work / "hsam"), "overwrite": True, "progress": True,
-                                     "cases": [case], "save_probability": False, "encoder_precision": precision})
+                                     "cases": [case], "save_probability": False, "inference_precision": precision})
     except CaseFailed as e:
         shutil.rmtree(work, ignore_errors=True)
         if e.case == str(ct):

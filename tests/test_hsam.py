@@ -206,17 +206,17 @@ def test_for_inference_merges_lora_into_the_same_answer_and_refuses_to_train():
         before = model.probability(model(x))
         model.for_inference("float32")
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        assert layers and all(m.merged for m in layers) and model.encoder_dtype is None
+        assert layers and all(m.merged for m in layers) and model.compute_dtype is None
         assert torch.allclose(model.probability(model(x)), before, atol=1e-5)
         model.for_inference("float32")  # twice is once: a bypass is never added to its weight again
         assert torch.allclose(model.probability(model(x)), before, atol=1e-5)
-        model.for_inference("bfloat16")  # the encoder in bfloat16, the decoders and the answer in float32
-        assert model.encoder_dtype == torch.bfloat16
+        model.for_inference("bfloat16")  # computed in bfloat16, the logits and the answer in float32
+        assert model.compute_dtype == torch.bfloat16
         low = model.probability(model(x))
         assert low.dtype == torch.float32 and (low - before).abs().max() < 0.1
     with pytest.raises(RuntimeError, match="merged for inference"):
         model.train()
-    with pytest.raises(ValueError, match="encoder_precision must be"):
+    with pytest.raises(ValueError, match="precision must be float32, bfloat16 or auto"):
         model.for_inference("float16")
 
 

@@ -253,7 +253,11 @@ def test_a_batch_segments_every_case_reports_the_broken_one_and_resumes(tmp_path
     rc = main(["-i", str(cases), "-o", str(out), "--probmap", "--classes", "heart,bone", *tiny_models])
     printed = capsys.readouterr()
     assert rc == EXIT_INPUT  # the worst case's code
-    assert "broken.nii.gz" in printed.err and "Traceback" not in printed.err
+    said = [line for line in printed.err.splitlines() if line.startswith("lungseg: ")]
+    assert any("broken.nii.gz: not a readable NIfTI file" in line for line in said)
+    # MONAI's StatsHandler keeps the stream of the first test that made its logger; its complaint is not the tool's
+    err = re.sub(r"--- Logging error ---.*?\nArguments: \(.*?\)\n", "", printed.err, flags=re.S)
+    assert "Traceback" not in err  # one line, no traceback
     done = sorted(p.parent.name for p in out.glob("*/statistics.json"))
     assert done == sorted(Path(c["path"]).name.removesuffix(".nii.gz") for c in phantoms)
     assert re.search(r"2 of 3 case\(s\) done( \(\d failed QC: [^)]*\))?; not done: broken", printed.out)

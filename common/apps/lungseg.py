@@ -189,8 +189,6 @@ def _series_folder(out: Path, files: list[Path]) -> Path:
 
 
 def main(argv=None) -> int:
-    from common.segment import Models
-
     p = argparse.ArgumentParser(prog="lungseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path, help="a CT file, a folder of DICOM files, or a folder of cases")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder (one sub-folder per case in a batch)")
@@ -202,15 +200,28 @@ def main(argv=None) -> int:
     p.add_argument("--classes", default="lungs", help="lungs (1 right, 2 left) or, beside them, SA-2's: all, or a comma list of heart, "
                    "blood vessel, airway, bone (labels 3-6; runs SA-2)")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="H-SAM's image encoder: auto = bfloat16 where the CPU or GPU computes it natively (about 2x faster), else float32")
+                   help="H-SAM's arithmetic: auto = bfloat16 where the CPU or GPU computes it natively (about 2x faster), else float32")
     p.add_argument("--probmap", action="store_true", help="also run SA-2 and write its five-class probability map, probmap.nii.gz "
                    "(about twice the time on the CPU; the lung labels do not change)")
     p.add_argument("--overwrite", action="store_true", help="segment again the cases whose statistics.json exists")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    # this run's log on this run's stderr, taken off again at the end (main may run many times in one process)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if args.quiet else logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # a line per copied DICOM module otherwise
-    from common.segment import EXTRA_CLASSES
+    try:
+        return _run(args)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _run(args) -> int:
+    from common.segment import EXTRA_CLASSES, Models
 
     classes = tuple(EXTRA_CLASSES) if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip() and c.strip() != "lungs")
     if set(classes) - set(EXTRA_CLASSES):

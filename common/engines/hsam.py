@@ -123,12 +123,12 @@ def load_network(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return network
 
 
-def prepare_for_inference(network: torch.nn.Module, encoder_precision: str = "float32") -> torch.nn.Module:
+def prepare_for_inference(network: torch.nn.Module, inference_precision: str = "float32") -> torch.nn.Module:
     """An H-SAM ready to segment (:meth:`common.networks.hsam.HSam.for_inference`: LoRA merged, encoder precision);
     any other network (the UNet / UNETR baselines) in eval mode."""
     model = unwrap(network)
     if hasattr(model, "for_inference"):
-        model.for_inference(encoder_precision)
+        model.for_inference(inference_precision)
     return network.eval()
 
 

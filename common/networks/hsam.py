@@ -252,18 +252,18 @@ class HSam(nn.Module):
         up = backbone.mask_decoder.output_upscaling
         skip_dims = (up[0].out_channels, up[3].out_channels)
         self.stage2 = HierarchicalDecoder(dim, heads=8, self_attention_pool=self_attention_pool, skip_dims=skip_dims)
-        self.encoder_dtype: torch.dtype | None = None  # autocast dtype of the image encoder (None: float32); for_inference sets it
+        self.compute_dtype: torch.dtype | None = None  # autocast dtype of the forward (None: float32); for_inference sets it
         self.merged = False
 
-    def for_inference(self, encoder_precision: str = "float32") -> "HSam":
+    def for_inference(self, precision: str = "float32") -> "HSam":
         """This network, ready to segment and no longer to train: eval mode, each LoRA bypass merged into its frozen
-        layer (peft's ``merge``: one matmul where there were three), and the image encoder run at
-        ``encoder_precision`` ("float32", "bfloat16", or "auto": bfloat16 where the device computes it natively,
-        a CPU with AVX-512 BF16 or AMX, or a GPU; float32 elsewhere). The decoders stay float32."""
+        layer (peft's ``merge``: one matmul where there were three), and its forward computed at ``precision``
+        ("float32", "bfloat16" under autocast, or "auto": bfloat16 where the device computes it natively, a CPU with
+        AVX-512 BF16 or AMX, or a GPU; float32 elsewhere). The logits it returns are float32 either way."""
         from peft.tuners.lora import LoraLayer
 
-        if encoder_precision not in ("float32", "bfloat16", "auto"):
-            raise ValueError(f"encoder_precision must be float32, bfloat16 or auto, got {encoder_precision!r}")
+        if precision not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"precision must be float32, bfloat16 or auto, got {precision!r}")
         self.eval()
         if not self.merged:
             for module in self.backbone.image_encoder.modules():
@@ -271,8 +271,8 @@ class HSam(nn.Module):
                     module.merge()
             self.merged = True
         device = next(self.parameters()).device
-        bf16 = encoder_precision == "bfloat16" or (encoder_precision == "auto" and native_bfloat16(device))
-        self.encoder_dtype = torch.bfloat16 if bf16 else None
+        bf16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
+        self.compute_dtype = torch.bfloat16 if bf16 else None
         return self
 
     @property
@@ -327,15 +327,18 @@ class HSam(nn.Module):
         """``encoder_features``: :meth:`frozen_features` of ``image`` (e.g. from a cache); the frozen stages are then skipped."""
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"H-SAM takes slices shaped (B, 1, H, W), got {tuple(image.shape)}")
-        hw = tuple(image.shape[-2:])
-        with torch.autocast(image.device.type, dtype=self.encoder_dtype or torch.bfloat16, enabled=self.encoder_dtype is not None):
-            if encoder_features is None:
-                embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
-            else:
-                from common.networks.frozen_prefix import run_rest
+        with torch.autocast(image.device.type, dtype=self.compute_dtype or torch.bfloat16, enabled=self.compute_dtype is not None):
+            out = self._forward(image, boxes, encoder_features)
+        return {k: v.float() for k, v in out.items()}
 
-                embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
-        embedding = embedding.float()
+    def _forward(self, image: torch.Tensor, boxes: torch.Tensor | None, encoder_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        hw = tuple(image.shape[-2:])
+        if encoder_features is None:
+            embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
+        else:
+            from common.networks.frozen_prefix import run_rest
+
+            embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
         logits1, token, image_tokens, pos, skips = self.stage1(embedding, boxes)
         prior = F.adaptive_avg_pool2d(torch.sigmoid(logits1), image_tokens.shape[-2:])
         logits2, features = self.stage2(image_tokens, pos, token, prior, skips)
