@@ -95,6 +95,20 @@ def run_bundle(bundle: str, overrides: dict, config: str = "inference.json"):
     return parser
 
 
+def _run_on_scan(bundle: str, overrides: dict, ct: Path, work: Path) -> None:
+    """:func:`run_bundle` on the one scan ``ct``; a scan the bundle could not read is a :class:`CTReadError` naming it
+    (the input's fault), and the work folder goes either way on failure."""
+    from common.io import CTReadError
+
+    try:
+        run_bundle(bundle, overrides)
+    except CaseFailed as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if e.case == str(ct):
+            raise CTReadError(ct, e.reason) from None
+        raise
+
+
 class CaseFailed(RuntimeError):
     """A bundle's evaluator could not load or process its case (``case``: the image path when loading failed)."""
 
@@ -121,7 +135,7 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
     from common.engines.cases import case_paths
     from common.engines.hsam import SEGMENTATION_OUTPUTS
     from common.engines.probmap import case_outputs as probmap_outputs
-    from common.io import CTReadError, write_json_atomic
+    from common.io import write_json_atomic
     from common.qc import lung_mask_qc
 
     ct, out = Path(ct), Path(out)
@@ -139,40 +153,31 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
     run = {"device": f"$torch.device('{device}')"} if device else {}
     pm = None
     if probmap:
-        try:
-            run_bundle("probmap", {**run, "ckpt_path": str(models.clip), "output_dir": str(work / "probmap"), "datalist": [case], "overwrite": True, "overlay": False})
-        except CaseFailed as e:
-            shutil.rmtree(work, ignore_errors=True)
-            if e.case == str(ct):  # the scan could not be read: the input's fault, named as such
-                raise CTReadError(ct, e.reason) from None
-            raise
+        _run_on_scan("probmap", {**run, "ckpt_path": str(models.clip), "output_dir": str(work / "probmap"), "datalist": [case], "overwrite": True,
+                                 "overlay": False}, ct, work)
         pm = probmap_outputs(work / "probmap", "scan")
     t_probmap = time.perf_counter() - start
-    try:
-        # every slice: the answer does not depend on whether SA-2 ran (its region would only skip slices)
-        run_bundle("hsam_finetune", {**run, "ckpt_path": str(models.hsam), "output_dir": str(work / "hsam"), "overwrite": True, "progress": True,
-                                     "cases": [case], "save_probability": False, "inference_precision": precision})
-    except CaseFailed as e:
-        shutil.rmtree(work, ignore_errors=True)
-        if e.case == str(ct):
-            raise CTReadError(ct, e.reason) from None
-        raise
+    # every slice: the answer does not depend on whether SA-2 ran (its region would only skip slices)
+    _run_on_scan("hsam_finetune", {**run, "ckpt_path": str(models.hsam), "output_dir": str(work / "hsam"), "overwrite": True, "progress": True,
+                                   "cases": [case], "save_probability": False, "inference_precision": precision}, ct, work)
     seg = case_paths(work / "hsam", "scan", SEGMENTATION_OUTPUTS)
     report = json.loads(seg["report"].read_text())
     report.update({"input": str((source or {}).get("input", ct)), "seconds": {"probmap": round(t_probmap, 1)} if pm else {}})
     report["qc"] = lung_mask_qc(report)  # an empty or implausible mask is written, but never reported as a success
     try:
         paths = {k: out / v for k, v in OUTPUTS.items()}
-        for src, name in ((seg["sides"], "labels"), (seg["mask"], "mask")) + (((pm["probmap"], "probmap"),) if pm else ()):
+        for src, name in ((seg["mask"], "mask"),) + (((pm["probmap"], "probmap"),) if pm else ()):
             _copy_atomic(src, paths[name])
-        labels, affine = _read_labels(vol, paths["labels"])
+        labels, affine = _read_labels(vol, seg["sides"])
         names = dict(LABEL_NAMES)
         if classes:
-            labels = add_sa2_classes(labels, pm["probmap"], classes)
-            names.update({EXTRA_CLASSES[c]: c for c in classes})
             from common.io.nifti import save_nifti_array
 
-            save_nifti_array(labels, affine, paths["labels"], dtype=np.uint8)
+            labels = add_sa2_classes(labels, pm["probmap"], classes)
+            names.update({EXTRA_CLASSES[c]: c for c in classes})
+            save_nifti_array(labels, affine, paths["labels"], dtype=np.uint8)  # written once, with the classes
+        else:
+            _copy_atomic(seg["sides"], paths["labels"])
         used = models.describe(probmap)
         written = ["labels", "mask"] + (["probmap"] if pm else []) + ["report"]
         dicom_error = None

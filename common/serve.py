@@ -30,10 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common.segment import BUNDLES, DEFAULT_CLIP, DEFAULT_HSAM, REPO  # the shipped models, one place
+
 DEFAULT_APP = REPO / "outputs" / "serve" / "app"
-DEFAULT_CLIP = REPO / "bundles" / "foundation_clip" / "models" / "model.pt"  # shipped (committed)
-DEFAULT_HSAM = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"  # shipped (committed)
 # What MONAI Label's local datastore reads (its `extensions`); anything else in STUDIES is not served.
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
 log = logging.getLogger("serve")
@@ -53,8 +52,8 @@ class ServedBundle:
 
 
 def default_bundles(clip_ckpt: str | Path = DEFAULT_CLIP, hsam_ckpt: str | Path = DEFAULT_HSAM) -> dict[str, ServedBundle]:
-    return {"probmap": ServedBundle(REPO / "bundles" / "probmap", Path(clip_ckpt)),
-            "hsam_finetune": ServedBundle(REPO / "bundles" / "hsam_finetune", Path(hsam_ckpt))}
+    return {"probmap": ServedBundle(BUNDLES / "probmap", Path(clip_ckpt)),
+            "hsam_finetune": ServedBundle(BUNDLES / "hsam_finetune", Path(hsam_ckpt))}
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -225,20 +225,12 @@ def test_bad_input_gets_one_line_naming_the_file_and_an_exit_code(tmp_path, lidc
 
 
 @pytest.fixture
-def tiny_models(tmp_path, tiny_clip):
-    from common.engines.hsam import save_network
-    from common.networks import load_sam_family
-    from common.networks.hsam import build_hsam
-
-    torch.manual_seed(0)
-    backbone = load_sam_family("tiny_sam", random_init=True)
-    weights = tmp_path / "tiny_sam.pth"
-    parts = torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder, "mask_decoder": backbone.mask_decoder})
-    torch.save(parts.state_dict(), weights)
-    return ["--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(save_network(build_hsam("tiny_sam", sam_checkpoint=weights), tmp_path / "hsam.pt"))]
+def tiny_models(tiny_clip, tiny_hsam):
+    return ["--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tiny_hsam)]
 
 
 from tests.test_probmap import tiny_clip  # noqa: E402,F401  (the tiny SA-1 checkpoint fixture)
+from tests.test_serve import tiny_hsam  # noqa: E402,F401  (the tiny H-SAM checkpoint fixture)
 
 
 def test_a_batch_segments_every_case_reports_the_broken_one_and_resumes(tmp_path, tiny_phantom_manifest, tiny_models, capsys):

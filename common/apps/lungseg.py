@@ -26,9 +26,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, NPZ_SUFFIXES
+
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_QC, EXIT_OUTPUT = 0, 1, 2, 3, 4
 SEVERITY = (EXIT_ERROR, EXIT_OUTPUT, EXIT_INPUT, EXIT_QC, EXIT_OK)  # a batch exits with its most serious case's code
-CT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz")
+CT_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + NPZ_SUFFIXES  # the CT files common.io reads
 log = logging.getLogger("lungseg")
 
 
