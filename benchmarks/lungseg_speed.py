@@ -1,9 +1,10 @@
-"""``lungseg`` on one real scan, three ways in one run: ``make segment``'s path before ``lungseg`` (SA-2 first,
+"""``lungseg`` on one real scan, four ways in one run: ``make segment``'s path before ``lungseg`` (SA-2 first,
 then H-SAM on the slices SA-2's lung touches plus 2, unmerged LoRA, its probability saved: the bundle configs as
-``common.segment`` ran them at f549007), and ``lungseg`` now with H-SAM's encoder in float32 and in its default
-precision (``auto``: bfloat16 on a CPU with AVX-512 BF16). Each runs as its own process, as a user starts it:
-wall seconds include Python's start and the imports; the peak is the process's resident memory. Then how the
-masks agree with each other and with the HU threshold.
+``common.segment`` ran them at f549007), and ``lungseg`` now: on every slice in float32, on every slice in its
+default precision (``auto``: bfloat16 on a CPU with AVX-512 BF16), and as it runs by default (``auto`` and its
+slice search, ``--slice-search-step 4``). Each runs as its own process, as a user starts it: wall seconds include
+Python's start and the imports; the peak is the process's resident memory. Then how the masks agree with each
+other and with the HU threshold.
 
     python benchmarks/lungseg_speed.py [--scan ../shared/data/lidc_idri_1011_dicom] [--out outputs/lungseg_speed]
 
@@ -77,24 +78,29 @@ def main(argv=None) -> int:
     before_labels = np.asarray(nib.load(str(out / "before" / "labels.nii.gz")).dataobj)
     peak_before = json.loads((out / "before" / "peak.json").read_text())["peak_memory_gb"]
     print(f"before (SA-2, then H-SAM on its slices): {wb:.1f} s wall, peak {peak_before} GB")
+    ways = {"float32, every slice": ["--precision", "float32", "--slice-search-step", "1"],
+            "auto, every slice": ["--precision", "auto", "--slice-search-step", "1"],
+            "default (auto, slice search 4)": []}
     runs = {}
-    for precision in ("float32", "auto"):
-        folder = out / f"lungseg_{precision}"
-        wall = timed([sys.executable, "-m", "common.apps.lungseg", "-i", args.scan, "-o", str(folder), "--quiet", "--precision", precision], folder)
+    for n, (way, options) in enumerate(ways.items()):
+        folder = out / f"lungseg_{n}"
+        wall = timed([sys.executable, "-m", "common.apps.lungseg", "-i", args.scan, "-o", str(folder), "--quiet", *options], folder)
         stats = json.loads((folder / "statistics.json").read_text())
-        runs[precision] = (wall, np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj))
+        runs[way] = (wall, np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj))
         s = stats["structures"]
-        print(f"lungseg --precision {precision} (H-SAM in {stats['settings']['inference_precision']}, every slice): {wall:.1f} s wall "
+        print(f"lungseg {' '.join(options) or '(defaults)'} (H-SAM in {stats['settings']['inference_precision']}): {wall:.1f} s wall "
               f"({stats['seconds']} s in segment), peak {stats['peak_memory_gb']} GB; right {s['right lung']['volume_ml']} mL, "
               f"left {s['left lung']['volume_ml']} mL; qc {'passed' if stats['qc']['passed'] else stats['qc']['reasons']}")
     vol = read_ct(args.scan)
     threshold = hu_threshold_lung_mask(vol.hu, vol.spacing)
-    for precision, (_, labels) in runs.items():
-        print(f"agreement, lungseg --precision {precision}: Dice with before {dice_score(before_labels > 0, labels > 0):.4f} "
+    for way, (_, labels) in runs.items():
+        print(f"agreement, lungseg {way}: Dice with before {dice_score(before_labels > 0, labels > 0):.4f} "
               f"(right {dice_score(before_labels == 1, labels == 1):.4f}, left {dice_score(before_labels == 2, labels == 2):.4f}); "
               f"with the HU threshold {dice_score(labels > 0, threshold):.4f} (before {dice_score(before_labels > 0, threshold):.4f})")
-    print(f"agreement, bfloat16 with float32: {dice_score(runs['auto'][1] > 0, runs['float32'][1] > 0):.4f}")
-    print(f"speedup {wb / runs['auto'][0]:.2f}")
+    exact, fast, default = (runs[w][1] for w in ways)
+    print(f"agreement, bfloat16 with float32 (every slice): {dice_score(fast > 0, exact > 0):.4f}; "
+          f"slice search with every slice (auto): labels equal {bool(np.array_equal(default, fast))}, Dice {dice_score(default > 0, fast > 0):.4f}")
+    print(f"speedup {wb / runs['default (auto, slice search 4)'][0]:.2f}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -269,9 +270,11 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
             ax.set_title(f"{name}\nslice {k}", fontsize=7)
             ax.axis("off")
     height = fig.get_figheight()
-    fig.suptitle(title + ("; truth dashed yellow" if ref_l is not None else ""), fontsize=8, y=1 - 0.08 / height)
+    # wrapped to the figure's width (about 15 characters an inch at 8 pt): one column of slices cut a long title off
+    lines = textwrap.wrap(title + ("; truth dashed yellow" if ref_l is not None else ""), width=max(24, int(15 * fig.get_figwidth())))
+    fig.suptitle("\n".join(lines), fontsize=8, y=1 - 0.08 / height)
     # explicit spacing: tight_layout let each row's two-line titles run into the row above
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.65 / height, wspace=0.04, hspace=0.25)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (0.5 + 0.15 * len(lines)) / height, wspace=0.04, hspace=0.25)
     return _save_figure(fig, path)
 
 

@@ -119,7 +119,7 @@ class CaseFailed(RuntimeError):
 
 def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap: bool = False, device: str | None = None,
             precision: str = "auto", classes: Sequence[str] = (), dicom_files: Sequence[str | Path] | None = None,
-            source: dict | None = None) -> dict:
+            source: dict | None = None, slice_search_step: int = 4) -> dict:
     """Segment ``ct`` (a CT file or a folder holding one DICOM series) into ``out``; returns ``statistics.json``'s content.
 
     - ``probmap``: also run SA-2 and write its five-class map (``probmap.nii.gz``; about 2 more minutes on 2 CPU
@@ -127,6 +127,8 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
     - ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; the bundles' default (the first GPU when there is one) when ``None``.
     - ``precision``: H-SAM computed in ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bfloat16 where the device computes
       it natively: about 2x faster on an AVX-512 BF16 CPU, masks within Dice 0.998 of float32's; ``docs/lungseg.md``).
+    - ``slice_search_step``: H-SAM first on every ``slice_search_step``-th slice, then on every slice of the slab where
+      it found lung (``common.inferers.SliceEnsembleInferer``); 1 runs every slice.
     - ``classes``: SA-2's other structures to add (``EXTRA_CLASSES``: heart 3, blood vessel 4, airway 5, bone 6), each
       where it is SA-2's most probable class at 0.5 or more outside H-SAM's lungs; runs SA-2.
     - ``dicom_files``: the series' files, for the DICOM-SEG and RTSTRUCT.
@@ -157,9 +159,10 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
                                  "overlay": False}, ct, work)
         pm = probmap_outputs(work / "probmap", "scan")
     t_probmap = time.perf_counter() - start
-    # every slice: the answer does not depend on whether SA-2 ran (its region would only skip slices)
+    # the slices H-SAM's own search finds, not SA-2's region: the answer does not depend on whether SA-2 ran
     _run_on_scan("hsam_finetune", {**run, "ckpt_path": str(models.hsam), "output_dir": str(work / "hsam"), "overwrite": True, "progress": True,
-                                   "cases": [case], "save_probability": False, "inference_precision": precision}, ct, work)
+                                   "cases": [case], "save_probability": False, "inference_precision": precision,
+                                   "slice_search_step": int(slice_search_step)}, ct, work)
     seg = case_paths(work / "hsam", "scan", SEGMENTATION_OUTPUTS)
     report = json.loads(seg["report"].read_text())
     report.update({"input": str((source or {}).get("input", ct)), "seconds": {"probmap": round(t_probmap, 1)} if pm else {}})

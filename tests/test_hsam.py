@@ -463,6 +463,36 @@ def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_sli
     torch.testing.assert_close(chunked, SliceEnsembleInferer(slice_batch=6, input_size=32)(slices, FixedSize()))
 
 
+def test_slice_search_runs_the_foreground_slab_and_matches_every_slice():
+    from common.inferers import SliceEnsembleInferer
+
+    class CountingThreshold(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.slices = 0
+
+        def forward(self, x):
+            self.slices += x.shape[0]
+            return torch.where(x > 0.5, 20.0, -20.0)
+
+    volume = torch.zeros(1, 1, 16, 16, 40)
+    volume[:, :, 4:12, 4:12, 13:27] = 1.0  # the foreground slab: slices 13-26, ends between sampled slices
+    full_net, search_net = CountingThreshold(), CountingThreshold()
+    full = SliceEnsembleInferer(slice_batch=3)(volume, full_net)
+    searched = SliceEnsembleInferer(slice_batch=3, slice_search_step=4)(volume, search_net)
+    torch.testing.assert_close(searched, full)  # every foreground slice found, ends included
+    assert full_net.slices == 40 and search_net.slices == 10 + (28 - 12 + 1) - 5  # 10 sampled, then slab 12-28 less its 5 sampled
+    # the slab reaching the volume's last slice, which is not a sampled one: still run
+    edge = torch.zeros(1, 1, 16, 16, 42)
+    edge[:, :, 4:12, 4:12, 38:] = 1.0
+    torch.testing.assert_close(SliceEnsembleInferer(slice_search_step=4)(edge, CountingThreshold()), SliceEnsembleInferer()(edge, CountingThreshold()))
+    # no foreground in any sampled slice: only those ran, all zero
+    empty_net = CountingThreshold()
+    assert float(SliceEnsembleInferer(slice_search_step=4)(torch.zeros(1, 1, 8, 8, 20), empty_net).max()) < 0.01 and empty_net.slices == 5
+    with pytest.raises(ValueError, match="slice_search_step"):
+        SliceEnsembleInferer(slice_search_step=0)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -813,7 +843,7 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
     assert float((a - b).abs().max()) < 5e-3
 
 
-def _shipped_hsam_on_real_slices(path, checkpoint=REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"):
+def _shipped_hsam_on_real_slices(path, checkpoint=REPO / "bundles" / "hsam_finetune" / "models" / "model.pt", model=None):
     """The committed H-SAM (float16 trained tensors on LiteMedSAM from its package) on the quarter, middle and
     three-quarter lung slices of a real scan, read as the inference bundle reads it: (HU, HU-threshold lungs,
     slice indices, lung probability per slice)."""
@@ -824,7 +854,7 @@ def _shipped_hsam_on_real_slices(path, checkpoint=REPO / "bundles" / "hsam_finet
     from common.lungmask import hu_threshold_lung_mask
     from common.transforms.intensity import HUWindow
 
-    model = load_hsam(checkpoint).eval()
+    model = load_hsam(checkpoint).eval() if model is None else model
     image = LoadImage(reader=CTReader(), image_only=True)(path)
     hu = np.asarray(image, dtype=np.float32)
     lungs = hu_threshold_lung_mask(hu, tuple(float(s) for s in image.pixdim[:3]))
@@ -835,6 +865,40 @@ def _shipped_hsam_on_real_slices(path, checkpoint=REPO / "bundles" / "hsam_finet
         prob = SliceEnsembleInferer(slice_batch=3)(x, model)[:, 0].numpy()
     return hu, lungs, ks, prob
 
+
+def test_shipped_hsam_for_inference_keeps_its_answer_on_real_ct():
+    """The shipped H-SAM readied for inference (LoRA merged, TinyViT's 27 batch norms folded, float32) gives the
+    probabilities of the network as trained, on real slices (DeepLesion 000001_02_01), to float rounding."""
+    from torch import nn
+
+    checkpoint = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"
+    _, _, ks, trained = _shipped_hsam_on_real_slices(DEEPLESION / "000001_02_01", checkpoint)
+    model = load_hsam(checkpoint).for_inference("float32")
+    encoder = model.backbone.image_encoder
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4)
+    _, _, ks2, ready = _shipped_hsam_on_real_slices(DEEPLESION / "000001_02_01", model=model)
+    assert list(ks) == list(ks2) and np.abs(ready - trained).max() < 1e-3
+
+
+def test_fold_sequential_batch_norms_keeps_outputs_and_layout():
+    from torch import nn
+
+    from common.networks.fusion import fold_sequential_batch_norms
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)), nn.GELU(),
+                        nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.BatchNorm2d(4)))
+    for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]:
+        bn.running_mean.normal_(0, 1), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(1, 0.2), bn.bias.data.normal_(0, 0.2)
+    net = net.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_sequential_batch_norms(net) == 2  # the lone batch norm has no convolution to go into
+        torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 1
+    assert net[0][0].weight.is_contiguous(memory_format=torch.channels_last)
 
 def test_shipped_hsam_segments_the_lungs_of_real_ct_without_prompts():
     """Real slices it never trained on (TotalSegmentator crop b: its pseudo label failed QC): the lungs, agreeing

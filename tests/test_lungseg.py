@@ -20,7 +20,8 @@ from pydicom.uid import generate_uid
 
 from common.apps.lungseg import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_QC, main
 from common.io import CTReadError, choose_ct_series, read_ct, read_rtstruct, scan_dicom_folder
-from common.io.dicom_out import STRUCTURES, labels_on_series_grid, read_series_headers, write_dicom_seg, write_rtstruct
+from common.io.dicom_out import (STRUCTURES, _axis_aligned_frame, _nearest_voxel_frame, labels_on_series_grid, pixel_to_ras, read_series_headers,
+                                 write_dicom_seg, write_rtstruct)
 from tests.conftest import edit_dicom, sorted_by_position
 
 LUNGS = [STRUCTURES["right lung"], STRUCTURES["left lung"]]
@@ -83,6 +84,24 @@ def test_labels_land_on_each_dicom_pixel_they_came_from(lidc_subset):
         assert np.array_equal(frame, stored.astype(np.float32))
 
 
+def test_axis_aligned_frames_equal_the_nearest_voxel_lookup():
+    """Pixels on the label grid (any axis order and direction) are sliced out; anything else is looked up."""
+    labels = np.random.default_rng(0).integers(0, 5, size=(7, 9, 5)).astype(np.uint8)
+    cases = {
+        "columns along -x, rows along z": np.array([[-1, 0, 0, 6], [0, 0, 1, 4], [0, 1, 0, 0], [0, 0, 0, 1.0]]),
+        "columns along y, rows along x": np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 3], [0, 0, 0, 1.0]]),
+    }
+    for name, m in cases.items():
+        rows, cols = (5, 7) if "rows along z" in name else (7, 9)
+        fast = _axis_aligned_frame(labels, m, rows, cols)
+        assert fast is not None and np.array_equal(fast, _nearest_voxel_frame(labels, m, rows, cols)), name
+    half_voxel = np.array([[1, 0, 0, 0.5], [0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 1.0]])
+    oblique = np.array([[0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 1.0]])
+    beyond = np.array([[1, 0, 0, 3], [0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 1.0]])  # columns run past the grid
+    for m in (half_voxel, oblique, beyond):
+        assert _axis_aligned_frame(labels, m, 7, 9) is None
+    assert _nearest_voxel_frame(labels, beyond, 7, 9)[:, -3:].max() == 0
+
 @pytest.mark.real
 def test_dicom_seg_and_rtstruct_of_a_real_series_read_back_to_the_labels(tmp_path, lidc_files_by_position):
     """On the whole LIDC series: the DICOM-SEG reads back voxel for voxel (highdicom), the RTSTRUCT's contours
@@ -99,6 +118,10 @@ def test_dicom_seg_and_rtstruct_of_a_real_series_read_back_to_the_labels(tmp_pat
     labels[:40], labels[-40:], labels[:, :60], labels[:, -60:] = 0, 0, 0, 0  # air outside the body gone
     datasets = read_series_headers(lidc_files_by_position)
     frames = labels_on_series_grid(labels, vol.affine, datasets)
+    to_voxel = np.linalg.inv(vol.affine)
+    for n in (0, 70, len(datasets) - 1):  # the slice of the array is the per-pixel lookup's answer
+        assert _axis_aligned_frame(labels, to_voxel @ pixel_to_ras(datasets[n]), 512, 512) is not None
+        assert np.array_equal(frames[n], _nearest_voxel_frame(labels, to_voxel @ pixel_to_ras(datasets[n]), 512, 512))
     seg_path = write_dicom_seg(tmp_path / "seg.dcm", frames, datasets, LUNGS, "test")
     rt_path = write_rtstruct(tmp_path / "rtstruct.dcm", frames, datasets, LUNGS)
     seg = hd.seg.segread(seg_path)
@@ -201,6 +224,8 @@ def test_bad_input_gets_one_line_naming_the_file_and_an_exit_code(tmp_path, lidc
     assert "no axial CT series to segment" in (line := _err(capsys)) and "modality MR, not CT" in line
     assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--classes", "liver"]) == EXIT_INPUT
     assert "--classes liver: unknown ['liver']" in _err(capsys)
+    assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--slice-search-step", "0"]) == EXIT_INPUT
+    assert "--slice-search-step 0: must be 1 (every slice) or more" in _err(capsys)
     assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--series", "1.2.3"]) == EXIT_INPUT
     assert "series 1.2.3 not found; present:" in _err(capsys)
     assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--hsam-ckpt", str(tmp_path / "none.pt")]) == EXIT_INPUT

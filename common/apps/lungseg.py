@@ -1,7 +1,8 @@
 """``lungseg``: the lungs of chest CT, right and left, with the shipped models (the CLI over :mod:`common.segment`).
 
     lungseg -i <DICOM folder | .nii.gz | .nrrd | .mha | folder of cases> -o <out> [--series UID] [--device cpu|cuda]
-            [--models DIR] [--classes lungs|all|heart,...] [--precision auto|float32|bfloat16] [--probmap] [--overwrite]
+            [--models DIR] [--classes lungs|all|heart,...] [--precision auto|float32|bfloat16] [--slice-search-step N]
+            [--probmap] [--overwrite]
 
 One scan (a CT file, or a folder holding DICOM files) writes into ``<out>``: ``labels.nii.gz`` (1 right lung,
 2 left lung), ``lung_mask.nii.gz``, ``report.json``, ``statistics.json``, ``overlay.png``, for DICOM
@@ -135,7 +136,7 @@ def check_writable(out: Path) -> None:
 
 
 def run_case(case: Case, out: Path, models, series_uid: str | None, device: str | None, overwrite: bool, probmap: bool = False,
-             precision: str = "auto", classes: tuple[str, ...] = ()) -> int:
+             precision: str = "auto", classes: tuple[str, ...] = (), slice_search_step: int = 4) -> int:
     """Segment one case into ``out``; returns its exit code and prints one line for it."""
     from common.io import CTReadError
     from common.segment import OUTPUTS, segment
@@ -151,7 +152,8 @@ def run_case(case: Case, out: Path, models, series_uid: str | None, device: str 
         ct = case.path
         if case.dicom_files is not None and case.source.get("skipped_series"):
             ct = _series_folder(out, case.dicom_files)  # the bundles read a folder: give them the chosen series alone
-        stats = segment(ct, out, models, probmap=probmap, device=device, precision=precision, classes=classes, dicom_files=case.dicom_files, source=case.source)
+        stats = segment(ct, out, models, probmap=probmap, device=device, precision=precision, classes=classes, dicom_files=case.dicom_files, source=case.source,
+                        slice_search_step=slice_search_step)
     except PermissionError as e:
         print(f"lungseg: {e}", file=sys.stderr)
         return EXIT_OUTPUT
@@ -203,6 +205,8 @@ def main(argv=None) -> int:
                    "blood vessel, airway, bone (labels 3-6; runs SA-2)")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="H-SAM's arithmetic: auto = bfloat16 where the CPU or GPU computes it natively (about 2x faster), else float32")
+    p.add_argument("--slice-search-step", type=int, default=4, metavar="N",
+                   help="H-SAM first on every N-th slice, then on every slice of the slab where it found lung (default 4); 1: every slice")
     p.add_argument("--probmap", action="store_true", help="also run SA-2 and write its five-class probability map, probmap.nii.gz "
                    "(about twice the time on the CPU; the lung labels do not change)")
     p.add_argument("--overwrite", action="store_true", help="segment again the cases whose statistics.json exists")
@@ -230,6 +234,9 @@ def _run(args) -> int:
         print(f"lungseg: --classes {args.classes}: unknown {sorted(set(classes) - set(EXTRA_CLASSES))}; choose lungs, all, or of "
               f"{', '.join(EXTRA_CLASSES)}", file=sys.stderr)
         return EXIT_INPUT
+    if args.slice_search_step < 1:
+        print(f"lungseg: --slice-search-step {args.slice_search_step}: must be 1 (every slice) or more", file=sys.stderr)
+        return EXIT_INPUT
     models = Models.from_dir(args.models) if args.models else Models()
     models = Models(args.clip_ckpt or models.clip, args.hsam_ckpt or models.hsam)
     try:
@@ -245,7 +252,7 @@ def _run(args) -> int:
         if batch:
             log.info("case %d/%d: %s", n, len(cases), case.case_id)
         codes.append(run_case(case, args.output / case.case_id if batch else args.output, models, args.series, args.device, args.overwrite, args.probmap,
-                              args.precision, classes))
+                              args.precision, classes, args.slice_search_step))
     if batch:
         failed = [c.case_id for c, code in zip(cases, codes) if code not in (EXIT_OK, EXIT_QC)]
         qc = [c.case_id for c, code in zip(cases, codes) if code == EXIT_QC]

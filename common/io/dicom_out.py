@@ -76,18 +76,50 @@ def labels_on_series_grid(labels: np.ndarray, affine: np.ndarray, datasets: Sequ
     for n, ds in enumerate(datasets):
         rows, cols = int(ds.Rows), int(ds.Columns)
         m = to_voxel @ pixel_to_ras(ds)
-        r, c = np.mgrid[0:rows, 0:cols]
-        ijk = np.rint(m[:3, 0, None] * c.ravel() + m[:3, 1, None] * r.ravel() + m[:3, 3, None]).astype(np.int64)
-        inside = np.all((ijk >= 0) & (ijk < np.asarray(labels.shape)[:, None]), axis=0)
-        frame = np.zeros(rows * cols, dtype=labels.dtype)
-        frame[inside] = labels[ijk[0, inside], ijk[1, inside], ijk[2, inside]]
-        out[n] = frame.reshape(rows, cols)
+        frame = _axis_aligned_frame(labels, m, rows, cols)
+        out[n] = _nearest_voxel_frame(labels, m, rows, cols) if frame is None else frame
     return out
 
 
+def _nearest_voxel_frame(labels: np.ndarray, m: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The (rows, cols) image whose pixel (column c, row r) takes the label of the voxel nearest ``m @ (c, r, 0, 1)``."""
+    r, c = np.mgrid[0:rows, 0:cols]
+    ijk = np.rint(m[:3, 0, None] * c.ravel() + m[:3, 1, None] * r.ravel() + m[:3, 3, None]).astype(np.int64)
+    inside = np.all((ijk >= 0) & (ijk < np.asarray(labels.shape)[:, None]), axis=0)
+    frame = np.zeros(rows * cols, dtype=labels.dtype)
+    frame[inside] = labels[ijk[0, inside], ijk[1, inside], ijk[2, inside]]
+    return frame.reshape(rows, cols)
+
+
+def _axis_aligned_frame(labels: np.ndarray, m: np.ndarray, rows: int, cols: int) -> np.ndarray | None:
+    """:func:`_nearest_voxel_frame` where the image's pixels are the label grid's voxels (the usual case: labels
+    written on the series' own grid), as a slice of the array instead of a lookup per pixel; None otherwise."""
+    col_axis, row_axis = (int(np.argmax(np.abs(m[:3, j]))) for j in (0, 1))
+    offset = np.rint(m[:3, 3])
+    if col_axis == row_axis or np.abs(m[:3, 3] - offset).max() > 1e-3:
+        return None
+    for j, axis in ((0, col_axis), (1, row_axis)):
+        unit = np.zeros(3)
+        unit[axis] = np.sign(m[axis, j])
+        if np.abs(m[:3, j] - unit).max() > 1e-6:
+            return None
+    o = offset.astype(np.int64)
+    index: list = [int(o[0]), int(o[1]), int(o[2])]
+    for axis, j, n in ((col_axis, 0, cols), (row_axis, 1, rows)):
+        step = int(np.sign(m[axis, j]))
+        last = o[axis] + step * (n - 1)
+        if min(o[axis], last) < 0 or max(o[axis], last) >= labels.shape[axis]:
+            return None  # partly outside the label grid: the general lookup pads with 0
+        index[axis] = slice(int(o[axis]), int(last) + step if last + step >= 0 else None, step)
+    slice_axis = 3 - col_axis - row_axis
+    if not 0 <= o[slice_axis] < labels.shape[slice_axis]:
+        return None
+    plane = labels[tuple(index)]  # a view; its axes are col_axis and row_axis, in axis order
+    return plane.T if col_axis < row_axis else plane
+
+
 def _present(frames: np.ndarray, structures: Sequence[Structure]) -> list[Structure]:
-    found = set(np.unique(frames).tolist())
-    return [s for s in structures if s.label in found]
+    return [s for s in structures if (frames == s.label).any()]  # one comparison each: np.unique sorts 35 M voxels on LIDC
 
 
 def write_dicom_seg(path: str | Path, frames: np.ndarray, datasets: Sequence, structures: Sequence[Structure], software_version: str,
@@ -100,16 +132,18 @@ def write_dicom_seg(path: str | Path, frames: np.ndarray, datasets: Sequence, st
     if not present:
         raise ValueError(f"{path}: no structure in the label map; a DICOM-SEG needs at least one segment")
     algorithm = hd.AlgorithmIdentificationSequence(name="lungseg H-SAM", version=software_version, family=codes.cid7162.ArtificialIntelligence)
-    descriptions, stack = [], np.zeros(frames.shape + (len(present),), dtype=bool)
+    # a label map of segment numbers: highdicom encodes it as binary segments without a one-hot copy (0.3 s on
+    # LIDC's 133 frames against 3.3 s for the (frames, rows, columns, segments) stack)
+    descriptions, segment_of_label = [], np.zeros(max(int(frames.max()), max(s.label for s in present)) + 1, dtype=np.uint8)
     for number, s in enumerate(present, start=1):
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=s.name, segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=hd.sr.CodedConcept(s.snomed, "SCT", s.snomed_meaning),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*s.color)))
-        stack[..., number - 1] = frames == s.label
+        segment_of_label[s.label] = number
     seg = hd.seg.Segmentation(
-        source_images=list(datasets), pixel_array=stack, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=list(datasets), pixel_array=segment_of_label[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 900,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lungseg-fm", manufacturer_model_name="lungseg H-SAM",
         software_versions=software_version, device_serial_number="0", series_description=series_description)

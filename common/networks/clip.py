@@ -124,7 +124,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         (no padded copy of the activations), and ReLU6 in place: a third of the work of a forward pass was
         BatchNorm, padding and clamping (``benchmarks/encoder_fusion.py``: SA-2's windows 1.3x faster on 2 CPU cores;
         features equal to float rounding, 1e-5 relative)."""
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
+        from common.networks.fusion import fold_batch_norm
 
         fused = copy.deepcopy(self).eval().requires_grad_(False)
         net = fused.net
@@ -133,8 +133,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
             pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
         for module, conv, bn in pairs:
             if hasattr(module, conv):  # a block without expansion has no _expand_conv
-                setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
-                setattr(module, bn, nn.Identity())
+                fold_batch_norm(module, conv, bn)
         for module in net.modules():
             if isinstance(module, nn.ReLU6):
                 module.inplace = True  # every ReLU6 here follows a convolution whose output nothing else reads
