@@ -26,3 +26,10 @@ def test_every_relative_link_resolves():
 def test_readme_names_the_test_command_that_ci_runs():
     assert "make test" in (REPO / "README.md").read_text()
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_every_bundle_doc_has_the_model_zoo_headings_in_order():
+    order = ["Description", "Data", "I/O formats", "Scores", "Commands", "Known limits", "References", "License"]
+    for doc in sorted(REPO.glob("bundles/*/docs/README.md")):
+        headings = [line[3:].strip() for line in doc.read_text().splitlines() if line.startswith("## ")]
+        assert headings == order, f"{doc.relative_to(REPO)}: {headings}"
