@@ -64,6 +64,8 @@ browser:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 test: $(DATA) browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 benchmark: $(DATA)

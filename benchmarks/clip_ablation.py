@@ -33,13 +33,27 @@ RUNS = {
 DEFAULT_RUNS = ["infonce+distill", "infonce", "cosine+distill", "cosine"]
 
 
-def train(name: str, overrides: dict, config: str, out: Path, threads: int | None = None, extra: dict | None = None) -> dict:
+def train(
+    name: str, overrides: dict, config: str, out: Path, threads: int | None = None, extra: dict | None = None
+) -> dict:
     configs = [str(REPO / "bundles/foundation_clip/configs/train.json")]
     if config == "demo":
         configs.append(str(REPO / "bundles/foundation_clip/configs/demo.json"))
     run_dir = out / name
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--bundle_root", str(REPO / "bundles/foundation_clip"),
-           "--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs),
+        "--bundle_root",
+        str(REPO / "bundles/foundation_clip"),
+        "--output_dir",
+        str(run_dir),
+        "--ckpt_dir",
+        str(run_dir / "models"),
+    ]
     for key, value in {**overrides, **(extra or {})}.items():
         cmd += [f"--{key}", str(value)]
     env = dict(os.environ)
@@ -55,8 +69,16 @@ def train(name: str, overrides: dict, config: str, out: Path, threads: int | Non
         raise RuntimeError(f"{name}: training failed (exit {proc.returncode}); see {run_dir.with_suffix('.log')}")
     history = json.loads((run_dir / "metrics_history.json").read_text())["history"]
     best = next(row for row in history if row["epoch"] == history[-1]["best_epoch"])  # the checkpoint's epoch
-    return {"run": name, **overrides, "best_epoch": best["epoch"], "epochs": len(history), "zero_shot_acc": best["val_zero_shot_acc"],
-            "recall_at_5": best.get("val_recall_at_5"), "distill_cosine": best.get("val_distill_cosine"), "minutes": seconds / 60}
+    return {
+        "run": name,
+        **overrides,
+        "best_epoch": best["epoch"],
+        "epochs": len(history),
+        "zero_shot_acc": best["val_zero_shot_acc"],
+        "recall_at_5": best.get("val_recall_at_5"),
+        "distill_cosine": best.get("val_distill_cosine"),
+        "minutes": seconds / 60,
+    }
 
 
 def main(argv=None) -> int:
@@ -65,7 +87,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS)
     ap.add_argument("--out", default=str(REPO / "outputs" / "clip_ablation"))
     ap.add_argument("--parallel", type=int, default=1, help="trainings at once (each then on one thread)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra bundle overrides for every run, e.g. teacher_cache_dir=/tmp/cache")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra bundle overrides for every run, e.g. teacher_cache_dir=/tmp/cache",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,19 +104,30 @@ def main(argv=None) -> int:
     def one(name):
         print(f"training {name} ...", flush=True)
         r = train(name, RUNS[name], args.config, out, threads, extra)
-        print(f"  {name}: zero-shot acc {r['zero_shot_acc']:.3f} (epoch {r['best_epoch']}/{r['epochs']}), {r['minutes']:.1f} min", flush=True)
+        print(
+            f"  {name}: zero-shot acc {r['zero_shot_acc']:.3f} (epoch {r['best_epoch']}/{r['epochs']}), {r['minutes']:.1f} min",
+            flush=True,
+        )
         return r
 
     with ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
         rows = list(pool.map(one, args.runs))
     (out / "ablation.json").write_text(json.dumps(rows, indent=2))
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731 (nan: no teacher)
-    print("\n| loss | InfoNCE positives | distillation | zero-shot patch acc | recall@5 | distill cosine | best epoch | minutes |")
+    print(
+        "\n| loss | InfoNCE positives | distillation | zero-shot patch acc | recall@5 | distill cosine | best epoch | minutes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         loss = "Eq. 1 cosine" if r["contrastive"] == "cosine" else "InfoNCE"
-        positives = "n/a (no negatives)" if r["contrastive"] == "cosine" else ("same caption" if r.get("class_positives") is False else "same class")
-        print(f"| {loss} | {positives} | {'yes (beta 1)' if r['beta'] else 'no (beta 0)'} | {fmt(r['zero_shot_acc'])} | {fmt(r['recall_at_5'])} | {fmt(r['distill_cosine'])} | {r['best_epoch']}/{r['epochs']} | {r['minutes']:.1f} |")
+        positives = (
+            "n/a (no negatives)"
+            if r["contrastive"] == "cosine"
+            else ("same caption" if r.get("class_positives") is False else "same class")
+        )
+        print(
+            f"| {loss} | {positives} | {'yes (beta 1)' if r['beta'] else 'no (beta 0)'} | {fmt(r['zero_shot_acc'])} | {fmt(r['recall_at_5'])} | {fmt(r['distill_cosine'])} | {r['best_epoch']}/{r['epochs']} | {r['minutes']:.1f} |"
+        )
     return 0
 
 

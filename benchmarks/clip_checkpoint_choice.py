@@ -31,14 +31,27 @@ def train(seed: int, out: Path, extra: dict) -> list[dict]:
     from common.engines import LungMapDice, unwrap
 
     configs = REPO / "bundles" / "foundation_clip" / "configs"
-    wf = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / "demo.json")], workflow_type="train", logging_file=False,
-                        bundle_root=str(REPO / "bundles" / "foundation_clip"), output_dir=str(out), ckpt_dir=str(out / "models"), seed=seed, **extra)
+    wf = ConfigWorkflow(
+        config_file=[str(configs / "train.json"), str(configs / "demo.json")],
+        workflow_type="train",
+        logging_file=False,
+        bundle_root=str(REPO / "bundles" / "foundation_clip"),
+        output_dir=str(out),
+        ckpt_dir=str(out / "models"),
+        seed=seed,
+        **extra,
+    )
     wf.initialize()
     evaluator, network = wf.parser.get_parsed_content("validate#evaluator"), wf.parser.get_parsed_content("network")
     preprocessing = wf.parser.get_parsed_content("model_preprocessing")
-    cases = validation_phantoms(wf.parser.get_parsed_content("manifest"), wf.parser.get_parsed_content("val_phantoms"),
-                                wf.parser.get_parsed_content("exclude_cases"))
-    LungMapDice(network, cases, preprocessing).attach(evaluator, "val_lung_map_dice")  # before the handlers that read it
+    cases = validation_phantoms(
+        wf.parser.get_parsed_content("manifest"),
+        wf.parser.get_parsed_content("val_phantoms"),
+        wf.parser.get_parsed_content("exclude_cases"),
+    )
+    LungMapDice(network, cases, preprocessing).attach(
+        evaluator, "val_lung_map_dice"
+    )  # before the handlers that read it
 
     def keep_epoch(engine) -> None:
         model = unwrap(network)
@@ -55,7 +68,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra bundle overrides (Python literals or strings)")
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra bundle overrides (Python literals or strings)"
+    )
     args = ap.parse_args(argv)
     extra = {}
     for item in args.set:
@@ -69,11 +84,15 @@ def main(argv=None) -> int:
     print("| epoch | held-out patch accuracy | lung-map Dice | distillation cosine |")
     print("|---|---|---|---|")
     for row in history:
-        print(f"| {row['epoch']} | {row['val_zero_shot_acc']:.4f} | {row['val_lung_map_dice']:.4f} | {row['val_distill_cosine']:.4f} |")
+        print(
+            f"| {row['epoch']} | {row['val_zero_shot_acc']:.4f} | {row['val_lung_map_dice']:.4f} | {row['val_distill_cosine']:.4f} |"
+        )
     by_acc = max(history, key=lambda r: r["val_zero_shot_acc"])["epoch"]
     by_map = max(history, key=lambda r: r["val_lung_map_dice"])["epoch"]
-    print(f"seed {args.seed}: patch accuracy picks epoch {by_acc} ({out / 'epochs' / f'epoch_{by_acc}.pt'}), "
-          f"the lung map picks epoch {by_map} ({out / 'epochs' / f'epoch_{by_map}.pt'})")
+    print(
+        f"seed {args.seed}: patch accuracy picks epoch {by_acc} ({out / 'epochs' / f'epoch_{by_acc}.pt'}), "
+        f"the lung map picks epoch {by_map} ({out / 'epochs' / f'epoch_{by_map}.pt'})"
+    )
     return 0
 
 

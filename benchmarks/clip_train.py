@@ -38,7 +38,9 @@ def build(config: str, cache_dir: Path, overrides: dict):
         files.append(REPO / "bundles/foundation_clip/configs/demo.json")
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
-    parser.update({"bundle_root": str(REPO / "bundles/foundation_clip"), "teacher_cache_dir": str(cache_dir), **overrides})
+    parser.update(
+        {"bundle_root": str(REPO / "bundles/foundation_clip"), "teacher_cache_dir": str(cache_dir), **overrides}
+    )
     return parser
 
 
@@ -50,7 +52,9 @@ def prefill_cache(parser, data: list[dict]) -> int:
     from common.transforms import CTRandAugment
 
     views = parser.get_parsed_content("teacher_views")
-    augment = CTRandAugment(n_ops=parser.get_parsed_content("augment_n_ops"), magnitude=parser.get_parsed_content("augment_magnitude"))
+    augment = CTRandAugment(
+        n_ops=parser.get_parsed_content("augment_n_ops"), magnitude=parser.get_parsed_content("augment_magnitude")
+    )
     load = parser.get_parsed_content("validate#preprocessing")
     cache = parser.get_parsed_content("teacher_cache")
     tag = parser.get_parsed_content("view_tag")
@@ -76,7 +80,11 @@ def warm_up(parser) -> None:
     """One untimed forward/backward pass, so first-call set-up (kernels, allocator) is not timed."""
     import torch
 
-    network, size, batch = parser.get_parsed_content("network"), parser.get_parsed_content("image_size"), parser.get_parsed_content("batch_size")
+    network, size, batch = (
+        parser.get_parsed_content("network"),
+        parser.get_parsed_content("image_size"),
+        parser.get_parsed_content("batch_size"),
+    )
     out = network(torch.rand(batch, 1, size, size), ["CT patch of the lung"])
     (out["image_embeds"].sum() + out["student_distill"].sum()).backward()
     network.zero_grad()
@@ -97,9 +105,11 @@ def main(argv=None) -> int:
         datalist = parser.get_parsed_content("datalist")
         data = random.Random(args.seed).sample(datalist["training"], min(args.samples, len(datalist["training"])))
         n_slices = sum(d["kind"] == "slice" for d in data)
-        print(f"config: {args.config}; {len(data)} training samples ({n_slices} slices to the teacher, {len(data) - n_slices} patches); "
-              f"image size {parser.get_parsed_content('image_size')}, encoder {parser.get_parsed_content('image_encoder')}, "
-              f"teacher {parser.get_parsed_content('teacher_variant')}, batch {parser.get_parsed_content('batch_size')}, {torch.get_num_threads()} threads")
+        print(
+            f"config: {args.config}; {len(data)} training samples ({n_slices} slices to the teacher, {len(data) - n_slices} patches); "
+            f"image size {parser.get_parsed_content('image_size')}, encoder {parser.get_parsed_content('image_encoder')}, "
+            f"teacher {parser.get_parsed_content('teacher_variant')}, batch {parser.get_parsed_content('batch_size')}, {torch.get_num_threads()} threads"
+        )
         parser["max_epochs"] = 1
         parser["train#dataset#data"] = data
         parser["train#handlers"] = []  # no validation, logging or checkpoints inside the timing
@@ -110,10 +120,14 @@ def main(argv=None) -> int:
         print(f"without teacher cache: {len(data) / uncached_s:7.1f} samples/s ({uncached_s:.1f} s per epoch)")
         t0 = time.perf_counter()
         n = prefill_cache(parser, data)
-        print(f"cache fill: {n} (slice, view) embeddings in {time.perf_counter() - t0:.1f} s (paid once, in the first epochs of a run)")
+        print(
+            f"cache fill: {n} (slice, view) embeddings in {time.perf_counter() - t0:.1f} s (paid once, in the first epochs of a run)"
+        )
         hits, misses = cache.hits, cache.misses
         cached_s = time_epoch(trainer, cache)
-        print(f"with teacher cache:    {len(data) / cached_s:7.1f} samples/s ({cached_s:.1f} s per epoch; {cache.hits - hits} hits, {cache.misses - misses} misses)")
+        print(
+            f"with teacher cache:    {len(data) / cached_s:7.1f} samples/s ({cached_s:.1f} s per epoch; {cache.hits - hits} hits, {cache.misses - misses} misses)"
+        )
         print(f"speedup {uncached_s / cached_s:.2f}")
     return 0
 

@@ -37,12 +37,21 @@ FIGURES = [
     ("SA-1 best epoch", lambda m: _get(m, "clip.best_epoch"), 0),
     ("SA-2 held-out phantom lung-mask Dice", lambda m: _get(m, "probmap.heldout_phantoms.lung_mask_dice.mean"), 3),
     ("SA-3a held-out phantom pseudo-label Dice", lambda m: _get(m, "pseudolabel.heldout_phantoms.pseudo_dice.mean"), 3),
-    ("SA-3a training scans QC passed (of those pseudo-labelled)",
-     lambda m: sum(1 for c in _get(m, "pseudolabel.cases") or [] if c.get("set") == "training scans" and c.get("QC") == "pass"), 0),
+    (
+        "SA-3a training scans QC passed (of those pseudo-labelled)",
+        lambda m: sum(
+            1 for c in _get(m, "pseudolabel.cases") or [] if c.get("set") == "training scans" and c.get("QC") == "pass"
+        ),
+        0,
+    ),
     ("H-SAM best validation Dice", lambda m: _get(m, "hsam.best_val_mean_dice"), 3),
     ("H-SAM held-out phantom Dice", lambda m: _get(m, "hsam.heldout_phantoms.dice.mean"), 3),
     ("H-SAM held-out phantom HD95 mm", lambda m: _get(m, "hsam.heldout_phantoms.hd95_mm.mean"), 1),
-    ("A0002 (training scan) SA-2 lung mL", lambda m: _get(m, "probmap.training_scans_lung_volume_ml.lung_pet_ct_dx_a0002.total"), 0),
+    (
+        "A0002 (training scan) SA-2 lung mL",
+        lambda m: _get(m, "probmap.training_scans_lung_volume_ml.lung_pet_ct_dx_a0002.total"),
+        0,
+    ),
     ("A0001 SA-2 lung mL", lambda m: _real_row(m, "SA-2 demo").get("lung_ml"), 0),
     ("A0001 SA-2 Dice vs HU threshold", lambda m: _real_row(m, "SA-2 demo").get("dice_hu_threshold"), 3),
     ("A0001 H-SAM lung mL", lambda m: _real_row(m, "H-SAM demo").get("lung_ml"), 0),
@@ -71,8 +80,14 @@ def spread_table(runs: list[Path]) -> str:
         known = [v for v in values if v is not None]
         stats = [min(known), statistics.median(known), max(known)] if known else [None] * 3
         lines.append(f"| {label} | " + " | ".join(_fmt(v, digits) for v in values + stats) + " |")
-    hsam_sets = [f"{s}: " + ", ".join(_get(m, "pseudolabel.hsam_datalist.training") or []) + " (validation: "
-                 + ", ".join(_get(m, "pseudolabel.hsam_datalist.validation") or []) + ")" for s, m in zip(seeds, metrics)]
+    hsam_sets = [
+        f"{s}: "
+        + ", ".join(_get(m, "pseudolabel.hsam_datalist.training") or [])
+        + " (validation: "
+        + ", ".join(_get(m, "pseudolabel.hsam_datalist.validation") or [])
+        + ")"
+        for s, m in zip(seeds, metrics)
+    ]
     return "\n".join(lines) + "\n\nH-SAM trained on " + "; ".join(hsam_sets)
 
 

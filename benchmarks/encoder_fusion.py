@@ -41,9 +41,14 @@ def encoder_part(repeats: int) -> None:
     enc = net.image_encoder.to(memory_format=torch.channels_last)
     fused = enc.fused_for_inference().to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    batches = [enc.prepare(torch.rand(16, 1, size, size)).contiguous(memory_format=torch.channels_last) for _ in range(40)]
+    batches = [
+        enc.prepare(torch.rand(16, 1, size, size)).contiguous(memory_format=torch.channels_last) for _ in range(40)
+    ]
     with torch.no_grad():
-        diff = max(float((net.project_image(enc.features(x)) - net.project_image(fused.features(x))).abs().max()) for x in batches[:4])
+        diff = max(
+            float((net.project_image(enc.features(x)) - net.project_image(fused.features(x))).abs().max())
+            for x in batches[:4]
+        )
         for threads in (1, 2):
             torch.set_num_threads(threads)
             times = {"as trained": [], "fused": []}
@@ -54,8 +59,11 @@ def encoder_part(repeats: int) -> None:
                         e.features(x)
                     times[name].append((time.perf_counter() - t) / len(batches) * 1000)
             a, b = statistics.median(times["as trained"]), statistics.median(times["fused"])
-            print(f"encoder, {threads} thread(s), batch 16 at {size}x{size}: as trained {min(times['as trained']):.1f} / {a:.1f} ms, "
-                  f"fused {min(times['fused']):.1f} / {b:.1f} ms (min / median of {repeats}), speedup {a / b:.2f}", flush=True)
+            print(
+                f"encoder, {threads} thread(s), batch 16 at {size}x{size}: as trained {min(times['as trained']):.1f} / {a:.1f} ms, "
+                f"fused {min(times['fused']):.1f} / {b:.1f} ms (min / median of {repeats}), speedup {a / b:.2f}",
+                flush=True,
+            )
     print(f"encoder: largest difference of the projected embeddings {diff:.2e}")
 
 
@@ -71,21 +79,45 @@ def step_part(case_id: str) -> None:
             raise SystemExit("could not start the step server")
         for fuse in (False, True):
             out = tmp / f"fuse_{fuse}"
-            cmd = ["-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/probmap/configs/inference.json"),
-                   "--bundle_root", str(REPO / "bundles/probmap"), "--ckpt_path", str(CKPT), "--dataset_dir", str(tmp / "scans"),
-                   "--output_dir", str(out), "--fuse_encoder", str(fuse), "--overlay", "False", "--progress", "False"]
+            cmd = [
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                str(REPO / "bundles/probmap/configs/inference.json"),
+                "--bundle_root",
+                str(REPO / "bundles/probmap"),
+                "--ckpt_path",
+                str(CKPT),
+                "--dataset_dir",
+                str(tmp / "scans"),
+                "--output_dir",
+                str(out),
+                "--fuse_encoder",
+                str(fuse),
+                "--overlay",
+                "False",
+                "--progress",
+                "False",
+            ]
             t = time.perf_counter()
             code = run_python(cmd, log=tmp / f"fuse_{fuse}.log")
             seconds = time.perf_counter() - t
             if code != 0:
-                raise SystemExit(f"the probmap run with fuse_encoder={fuse} failed (exit {code}): {tmp / f'fuse_{fuse}.log'}")
+                raise SystemExit(
+                    f"the probmap run with fuse_encoder={fuse} failed (exit {code}): {tmp / f'fuse_{fuse}.log'}"
+                )
             folder = out / case_id
-            outputs[fuse] = {k: np.asarray(nib.load(str(folder / f"{case_id}_{k}.nii.gz")).dataobj) for k in ("probmap", "lung_mask")}
+            outputs[fuse] = {
+                k: np.asarray(nib.load(str(folder / f"{case_id}_{k}.nii.gz")).dataobj) for k in ("probmap", "lung_mask")
+            }
             print(f"step: probmap on {case_id}, fuse_encoder={fuse}: {seconds:.1f} s", flush=True)
         a, b = outputs[False], outputs[True]
         changed = int((a["lung_mask"] != b["lung_mask"]).sum())
-        print(f"step: largest difference of the probability maps {float(np.abs(a['probmap'] - b['probmap']).max()):.2e}; "
-              f"lung-mask voxels that differ {changed} of {int(a['lung_mask'].astype(bool).sum())}")
+        print(
+            f"step: largest difference of the probability maps {float(np.abs(a['probmap'] - b['probmap']).max()):.2e}; "
+            f"lung-mask voxels that differ {changed} of {int(a['lung_mask'].astype(bool).sum())}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,14 +63,20 @@ def main(argv=None) -> float:
         for nhwc in (False, True):
             _layout(enc, nhwc)
             times[nhwc, "batch"], ref = _time(lambda: enc(pre(slices)), args.repeats)
-            times[nhwc, "single"], out = _time(lambda: torch.cat([enc(pre(slices[i : i + 1])) for i in range(len(slices))]), args.repeats)
+            times[nhwc, "single"], out = _time(
+                lambda: torch.cat([enc(pre(slices[i : i + 1])) for i in range(len(slices))]), args.repeats
+            )
             if not nhwc:
                 plain = ref
         diff = (out - plain).abs().max().item()
     for nhwc in (False, True):
-        print(f"LiteMedSAM 8 slices, {'NHWC' if nhwc else 'NCHW'}: one batch {times[nhwc, 'batch']:.2f} s, one by one {times[nhwc, 'single']:.2f} s")
+        print(
+            f"LiteMedSAM 8 slices, {'NHWC' if nhwc else 'NCHW'}: one batch {times[nhwc, 'batch']:.2f} s, one by one {times[nhwc, 'single']:.2f} s"
+        )
     speedup = times[False, "batch"] / times[True, "single"]
-    print(f"LiteMedSAM 8 slices: plain {times[False, 'batch']:.2f} s, production {times[True, 'single']:.2f} s ({speedup:.2f}x), max |diff| {diff:.1e}")
+    print(
+        f"LiteMedSAM 8 slices: plain {times[False, 'batch']:.2f} s, production {times[True, 'single']:.2f} s ({speedup:.2f}x), max |diff| {diff:.1e}"
+    )
 
     clip = build_lung_clip(teacher_shape=(256, 16, 16), train_text_encoder=False)
     batch = torch.rand(32, 1, 96, 96)
@@ -83,8 +89,10 @@ def main(argv=None) -> float:
     for nhwc in (False, True):
         _layout(clip.image_encoder, nhwc)
         res[nhwc] = _time(step, args.repeats)
-    print(f"EfficientNet-Lite0 training step (32 x 96²): NCHW {res[False][0]:.2f} s, NHWC {res[True][0]:.2f} s "
-          f"({res[False][0] / res[True][0]:.2f}x), max |grad diff| {(res[True][1] - res[False][1]).abs().max().item():.1e}")
+    print(
+        f"EfficientNet-Lite0 training step (32 x 96²): NCHW {res[False][0]:.2f} s, NHWC {res[True][0]:.2f} s "
+        f"({res[False][0] / res[True][0]:.2f}x), max |grad diff| {(res[True][1] - res[False][1]).abs().max().item():.1e}"
+    )
 
     clip.eval()
     windows = torch.rand(442, 1, 96, 96)
@@ -92,8 +100,10 @@ def main(argv=None) -> float:
         for nhwc in (False, True):
             _layout(clip.image_encoder, nhwc)
             res[nhwc] = _time(lambda: clip.encode_image(windows), args.repeats)
-    print(f"EfficientNet-Lite0, 442 windows of one slice: NCHW {res[False][0]:.2f} s, NHWC {res[True][0]:.2f} s "
-          f"({res[False][0] / res[True][0]:.2f}x), max |diff| {(res[True][1] - res[False][1]).abs().max().item():.1e}")
+    print(
+        f"EfficientNet-Lite0, 442 windows of one slice: NCHW {res[False][0]:.2f} s, NHWC {res[True][0]:.2f} s "
+        f"({res[False][0] / res[True][0]:.2f}x), max |diff| {(res[True][1] - res[False][1]).abs().max().item():.1e}"
+    )
     print(f"speedup {speedup:.2f}")
     return speedup
 

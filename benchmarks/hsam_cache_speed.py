@@ -78,11 +78,16 @@ def main(argv=None) -> int:
     lungs = hu_threshold_lung_mask(vol.hu, vol.spacing)
     ks = np.flatnonzero(lungs.sum(axis=(0, 1)) > 100)
     ks = ks[np.linspace(0, len(ks) - 1, args.slices).round().astype(int)]
-    img = torch.from_numpy(np.asarray(HUWindow((-1000.0, 400.0))(vol.hu[..., ks]), dtype=np.float32)).permute(2, 0, 1)[:, None]
+    img = torch.from_numpy(np.asarray(HUWindow((-1000.0, 400.0))(vol.hu[..., ks]), dtype=np.float32)).permute(2, 0, 1)[
+        :, None
+    ]
     lab = torch.from_numpy(lungs[..., ks].astype(np.float32)).permute(2, 0, 1)[:, None]
     resize = lambda t, mode: torch.nn.functional.interpolate(t, size=(args.slice_size,) * 2, mode=mode)  # noqa: E731
     img, lab = resize(img, "bilinear"), (resize(lab, "bilinear") > 0.5).float()
-    slices = [{"image": img[i], "label": lab[i], "case_id": Path(args.case).name.split(".")[0], "slice": int(k)} for i, k in enumerate(ks)]
+    slices = [
+        {"image": img[i], "label": lab[i], "case_id": Path(args.case).name.split(".")[0], "slice": int(k)}
+        for i, k in enumerate(ks)
+    ]
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles/hsam_finetune/configs/train.json"))
@@ -93,12 +98,16 @@ def main(argv=None) -> int:
     loss_fn = DeepSupervisionLoss()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     mixing = MixingBatch(cutmix_prob=0.0, mixup_prob=0.0)
-    print(f"{len(slices)} slices of {args.case}, {args.slice_size} px, batch {args.batch_size}, LoRA on {args.lora_targets!r}: "
-          f"{model.frozen_stages} frozen encoder stage(s) of {len(list(model.backbone.image_encoder.layers)) + 1}")
+    print(
+        f"{len(slices)} slices of {args.case}, {args.slice_size} px, batch {args.batch_size}, LoRA on {args.lora_targets!r}: "
+        f"{model.frozen_stages} frozen encoder stage(s) of {len(list(model.backbone.image_encoder.layers)) + 1}"
+    )
 
     from monai.data import DataLoader, Dataset
 
-    literal_loader = DataLoader(Dataset(slices, transform=augmentation), batch_size=args.batch_size, shuffle=True, num_workers=0)
+    literal_loader = DataLoader(
+        Dataset(slices, transform=augmentation), batch_size=args.batch_size, shuffle=True, num_workers=0
+    )
     t_literal = _steps(model, loss_fn, optimizer, literal_loader, mixing, args.steps)
     print(f"literal: {t_literal:.2f} s per step (augmentation + whole encoder + decoders + backward)")
 
@@ -111,8 +120,10 @@ def main(argv=None) -> int:
         size_mb = sum(f.stat().st_size for f in Path(cache_dir).iterdir()) / 1e6
     steps_per_epoch = len(slices) / args.batch_size
     break_even = t_cache / max((t_literal - t_cached) * steps_per_epoch, 1e-9)
-    print(f"cache: {t_cache:.1f} s once for {len(slices)} slices x {args.views} views ({size_mb:.0f} MB on disk, "
-          f"{size_mb / (len(slices) * args.views):.2f} MB a view)")
+    print(
+        f"cache: {t_cache:.1f} s once for {len(slices)} slices x {args.views} views ({size_mb:.0f} MB on disk, "
+        f"{size_mb / (len(slices) * args.views):.2f} MB a view)"
+    )
     print(f"production: {t_cached:.2f} s per step (cached frozen stages + the rest + decoders + backward)")
     print(f"the cache pays for itself after {break_even:.1f} epoch(s)")
     print(f"speedup {t_literal / t_cached:.2f}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -50,7 +49,12 @@ def main(argv=None) -> dict:
     p.add_argument("--phantom-dir", default=str(REPO / "data/default/phantoms_heldout"))
     p.add_argument("--phantoms", type=int, default=3)
     p.add_argument("--seed", type=int, default=100)
-    p.add_argument("--method", action="append", default=None, help="NAME=PATTERN with {case}; repeatable (default: the bundle's rows)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="NAME=PATTERN with {case}; repeatable (default: the bundle's rows)",
+    )
     p.add_argument("--out", default=str(REPO / "outputs/hsam_comparison"))
     args = p.parse_args(argv)
 
@@ -83,7 +87,9 @@ def main(argv=None) -> dict:
             first_case = (c["case_id"], hu, affine, truth, dict(preds))
         for name, mask in preds.items():
             rows.append({"method": name, "case_id": c["case_id"], **segmentation_scores(mask, truth, spacing)})
-            print(f"{c['case_id']}  {name:45s} Dice {rows[-1]['dice']:.4f}  HD95 {rows[-1]['hd95_mm']:.2f} mm", flush=True)
+            print(
+                f"{c['case_id']}  {name:45s} Dice {rows[-1]['dice']:.4f}  HD95 {rows[-1]['hd95_mm']:.2f} mm", flush=True
+            )
     for name, path in missing.items():
         print(f"not run: {name} (no {path})", flush=True)
 
@@ -91,7 +97,9 @@ def main(argv=None) -> dict:
     summary = {}
     for name in order:
         vals = {m: np.array([r[m] for r in rows if r["method"] == name], dtype=float) for m in METRICS}
-        summary[name] = {m: {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v)), "n": int(v.size)} for m, v in vals.items()}
+        summary[name] = {
+            m: {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v)), "n": int(v.size)} for m, v in vals.items()
+        }
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,20 +107,31 @@ def main(argv=None) -> dict:
         w = csv.DictWriter(f, fieldnames=["method", "case_id"] + METRICS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in ["method", "case_id"] + METRICS})
+            w.writerow(
+                {k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in ["method", "case_id"] + METRICS}
+            )
     header = "| method | Dice (whole lung) | Dice, central 50 % | Dice, peripheral 50 % | HD95 mm | ASSD mm | Jaccard | sensitivity | specificity |"
-    lines = [f"Held-out phantoms (seeds {args.seed}-{args.seed + args.phantoms - 1}), mean +- sd over {len(cases)} cases, against the true lung field.", "",
-             header, "|" + "---|" * 9]
+    lines = [
+        f"Held-out phantoms (seeds {args.seed}-{args.seed + args.phantoms - 1}), mean +- sd over {len(cases)} cases, against the true lung field.",
+        "",
+        header,
+        "|" + "---|" * 9,
+    ]
     for name in order:
         s = summary[name]
         fmt = lambda m, d=3: f"{s[m]['mean']:.{d}f} +- {s[m]['sd']:.{d}f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt('dice')} | {fmt('dice_central')} | {fmt('dice_peripheral')} | {fmt('hd95_mm', 2)} | {fmt('assd_mm', 2)} | "
-                     f"{fmt('jaccard')} | {fmt('sensitivity')} | {fmt('specificity', 4)} |")
+        lines.append(
+            f"| {name} | {fmt('dice')} | {fmt('dice_central')} | {fmt('dice_peripheral')} | {fmt('hd95_mm', 2)} | {fmt('assd_mm', 2)} | "
+            f"{fmt('jaccard')} | {fmt('sensitivity')} | {fmt('specificity', 4)} |"
+        )
     for name, path in missing.items():
         lines.append(f"| {name} | not run (no {Path(path).name}) | | | | | | | |")
     table = "\n".join(lines) + "\n"
     write_text_atomic(out / "comparison.md", table)
-    write_json_atomic(out / "comparison.json", {"cases": [c["case_id"] for c in cases], "summary": summary, "rows": rows, "not_run": missing})
+    write_json_atomic(
+        out / "comparison.json",
+        {"cases": [c["case_id"] for c in cases], "summary": summary, "rows": rows, "not_run": missing},
+    )
     labels, dice, grey = [], [], []
     for name in order:
         for part, key in (("whole", "dice"), ("central", "dice_central"), ("peripheral", "dice_peripheral")):
@@ -120,11 +139,24 @@ def main(argv=None) -> dict:
             dice.append(summary[name][key]["mean"])
             grey.append(part != "whole")
     pseudo = next((summary[n]["dice"]["mean"] for n in order if n.startswith("pseudo labels")), 0.95)
-    save_dice_bars(out / "comparison.png", labels, dice, grey, target=pseudo, xlabel="lung Dice vs the phantom lung field (dashed: pseudo labels, whole lung)")
+    save_dice_bars(
+        out / "comparison.png",
+        labels,
+        dice,
+        grey,
+        target=pseudo,
+        xlabel="lung Dice vs the phantom lung field (dashed: pseudo labels, whole lung)",
+    )
     case_id, hu, affine, truth, preds = first_case
     short = lambda n: n.split(" (")[0].replace(" on pseudo labels", "")  # noqa: E731
-    save_method_overlays_png(out / "overlays.png", hu, [(short(n), m) for n, m in preds.items()], affine, reference=truth,
-                             title=f"{case_id}: base, middle and apex of the lung")
+    save_method_overlays_png(
+        out / "overlays.png",
+        hu,
+        [(short(n), m) for n, m in preds.items()],
+        affine,
+        reference=truth,
+        title=f"{case_id}: base, middle and apex of the lung",
+    )
     print(table)
     print(f"wrote {out}/comparison.md, comparison.csv, comparison.json, comparison.png, overlays.png")
     return summary

@@ -38,9 +38,14 @@ CONFIG = REPO / "bundles" / "hsam_finetune" / "configs" / "inference.json"
 
 
 def variants(bands_mm) -> dict[str, dict | None]:
-    out = {"p > 0.5": None, "clean-up": {"restrict_to_body": False, "refine_boundary_mm": 0.0},
-           "+ inside the body": {"restrict_to_body": True, "refine_boundary_mm": 0.0}}
-    out.update({f"+ surface refined {b:g} mm": {"restrict_to_body": True, "refine_boundary_mm": float(b)} for b in bands_mm})
+    out = {
+        "p > 0.5": None,
+        "clean-up": {"restrict_to_body": False, "refine_boundary_mm": 0.0},
+        "+ inside the body": {"restrict_to_body": True, "refine_boundary_mm": 0.0},
+    }
+    out.update(
+        {f"+ surface refined {b:g} mm": {"restrict_to_body": True, "refine_boundary_mm": float(b)} for b in bands_mm}
+    )
     return out
 
 
@@ -79,7 +84,9 @@ def cases(scans: str, outputs: str, truth_postfix: str | None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", action="append", default=[], help="a folder of real scans (as the bundle's dataset_dir)")
-    ap.add_argument("--outputs", action="append", default=[], help="the hsam_finetune inference output_dir for each --scans")
+    ap.add_argument(
+        "--outputs", action="append", default=[], help="the hsam_finetune inference output_dir for each --scans"
+    )
     ap.add_argument("--phantoms", default=None, help="phantom folder (phantom_*_ct.nii.gz with *_lungs.nii.gz)")
     ap.add_argument("--phantom-outputs", default=None)
     ap.add_argument("--bands-mm", default="2,3,4", help="surface bands to try (comma-separated mm)")
@@ -94,7 +101,10 @@ def main(argv=None) -> int:
     from common.metrics import segmentation_scores
 
     default_band = json.loads(CONFIG.read_text())["refine_boundary_mm"]
-    chains = {name: (None if o is None else postprocessing(o)) for name, o in variants([float(b) for b in args.bands_mm.split(",")]).items()}
+    chains = {
+        name: (None if o is None else postprocessing(o))
+        for name, o in variants([float(b) for b in args.bands_mm.split(",")]).items()
+    }
     sources = [(s, o, None, "HU threshold") for s, o in zip(args.scans, args.outputs)]
     if args.phantoms:
         sources.append((args.phantoms, args.phantom_outputs, "_lungs.nii.gz", "truth"))
@@ -102,32 +112,58 @@ def main(argv=None) -> int:
     for scans, outputs, truth_postfix, reference_name in sources:
         for cid, hu, spacing, prob, affine, truth in cases(scans, outputs, truth_postfix):
             reference = truth if truth is not None else hu_threshold_lung_mask(hu, spacing)
-            a, hu32 = torch.from_numpy(affine), torch.from_numpy(np.asarray(hu, np.float32))  # once a case; every variant only reads them
+            a, hu32 = (
+                torch.from_numpy(affine),
+                torch.from_numpy(np.asarray(hu, np.float32)),
+            )  # once a case; every variant only reads them
             for name, chain in chains.items():
                 if chain is None:
                     mask = prob > 0.5
                 else:
-                    d = chain({"pred": MetaTensor(torch.from_numpy(prob)[None], affine=a), "hu": MetaTensor(hu32[None], affine=a)})
+                    d = chain(
+                        {
+                            "pred": MetaTensor(torch.from_numpy(prob)[None], affine=a),
+                            "hu": MetaTensor(hu32[None], affine=a),
+                        }
+                    )
                     mask = np.asarray(d["pred"])[0] > 0
                 s = segmentation_scores(mask, reference, spacing)
-                rows.append({"case": cid, "reference": reference_name, "variant": name, "lung_ml": round(float(mask.sum()) * float(np.prod(spacing)) / 1000.0, 1),
-                             "dice": round(s["dice"], 4), "hd95_mm": round(s["hd95_mm"], 2)})
-                print(f"{cid[:34]:34s} vs {reference_name:12s} {name:28s} {rows[-1]['lung_ml']:8.1f} mL  Dice {s['dice']:.4f}  HD95 {s['hd95_mm']:6.2f} mm", flush=True)
+                rows.append(
+                    {
+                        "case": cid,
+                        "reference": reference_name,
+                        "variant": name,
+                        "lung_ml": round(float(mask.sum()) * float(np.prod(spacing)) / 1000.0, 1),
+                        "dice": round(s["dice"], 4),
+                        "hd95_mm": round(s["hd95_mm"], 2),
+                    }
+                )
+                print(
+                    f"{cid[:34]:34s} vs {reference_name:12s} {name:28s} {rows[-1]['lung_ml']:8.1f} mL  Dice {s['dice']:.4f}  HD95 {s['hd95_mm']:6.2f} mm",
+                    flush=True,
+                )
     print(f"\nmean per variant (the bundle's default band is {default_band:g} mm):")
     summary = {}
     for reference_name in dict.fromkeys(r["reference"] for r in rows):
         for name in chains:
             sel = [r for r in rows if r["reference"] == reference_name and r["variant"] == name]
-            summary[f"{reference_name} | {name}"] = {"n": len(sel), "dice": round(float(np.mean([r["dice"] for r in sel])), 4),
-                                                     "min_dice": round(float(np.min([r["dice"] for r in sel])), 4),
-                                                     "hd95_mm": round(float(np.mean([r["hd95_mm"] for r in sel])), 2)}
-            print(f"  vs {reference_name:12s} {name:28s} n={len(sel)}  Dice {summary[f'{reference_name} | {name}']['dice']:.4f} "
-                  f"(min {summary[f'{reference_name} | {name}']['min_dice']:.4f})  HD95 {summary[f'{reference_name} | {name}']['hd95_mm']:.2f} mm")
+            summary[f"{reference_name} | {name}"] = {
+                "n": len(sel),
+                "dice": round(float(np.mean([r["dice"] for r in sel])), 4),
+                "min_dice": round(float(np.min([r["dice"] for r in sel])), 4),
+                "hd95_mm": round(float(np.mean([r["hd95_mm"] for r in sel])), 2),
+            }
+            print(
+                f"  vs {reference_name:12s} {name:28s} n={len(sel)}  Dice {summary[f'{reference_name} | {name}']['dice']:.4f} "
+                f"(min {summary[f'{reference_name} | {name}']['min_dice']:.4f})  HD95 {summary[f'{reference_name} | {name}']['hd95_mm']:.2f} mm"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from common.io.atomic import write_json_atomic
 
-    write_json_atomic(out / "hsam_postprocessing.json", {"rows": rows, "summary": summary, "default_band_mm": default_band})
+    write_json_atomic(
+        out / "hsam_postprocessing.json", {"rows": rows, "summary": summary, "default_band_mm": default_band}
+    )
     return 0
 
 

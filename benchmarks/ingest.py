@@ -12,7 +12,6 @@ import argparse
 import threading
 import time
 
-import numpy as np
 import psutil
 
 
@@ -88,8 +87,12 @@ def main() -> None:
     print(f"volume: {volume_mb:.0f} MB as float32 HU")
     for k, v in times.items():
         print(f"{k:>14s}: {v:6.2f} s")
-    print(f"{'total':>14s}: {total:6.2f} s  (best of {args.repeat}; all runs: {', '.join(f'{sum(r[0].values()):.2f}' for r in results)} s)")
-    print(f"peak memory added: {added:.0f} MB = {added / volume_mb:.2f}x the volume (max over runs {max(r[1] for r in results) / volume_mb:.2f}x)")
+    print(
+        f"{'total':>14s}: {total:6.2f} s  (best of {args.repeat}; all runs: {', '.join(f'{sum(r[0].values()):.2f}' for r in results)} s)"
+    )
+    print(
+        f"peak memory added: {added:.0f} MB = {added / volume_mb:.2f}x the volume (max over runs {max(r[1] for r in results) / volume_mb:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -36,15 +36,35 @@ def old_make_segment(scan: str, out: Path) -> None:
     from common.segment import DEFAULT_CLIP, DEFAULT_HSAM, run_bundle
 
     case = {"image": scan, "case_id": "scan"}
-    run_bundle("probmap", {"ckpt_path": str(DEFAULT_CLIP), "output_dir": str(out / "probmap"), "datalist": [case], "overwrite": True, "overlay": False})
+    run_bundle(
+        "probmap",
+        {
+            "ckpt_path": str(DEFAULT_CLIP),
+            "output_dir": str(out / "probmap"),
+            "datalist": [case],
+            "overwrite": True,
+            "overlay": False,
+        },
+    )
     region = case_outputs(out / "probmap", "scan")["lung_mask"]
-    run_bundle("hsam_finetune", {"ckpt_path": str(DEFAULT_HSAM), "output_dir": str(out / "hsam"), "overwrite": True, "progress": False,
-                                 "slice_margin": 2, "cases": [{**case, "region": str(region)}],
-                                 # the network as f549007's inference.json built it: LoRA bypasses not merged, float32
-                                 "network": "$common.engines.hsam.load_network(@network_def, @ckpt_path).to(@device).eval()"})
+    run_bundle(
+        "hsam_finetune",
+        {
+            "ckpt_path": str(DEFAULT_HSAM),
+            "output_dir": str(out / "hsam"),
+            "overwrite": True,
+            "progress": False,
+            "slice_margin": 2,
+            "cases": [{**case, "region": str(region)}],
+            # the network as f549007's inference.json built it: LoRA bypasses not merged, float32
+            "network": "$common.engines.hsam.load_network(@network_def, @ckpt_path).to(@device).eval()",
+        },
+    )
     sides = nib.load(str(out / "hsam" / "scan" / "scan_lung_sides.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(sides.dataobj).astype(np.uint8), sides.affine), str(out / "labels.nii.gz"))
-    (out / "peak.json").write_text(json.dumps({"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}))
+    (out / "peak.json").write_text(
+        json.dumps({"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)})
+    )
 
 
 def timed(cmd: list[str], out: Path) -> float:
@@ -74,32 +94,45 @@ def main(argv=None) -> int:
     from common.metrics import dice_score
 
     out = Path(args.out)
-    wb = timed([sys.executable, __file__, "--before", "--scan", args.scan, "--out", str(out / "before")], out / "before")
+    wb = timed(
+        [sys.executable, __file__, "--before", "--scan", args.scan, "--out", str(out / "before")], out / "before"
+    )
     before_labels = np.asarray(nib.load(str(out / "before" / "labels.nii.gz")).dataobj)
     peak_before = json.loads((out / "before" / "peak.json").read_text())["peak_memory_gb"]
     print(f"before (SA-2, then H-SAM on its slices): {wb:.1f} s wall, peak {peak_before} GB")
-    ways = {"float32, every slice": ["--precision", "float32", "--slice-search-step", "1"],
-            "auto, every slice": ["--precision", "auto", "--slice-search-step", "1"],
-            "default (auto, slice search 4)": []}
+    ways = {
+        "float32, every slice": ["--precision", "float32", "--slice-search-step", "1"],
+        "auto, every slice": ["--precision", "auto", "--slice-search-step", "1"],
+        "default (auto, slice search 4)": [],
+    }
     runs = {}
     for n, (way, options) in enumerate(ways.items()):
         folder = out / f"lungseg_{n}"
-        wall = timed([sys.executable, "-m", "common.apps.lungseg", "-i", args.scan, "-o", str(folder), "--quiet", *options], folder)
+        wall = timed(
+            [sys.executable, "-m", "common.apps.lungseg", "-i", args.scan, "-o", str(folder), "--quiet", *options],
+            folder,
+        )
         stats = json.loads((folder / "statistics.json").read_text())
         runs[way] = (wall, np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj))
         s = stats["structures"]
-        print(f"lungseg {' '.join(options) or '(defaults)'} (H-SAM in {stats['settings']['inference_precision']}): {wall:.1f} s wall "
-              f"({stats['seconds']} s in segment), peak {stats['peak_memory_gb']} GB; right {s['right lung']['volume_ml']} mL, "
-              f"left {s['left lung']['volume_ml']} mL; qc {'passed' if stats['qc']['passed'] else stats['qc']['reasons']}")
+        print(
+            f"lungseg {' '.join(options) or '(defaults)'} (H-SAM in {stats['settings']['inference_precision']}): {wall:.1f} s wall "
+            f"({stats['seconds']} s in segment), peak {stats['peak_memory_gb']} GB; right {s['right lung']['volume_ml']} mL, "
+            f"left {s['left lung']['volume_ml']} mL; qc {'passed' if stats['qc']['passed'] else stats['qc']['reasons']}"
+        )
     vol = read_ct(args.scan)
     threshold = hu_threshold_lung_mask(vol.hu, vol.spacing)
     for way, (_, labels) in runs.items():
-        print(f"agreement, lungseg {way}: Dice with before {dice_score(before_labels > 0, labels > 0):.4f} "
-              f"(right {dice_score(before_labels == 1, labels == 1):.4f}, left {dice_score(before_labels == 2, labels == 2):.4f}); "
-              f"with the HU threshold {dice_score(labels > 0, threshold):.4f} (before {dice_score(before_labels > 0, threshold):.4f})")
+        print(
+            f"agreement, lungseg {way}: Dice with before {dice_score(before_labels > 0, labels > 0):.4f} "
+            f"(right {dice_score(before_labels == 1, labels == 1):.4f}, left {dice_score(before_labels == 2, labels == 2):.4f}); "
+            f"with the HU threshold {dice_score(labels > 0, threshold):.4f} (before {dice_score(before_labels > 0, threshold):.4f})"
+        )
     exact, fast, default = (runs[w][1] for w in ways)
-    print(f"agreement, bfloat16 with float32 (every slice): {dice_score(fast > 0, exact > 0):.4f}; "
-          f"slice search with every slice (auto): labels equal {bool(np.array_equal(default, fast))}, Dice {dice_score(default > 0, fast > 0):.4f}")
+    print(
+        f"agreement, bfloat16 with float32 (every slice): {dice_score(fast > 0, exact > 0):.4f}; "
+        f"slice search with every slice (auto): labels equal {bool(np.array_equal(default, fast))}, Dice {dice_score(default > 0, fast > 0):.4f}"
+    )
     print(f"speedup {wb / runs['default (auto, slice search 4)'][0]:.2f}")
     return 0
 

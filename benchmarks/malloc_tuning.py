@@ -66,8 +66,9 @@ print(json.dumps(res))
 def _run(tuned: bool, repeats: int, out: Path) -> dict:
     env = {**os.environ, "LUNGSEG_MALLOC_TUNING": "1" if tuned else "0"}
     env.pop("GLIBC_TUNABLES", None)
-    proc = subprocess.run([sys.executable, "-c", WORKLOAD, str(repeats), str(out)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKLOAD, str(repeats), str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
     if proc.returncode:
         raise SystemExit(f"workload failed ({'tuned' if tuned else 'defaults'}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,13 +83,18 @@ def main(argv=None) -> float:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        plain, tuned = _run(False, args.repeats, Path(tmp) / "plain.pt"), _run(True, args.repeats, Path(tmp) / "tuned.pt")
+        plain, tuned = (
+            _run(False, args.repeats, Path(tmp) / "plain.pt"),
+            _run(True, args.repeats, Path(tmp) / "tuned.pt"),
+        )
         out_plain, out_tuned = torch.load(Path(tmp) / "plain.pt"), torch.load(Path(tmp) / "tuned.pt")
     for name in plain:
         p, t = plain[name], tuned[name]
         diff = (out_plain[name] - out_tuned[name]).abs().max().item()
-        print(f"{name}: defaults {p['s']:.2f} s ({p['faults']:.0f} faults, {p['sys']:.2f} s kernel), "
-              f"tuned {t['s']:.2f} s ({t['faults']:.0f} faults, {t['sys']:.2f} s kernel), {p['s'] / t['s']:.2f}x, max |diff| {diff:.1e}")
+        print(
+            f"{name}: defaults {p['s']:.2f} s ({p['faults']:.0f} faults, {p['sys']:.2f} s kernel), "
+            f"tuned {t['s']:.2f} s ({t['faults']:.0f} faults, {t['sys']:.2f} s kernel), {p['s'] / t['s']:.2f}x, max |diff| {diff:.1e}"
+        )
     speedup = sum(v["s"] for v in plain.values()) / sum(v["s"] for v in tuned.values())
     print(f"speedup {speedup:.2f}")
     return speedup

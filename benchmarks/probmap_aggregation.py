@@ -57,8 +57,20 @@ def labelfree(out: Path) -> dict:
     for scans, maps in (("training_scans", "training_scans"), ("heldout_scans", "heldout_real_demo")):
         dest = out / "labelfree" / scans
         if not (dest / "labelfree.json").is_file():
-            real_ct_labelfree.main(["--method", f"SA-2={out / 'probmap' / maps}", "--scans", str(out / scans), "--probmap-dir",
-                                    str(out / "probmap" / maps), "--surface-mm", "10", "--out", str(dest)])
+            real_ct_labelfree.main(
+                [
+                    "--method",
+                    f"SA-2={out / 'probmap' / maps}",
+                    "--scans",
+                    str(out / scans),
+                    "--probmap-dir",
+                    str(out / "probmap" / maps),
+                    "--surface-mm",
+                    "10",
+                    "--out",
+                    str(dest),
+                ]
+            )
         rows += json.loads((dest / "labelfree.json").read_text())
     return {(r["case"], r.get("method")): r for r in rows if "error" not in r}
 
@@ -103,7 +115,10 @@ def main(argv=None) -> int:
     keys = list(dict.fromkeys(k for f in table.values() for k in f))
     lines = ["| figure | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
     digits = {k: 0 if "mL" in k else 3 for k in keys}  # volumes in whole mL, Dice and shares to 3 decimals
-    lines += [f"| {k} | " + " | ".join("" if f.get(k) is None else f"{f[k]:.{digits[k]}f}" for f in table.values()) + " |" for k in keys]
+    lines += [
+        f"| {k} | " + " | ".join("" if f.get(k) is None else f"{f[k]:.{digits[k]}f}" for f in table.values()) + " |"
+        for k in keys
+    ]
     text = "\n".join(lines)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "aggregation.md").write_text(text + "\n")

@@ -41,7 +41,14 @@ def main(argv=None) -> int:
     import torch
 
     from common.data.clip_pairs import axial_slice01
-    from common.inferers.patch_similarity import AXCODES, algorithm1_literal, class_text_embeddings, patch_similarity_maps, slice_pixel_mm, window_starts
+    from common.inferers.patch_similarity import (
+        AXCODES,
+        algorithm1_literal,
+        class_text_embeddings,
+        patch_similarity_maps,
+        slice_pixel_mm,
+        window_starts,
+    )
     from common.io import read_ct
     from common.networks import LungCLIP
     from common.transforms.intensity import HUWindow
@@ -60,11 +67,21 @@ def main(argv=None) -> int:
     stride_px = max(int(round(args.stride_mm / px_mm)), 1)
     img = torch.from_numpy(axial_slice01(vol.hu, k, slice_size, HUWindow(pre.get("hu_window", (-1000, 400)))))
     n_win = len(window_starts(slice_size, patch_px, stride_px)) ** 2
-    print(f"case {Path(args.case).name}, slice {k}: {slice_size} px at {px_mm:.2f} mm/px; patch {pre['patch_mm']} mm = {patch_px} px, "
-          f"stride {args.stride_mm} mm = {stride_px} px, {n_win} windows; model input {image_size} px; {torch.get_num_threads()} threads")
+    print(
+        f"case {Path(args.case).name}, slice {k}: {slice_size} px at {px_mm:.2f} mm/px; patch {pre['patch_mm']} mm = {patch_px} px, "
+        f"stride {args.stride_mm} mm = {stride_px} px, {n_win} windows; model input {image_size} px; {torch.get_num_threads()} threads"
+    )
 
     t0 = time.perf_counter()
-    literal = algorithm1_literal(img, model, patch_px=patch_px, stride_px=stride_px, patch_size=patch_size, image_size=image_size, aggregation=args.aggregation)
+    literal = algorithm1_literal(
+        img,
+        model,
+        patch_px=patch_px,
+        stride_px=stride_px,
+        patch_size=patch_size,
+        image_size=image_size,
+        aggregation=args.aggregation,
+    )
     t_literal = time.perf_counter() - t0
     print(f"literal Algorithm 1: {t_literal:.2f} s ({1000 * t_literal / n_win:.1f} ms per window)")
 
@@ -72,7 +89,17 @@ def main(argv=None) -> int:
     for _ in range(max(args.repeats, 1)):
         t0 = time.perf_counter()
         text = class_text_embeddings(model)  # once per run: part of the production time
-        prod = patch_similarity_maps(img[None, None], model, text, patch_px, stride_px, patch_size, image_size, args.aggregation, batch_size=args.batch_size)[0]
+        prod = patch_similarity_maps(
+            img[None, None],
+            model,
+            text,
+            patch_px,
+            stride_px,
+            patch_size,
+            image_size,
+            args.aggregation,
+            batch_size=args.batch_size,
+        )[0]
         times.append(time.perf_counter() - t0)
     t_prod = min(times)
     diff = float((literal - prod).abs().max())

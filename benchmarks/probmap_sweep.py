@@ -84,7 +84,15 @@ def main(argv=None) -> int:
     for factor, shown, overrides in settings:
         parser = ConfigParser()
         parser.read_config(str(CONFIG))
-        parser.update({"bundle_root": str(CONFIG.parents[1]), "ckpt_path": args.ckpt, "device": "cpu", "progress": False, **overrides})
+        parser.update(
+            {
+                "bundle_root": str(CONFIG.parents[1]),
+                "ckpt_path": args.ckpt,
+                "device": "cpu",
+                "progress": False,
+                **overrides,
+            }
+        )
         if network is None:
             network = parser.get_parsed_content("network")
         inferer = parser.get_parsed_content("inferer")
@@ -95,20 +103,40 @@ def main(argv=None) -> int:
             d = post({"image": image, "pred": MetaTensor(pred.as_subclass(torch.Tensor), affine=image.affine)})
             dices.append(dice_score(np.asarray(d["lung_mask"])[0] > 0, lungs))
         seconds = time.perf_counter() - t0
-        row = {"factor": factor, "setting": shown, "lung_mask_dice": float(np.mean(dices)), "per_case": [round(x, 4) for x in dices], "seconds": round(seconds, 1)}
+        row = {
+            "factor": factor,
+            "setting": shown,
+            "lung_mask_dice": float(np.mean(dices)),
+            "per_case": [round(x, 4) for x in dices],
+            "seconds": round(seconds, 1),
+        }
         rows.append(row)
-        print(f"{factor:12s} {shown:32s} Dice {row['lung_mask_dice']:.4f} ({', '.join(f'{x:.3f}' for x in dices)}) {seconds:.0f} s", flush=True)
+        print(
+            f"{factor:12s} {shown:32s} Dice {row['lung_mask_dice']:.4f} ({', '.join(f'{x:.3f}' for x in dices)}) {seconds:.0f} s",
+            flush=True,
+        )
 
     lines = ["| factor | setting | lung-mask Dice (mean) | per phantom | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['factor']} | {r['setting']} | {r['lung_mask_dice']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_case'])} | {r['seconds']} |" for r in rows]
+    lines += [
+        f"| {r['factor']} | {r['setting']} | {r['lung_mask_dice']:.3f} | {', '.join(f'{x:.3f}' for x in r['per_case'])} | {r['seconds']} |"
+        for r in rows
+    ]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     with open(out / "sweep.csv", "w") as f:
         f.write("factor,setting,lung_mask_dice,seconds\n")
         for r in rows:
-            f.write(f"{r['factor']},\"{r['setting']}\",{r['lung_mask_dice']:.4f},{r['seconds']}\n")
-    write_json_atomic(out / "sweep.json", {"phantoms": [c["case_id"] for c in cases], "every": args.every, "rows": rows})
-    save_dice_bars(out / "sweep.png", [f"{r['factor']}: {r['setting']}" for r in rows], [r["lung_mask_dice"] for r in rows], [r["factor"] == "default" for r in rows], 0.9,
-                   f"lung-mask Dice, {len(cases)} held-out phantoms (every {args.every}th slice)")
+            f.write(f'{r["factor"]},"{r["setting"]}",{r["lung_mask_dice"]:.4f},{r["seconds"]}\n')
+    write_json_atomic(
+        out / "sweep.json", {"phantoms": [c["case_id"] for c in cases], "every": args.every, "rows": rows}
+    )
+    save_dice_bars(
+        out / "sweep.png",
+        [f"{r['factor']}: {r['setting']}" for r in rows],
+        [r["lung_mask_dice"] for r in rows],
+        [r["factor"] == "default" for r in rows],
+        0.9,
+        f"lung-mask Dice, {len(cases)} held-out phantoms (every {args.every}th slice)",
+    )
     print("\n".join(lines))
     return 0
 

@@ -104,9 +104,23 @@ def main(argv=None) -> int:
         clean_spacing = (spacing[0], spacing[1], spacing[2] * args.every)
         dice[SA2].append(dice_score(sa2[:, :, ks], truth[:, :, ks]))
         # the same model with perfect boxes: around the true lung, voted against it
-        ceiling = np.stack([pseudo_label_slice(sam, embeddings[i], (hu.shape[1], hu.shape[0]), truth[:, :, k].T, prompts="boxes",
-                                               box_margin=round(args.box_margin_mm / px), min_box_area=max(1, round(50 / px**2)),
-                                               overlap_threshold=args.overlap_threshold, prompt_batch=4).mask.T for i, k in enumerate(ks)], axis=-1)
+        ceiling = np.stack(
+            [
+                pseudo_label_slice(
+                    sam,
+                    embeddings[i],
+                    (hu.shape[1], hu.shape[0]),
+                    truth[:, :, k].T,
+                    prompts="boxes",
+                    box_margin=round(args.box_margin_mm / px),
+                    min_box_area=max(1, round(50 / px**2)),
+                    overlap_threshold=args.overlap_threshold,
+                    prompt_batch=4,
+                ).mask.T
+                for i, k in enumerate(ks)
+            ],
+            axis=-1,
+        )
         ceiling = LungMaskCleanup(None, 20.0).clean(RemoveInconsistentSlices(0.5).clean(ceiling), clean_spacing)
         dice[CEILING].append(dice_score(ceiling, truth[:, :, ks]))
         print(f"{c['case_id']} {CEILING:40s} Dice {dice[CEILING][-1]:.4f}", flush=True)
@@ -115,9 +129,21 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             vol = np.zeros((hu.shape[0], hu.shape[1], len(ks)), dtype=bool)
             for i, k in enumerate(ks):
-                res = pseudo_label_slice(sam, embeddings[i], (hu.shape[1], hu.shape[0]), sa2[:, :, k].T, aux[:, :, :, k].transpose(0, 2, 1), prompts=prompts, aux=aux_mode,
-                                         grid_size=max(1, round(args.grid_mm / px)), box_margin=round(margin_mm / px), min_box_area=max(1, round(50 / px**2)),
-                                         overlap_threshold=args.overlap_threshold, multimask_output=multimask, prompt_batch=4)
+                res = pseudo_label_slice(
+                    sam,
+                    embeddings[i],
+                    (hu.shape[1], hu.shape[0]),
+                    sa2[:, :, k].T,
+                    aux[:, :, :, k].transpose(0, 2, 1),
+                    prompts=prompts,
+                    aux=aux_mode,
+                    grid_size=max(1, round(args.grid_mm / px)),
+                    box_margin=round(margin_mm / px),
+                    min_box_area=max(1, round(50 / px**2)),
+                    overlap_threshold=args.overlap_threshold,
+                    multimask_output=multimask,
+                    prompt_batch=4,
+                )
                 vol[:, :, i] = res.mask.T
                 kept[name][0] += res.n_kept
                 kept[name][1] += res.n_candidates
@@ -134,7 +160,16 @@ def main(argv=None) -> int:
             row["kept_share"] = round(kept[name][0] / max(kept[name][1], 1), 3)
             row["seconds"] = round(seconds[name], 1)
         rows.append(row)
-    write_results(out, rows, {"phantoms": [c["case_id"] for c in cases], "every": args.every, "grid_mm": args.grid_mm, "box_margin_mm": args.box_margin_mm})
+    write_results(
+        out,
+        rows,
+        {
+            "phantoms": [c["case_id"] for c in cases],
+            "every": args.every,
+            "grid_mm": args.grid_mm,
+            "box_margin_mm": args.box_margin_mm,
+        },
+    )
     return 0
 
 
@@ -143,16 +178,28 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     from common.io import write_json_atomic
     from common.report import save_dice_bars
 
-    lines = ["| setting | lung Dice (mean) | per phantom | candidates kept | seconds (encode + prompts) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['lung_dice']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_case'])} | {r.get('kept_share', '')} | {r.get('seconds', '')} |" for r in rows]
+    lines = [
+        "| setting | lung Dice (mean) | per phantom | candidates kept | seconds (encode + prompts) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['setting']} | {r['lung_dice']:.3f} | {', '.join(f'{v:.3f}' for v in r['per_case'])} | {r.get('kept_share', '')} | {r.get('seconds', '')} |"
+        for r in rows
+    ]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     with open(out / "ablation.csv", "w") as f:
         f.write("setting,lung_dice,kept_share,seconds\n")
         for r in rows:
-            f.write(f"\"{r['setting']}\",{r['lung_dice']:.4f},{r.get('kept_share', '')},{r.get('seconds', '')}\n")
+            f.write(f'"{r["setting"]}",{r["lung_dice"]:.4f},{r.get("kept_share", "")},{r.get("seconds", "")}\n')
     write_json_atomic(out / "ablation.json", {**meta, "rows": rows})
-    save_dice_bars(out / "ablation.png", [r["setting"] for r in rows], [r["lung_dice"] for r in rows], [r["setting"] in (SA2, CEILING) for r in rows], 0.95,
-                   f"pseudo-label lung Dice, {len(meta['phantoms'])} held-out phantoms (every {meta['every']}th lung slice)")
+    save_dice_bars(
+        out / "ablation.png",
+        [r["setting"] for r in rows],
+        [r["lung_dice"] for r in rows],
+        [r["setting"] in (SA2, CEILING) for r in rows],
+        0.95,
+        f"pseudo-label lung Dice, {len(meta['phantoms'])} held-out phantoms (every {meta['every']}th lung slice)",
+    )
     print("\n".join(lines))
 
 

@@ -36,7 +36,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sam", default="litemedsam", help="SAM-family variant (common.networks.VARIANTS)")
     ap.add_argument("--checkpoint", default=None, help="weights for --sam (LiteMedSAM ships offline)")
     ap.add_argument("--probmap-dir", default=str(REPO / "bundles/probmap/eval"))
-    ap.add_argument("--prompt-batch", type=int, default=None, help="prompts per decoder call (default: the bundle's, 4 on CPU, 64 on a GPU)")
+    ap.add_argument(
+        "--prompt-batch",
+        type=int,
+        default=None,
+        help="prompts per decoder call (default: the bundle's, 4 on CPU, 64 on a GPU)",
+    )
     args = ap.parse_args(argv)
 
     import nibabel as nib
@@ -73,11 +78,16 @@ def main(argv=None) -> int:
         print(f"{args.case}: no lung in the map; nothing to prompt", file=sys.stderr)
         return 2
     mid = int(ks[len(ks) // 2])
-    picks = [int(k) for k in ks[np.clip(np.searchsorted(ks, mid) + np.arange(args.slices) - args.slices // 2, 0, len(ks) - 1)]]
+    picks = [
+        int(k)
+        for k in ks[np.clip(np.searchsorted(ks, mid) + np.arange(args.slices) - args.slices // 2, 0, len(ks) - 1)]
+    ]
     window = HUWindow()
     grid = max(1, int(round(args.grid_mm / float(np.mean(vol.spacing[:2])))))
-    print(f"case {args.case}: {vol.shape}, slices {picks}, grid {grid} px ({args.grid_mm} mm), map: {source}, model {args.sam}, "
-          f"prompt batch {prompt_batch}, device {sam.device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"case {args.case}: {vol.shape}, slices {picks}, grid {grid} px ({args.grid_mm} mm), map: {source}, model {args.sam}, "
+        f"prompt batch {prompt_batch}, device {sam.device}, torch threads {torch.get_num_threads()}"
+    )
 
     t_lit = t_prod = 0.0
     dots = differ = 0
@@ -89,16 +99,29 @@ def main(argv=None) -> int:
         t_lit += time.perf_counter() - t0
         t0 = time.perf_counter()
         emb = sam.encode(slice01[None])
-        res = pseudo_label_slice(sam, emb, slice01.shape, reg, prompts="dots", grid_size=grid, overlap_threshold=args.overlap_threshold,
-                                 prompt_batch=prompt_batch)
+        res = pseudo_label_slice(
+            sam,
+            emb,
+            slice01.shape,
+            reg,
+            prompts="dots",
+            grid_size=grid,
+            overlap_threshold=args.overlap_threshold,
+            prompt_batch=prompt_batch,
+        )
         t_prod += time.perf_counter() - t0
         dots += res.n_dots
         differ += int((literal != res.mask).sum())
-        print(f"slice {k}: {res.n_dots} dots, {res.n_kept} kept, literal area {int(literal.sum())} px, production area {int(res.mask.sum())} px, "
-              f"differing pixels {int((literal != res.mask).sum())}", flush=True)
+        print(
+            f"slice {k}: {res.n_dots} dots, {res.n_kept} kept, literal area {int(literal.sum())} px, production area {int(res.mask.sum())} px, "
+            f"differing pixels {int((literal != res.mask).sum())}",
+            flush=True,
+        )
     print(f"literal    {t_lit:8.2f} s  ({t_lit / max(dots, 1) * 1000:.0f} ms per dot)")
     print(f"production {t_prod:8.2f} s  ({t_prod / max(dots, 1) * 1000:.1f} ms per dot)")
-    print(f"dots {dots}, differing pixels {differ} of {len(picks) * vol.shape[0] * vol.shape[1]}: {'same masks' if differ == 0 else 'MASKS DIFFER'}")
+    print(
+        f"dots {dots}, differing pixels {differ} of {len(picks) * vol.shape[0] * vol.shape[1]}: {'same masks' if differ == 0 else 'MASKS DIFFER'}"
+    )
     print(f"speedup {t_lit / t_prod:.1f}")
     return 0 if differ == 0 else 1
 

@@ -42,7 +42,12 @@ def _quality(run: Path, set_name: str, case_id: str, label_path: str, labelfree:
     for folder in (run / "training_phantoms", run / "training_scans", run / "phantoms_heldout"):
         truth = folder / f"{stem}_lungs.nii.gz"
         if truth.is_file() and Path(label_path).is_file():
-            return round(dice_score(np.asarray(nib.load(str(label_path)).dataobj) > 0, np.asarray(nib.load(str(truth)).dataobj) > 0), 3), "phantom truth"
+            return round(
+                dice_score(
+                    np.asarray(nib.load(str(label_path)).dataobj) > 0, np.asarray(nib.load(str(truth)).dataobj) > 0
+                ),
+                3,
+            ), "phantom truth"
     return None, ""
 
 
@@ -54,14 +59,27 @@ def collect(runs: list[Path]) -> list[dict]:
             labelfree = {}
             lf = run / "labelfree" / set_name / "labelfree.json"
             if lf.is_file():
-                labelfree = {r["case"]: r["dice_hu_threshold"] for r in json.loads(lf.read_text()) if r.get("method") == "SA-3a" and "error" not in r}
+                labelfree = {
+                    r["case"]: r["dice_hu_threshold"]
+                    for r in json.loads(lf.read_text())
+                    if r.get("method") == "SA-3a" and "error" not in r
+                }
             for r in csv.DictReader(qc.open()):
                 if r.get("status") != "done":
                     continue
                 quality, against = _quality(run, set_name, r["case_id"], r.get("label", ""), labelfree)
-                rows.append({"run": run.name, "set": set_name, "case": r["case_id"], "included": r["included"] == "True",
-                             **{s: float(r[s]) if r.get(s) not in (None, "") else None for s in STATISTICS},
-                             "lung_ml": float(r["lung_ml_total"]) if r.get("lung_ml_total") else None, "quality": quality, "against": against})
+                rows.append(
+                    {
+                        "run": run.name,
+                        "set": set_name,
+                        "case": r["case_id"],
+                        "included": r["included"] == "True",
+                        **{s: float(r[s]) if r.get(s) not in (None, "") else None for s in STATISTICS},
+                        "lung_ml": float(r["lung_ml_total"]) if r.get("lung_ml_total") else None,
+                        "quality": quality,
+                        "against": against,
+                    }
+                )
     return rows
 
 
@@ -83,17 +101,28 @@ def best_threshold(good: list[float], poor: list[float]) -> tuple[float, int, in
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="a chain's output folder (e.g. outputs/release6, outputs/demo)")
-    ap.add_argument("--good", type=float, default=0.88, help="a pseudo label is good when its Dice (HU threshold or truth) is at least this")
+    ap.add_argument(
+        "--run", action="append", required=True, help="a chain's output folder (e.g. outputs/release6, outputs/demo)"
+    )
+    ap.add_argument(
+        "--good",
+        type=float,
+        default=0.88,
+        help="a pseudo label is good when its Dice (HU threshold or truth) is at least this",
+    )
     ap.add_argument("--out", default=None, help="also write rows and thresholds as JSON here")
     args = ap.parse_args(argv)
     rows = collect([Path(r) for r in args.run])
     scored = [r for r in rows if r["quality"] is not None]
-    print("| run | set | case | QC verdict | mean predicted IoU | agreement Dice | kept share | lung mL | Dice | against |")
+    print(
+        "| run | set | case | QC verdict | mean predicted IoU | agreement Dice | kept share | lung mL | Dice | against |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['set']} | {r['case']} | {'pass' if r['included'] else 'excluded'} | {r['mean_predicted_iou']} | {r['agreement_dice']} | "
-              f"{r['kept_share']} | {r['lung_ml']} | {r['quality']} | {r['against']} |")
+        print(
+            f"| {r['run']} | {r['set']} | {r['case']} | {'pass' if r['included'] else 'excluded'} | {r['mean_predicted_iou']} | {r['agreement_dice']} | "
+            f"{r['kept_share']} | {r['lung_ml']} | {r['quality']} | {r['against']} |"
+        )
     good = [r for r in scored if r["quality"] >= args.good]
     poor = [r for r in scored if r["quality"] < args.good]
     print(f"\n{len(scored)} scored pseudo labels: {len(good)} good (Dice >= {args.good}), {len(poor)} poor")
@@ -102,14 +131,25 @@ def main(argv=None) -> int:
         g = [r[s] for r in good if r[s] is not None]
         p = [r[s] for r in poor if r[s] is not None]
         t, kg, kp = best_threshold(g, p)
-        thresholds[s] = {"threshold": t, "good_kept": kg, "good": len(g), "poor_kept": kp, "poor": len(p),
-                         "good_range": [min(g), max(g)] if g else None, "poor_range": [min(p), max(p)] if p else None}
-        print(f"{s}: good {min(g):.4f}-{max(g):.4f}, poor {(min(p) if p else float('nan')):.4f}-{(max(p) if p else float('nan')):.4f}; "
-              f"threshold {t} keeps {kg}/{len(g)} good and {kp}/{len(p)} poor")
+        thresholds[s] = {
+            "threshold": t,
+            "good_kept": kg,
+            "good": len(g),
+            "poor_kept": kp,
+            "poor": len(p),
+            "good_range": [min(g), max(g)] if g else None,
+            "poor_range": [min(p), max(p)] if p else None,
+        }
+        print(
+            f"{s}: good {min(g):.4f}-{max(g):.4f}, poor {(min(p) if p else float('nan')):.4f}-{(max(p) if p else float('nan')):.4f}; "
+            f"threshold {t} keeps {kg}/{len(g)} good and {kp}/{len(p)} poor"
+        )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "qc_thresholds.json").write_text(json.dumps({"good": args.good, "rows": rows, "thresholds": thresholds}, indent=1))
+        (out / "qc_thresholds.json").write_text(
+            json.dumps({"good": args.good, "rows": rows, "thresholds": thresholds}, indent=1)
+        )
     return 0
 
 

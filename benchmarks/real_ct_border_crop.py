@@ -63,24 +63,46 @@ def main(argv=None) -> int:
         nib.save(nib.Nifti1Image(np.round(hu).astype(np.int16), affine), str(tmp))
     voxel_ml = float(np.prod(vol.spacing)) / 1000.0
     reference_ml = round(float(reference.sum()) * voxel_ml, 1)
-    touching = [name for name, face in (("i=0", reference[0]), ("i=-1", reference[-1]), ("j=0", reference[:, 0])) if face.any()]
-    print(f"{args.scan}: crop {hu.shape} of {vol.hu.shape}; reference lung {reference_ml} mL, touches the edges {touching}")
+    touching = [
+        name for name, face in (("i=0", reference[0]), ("i=-1", reference[-1]), ("j=0", reference[:, 0])) if face.any()
+    ]
+    print(
+        f"{args.scan}: crop {hu.shape} of {vol.hu.shape}; reference lung {reference_ml} mL, touches the edges {touching}"
+    )
 
     rows = {}
     t = time.perf_counter()
-    report = segment(crop, out / "segment", Models(Path(args.clip_ckpt), Path(args.hsam_ckpt)), source={"input": str(args.scan)})
+    report = segment(
+        crop, out / "segment", Models(Path(args.clip_ckpt), Path(args.hsam_ckpt)), source={"input": str(args.scan)}
+    )
     seconds = time.perf_counter() - t
-    methods = {"make segment (H-SAM)": np.asarray(nib.load(str(out / "segment" / "lung_mask.nii.gz")).dataobj) > 0,
-               "HU threshold on the crop": hu_threshold_lung_mask(hu, vol.spacing)}
+    methods = {
+        "make segment (H-SAM)": np.asarray(nib.load(str(out / "segment" / "lung_mask.nii.gz")).dataobj) > 0,
+        "HU threshold on the crop": hu_threshold_lung_mask(hu, vol.spacing),
+    }
     for name, mask in methods.items():
         s = segmentation_scores(mask, reference, vol.spacing)
-        rows[name] = {"dice": round(float(s["dice"]), 3), "hd95_mm": round(float(s["hd95_mm"]), 1),
-                      "lung_ml": round(float(mask.sum()) * voxel_ml, 1)}
+        rows[name] = {
+            "dice": round(float(s["dice"]), 3),
+            "hd95_mm": round(float(s["hd95_mm"]), 1),
+            "lung_ml": round(float(mask.sum()) * voxel_ml, 1),
+        }
     rows["make segment (H-SAM)"].update({"qc": report.get("qc"), "seconds": round(seconds, 1)})
-    write_json_atomic(out / "scores.json", {"scan": str(args.scan), "crop_shape": list(hu.shape), "cut_mm": args.cut_mm,
-                                            "reference_ml": reference_ml, "methods": rows})
+    write_json_atomic(
+        out / "scores.json",
+        {
+            "scan": str(args.scan),
+            "crop_shape": list(hu.shape),
+            "cut_mm": args.cut_mm,
+            "reference_ml": reference_ml,
+            "methods": rows,
+        },
+    )
     for name, r in rows.items():
-        print(f"{name}: Dice {r['dice']}, HD95 {r['hd95_mm']} mm, {r['lung_ml']} mL" + (f", QC {r['qc']}" if "qc" in r else ""))
+        print(
+            f"{name}: Dice {r['dice']}, HD95 {r['hd95_mm']} mm, {r['lung_ml']} mL"
+            + (f", QC {r['qc']}" if "qc" in r else "")
+        )
     return 0
 
 

@@ -42,25 +42,46 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--case", default="deeplesion_000001_01_01", help="a case id of make data's manifest")
     args = parser.parse_args(argv)
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
-        raise SystemExit("unset PYTHONDONTWRITEBYTECODE first (the Makefile does): fresh processes would compile every import")
+        raise SystemExit(
+            "unset PYTHONDONTWRITEBYTECODE first (the Makefile does): fresh processes would compile every import"
+        )
     cases = {c["id"]: c for c in load_manifest(DEFAULT_OUT)["cases"]}
     if args.case not in cases:
         raise SystemExit(f"{DEFAULT_OUT / 'manifest.json'}: no case {args.case}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         link_scan(tmp / "scans", args.case, Path(cases[args.case]["path"]))
-        step = ["-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/probmap/configs/inference.json"),
-                "--bundle_root", str(REPO / "bundles/probmap"), "--ckpt_path", str(REPO / "bundles/foundation_clip/models/model.pt"),
-                "--dataset_dir", str(tmp / "scans"), "--overlay", "False"]
+        step = [
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(REPO / "bundles/probmap/configs/inference.json"),
+            "--bundle_root",
+            str(REPO / "bundles/probmap"),
+            "--ckpt_path",
+            str(REPO / "bundles/foundation_clip/models/model.pt"),
+            "--dataset_dir",
+            str(tmp / "scans"),
+            "--overlay",
+            "False",
+        ]
         times: dict[str, list[float]] = {"warm-up": [], "fresh process": [], "forked, server start": [], "forked": []}
         outputs = []
         # an uncounted fresh run first: it reads the files from disk into the page cache, which every later run finds there
-        runs = [("warm-up", 0)] + [("fresh process", i) for i in range(args.repeats)] + [("forked, server start", 0)] + [("forked", i) for i in range(args.repeats)]
+        runs = (
+            [("warm-up", 0)]
+            + [("fresh process", i) for i in range(args.repeats)]
+            + [("forked, server start", 0)]
+            + [("forked", i) for i in range(args.repeats)]
+        )
         for how, i in runs:
             out = tmp / f"{how.replace(' ', '_').replace(',', '')}_{i}"
             start = time.perf_counter()
             if how in ("warm-up", "fresh process"):
-                code = subprocess.run([sys.executable, *step, "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True).returncode
+                code = subprocess.run(
+                    [sys.executable, *step, "--output_dir", str(out)], cwd=REPO, capture_output=True, text=True
+                ).returncode
             else:
                 code = run_python([*step, "--output_dir", str(out)], log=tmp / f"{out.name}.log")
             seconds = time.perf_counter() - start
@@ -69,7 +90,9 @@ def main(argv: list[str] | None = None) -> float:
             times[how].append(seconds)
             outputs.append(_arrays(out))
             print(f"{how:22s} run {i}: {seconds:6.1f} s", flush=True)
-        same = all(a.keys() == outputs[0].keys() and all(np.array_equal(a[k], outputs[0][k]) for k in a) for a in outputs[1:])
+        same = all(
+            a.keys() == outputs[0].keys() and all(np.array_equal(a[k], outputs[0][k]) for k in a) for a in outputs[1:]
+        )
         print(f"outputs ({', '.join(outputs[0])}) the same to the bit in all {len(outputs)} runs: {same}")
         if not same:
             raise SystemExit("the runs' outputs differ")

@@ -40,16 +40,48 @@ def shared_cases() -> list[dict]:
     root = shared_data_dir()
     cases = [
         {"id": "lidc_idri_1011", "path": root / "lidc_idri_1011_dicom", "kind": "real", "format": "dicom"},
-        {"id": "totalseg_chest_crop_a", "path": root / "totalseg_chest_crops" / "chest_crop_a.nii.gz", "kind": "real", "format": "nifti"},
-        {"id": "totalseg_chest_crop_b", "path": root / "totalseg_chest_crops" / "chest_crop_b.nii.gz", "kind": "real", "format": "nifti"},
-        {"id": "deeplesion_000001_01_01", "path": root / "deeplesion_png" / "000001_01_01", "kind": "real", "format": "deeplesion_png"},
-        {"id": "deeplesion_000001_02_01", "path": root / "deeplesion_png" / "000001_02_01", "kind": "real", "format": "deeplesion_png"},
-        {"id": "lung_pet_ct_dx_a0001", "path": root / "lung_pet_ct_dx" / "A0001_philips_5mm", "kind": "real", "format": "dicom"},
-        {"id": "lung_pet_ct_dx_a0002", "path": root / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm", "kind": "real", "format": "dicom"},
+        {
+            "id": "totalseg_chest_crop_a",
+            "path": root / "totalseg_chest_crops" / "chest_crop_a.nii.gz",
+            "kind": "real",
+            "format": "nifti",
+        },
+        {
+            "id": "totalseg_chest_crop_b",
+            "path": root / "totalseg_chest_crops" / "chest_crop_b.nii.gz",
+            "kind": "real",
+            "format": "nifti",
+        },
+        {
+            "id": "deeplesion_000001_01_01",
+            "path": root / "deeplesion_png" / "000001_01_01",
+            "kind": "real",
+            "format": "deeplesion_png",
+        },
+        {
+            "id": "deeplesion_000001_02_01",
+            "path": root / "deeplesion_png" / "000001_02_01",
+            "kind": "real",
+            "format": "deeplesion_png",
+        },
+        {
+            "id": "lung_pet_ct_dx_a0001",
+            "path": root / "lung_pet_ct_dx" / "A0001_philips_5mm",
+            "kind": "real",
+            "format": "dicom",
+        },
+        {
+            "id": "lung_pet_ct_dx_a0002",
+            "path": root / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm",
+            "kind": "real",
+            "format": "dicom",
+        },
     ]
     missing = [str(c["path"]) for c in cases if not c["path"].exists()]
     if missing:
-        raise FileNotFoundError(f"shared real CT data not found: {', '.join(missing)} (set LUNGSEG_SHARED_DATA to the shared/data folder)")
+        raise FileNotFoundError(
+            f"shared real CT data not found: {', '.join(missing)} (set LUNGSEG_SHARED_DATA to the shared/data folder)"
+        )
     return cases
 
 
@@ -63,13 +95,30 @@ def fetch_pyradiomics(out_dir: Path, cache_dir: Path) -> list[Path]:
     tarballs = sorted(cache_dir.glob("pyradiomics-3.0.1*.tar.gz"))
     if not tarballs:
         log.info("fetching %s source distribution through pip (34 MB)", PYRADIOMICS)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:", "-q", "-d", str(cache_dir), PYRADIOMICS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-binary",
+            ":all:",
+            "-q",
+            "-d",
+            str(cache_dir),
+            PYRADIOMICS,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         tarballs = sorted(cache_dir.glob("pyradiomics-3.0.1*.tar.gz"))
         if result.returncode != 0 or not tarballs:
-            raise RuntimeError(f"could not fetch {PYRADIOMICS} with pip (needs numpy and versioneer installed): {result.stderr.strip()[-500:]}")
+            raise RuntimeError(
+                f"could not fetch {PYRADIOMICS} with pip (needs numpy and versioneer installed): {result.stderr.strip()[-500:]}"
+            )
     with tarfile.open(tarballs[0]) as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.name.endswith(PYRADIOMICS_FILES) and "/data/" in m.name}
+        members = {
+            Path(m.name).name: m for m in tar.getmembers() if m.name.endswith(PYRADIOMICS_FILES) and "/data/" in m.name
+        }
         for target in targets:
             if target.exists():
                 continue
@@ -87,7 +136,9 @@ def pydicom_ct_slice() -> Path:
     return Path(get_testdata_file("CT_small.dcm"))
 
 
-def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom", shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING) -> list[dict]:
+def make_phantoms(
+    out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom", shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING
+) -> list[dict]:
     """``n`` phantoms ``<prefix>_000``... from seeds ``seed``, ``seed + 1``, ...; those on disk are reused
     (so give each ``shape``/``spacing`` its own ``out_dir``)."""
     from tqdm.auto import tqdm
@@ -100,7 +151,18 @@ def make_phantoms(out_dir: Path, n: int, seed: int = 0, prefix: str = "phantom",
         paths = phantom_paths(out_dir, case_id)
         if not all(p.exists() for p in paths.values()):
             write_phantom(generate_phantom(shape=tuple(shape), spacing=tuple(spacing), seed=seed + i), out_dir, case_id)
-        cases.append({"id": case_id, "path": paths["ct"], "label": paths["label"], "lungs": paths["lungs"], "report": paths["report"], "kind": "phantom", "format": "nifti", "seed": seed + i})
+        cases.append(
+            {
+                "id": case_id,
+                "path": paths["ct"],
+                "label": paths["label"],
+                "lungs": paths["lungs"],
+                "report": paths["report"],
+                "kind": "phantom",
+                "format": "nifti",
+                "seed": seed + i,
+            }
+        )
     return cases
 
 
@@ -111,13 +173,29 @@ def prepare_default_data(out: str | Path = DEFAULT_OUT, n_phantoms: int = 10, fe
     notes = []
     if fetch:
         try:
-            nrrds = fetch_pyradiomics(out / "pyradiomics", REPO_ROOT / ".cache" / "downloads")
+            fetch_pyradiomics(out / "pyradiomics", REPO_ROOT / ".cache" / "downloads")
             for name in ("lung1", "lung2"):
-                cases.append({"id": f"pyradiomics_{name}", "path": out / "pyradiomics" / f"{name}_image.nrrd", "tumour_label": out / "pyradiomics" / f"{name}_label.nrrd", "kind": "real", "format": "nrrd"})
+                cases.append(
+                    {
+                        "id": f"pyradiomics_{name}",
+                        "path": out / "pyradiomics" / f"{name}_image.nrrd",
+                        "tumour_label": out / "pyradiomics" / f"{name}_label.nrrd",
+                        "kind": "real",
+                        "format": "nrrd",
+                    }
+                )
         except RuntimeError as e:
             notes.append(str(e))
             log.warning("%s", e)
-    cases.append({"id": "pydicom_ct_small", "path": pydicom_ct_slice(), "kind": "real", "format": "dicom", "note": "one 128x128 slice: QC excludes it (too few slices)"})
+    cases.append(
+        {
+            "id": "pydicom_ct_small",
+            "path": pydicom_ct_slice(),
+            "kind": "real",
+            "format": "dicom",
+            "note": "one 128x128 slice: QC excludes it (too few slices)",
+        }
+    )
     cases += make_phantoms(out / "phantoms", n_phantoms)
     manifest = {"cases": cases, "notes": notes, "shared_data": shared_data_dir()}
     write_json_atomic(out / "manifest.json", manifest)
@@ -144,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {}
     for c in manifest["cases"]:
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
-    print(f"default data: {len(manifest['cases'])} cases ({', '.join(f'{v} {k}' for k, v in kinds.items())}); manifest {Path(args.out) / 'manifest.json'}")
+    print(
+        f"default data: {len(manifest['cases'])} cases ({', '.join(f'{v} {k}' for k, v in kinds.items())}); manifest {Path(args.out) / 'manifest.json'}"
+    )
     for note in manifest["notes"]:
         print("note:", note)
     return 0

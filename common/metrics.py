@@ -61,7 +61,9 @@ def retrieval_recall_at_k(image_embeds, text_embeds, texts: list[str], k: int = 
 
     image_embeds, text_embeds = torch.as_tensor(image_embeds).float(), torch.as_tensor(text_embeds).float()
     if not (image_embeds.shape[0] == text_embeds.shape[0] == len(texts)):
-        raise ValueError(f"need one text per image: {image_embeds.shape[0]} images, {text_embeds.shape[0]} text embeddings, {len(texts)} texts")
+        raise ValueError(
+            f"need one text per image: {image_embeds.shape[0]} images, {text_embeds.shape[0]} text embeddings, {len(texts)} texts"
+        )
     sims = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
     top = sims.topk(min(k, sims.shape[1]), dim=1).indices
     hits = [any(texts[j] == texts[i] for j in row.tolist()) for i, row in enumerate(top)]
@@ -133,7 +135,9 @@ def segmentation_scores(prediction: np.ndarray, truth: np.ndarray, spacing=(1.0,
 # --------------------------------------------------------------------------- per-structure statistics
 
 
-def structure_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, names: dict[int, str], emphysema_hu: float = -950.0) -> dict:
+def structure_statistics(
+    labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, names: dict[int, str], emphysema_hu: float = -950.0
+) -> dict:
     """Per structure of a label map: voxels, volume (mL) and mean HU, as TotalSegmentator's ``--statistics``
     gives them, plus the share of the structure below ``emphysema_hu`` (%LAA-950) for every lung.
 
@@ -154,7 +158,11 @@ def structure_statistics(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray,
 
     def entry(values: list[int]) -> dict:
         n = int(sum(counts[v] for v in values))
-        out = {"voxels": n, "volume_ml": round(n * voxel_ml, 1), "mean_hu": round(float(sum(sums[v] for v in values)) / n, 1) if n else None}
+        out = {
+            "voxels": n,
+            "volume_ml": round(n * voxel_ml, 1),
+            "mean_hu": round(float(sum(sums[v] for v in values)) / n, 1) if n else None,
+        }
         return out
 
     stats = {}

@@ -249,16 +249,42 @@ def _segs_from_tubes(tubes: list) -> _Segs:
         for li, layer in enumerate(t.layers):
             dr[li].append(np.full(n, layer.dr))
     c = {k: np.concatenate(v) for k, v in cols.items()}
-    return _Segs(c["a"], c["b"], c["ra"], c["rb"], [np.concatenate(d) for d in dr], [l.hu for l in ref], [l.label for l in ref],
-                 [l.set_part for l in ref], c["part"], c["carve"], c["lung_only"], c["outside_heart"], c["inside_body"])
+    return _Segs(
+        c["a"],
+        c["b"],
+        c["ra"],
+        c["rb"],
+        [np.concatenate(d) for d in dr],
+        [lay.hu for lay in ref],
+        [lay.label for lay in ref],
+        [lay.set_part for lay in ref],
+        c["part"],
+        c["carve"],
+        c["lung_only"],
+        c["outside_heart"],
+        c["inside_body"],
+    )
 
 
 def _cat_segs(batches: list) -> _Segs:
     ref = batches[0]
     f = lambda name: np.concatenate([getattr(x, name) for x in batches])  # noqa: E731
     dr = [np.concatenate([x.dr[i] for x in batches]) for i in range(len(ref.dr))]
-    return _Segs(f("a"), f("b"), f("ra"), f("rb"), dr, list(ref.hu), list(ref.label), list(ref.set_part), f("part"), f("carve"),
-                 f("lung_only"), f("outside_heart"), f("inside_body"))
+    return _Segs(
+        f("a"),
+        f("b"),
+        f("ra"),
+        f("rb"),
+        dr,
+        list(ref.hu),
+        list(ref.label),
+        list(ref.set_part),
+        f("part"),
+        f("carve"),
+        f("lung_only"),
+        f("outside_heart"),
+        f("inside_body"),
+    )
 
 
 def _polyline(points, radii, n_per: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +299,10 @@ def _polyline(points, radii, n_per: int = 4) -> tuple[np.ndarray, np.ndarray]:
         p0, p1, p2, p3 = ext[i - 1], ext[i], ext[i + 1], ext[i + 2]
         for t in np.linspace(0, 1, n_per, endpoint=False):
             t2, t3 = t * t, t * t * t
-            out.append(0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t3))
+            out.append(
+                0.5
+                * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t2 + (-p0 + 3 * p1 - 3 * p2 + p3) * t3)
+            )
     out.append(p[-1])
     rr = np.interp(np.linspace(0, len(p) - 1, len(out)), np.arange(len(p)), r)
     return np.array(out), rr
@@ -300,7 +329,9 @@ class _Anatomy:
     """All anatomical parameters and analytic shapes of one phantom (anatomical mm: u = patient
     left, v = posterior, w = superior; w = 0 is the middle of the lungs)."""
 
-    def __init__(self, rng: np.random.Generator, rng_find: np.random.Generator, nodules: int | None, emphysema: bool | None):
+    def __init__(
+        self, rng: np.random.Generator, rng_find: np.random.Generator, nodules: int | None, emphysema: bool | None
+    ):
         self.rng = rng
         s = self.s = float(rng.uniform(0.9, 1.03))
         sl = self.sl = float(rng.uniform(0.96, 1.04))
@@ -327,7 +358,12 @@ class _Anatomy:
         self.heart_ax = np.array([64.0, 42.0, 38.0]) * s * hs
         self.vb_ax = (19.0 * s, 16.0 * s)
         # findings come from their own stream: switching them on or off keeps the same patient
-        r_emph, target, r_nod, n_nod = rng_find.random(), rng_find.uniform(0.05, 0.22), rng_find.random(), int(rng_find.integers(1, 4))
+        r_emph, target, r_nod, n_nod = (
+            rng_find.random(),
+            rng_find.uniform(0.05, 0.22),
+            rng_find.random(),
+            int(rng_find.integers(1, 4)),
+        )
         self.emphysema = bool(r_emph < 0.3) if emphysema is None else bool(emphysema)
         self.emph_target = float(target) if self.emphysema else 0.0
         self.n_nodules = (0 if r_nod < 0.4 else n_nod) if nodules is None else int(nodules)
@@ -343,7 +379,12 @@ class _Anatomy:
     def prof(self, w):
         x = w / self.s
         sl = self.s * self.sl
-        return (_interp(x, _W, _CU) * F32(sl), _interp(x, _W, _RA) * F32(sl), _interp(x, _W, _RB) * F32(self.s), _interp(x, _W, _CV) * F32(self.s))
+        return (
+            _interp(x, _W, _CU) * F32(sl),
+            _interp(x, _W, _RA) * F32(sl),
+            _interp(x, _W, _RB) * F32(self.s),
+            _interp(x, _W, _CV) * F32(self.s),
+        )
 
     def cap(self, w, side):
         t = np.clip((w - self.w_sh) / (self.w_apex[side] - self.w_sh), 0, 1)
@@ -593,7 +634,7 @@ class _Builder:
     def build_tubes(self):
         A, s, rng = self.A, self.A.s, self.rng
         S = A.S
-        blood, myo = A.blood_hu, A.myo_hu
+        blood = A.blood_hu
         vessel = lambda: [_Layer(0.0, blood, VESSEL)]  # noqa: E731
         self.med_tubes: list[_Tube] = []
         self.tubes_pre: list[_Tube] = []  # mediastinal structures drawn first
@@ -607,26 +648,54 @@ class _Builder:
             return t
 
         # esophagus
-        esoph = tube([[-2, 8, 190], [0, 24, 120], [2, 30, 60], [4, 32, 0], [12, 28, -60], [28, 8, -98]], [8, 8, 8, 8, 8, 9],
-                     [_Layer(0.0, 38.0, BACKGROUND, False), _Layer(-6.5 * s, AIR_HU, BACKGROUND, False)], carve=2.0 * s)
+        esoph = tube(
+            [[-2, 8, 190], [0, 24, 120], [2, 30, 60], [4, 32, 0], [12, 28, -60], [28, 8, -98]],
+            [8, 8, 8, 8, 8, 9],
+            [_Layer(0.0, 38.0, BACKGROUND, False), _Layer(-6.5 * s, AIR_HU, BACKGROUND, False)],
+            carve=2.0 * s,
+        )
         # aorta
         p_ao = self.part("blood vessel", "aorta")
-        aorta = tube([[-2, -20, -14], [-10, -27, 8], [-8, -26, 36], [2, -13, 52], [16, 9, 51], [24, 30, 40], [26, 38, 18],
-                      [22, 42, -40], [14, 40, -100], [6, 36, -170], [4, 34, -260]],
-                     [14, 15, 14.5, 13.5, 13, 12.5, 12, 11.5, 11, 10.5, 10], vessel(), p_ao)
+        aorta = tube(
+            [
+                [-2, -20, -14],
+                [-10, -27, 8],
+                [-8, -26, 36],
+                [2, -13, 52],
+                [16, 9, 51],
+                [24, 30, 40],
+                [26, 38, 18],
+                [22, 42, -40],
+                [14, 40, -100],
+                [6, 36, -170],
+                [4, 34, -260],
+            ],
+            [14, 15, 14.5, 13.5, 13, 12.5, 12, 11.5, 11, 10.5, 10],
+            vessel(),
+            p_ao,
+        )
         p_pa = self.part("blood vessel", "pulmonary artery")
         pa_main = tube([[14, -40, -8], [14, -30, 8], [12, -18, 18]], [14, 14, 13], vessel(), p_pa)
         rpa_end = S([-44, 4, 10]) + j()
         lpa_end = S([50, 14, 20]) + j()
-        rpa = tube([[12, -18, 18], [-6, -3, 17], [-28, 3, 13], rpa_end / A.sc], [11, 10.5, 10, 9], vessel(), p_pa, jitter=False)
-        lpa = tube([[12, -18, 18], [28, -4, 26], [42, 8, 24], lpa_end / A.sc], [11, 10.5, 10, 9], vessel(), p_pa, jitter=False)
+        rpa = tube(
+            [[12, -18, 18], [-6, -3, 17], [-28, 3, 13], rpa_end / A.sc], [11, 10.5, 10, 9], vessel(), p_pa, jitter=False
+        )
+        lpa = tube(
+            [[12, -18, 18], [28, -4, 26], [42, 8, 24], lpa_end / A.sc], [11, 10.5, 10, 9], vessel(), p_pa, jitter=False
+        )
         p_svc = self.part("blood vessel", "superior vena cava")
         svc = tube([[-30, -12, 78], [-31, -12, 40], [-30, -11, 10], [-28, -8, -6]], [9, 9.5, 10, 10], vessel(), p_svc)
         p_ivc = self.part("blood vessel", "inferior vena cava")
         ivc = tube([[-24, 8, -260], [-24, 4, -120], [-22, 0, -70], [-20, -4, -52]], [12, 12, 12.5, 12], vessel(), p_ivc)
         p_az = self.part("blood vessel", "azygos vein")
-        azy = tube([[-12, 44, -200], [-12, 46, -60], [-13, 45, 18], [-20, 32, 32], [-28, 2, 34], [-30, -8, 32]],
-                   [4, 4.2, 4.5, 5, 5, 5], vessel(), p_az, carve=1.5 * s)
+        azy = tube(
+            [[-12, 44, -200], [-12, 46, -60], [-13, 45, 18], [-20, 32, 32], [-28, 2, 34], [-30, -8, 32]],
+            [4, 4.2, 4.5, 5, 5, 5],
+            vessel(),
+            p_az,
+            carve=1.5 * s,
+        )
         p_bca = self.part("blood vessel", "brachiocephalic artery")
         bca = tube([[-4, -17, 50], [-16, -12, 90], [-26, -6, 130], [-32, -2, 200]], [7, 6.5, 6, 5.5], vessel(), p_bca)
         p_lcca = self.part("blood vessel", "left common carotid artery")
@@ -634,18 +703,27 @@ class _Builder:
         p_lsa = self.part("blood vessel", "left subclavian artery")
         lsa = tube([[15, 0, 50], [24, 0, 100], [42, -6, 128], [80, -12, 136]], [6, 5.5, 5, 5], vessel(), p_lsa)
         p_bcv = self.part("blood vessel", "brachiocephalic vein")
-        lbcv = tube([[80, -18, 112], [50, -26, 96], [18, -27, 82], [-22, -16, 76], [-30, -12, 78]], [6, 6.5, 6.5, 7, 8], vessel(), p_bcv)
+        lbcv = tube(
+            [[80, -18, 112], [50, -26, 96], [18, -27, 82], [-22, -16, 76], [-30, -12, 78]],
+            [6, 6.5, 6.5, 7, 8],
+            vessel(),
+            p_bcv,
+        )
         rbcv = tube([[-70, -14, 130], [-44, -12, 110], [-30, -12, 80]], [7, 7.5, 8], vessel(), p_bcv)
         # pulmonary veins into the left atrium
         p_pv = self.part("blood vessel", "pulmonary veins")
         la = A.heart_c - 35 * s * A.heart_e[0] * A.heart_scale + 16 * s * A.heart_e[1]
         pv_ends = {
-            ("R", "sup"): S([-46, -6, 0]) + j(), ("R", "inf"): S([-44, 18, -26]) + j(),
-            ("L", "sup"): S([50, 0, 6]) + j(), ("L", "inf"): S([48, 22, -22]) + j(),
+            ("R", "sup"): S([-46, -6, 0]) + j(),
+            ("R", "inf"): S([-44, 18, -26]) + j(),
+            ("L", "sup"): S([50, 0, 6]) + j(),
+            ("L", "inf"): S([48, 22, -22]) + j(),
         }
         pv_tubes = []
         for (sd, lvl), end in pv_ends.items():
-            start = la + np.array([(-12 if sd == "R" else 12) * s, 4 * s if lvl == "inf" else -4 * s, (-8 if lvl == "inf" else 6) * s])
+            start = la + np.array(
+                [(-12 if sd == "R" else 12) * s, 4 * s if lvl == "inf" else -4 * s, (-8 if lvl == "inf" else 6) * s]
+            )
             mid = 0.5 * (start + end) + np.array([0, 0, 0])
             p, r = _polyline(np.array([start, mid, end]), np.array([8.0, 7.5, 7.0]) * s)
             pv_tubes.append(_Tube(p, r, vessel(), p_pv, 2.0 * s))
@@ -653,21 +731,53 @@ class _Builder:
         p_tr = self.part("airway", "trachea")
         carina = S([2, 12, 26]) + j() * 0.5
         trachea_pts = np.array([S([0, 0, 220]), S([0, 2, 150]), S([1, 6, 90]), S([2, 9, 50]), carina])
-        trachea = _Tube(*_polyline(trachea_pts, np.array([11, 11, 11, 11, 10]) * s, 4),
-                        [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-2.2 * s, AIR_HU, AIRWAY)], p_tr, 2.0 * s)
+        trachea = _Tube(
+            *_polyline(trachea_pts, np.array([11, 11, 11, 11, 10]) * s, 4),
+            [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-2.2 * s, AIR_HU, AIRWAY)],
+            p_tr,
+            2.0 * s,
+        )
         p_rmb = self.part("airway", "right main bronchus")
         rmb_end = S([-26, 18, 10]) + j() * 0.5
         bi_end = S([-38, 26, -18]) + j() * 0.5
-        rmb = _Tube(*_polyline(np.array([carina, S([-12, 14, 20]), rmb_end, bi_end]), np.array([8.5, 8.2, 7.2, 6.2]) * s, 4),
-                    [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-1.8 * s, AIR_HU, AIRWAY)], p_rmb, 2.0 * s)
+        rmb = _Tube(
+            *_polyline(np.array([carina, S([-12, 14, 20]), rmb_end, bi_end]), np.array([8.5, 8.2, 7.2, 6.2]) * s, 4),
+            [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-1.8 * s, AIR_HU, AIRWAY)],
+            p_rmb,
+            2.0 * s,
+        )
         p_lmb = self.part("airway", "left main bronchus")
         lmb_end = S([42, 22, 4]) + j() * 0.5
-        lmb = _Tube(*_polyline(np.array([carina, S([18, 16, 18]), S([32, 19, 10]), lmb_end]), np.array([8.2, 7.8, 7.4, 7.0]) * s, 4),
-                    [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-1.8 * s, AIR_HU, AIRWAY)], p_lmb, 2.0 * s)
+        lmb = _Tube(
+            *_polyline(
+                np.array([carina, S([18, 16, 18]), S([32, 19, 10]), lmb_end]), np.array([8.2, 7.8, 7.4, 7.0]) * s, 4
+            ),
+            [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(-1.8 * s, AIR_HU, AIRWAY)],
+            p_lmb,
+            2.0 * s,
+        )
 
         for t in (aorta, pa_main, rpa, lpa, svc, ivc, *pv_tubes):
             t.outside_heart = True
-        self.med_tubes = [esoph, aorta, pa_main, rpa, lpa, svc, ivc, azy, bca, lcca, lsa, lbcv, rbcv, *pv_tubes, trachea, rmb, lmb]
+        self.med_tubes = [
+            esoph,
+            aorta,
+            pa_main,
+            rpa,
+            lpa,
+            svc,
+            ivc,
+            azy,
+            bca,
+            lcca,
+            lsa,
+            lbcv,
+            rbcv,
+            *pv_tubes,
+            trachea,
+            rmb,
+            lmb,
+        ]
         self.central_airways = [trachea, rmb, lmb]
 
         # ---- lung trees (attraction points sampled inside the analytic lungs)
@@ -692,25 +802,52 @@ class _Builder:
             segs = _grow_tree(rng, [(root_a, art[lobes_a == n]) for n in names], 6.5 * s, len(art), 0.34, 0.45)
             sd = "R" if right else "L"
             upper_v = np.isin(lobes_v, ["right upper lobe", "right middle lobe", "left upper lobe"])
-            segs += _grow_tree(rng, [(pv_ends[(sd, "sup")], vein[upper_v]), (pv_ends[(sd, "inf")], vein[~upper_v])], 6.5 * s, len(vein), 0.34, 0.45)
-            self.tree_segs.append(self.branch_segs(segs, part_v, [_Layer(0.0, blood, VESSEL)], lambda r: [np.zeros_like(r)]))
+            segs += _grow_tree(
+                rng,
+                [(pv_ends[(sd, "sup")], vein[upper_v]), (pv_ends[(sd, "inf")], vein[~upper_v])],
+                6.5 * s,
+                len(vein),
+                0.34,
+                0.45,
+            )
+            self.tree_segs.append(
+                self.branch_segs(segs, part_v, [_Layer(0.0, blood, VESSEL)], lambda r: [np.zeros_like(r)])
+            )
             if right:
                 bases = [rmb_end, 0.5 * (rmb_end + bi_end), None]
-                roots_b = [(rmb_end + S([-10, 0, 6]), air[lobes_b == "right upper lobe"]),
-                           (0.5 * (rmb_end + bi_end) + S([-4, -8, 0]), air[lobes_b == "right middle lobe"]),
-                           (bi_end, air[lobes_b == "right lower lobe"])]
+                roots_b = [
+                    (rmb_end + S([-10, 0, 6]), air[lobes_b == "right upper lobe"]),
+                    (0.5 * (rmb_end + bi_end) + S([-4, -8, 0]), air[lobes_b == "right middle lobe"]),
+                    (bi_end, air[lobes_b == "right lower lobe"]),
+                ]
             else:
                 bases = [lmb_end, lmb_end]
-                roots_b = [(lmb_end + S([6, -6, 8]), air[lobes_b == "left upper lobe"]), (lmb_end + S([6, 6, -8]), air[lobes_b == "left lower lobe"])]
+                roots_b = [
+                    (lmb_end + S([6, -6, 8]), air[lobes_b == "left upper lobe"]),
+                    (lmb_end + S([6, 6, -8]), air[lobes_b == "left lower lobe"]),
+                ]
             bsegs = _grow_tree(rng, roots_b, 5.2 * s, len(air), 0.36, 0.9, frac=(0.3, 0.5))
-            self.airway_segs.append(self.branch_segs(bsegs, part_b, [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(0.0, AIR_HU, AIRWAY)],
-                                                     lambda r: [0.22 * r + 0.35, np.zeros_like(r)]))
+            self.airway_segs.append(
+                self.branch_segs(
+                    bsegs,
+                    part_b,
+                    [_Layer(0.0, 30.0, LUNG_OR_BG, False), _Layer(0.0, AIR_HU, AIRWAY)],
+                    lambda r: [0.22 * r + 0.35, np.zeros_like(r)],
+                )
+            )
             # lobar bronchi from the main bronchi to the tree roots
             for (start, _), base in zip(roots_b, bases):
                 if base is None:
                     continue
-                self.airway_tubes.append(_Tube(np.array([base, start]), np.array([5.0, 4.6]) * s,
-                                               [_Layer(1.4 * s, 30.0, LUNG_OR_BG, False), _Layer(0.0, AIR_HU, AIRWAY)], part_b, None))
+                self.airway_tubes.append(
+                    _Tube(
+                        np.array([base, start]),
+                        np.array([5.0, 4.6]) * s,
+                        [_Layer(1.4 * s, 30.0, LUNG_OR_BG, False), _Layer(0.0, AIR_HU, AIRWAY)],
+                        part_b,
+                        None,
+                    )
+                )
 
         # ---- spine posterior elements, ribs, cartilage, clavicles
         self.bone_tubes: list[_Tube] = []
@@ -736,13 +873,29 @@ class _Builder:
             ring2[:, :2] = ring2[:, :2] * [1.05, 1.0] + [0, 1.5 * s]
             self.vert_tubes.append(_Tube(ring2[2:-2], np.full(len(ring2) - 4, 4.2 * s), layers, pid, 2.0 * s))
             sp_len = {"C": 20, "T": 40, "L": 30}[name[0]] * s
-            sp_drop = (0.75 * pitch if name[0] == "T" else 0.2 * pitch)
-            self.vert_tubes.append(_Tube(np.array([[0, canal_v + rc, wc + 0.06 * hgt], [0, canal_v + rc + sp_len, wc - sp_drop]]),
-                                         np.array([4.6, 3.6]) * s, layers, pid, 2.0 * s))
+            sp_drop = 0.75 * pitch if name[0] == "T" else 0.2 * pitch
+            self.vert_tubes.append(
+                _Tube(
+                    np.array([[0, canal_v + rc, wc + 0.06 * hgt], [0, canal_v + rc + sp_len, wc - sp_drop]]),
+                    np.array([4.6, 3.6]) * s,
+                    layers,
+                    pid,
+                    2.0 * s,
+                )
+            )
             tp = 27.0 * s if name[0] == "T" else 34 * s
             for sg in (-1, 1):
-                self.vert_tubes.append(_Tube(np.array([[sg * 10 * s, canal_v, wc + 0.2 * hgt], [sg * tp, canal_v + 12 * s, wc + 0.25 * hgt]]),
-                                             np.array([4.8, 4.2]) * s, layers, pid, 2.0 * s))
+                self.vert_tubes.append(
+                    _Tube(
+                        np.array(
+                            [[sg * 10 * s, canal_v, wc + 0.2 * hgt], [sg * tp, canal_v + 12 * s, wc + 0.25 * hgt]]
+                        ),
+                        np.array([4.8, 4.2]) * s,
+                        layers,
+                        pid,
+                        2.0 * s,
+                    )
+                )
         # ribs
         drops = [34, 52, 62, 68, 72, 74, 76, 76, 70, 62, 46, 36]
         phi_end = [158, 160, 160, 160, 158, 156, 152, 146, 138, 128, 108, 88]
@@ -758,7 +911,9 @@ class _Builder:
             r_rib = (4.8 if n == 1 else 3.8 if n >= 11 else 4.3) * s
             off = r_rib + 2.5 * s
             for side, sg in ((RIGHT_LUNG, -1), (LEFT_LUNG, 1)):
-                pid = self.part("bone", f"{'right' if side == RIGHT_LUNG else 'left'} {_ORDINAL.get(n, f'{n}th')} rib", rib=n)
+                pid = self.part(
+                    "bone", f"{'right' if side == RIGHT_LUNG else 'left'} {_ORDINAL.get(n, f'{n}th')} rib", rib=n
+                )
                 drop = drops[n - 1] * s + rng.normal(0, 2)
                 phi = np.radians(np.linspace(-22, phi_end[n - 1], 26))
                 t = (phi - phi[0]) / (phi[-1] - phi[0])
@@ -777,8 +932,16 @@ class _Builder:
                     p, r = _polyline(np.array([end, mid, st]), np.full(3, r_rib * 1.05), 4)
                     self.cart_tubes.append(_Tube(p, r, cart_layers, 0, 1.5 * s))
                 elif n <= 10:
-                    tgt = np.array([sg * (30 + 12 * (n - 8)) * s, float(A.sternum_v(np.array(-50 * s))) + 8 * s, -52 * s - 14 * (n - 7) * s])
-                    p, r = _polyline(np.array([end, 0.5 * (end + tgt) + np.array([0, -4 * s, 0]), tgt]), np.full(3, r_rib), 4)
+                    tgt = np.array(
+                        [
+                            sg * (30 + 12 * (n - 8)) * s,
+                            float(A.sternum_v(np.array(-50 * s))) + 8 * s,
+                            -52 * s - 14 * (n - 7) * s,
+                        ]
+                    )
+                    p, r = _polyline(
+                        np.array([end, 0.5 * (end + tgt) + np.array([0, -4 * s, 0]), tgt]), np.full(3, r_rib), 4
+                    )
                     self.cart_tubes.append(_Tube(p, r, cart_layers, 0, 1.5 * s))
         # clavicles
         for side, sg in ((RIGHT_LUNG, -1), (LEFT_LUNG, 1)):
@@ -806,14 +969,32 @@ class _Builder:
             for _ in range(int(rng.integers(2, 5))):
                 dirn = _unit(rng.normal(size=3))
                 spheres.append((c + dirn * d * 0.22, d / 2 * rng.uniform(0.55, 0.75)))
-            self.nodule_groups.append([_Tube(np.array([cc, cc]), np.array([rr, rr]), [_Layer(0.0, hu, LUNG)], pid, None, True)
-                                       for cc, rr in spheres])
-            self.nodules.append(dict(part=pid, side="right" if side == RIGHT_LUNG else "left", lobe=lobe, diameter_mm=round(d, 1),
-                                     hu=round(hu, 1), center_anat_mm=[round(float(x), 1) for x in c]))
+            self.nodule_groups.append(
+                [
+                    _Tube(np.array([cc, cc]), np.array([rr, rr]), [_Layer(0.0, hu, LUNG)], pid, None, True)
+                    for cc, rr in spheres
+                ]
+            )
+            self.nodules.append(
+                dict(
+                    part=pid,
+                    side="right" if side == RIGHT_LUNG else "left",
+                    lobe=lobe,
+                    diameter_mm=round(d, 1),
+                    hu=round(hu, 1),
+                    center_anat_mm=[round(float(x), 1) for x in c],
+                )
+            )
 
     def st_half_width(self, w):
         s = self.A.s
-        return float(np.interp(w, [self.st_xi, self.st_bot, self.st_man - 1e-3, self.st_man, self.st_top], [5 * s, 13 * s, 14 * s, 22 * s, 25 * s]))
+        return float(
+            np.interp(
+                w,
+                [self.st_xi, self.st_bot, self.st_man - 1e-3, self.st_man, self.st_top],
+                [5 * s, 13 * s, 14 * s, 22 * s, 25 * s],
+            )
+        )
 
     def bone_layers(self, cortex, marrow, thick):
         return [_Layer(0.0, cortex, BONE), _Layer(-thick, marrow, BONE)]
@@ -836,8 +1017,21 @@ class _Builder:
         lung_only = np.concatenate([depth > 0, depth > 0])
         n = len(a)
         false = np.zeros(n, bool)
-        return _Segs(a, b, ra, rb, dr_fn(np.maximum(ra, rb)), [l.hu for l in layers], [l.label for l in layers],
-                     [l.set_part for l in layers], np.full(n, part), np.full(n, np.nan), lung_only, false, false.copy())
+        return _Segs(
+            a,
+            b,
+            ra,
+            rb,
+            dr_fn(np.maximum(ra, rb)),
+            [lay.hu for lay in layers],
+            [lay.label for lay in layers],
+            [lay.set_part for lay in layers],
+            np.full(n, part),
+            np.full(n, np.nan),
+            lung_only,
+            false,
+            false.copy(),
+        )
 
     def sample_lung(self, side, n, margin, avoid_hilum=False, rng=None):
         """n points inside one analytic lung, at least ``margin`` mm from its surface and from
@@ -846,15 +1040,36 @@ class _Builder:
         sg = -1.0 if side == RIGHT_LUNG else 1.0
         rng = self.rng if rng is None else rng
         out = []
-        offs = np.array([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1],
-                         [0.7, 0.7, 0], [-0.7, 0.7, 0], [0.7, -0.7, 0], [-0.7, -0.7, 0]], np.float64)
+        offs = np.array(
+            [
+                [0, 0, 0],
+                [1, 0, 0],
+                [-1, 0, 0],
+                [0, 1, 0],
+                [0, -1, 0],
+                [0, 0, 1],
+                [0, 0, -1],
+                [0.7, 0.7, 0],
+                [-0.7, 0.7, 0],
+                [0.7, -0.7, 0],
+                [-0.7, -0.7, 0],
+            ],
+            np.float64,
+        )
         tries = 0
         while sum(len(o) for o in out) < n:
             tries += 1
             if tries > 200:
                 raise RuntimeError("could not sample points inside the lung")
             m = max(4 * n, 2000)
-            p = np.stack([sg * rng.uniform(0, 140 * s * A.sl, m), rng.uniform(-100 * s, 110 * s, m), rng.uniform(A.w_min, 125 * s, m)], 1)
+            p = np.stack(
+                [
+                    sg * rng.uniform(0, 140 * s * A.sl, m),
+                    rng.uniform(-100 * s, 110 * s, m),
+                    rng.uniform(A.w_min, 125 * s, m),
+                ],
+                1,
+            )
             ok = np.ones(m, bool)
             for o in offs:
                 q = p + o * margin
@@ -864,7 +1079,7 @@ class _Builder:
                 continue
             ok = np.ones(len(p), bool)
             for t in self.med_tubes:
-                rmax = t.radii + max(l.dr for l in t.layers) + (t.carve or 0) + margin
+                rmax = t.radii + max(lay.dr for lay in t.layers) + (t.carve or 0) + margin
                 for a, b, ra_, rb_ in zip(t.pts[:-1], t.pts[1:], rmax[:-1], rmax[1:]):
                     d, tt = _seg_dist(p, a, b)
                     ok &= d > ra_ + tt * (rb_ - ra_)
@@ -877,7 +1092,7 @@ class _Builder:
 
     # ------------------------------------------------------------------ slab pass
     def render_slabs(self):
-        A, s = self.A, self.A.s
+        A = self.A
         ni, nj, nk = self.shape
         shp = (nk, nj, ni)
         self.hu = np.empty(shp, F32)
@@ -939,10 +1154,14 @@ class _Builder:
             wide = np.abs(u) < 230
             hu[...] = np.where(wide, AIR_HU + skin * (250.0 - AIR_HU) + core * (-850.0 - AIR_HU), hu)
         # ---- body, skin, muscle
-        x0 = (cu + ra * F32(A.right_wider) + 3 * s)
+        x0 = cu + ra * F32(A.right_wider) + 3 * s
         ant0 = -(cv - rb) + 3 * s
         post0 = cv + rb + 3 * s
-        xm, am, pm = (x0 + 13 * s) * nl, (ant0 + (12 + 8 * np.clip((w / s - 20) / 60, 0, 1)) * s) * na, (post0 + 26 * s) * npo
+        xm, am, pm = (
+            (x0 + 13 * s) * nl,
+            (ant0 + (12 + 8 * np.clip((w / s - 20) / 60, 0, 1)) * s) * na,
+            (post0 + 26 * s) * npo,
+        )
         xb, ab_, pb = xm + A.fat[0], am + A.fat[1], pm + A.fat[2]
 
         def se(xh, a, p, shrink=0.0):
@@ -973,7 +1192,11 @@ class _Builder:
             du, dv = (u - sg * cu) / a, (v - cv) / b
             cage |= du * du + np.where(dv > 0, dv * dv * np.abs(dv), dv * dv) <= 1
         st_post = A.sternum_v(w) + 6 * s
-        cage |= (np.abs(u) < cu * 0.9 * np.clip((A.w_apex[RIGHT_LUNG] + 10 * s - w) / (40 * s), 0.3, 1)) & (v > st_post) & (v < vs)
+        cage |= (
+            (np.abs(u) < cu * 0.9 * np.clip((A.w_apex[RIGHT_LUNG] + 10 * s - w) / (40 * s), 0.3, 1))
+            & (v > st_post)
+            & (v < vs)
+        )
         cage &= muscle | para
         hu[cage] = MED_FAT_HU + 6 * tex[cage]
         # ---- abdomen below the diaphragm
@@ -985,7 +1208,9 @@ class _Builder:
             mix = self.f_abd.sample(self.u, self.v, self.w[k0:k1])
             hu[abd] = np.where(mix > 0.1, F32(32.0), F32(FAT_HU))[abd] + 8 * tex[abd]
             wr, wl = A.dome_top[RIGHT_LUNG], A.dome_top[LEFT_LUNG]
-            q_lr = ((u + 30 * s) / (105 * s)) ** 2 + ((v - 5 * s) / (100 * s)) ** 2 + ((w - wr + 70 * s) / (105 * s)) ** 2
+            q_lr = (
+                ((u + 30 * s) / (105 * s)) ** 2 + ((v - 5 * s) / (100 * s)) ** 2 + ((w - wr + 70 * s) / (105 * s)) ** 2
+            )
             q_ll = ((u - 15 * s) / (60 * s)) ** 2 + ((v + 45 * s) / (42 * s)) ** 2 + ((w - wr + 35 * s) / (48 * s)) ** 2
             liver = abd & ((q_lr <= 1) | (q_ll <= 1))
             hu[liver] = A.liver_hu + 6 * tex[liver]
@@ -1028,7 +1253,9 @@ class _Builder:
             if A.emphysema:
                 e = np.zeros_like(hu)
                 sub = (slice(None), slice(j0, j1), slice(i0, i1))
-                e[sub] = 0.75 * self.f_emph.sample(self.u[i0:i1], self.v[j0:j1], self.w[k0:k1]) + 0.66 * self.f_clust.sample(self.u[i0:i1], self.v[j0:j1], self.w[k0:k1])
+                e[sub] = 0.75 * self.f_emph.sample(
+                    self.u[i0:i1], self.v[j0:j1], self.w[k0:k1]
+                ) + 0.66 * self.f_clust.sample(self.u[i0:i1], self.v[j0:j1], self.w[k0:k1])
                 zone = np.clip((w - (-40 * s)) / (150 * s), 0, 1)
                 em = inl & (e > self.emph_t0 + 1.6 * (1 - zone))
                 hu[em] = (-988.0 + 6.0 * tex)[em]
@@ -1084,10 +1311,12 @@ class _Builder:
         e, hs = A.heart_e, A.heart_scale
         cham = np.zeros(heart.shape, bool)
         hc = A.heart_c
-        for off, ax in (((14, 12, -2), (34, 17, 22)),  # left ventricle
-                        ((4, -17, -4), (36, 13, 26)),  # right ventricle
-                        ((-36, 14, 4), (20, 18, 24)),  # left atrium
-                        ((-24, -22, -10), (24, 17, 22))):  # right atrium
+        for off, ax in (
+            ((14, 12, -2), (34, 17, 22)),  # left ventricle
+            ((4, -17, -4), (36, 13, 26)),  # right ventricle
+            ((-36, 14, 4), (20, 18, 24)),  # left atrium
+            ((-24, -22, -10), (24, 17, 22)),
+        ):  # right atrium
             cc = hc + (off[0] * e[0] + off[1] * e[1] + off[2] * e[2]) * s * hs
             cham |= A.heart_q(uu, vv, w, center=cc, axes=np.array(ax) * s * hs) <= 1
         cham &= A.heart_q(uu, vv, w, margin=-3 * s) <= 1
@@ -1176,7 +1405,9 @@ class _Builder:
             phi_lat = 22 + 62 * t
             phi_med = 4 + 6 * t
             thick = (2.2 + 2.5 * (t > 0.82)) * s
-            plate = (np.abs(f - 1) * 0.5 * (a + b) < thick) & (phi > phi_med) & (phi < phi_lat) & (w > w_bot) & (w < w_top)
+            plate = (
+                (np.abs(f - 1) * 0.5 * (a + b) < thick) & (phi > phi_med) & (phi < phi_lat) & (w > w_bot) & (w < w_top)
+            )
             plate &= lun == 0
             hu[plate] = 520.0
             lab[plate] = BONE
@@ -1247,8 +1478,21 @@ class _Builder:
         reach = np.maximum(sg.ra, sg.rb) + extra + 1e-3
         lun, lab, prt, hu = self.lun.reshape(-1), self.lab.reshape(-1), self.prt.reshape(-1), self.hu.reshape(-1)
         sub = np.flatnonzero(keep)
-        sg2 = _Segs(sg.a[sub], sg.b[sub], sg.ra[sub] + extra[sub], sg.rb[sub] + extra[sub], [], [], [], [], sg.part[sub], sg.carve[sub],
-                    sg.lung_only[sub], sg.outside_heart[sub], sg.inside_body[sub])
+        sg2 = _Segs(
+            sg.a[sub],
+            sg.b[sub],
+            sg.ra[sub] + extra[sub],
+            sg.rb[sub] + extra[sub],
+            [],
+            [],
+            [],
+            [],
+            sg.part[sub],
+            sg.carve[sub],
+            sg.lung_only[sub],
+            sg.outside_heart[sub],
+            sg.inside_body[sub],
+        )
         for ids, seg, flat, ii, jj, kk in self._pairs(sg2.a, sg2.b, reach[sub]):
             d, r = self._geometry(sg2, ids, seg, ii, jj, kk)
             m = (d <= r) & (lun[flat] > 0)
@@ -1319,7 +1563,9 @@ class _Builder:
         esoph = [t for t in self.med_tubes if t not in self.central_airways and len(t.layers) == 2]
         airways = [_segs_from_tubes(self.central_airways + self.airway_tubes)] + self.airway_segs
         groups = [_segs_from_tubes(esoph), _segs_from_tubes(med_vessels), _cat_segs(self.tree_segs), _cat_segs(airways)]
-        groups += [_segs_from_tubes(g) for g in (self.vert_tubes, self.rib_tubes, self.cart_tubes, self.clav_tubes) if g]
+        groups += [
+            _segs_from_tubes(g) for g in (self.vert_tubes, self.rib_tubes, self.cart_tubes, self.clav_tubes) if g
+        ]
         groups += [_segs_from_tubes(g) for g in self.nodule_groups]
         for g in groups:
             self.carve_segs(g)
@@ -1389,8 +1635,14 @@ class _Builder:
                 jj = np.flatnonzero(m.any(axis=1)) + js.start
                 ii = np.flatnonzero(m.any(axis=0)) + is_.start
                 boxes[int(k)] = [int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1])]
-            cap = {"class": cls, "text": text, "bbox_ijk": bbox, "slices": [int(k) for k in pick], "boxes_2d": boxes,
-                   "voxels": int(sub.sum())}
+            cap = {
+                "class": cls,
+                "text": text,
+                "bbox_ijk": bbox,
+                "slices": [int(k) for k in pick],
+                "boxes_2d": boxes,
+                "voxels": int(sub.sum()),
+            }
             cap.update(extra)
             caps.append(cap)
         return caps
@@ -1401,7 +1653,9 @@ class _Builder:
         vml = float(np.prod(self.spacing)) / 1000
         vr = np.count_nonzero(self.lun == RIGHT_LUNG) * vml
         vl = np.count_nonzero(self.lun == LEFT_LUNG) * vml
-        rep = [f"{'Contrast-enhanced' if A.contrast else 'Non-contrast'} CT of the chest, {sz:g} mm slices (synthetic phantom)."]
+        rep = [
+            f"{'Contrast-enhanced' if A.contrast else 'Non-contrast'} CT of the chest, {sz:g} mm slices (synthetic phantom)."
+        ]
         visible = {c.get("nodule"): c for c in caps if "nodule" in c}
         nods = [n for i, n in enumerate(self.nodules) if i in visible]
         if nods:
@@ -1455,24 +1709,45 @@ def generate_phantom(
     for n in b.nodules:
         c_ijk = ijk(n["center_anat_mm"])
         world = (aff @ np.array([*c_ijk, 1.0]))[:3]
-        nodules_meta.append({**{k: v for k, v in n.items() if k != "part"}, "center_ijk": [round(x, 1) for x in c_ijk],
-                             "center_ras_mm": [round(float(x), 1) for x in world],
-                             "visible": any(c.get("nodule") == len(nodules_meta) for c in caps)})
+        nodules_meta.append(
+            {
+                **{k: v for k, v in n.items() if k != "part"},
+                "center_ijk": [round(x, 1) for x in c_ijk],
+                "center_ras_mm": [round(float(x), 1) for x in world],
+                "visible": any(c.get("nodule") == len(nodules_meta) for c in caps),
+            }
+        )
     k_default = int(np.clip(round((-12 * A.s + b.shift[2]) / b.spacing[2] + b.ck), 0, b.shape[2] - 1))
     j_default = int(np.clip(round((8 * A.s + b.shift[1]) / b.spacing[1] + b.cj), 0, b.shape[1] - 1))
     meta = {
-        "generator": "common.phantom", "seed": b.seed, "shape": list(b.shape), "spacing": list(b.spacing),
-        "noise_hu": b.noise_hu, "blur_mm": b.blur_mm, "fov_circle": b.fov_circle, "table": b.table,
+        "generator": "common.phantom",
+        "seed": b.seed,
+        "shape": list(b.shape),
+        "spacing": list(b.spacing),
+        "noise_hu": b.noise_hu,
+        "blur_mm": b.blur_mm,
+        "fov_circle": b.fov_circle,
+        "table": b.table,
         "orientation": "RAS affine diag(-sx,-sy,sz): i -> patient left, j -> posterior, k -> superior",
-        "scale": round(A.s, 4), "lateral_scale": round(A.sl, 4), "contrast": A.contrast, "blood_hu": round(A.blood_hu, 1),
-        "cardiomegaly": A.cardiomegaly, "heart_scale": round(A.heart_scale, 3),
-        "emphysema": A.emphysema and b.emph_frac > 0.005, "emphysema_fraction": round(b.emph_frac, 4),
-        "nodules": nodules_meta, "lung_volume_ml": {"right": round(vr, 1), "left": round(vl, 1)},
-        "default_slice_k": k_default, "default_coronal_j": j_default, "class_names": list(CLASS_NAMES),
+        "scale": round(A.s, 4),
+        "lateral_scale": round(A.sl, 4),
+        "contrast": A.contrast,
+        "blood_hu": round(A.blood_hu, 1),
+        "cardiomegaly": A.cardiomegaly,
+        "heart_scale": round(A.heart_scale, 3),
+        "emphysema": A.emphysema and b.emph_frac > 0.005,
+        "emphysema_fraction": round(b.emph_frac, 4),
+        "nodules": nodules_meta,
+        "lung_volume_ml": {"right": round(vr, 1), "left": round(vl, 1)},
+        "default_slice_k": k_default,
+        "default_coronal_j": j_default,
+        "class_names": list(CLASS_NAMES),
         "labels": {"0": "background", **{str(v): n for v, n in _CLASS_OF_LABEL.items()}},
         "lungs": {"0": "background", str(RIGHT_LUNG): "right lung", str(LEFT_LUNG): "left lung"},
     }
-    ct = CTVolume(hu=b.hu.T, affine=aff, meta={"source": f"phantom(seed={b.seed})", "modality": "CT", "synthetic": True})
+    ct = CTVolume(
+        hu=b.hu.T, affine=aff, meta={"source": f"phantom(seed={b.seed})", "modality": "CT", "synthetic": True}
+    )
     return Phantom(ct=ct, labels=b.lab.T, lungs=b.lun.T, report=report, captions=caps, meta=meta)
 
 
@@ -1499,12 +1774,20 @@ def write_phantom(phantom: Phantom, out_dir, case_id: str, overwrite: bool = Fal
     phantom.ct.to_nifti(paths["ct"])
     for key, arr in (("label", phantom.labels), ("lungs", phantom.lungs)):
         save_nifti_array(arr, phantom.ct.affine, paths[key], np.uint8, xyz_units="mm", sform=False)
-    write_json_atomic(paths["report"], {"case_id": case_id, "report": phantom.report, "captions": phantom.captions, "meta": phantom.meta})
+    write_json_atomic(
+        paths["report"],
+        {"case_id": case_id, "report": phantom.report, "captions": phantom.captions, "meta": phantom.meta},
+    )
     return {k: str(p) for k, p in paths.items()}
 
 
-_LABEL_COLOURS = {LUNG: (0.25, 0.55, 1.0, 0.35), HEART: (1.0, 0.2, 0.2, 0.55), VESSEL: (1.0, 0.35, 0.9, 0.75),
-                  AIRWAY: (0.1, 1.0, 0.4, 0.8), BONE: (1.0, 0.9, 0.2, 0.65)}
+_LABEL_COLOURS = {
+    LUNG: (0.25, 0.55, 1.0, 0.35),
+    HEART: (1.0, 0.2, 0.2, 0.55),
+    VESSEL: (1.0, 0.35, 0.9, 0.75),
+    AIRWAY: (0.1, 1.0, 0.4, 0.8),
+    BONE: (1.0, 0.9, 0.2, 0.65),
+}
 
 
 def _window(img, width, level):
@@ -1512,7 +1795,9 @@ def _window(img, width, level):
     return np.clip((img - lo) / width, 0, 1)
 
 
-def render_slice_png(phantom: Phantom, path, k: int | None = None, coronal: bool = False, j: int | None = None, dpi: int = 100) -> Path:
+def render_slice_png(
+    phantom: Phantom, path, k: int | None = None, coronal: bool = False, j: int | None = None, dpi: int = 100
+) -> Path:
     """Save a PNG: the axial slice ``k`` in lung window (W1500/L-600), mediastinal window
     (W400/L40) and with the label overlay; ``coronal`` adds the same for coronal row ``j``.
     Radiological display: patient right on the image left, anterior (or superior) up."""
@@ -1536,21 +1821,34 @@ def render_slice_png(phantom: Phantom, path, k: int | None = None, coronal: bool
     cm = ListedColormap([(0, 0, 0, 0)] + [_LABEL_COLOURS[v] for v in (LUNG, HEART, VESSEL, AIRWAY, BONE)])
     fig_w = 3 * 4.2
     heights = [4.2 * img.shape[0] * asp / img.shape[1] for _, img, _, asp, _, _ in views]
-    fig, axes = plt.subplots(len(views), 3, figsize=(fig_w, sum(heights) + 0.5 * len(views)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(views),
+        3,
+        figsize=(fig_w, sum(heights) + 0.5 * len(views)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     fig.patch.set_facecolor("black")
     for row, (name, img, lb, asp, origin, title) in enumerate(views):
         ax = axes[row]
-        ax[0].imshow(_window(img, 1500, -600), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear")
-        ax[1].imshow(_window(img, 400, 40), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear")
-        ax[2].imshow(_window(img, 1500, -600), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear")
+        ax[0].imshow(
+            _window(img, 1500, -600), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear"
+        )
+        ax[1].imshow(
+            _window(img, 400, 40), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear"
+        )
+        ax[2].imshow(
+            _window(img, 1500, -600), cmap="gray", vmin=0, vmax=1, aspect=asp, origin=origin, interpolation="bilinear"
+        )
         ax[2].imshow(lb, cmap=cm, vmin=-0.5, vmax=5.5, aspect=asp, origin=origin, interpolation="nearest")
         for a, t in zip(ax, ("lung window W1500/L-600", "mediastinal window W400/L40", "labels")):
             a.set_title(f"{t} - {title}", color="white", fontsize=9)
             a.axis("off")
             a.text(0.01, 0.5, "R", color="yellow", transform=a.transAxes, fontsize=9, va="center")
             a.text(0.97, 0.5, "L", color="yellow", transform=a.transAxes, fontsize=9, va="center")
-    handles = [Patch(color=_LABEL_COLOURS[v][:3], label=_CLASS_OF_LABEL[v]) for v in (LUNG, HEART, VESSEL, AIRWAY, BONE)]
+    handles = [
+        Patch(color=_LABEL_COLOURS[v][:3], label=_CLASS_OF_LABEL[v]) for v in (LUNG, HEART, VESSEL, AIRWAY, BONE)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False, labelcolor="white")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     buf = io.BytesIO()
@@ -1565,7 +1863,9 @@ def render_slice_png(phantom: Phantom, path, k: int | None = None, coronal: bool
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m common.phantom", description="Write synthetic chest CT phantoms (NIfTI + report JSON).")
+    p = argparse.ArgumentParser(
+        prog="python -m common.phantom", description="Write synthetic chest CT phantoms (NIfTI + report JSON)."
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=4, help="number of phantoms (seeds seed .. seed+n-1)")
     p.add_argument("--shape", type=int, nargs=3, default=[160, 160, 96])
@@ -1584,7 +1884,9 @@ def main(argv=None) -> int:
         paths = phantom_paths(args.out, case_id)
         if not args.overwrite and all(q.exists() for q in paths.values()):
             continue
-        ph = generate_phantom(tuple(args.shape), tuple(args.spacing), seed=seed, noise_hu=args.noise_hu, blur_mm=args.blur_mm)
+        ph = generate_phantom(
+            tuple(args.shape), tuple(args.spacing), seed=seed, noise_hu=args.noise_hu, blur_mm=args.blur_mm
+        )
         write_phantom(ph, args.out, case_id, overwrite=args.overwrite)
         if args.png:
             render_slice_png(ph, Path(args.out) / f"{case_id}_slice.png", coronal=True)

@@ -79,16 +79,35 @@ def check_modality(vol: CTVolume, t: QCThresholds) -> CheckResult:
     if modality is None:
         return CheckResult("modality", True, "format carries no modality; assumed CT", None)
     ok = modality in t.allowed_modalities
-    return CheckResult("modality", ok, f"modality {modality}" + ("" if ok else f", expected one of {list(t.allowed_modalities)}"), modality)
+    return CheckResult(
+        "modality",
+        ok,
+        f"modality {modality}" + ("" if ok else f", expected one of {list(t.allowed_modalities)}"),
+        modality,
+    )
 
 
 def check_slices(vol: CTVolume, t: QCThresholds) -> list[CheckResult]:
     """Missing, duplicated and unevenly spaced slices, from the slice positions the reader found."""
     out = []
     n = vol.shape[2]
-    out.append(CheckResult("slice_count", n >= t.min_slices, f"{n} slices" + ("" if n >= t.min_slices else f", fewer than {t.min_slices}"), n))
+    out.append(
+        CheckResult(
+            "slice_count",
+            n >= t.min_slices,
+            f"{n} slices" + ("" if n >= t.min_slices else f", fewer than {t.min_slices}"),
+            n,
+        )
+    )
     dups = vol.meta.get("duplicate_slices") or []
-    out.append(CheckResult("duplicate_slices", not dups, f"{len(dups)} duplicated slice position(s)" + (f", e.g. {Path(dups[0]).name}" if dups else ""), len(dups)))
+    out.append(
+        CheckResult(
+            "duplicate_slices",
+            not dups,
+            f"{len(dups)} duplicated slice position(s)" + (f", e.g. {Path(dups[0]).name}" if dups else ""),
+            len(dups),
+        )
+    )
     gaps = np.asarray(vol.meta.get("slice_gaps_mm") or [], dtype=float)
     if gaps.size == 0:
         out.append(CheckResult("missing_slices", True, "no slice positions recorded in this format", None))
@@ -101,17 +120,33 @@ def check_slices(vol: CTVolume, t: QCThresholds) -> list[CheckResult]:
         CheckResult(
             "missing_slices",
             missing == 0,
-            f"{missing} missing slice(s)" + (f" after slice index {where.tolist()[:5]} (gap {gaps[where[0]]:.2f} mm vs step {step:.2f} mm)" if missing else ""),
+            f"{missing} missing slice(s)"
+            + (
+                f" after slice index {where.tolist()[:5]} (gap {gaps[where[0]]:.2f} mm vs step {step:.2f} mm)"
+                if missing
+                else ""
+            ),
             missing,
         )
     )
     regular = gaps[gaps <= t.gap_factor * step]
     variation = float((regular.max() - regular.min()) / step) if regular.size else 0.0
     ok = variation <= t.spacing_tolerance
-    out.append(CheckResult("slice_spacing", ok, f"slice step {step:.3f} mm, varies by {variation:.1%}" + ("" if ok else f" (> {t.spacing_tolerance:.0%})"), variation))
+    out.append(
+        CheckResult(
+            "slice_spacing",
+            ok,
+            f"slice step {step:.3f} mm, varies by {variation:.1%}" + ("" if ok else f" (> {t.spacing_tolerance:.0%})"),
+            variation,
+        )
+    )
     spacings = vol.meta.get("pixel_spacings") or []
     if len(spacings) > 1:
-        out.append(CheckResult("pixel_spacing", False, f"in-plane pixel spacing differs between slices: {spacings}", len(spacings)))
+        out.append(
+            CheckResult(
+                "pixel_spacing", False, f"in-plane pixel spacing differs between slices: {spacings}", len(spacings)
+            )
+        )
     return out
 
 
@@ -123,7 +158,12 @@ def check_gantry_tilt(vol: CTVolume, t: QCThresholds) -> CheckResult:
         return CheckResult("gantry_tilt", True, "no tilt information in this format", None)
     tilt = max(values)
     ok = tilt <= t.max_gantry_tilt_deg
-    return CheckResult("gantry_tilt", ok, f"gantry tilt {tilt:.2f} deg" + ("" if ok else f" (> {t.max_gantry_tilt_deg} deg; resample before use)"), tilt)
+    return CheckResult(
+        "gantry_tilt",
+        ok,
+        f"gantry tilt {tilt:.2f} deg" + ("" if ok else f" (> {t.max_gantry_tilt_deg} deg; resample before use)"),
+        tilt,
+    )
 
 
 def check_hu_range(vol: CTVolume, t: QCThresholds, sample: np.ndarray) -> CheckResult:
@@ -150,7 +190,9 @@ def check_hu_range(vol: CTVolume, t: QCThresholds, sample: np.ndarray) -> CheckR
         problems.append(f"99.5th percentile {hi:.0f} HU: no soft tissue or bone")
     if hi > t.max_hu:
         problems.append(f"99.5th percentile {hi:.0f} HU above {t.max_hu:.0f}")
-    reason = f"HU 0.5/50/99.5 percentiles {lo:.0f}/{med:.0f}/{hi:.0f}" + (f" (padding {floor:.0f} on {padding:.0%} left out)" if padded else "")
+    reason = f"HU 0.5/50/99.5 percentiles {lo:.0f}/{med:.0f}/{hi:.0f}" + (
+        f" (padding {floor:.0f} on {padding:.0%} left out)" if padded else ""
+    )
     return CheckResult("hu_range", not problems, reason + ("; " + "; ".join(problems) if problems else ""), float(med))
 
 
@@ -193,7 +235,12 @@ def check_noise(vol: CTVolume, t: QCThresholds, n_slices: int = 5) -> CheckResul
         return CheckResult("noise", True, "too little soft tissue to measure noise", None)
     sigma = float(np.median(sigmas))
     ok = sigma <= t.max_noise_hu
-    return CheckResult("noise", ok, f"noise sigma {sigma:.1f} HU in soft tissue" + ("" if ok else f" (> {t.max_noise_hu:.0f} HU: excessive noise)"), sigma)
+    return CheckResult(
+        "noise",
+        ok,
+        f"noise sigma {sigma:.1f} HU in soft tissue" + ("" if ok else f" (> {t.max_noise_hu:.0f} HU: excessive noise)"),
+        sigma,
+    )
 
 
 def qc_volume(vol: CTVolume, thresholds: QCThresholds | None = None) -> list[CheckResult]:
@@ -269,11 +316,15 @@ def qc_case(case: CaseRef, thresholds: QCThresholds | None = None) -> tuple[QCRe
         vol = case.read()
     except CTReadError as e:
         check = CheckResult("readable", False, str(e))
-        return QCRecord(case.case_id, str(case.path), case.format, False, [check], seconds=time.perf_counter() - start), None
+        return QCRecord(
+            case.case_id, str(case.path), case.format, False, [check], seconds=time.perf_counter() - start
+        ), None
     except Exception as e:  # an unexpected reader failure is still one failed case, not a stopped run
         log.exception("unexpected error reading %s", case.path)
         check = CheckResult("readable", False, f"{case.path}: {type(e).__name__}: {e}")
-        return QCRecord(case.case_id, str(case.path), case.format, False, [check], seconds=time.perf_counter() - start), None
+        return QCRecord(
+            case.case_id, str(case.path), case.format, False, [check], seconds=time.perf_counter() - start
+        ), None
     checks = [CheckResult("readable", True, f"read as {vol.meta.get('format')}")]
     try:
         checks += qc_volume(vol, thresholds)
@@ -295,7 +346,9 @@ def qc_case(case: CaseRef, thresholds: QCThresholds | None = None) -> tuple[QCRe
     return record, vol
 
 
-def iter_qc(root: str | Path, thresholds: QCThresholds | None = None, progress: bool = True) -> Iterator[tuple[CaseRef, QCRecord, CTVolume | None]]:
+def iter_qc(
+    root: str | Path, thresholds: QCThresholds | None = None, progress: bool = True
+) -> Iterator[tuple[CaseRef, QCRecord, CTVolume | None]]:
     """QC every case under ``root``, yielding each with its volume (None when it failed to read)."""
     from tqdm.auto import tqdm
 
@@ -323,7 +376,9 @@ def write_qc_report(records: list[QCRecord], out_dir: str | Path) -> tuple[Path,
     check_names = [n for n in _CHECK_ORDER if n in present] + sorted(present - set(_CHECK_ORDER))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case_id", "path", "format", "passed", "shape", "spacing_mm", "lung_ml", "seconds", *check_names, "reasons"])
+    writer.writerow(
+        ["case_id", "path", "format", "passed", "shape", "spacing_mm", "lung_ml", "seconds", *check_names, "reasons"]
+    )
     for r in records:
         by_name = {c.name: c for c in r.checks}
         writer.writerow(
@@ -344,10 +399,24 @@ def write_qc_report(records: list[QCRecord], out_dir: str | Path) -> tuple[Path,
     return json_path, csv_path
 
 
-_CHECK_ORDER = ["readable", "modality", "slice_count", "duplicate_slices", "missing_slices", "slice_spacing", "pixel_spacing", "gantry_tilt", "hu_range", "lung_coverage", "noise"]
+_CHECK_ORDER = [
+    "readable",
+    "modality",
+    "slice_count",
+    "duplicate_slices",
+    "missing_slices",
+    "slice_spacing",
+    "pixel_spacing",
+    "gantry_tilt",
+    "hu_range",
+    "lung_coverage",
+    "noise",
+]
 
 
-def run_qc(root: str | Path, out_dir: str | Path, thresholds: QCThresholds | None = None, progress: bool = True) -> list[QCRecord]:
+def run_qc(
+    root: str | Path, out_dir: str | Path, thresholds: QCThresholds | None = None, progress: bool = True
+) -> list[QCRecord]:
     """QC a folder and write the JSON and CSV reports; returns one record per case."""
     records = [record for _, record, _ in iter_qc(root, thresholds, progress)]
     write_qc_report(records, out_dir)
@@ -367,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     records = run_qc(args.root, args.out, QCThresholds(max_noise_hu=args.max_noise_hu, min_lung_ml=args.min_lung_ml))
     n_fail = sum(not r.passed for r in records)
-    print(f"QC: {len(records) - n_fail} passed, {n_fail} excluded; report in {args.out}/qc_report.json and qc_report.csv")
+    print(
+        f"QC: {len(records) - n_fail} passed, {n_fail} excluded; report in {args.out}/qc_report.json and qc_report.csv"
+    )
     return 0
 
 
@@ -392,9 +463,13 @@ def lung_mask_qc(report: dict, min_lung_ml: float = MIN_LUNG_ML, min_side_share:
     if total < min_lung_ml:
         reasons.append(f"lung mask holds {total:.0f} mL (< {min_lung_ml:.0f} mL): no plausible lung found")
     elif "right" in vol and "left" in vol and min(float(vol["right"]), float(vol["left"])) < min_side_share * total:
-        reasons.append(f"one side holds {min(float(vol['right']), float(vol['left'])):.0f} of {total:.0f} mL (< {100 * min_side_share:.0f} %): "
-                       "a lung is missing from the mask (pneumonectomy, collapse, effusion, or a failed segmentation)")
+        reasons.append(
+            f"one side holds {min(float(vol['right']), float(vol['left'])):.0f} of {total:.0f} mL (< {100 * min_side_share:.0f} %): "
+            "a lung is missing from the mask (pneumonectomy, collapse, effusion, or a failed segmentation)"
+        )
     hu = report.get("mean_lung_hu")
     if total >= min_lung_ml and hu is not None and float(hu) > -400.0:
-        reasons.append(f"mean HU inside the mask is {float(hu):.0f} (> -400): the mask covers soft tissue, not aerated lung")
+        reasons.append(
+            f"mean HU inside the mask is {float(hu):.0f} (> -400): the mask covers soft tissue, not aerated lung"
+        )
     return {"passed": not reasons, "reasons": reasons}

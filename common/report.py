@@ -33,7 +33,9 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def save_dice_bars(path: str | Path, labels: Sequence[str], dice: Sequence[float], grey: Sequence[bool], target: float, xlabel: str) -> Path:
+def save_dice_bars(
+    path: str | Path, labels: Sequence[str], dice: Sequence[float], grey: Sequence[bool], target: float, xlabel: str
+) -> Path:
     """Horizontal bars of one Dice per setting (benchmark sweeps and ablations), the value written at
     each bar, a dashed line at ``target``; ``grey`` marks reference rows. A setting that fails
     outright (Dice <= 0.5) is drawn at the axis start with its value, so it does not stretch the scale."""
@@ -71,7 +73,9 @@ def save_overlay_png(
     plt = _plt()
     img = axial_display(hu_plane)
     fig, ax = plt.subplots(figsize=(4.2, 4.2 * img.shape[0] * spacing[1] / (img.shape[1] * spacing[0])), dpi=110)
-    ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing[1] / spacing[0], interpolation="bilinear")
+    ax.imshow(
+        img, cmap="gray", vmin=window[0], vmax=window[1], aspect=spacing[1] / spacing[0], interpolation="bilinear"
+    )
     for mask, colour in masks:
         m = axial_display(mask).astype(float)
         if m.any():
@@ -87,7 +91,9 @@ def html_table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
         return "<p>(none)</p>"
     columns = list(columns or rows[0].keys())
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -107,11 +113,16 @@ def write_html_page(path: str | Path, title: str, sections: Sequence[tuple[str, 
 
 def figure_grid(items: Sequence[tuple[str, str]], wide: bool = False) -> str:
     """(relative image path, caption) pairs as a wrapped grid of figures (``wide``: two to a row, not four)."""
-    figs = "".join(f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in items)
+    figs = "".join(
+        f"<figure><img src='{html.escape(src)}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}</figcaption></figure>"
+        for src, cap in items
+    )
     return f"<div class='figs{' wide' if wide else ''}'>{figs}</div>"
 
 
-def save_training_curves_png(history: Sequence[dict], path: str | Path, losses: Sequence[str], metrics: Sequence[str], title: str = "") -> Path:
+def save_training_curves_png(
+    history: Sequence[dict], path: str | Path, losses: Sequence[str], metrics: Sequence[str], title: str = ""
+) -> Path:
     """Per-epoch training losses (left) and validation metrics (right), the best epoch marked; written atomically."""
     plt = _plt()
     epochs = [row["epoch"] for row in history]
@@ -153,7 +164,9 @@ def save_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: str
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (r, c), n in np.ndenumerate(matrix):
-        ax.text(c, r, str(int(n)), ha="center", va="center", fontsize=8, color="white" if rates[r, c] > 0.5 else "black")
+        ax.text(
+            c, r, str(int(n)), ha="center", va="center", fontsize=8, color="white" if rates[r, c] > 0.5 else "black"
+        )
     ax.set_xticks(range(len(class_names)), class_names, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
     ax.set_xlabel("zero-shot prediction")
@@ -205,15 +218,30 @@ def save_probmap_overlay_png(
     axes[0].set_title(f"{class_names[0]} probability, mask contour (slice {k})", fontsize=8)
     arg = np.argmax(prob_l[:, :, :, k], axis=0)
     colours = [CLASS_COLOURS[i % len(CLASS_COLOURS)] for i in range(len(class_names))]
-    axes[1].imshow(axial_display(arg), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(class_names) - 0.5, alpha=0.45, aspect=aspect, interpolation="nearest")
+    axes[1].imshow(
+        axial_display(arg),
+        cmap=ListedColormap(colours),
+        vmin=-0.5,
+        vmax=len(class_names) - 0.5,
+        alpha=0.45,
+        aspect=aspect,
+        interpolation="nearest",
+    )
     axes[1].set_title("most probable class", fontsize=8)
-    axes[1].legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, class_names)], fontsize=6, loc="lower right", framealpha=0.6)
+    axes[1].legend(
+        handles=[Patch(color=c, label=n) for c, n in zip(colours, class_names)],
+        fontsize=6,
+        loc="lower right",
+        framealpha=0.6,
+    )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3)
     return _save_figure(fig, path)
 
 
-def save_pseudolabel_overlay_png(path: str | Path, hu: np.ndarray, reference: np.ndarray, sides: np.ndarray, affine: np.ndarray, title: str = "") -> Path:
+def save_pseudolabel_overlay_png(
+    path: str | Path, hu: np.ndarray, reference: np.ndarray, sides: np.ndarray, affine: np.ndarray, title: str = ""
+) -> Path:
     """Three axial slices (at 30, 50 and 70 % of the lung's extent) with the SA-2 lung mask (dashed) and the
     pseudo label's right (green) and left (blue) lungs; arrays (X, Y, Z) on the input grid, radiological view."""
     from common.io.volume import reorient_array
@@ -233,9 +261,15 @@ def save_pseudolabel_overlay_png(path: str | Path, hu: np.ndarray, reference: np
     fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 3.9), dpi=100, squeeze=False)
     for ax, k in zip(axes[0], picks):
         ax.imshow(axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
-        for m, colour, style in ((ref_l[:, :, k] > 0, "#ffd700", "dashed"), (sides_l[:, :, k] == 1, "#2ca02c", "solid"), (sides_l[:, :, k] == 2, "#1f77b4", "solid")):
+        for m, colour, style in (
+            (ref_l[:, :, k] > 0, "#ffd700", "dashed"),
+            (sides_l[:, :, k] == 1, "#2ca02c", "solid"),
+            (sides_l[:, :, k] == 2, "#1f77b4", "solid"),
+        ):
             if m.any():
-                ax.contour(axial_display(m).astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
+                ax.contour(
+                    axial_display(m).astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style
+                )
         ax.set_title(f"slice {k}", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{title}: pseudo label right (green) / left (blue), SA-2 mask (dashed yellow)", fontsize=8)
@@ -243,8 +277,15 @@ def save_pseudolabel_overlay_png(path: str | Path, hu: np.ndarray, reference: np
     return _save_figure(fig, path)
 
 
-def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[tuple[str, np.ndarray]], affine: np.ndarray, reference: np.ndarray | None = None,
-                             fractions: Sequence[float] = (0.1, 0.5, 0.9), title: str = "") -> Path:
+def save_method_overlays_png(
+    path: str | Path,
+    hu: np.ndarray,
+    masks: Sequence[tuple[str, np.ndarray]],
+    affine: np.ndarray,
+    reference: np.ndarray | None = None,
+    fractions: Sequence[float] = (0.1, 0.5, 0.9),
+    title: str = "",
+) -> Path:
     """One column per method, one row per axial slice (at ``fractions`` of the reference's, else the first
     mask's, lung extent; in RAS order: base, middle, apex): the method's mask in red, ``reference`` (ground truth) dashed
     yellow. Arrays (X, Y, Z) on the input grid, shown in the radiological view."""
@@ -260,25 +301,44 @@ def save_method_overlays_png(path: str | Path, hu: np.ndarray, masks: Sequence[t
     picks = sorted({int(extent[int(round(f * (len(extent) - 1)))]) for f in fractions})
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     aspect = float(spacing[1] / spacing[0]) if spacing[0] > 0 else 1.0
-    fig, axes = plt.subplots(len(picks), len(masks_l), figsize=(2.6 * len(masks_l), 3.0 * len(picks)), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(
+        len(picks), len(masks_l), figsize=(2.6 * len(masks_l), 3.0 * len(picks)), dpi=100, squeeze=False
+    )
     for row, k in zip(axes, picks):
         for ax, (name, m) in zip(row, masks_l):
-            ax.imshow(axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect)
-            for mask, colour, style in ((None if ref_l is None else ref_l[:, :, k], "#ffd700", "dashed"), (m[:, :, k], "#e41a1c", "solid")):
+            ax.imshow(
+                axial_display(hu_l[:, :, k]), cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect
+            )
+            for mask, colour, style in (
+                (None if ref_l is None else ref_l[:, :, k], "#ffd700", "dashed"),
+                (m[:, :, k], "#e41a1c", "solid"),
+            ):
                 if mask is not None and mask.any():
-                    ax.contour(axial_display(mask).astype(float), levels=[0.5], colors=[colour], linewidths=0.9, linestyles=style)
+                    ax.contour(
+                        axial_display(mask).astype(float),
+                        levels=[0.5],
+                        colors=[colour],
+                        linewidths=0.9,
+                        linestyles=style,
+                    )
             ax.set_title(f"{name}\nslice {k}", fontsize=7)
             ax.axis("off")
     height = fig.get_figheight()
     # wrapped to the figure's width (about 15 characters an inch at 8 pt): one column of slices cut a long title off
-    lines = textwrap.wrap(title + ("; truth dashed yellow" if ref_l is not None else ""), width=max(24, int(15 * fig.get_figwidth())))
+    lines = textwrap.wrap(
+        title + ("; truth dashed yellow" if ref_l is not None else ""), width=max(24, int(15 * fig.get_figwidth()))
+    )
     fig.suptitle("\n".join(lines), fontsize=8, y=1 - 0.08 / height)
     # explicit spacing: tight_layout let each row's two-line titles run into the row above
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (0.5 + 0.15 * len(lines)) / height, wspace=0.04, hspace=0.25)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, bottom=0.01, top=1 - (0.5 + 0.15 * len(lines)) / height, wspace=0.04, hspace=0.25
+    )
     return _save_figure(fig, path)
 
 
-def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: tuple[float, float] = LUNG_WINDOW) -> Path:
+def save_pipeline_overlay_png(
+    path: str | Path, cases: Sequence[dict], window: tuple[float, float] = LUNG_WINDOW
+) -> Path:
     """One row per case, one column per stage, all on the axial slice through the middle of the H-SAM mask:
     the CT; the lung probability (heat map); the pseudo label; the H-SAM mask (red), with the true lung field
     dashed yellow where known. Each case: ``name``, ``hu``, ``affine``, ``lung_probability``, ``pseudo_label``
@@ -307,10 +367,26 @@ def save_pipeline_overlay_png(path: str | Path, cases: Sequence[dict], window: t
             if mask is not None and mask[:, :, k].any():
                 ax.contour(axial_display(mask[:, :, k]).astype(float), levels=[0.5], colors=[colour], linewidths=1.1)
         if truth is not None and truth[:, :, k].any():
-            row[3].contour(axial_display(truth[:, :, k]).astype(float), levels=[0.5], colors=["#ffd700"], linewidths=0.9, linestyles="dashed")
+            row[3].contour(
+                axial_display(truth[:, :, k]).astype(float),
+                levels=[0.5],
+                colors=["#ffd700"],
+                linewidths=0.9,
+                linestyles="dashed",
+            )
         pseudo_title = "SA-3a pseudo label" if pseudo is not None else "no pseudo label (not made for this case)"
-        for ax, label in zip(row, ("CT (lung window)", "SA-2 lung probability", pseudo_title, "SA-3b H-SAM mask" + (" (truth dashed)" if truth is not None else ""))):
-            name = case["name"].replace(" (", "\n(", 1)  # "case_id (what it is)" on two lines: wider than the axes on one
+        for ax, label in zip(
+            row,
+            (
+                "CT (lung window)",
+                "SA-2 lung probability",
+                pseudo_title,
+                "SA-3b H-SAM mask" + (" (truth dashed)" if truth is not None else ""),
+            ),
+        ):
+            name = case["name"].replace(
+                " (", "\n(", 1
+            )  # "case_id (what it is)" on two lines: wider than the axes on one
             ax.set_title(f"{name}, slice {k}\n{label}" if ax is row[0] else label, fontsize=9)
     fig.tight_layout(pad=0.4)
     return _save_figure(fig, path)

@@ -42,8 +42,14 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(name or "libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other C libraries: no mallopt
         return False
-    return all(mallopt(param, value) == 1 for param, value in
-               ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD),
+        )
+    )
 
 
 __all__ = ["OPT_OUT", "keep_freed_memory"]

@@ -37,8 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 DEFAULT_CLIP = BUNDLES / "foundation_clip" / "models" / "model.pt"  # shipped (committed)
 DEFAULT_HSAM = BUNDLES / "hsam_finetune" / "models" / "model.pt"  # shipped (committed)
-OUTPUTS = {"labels": "labels.nii.gz", "mask": "lung_mask.nii.gz", "probmap": "probmap.nii.gz", "report": "report.json",
-           "seg": "seg.dcm", "rtstruct": "rtstruct.dcm", "overlay": "overlay.png", "statistics": "statistics.json"}
+OUTPUTS = {
+    "labels": "labels.nii.gz",
+    "mask": "lung_mask.nii.gz",
+    "probmap": "probmap.nii.gz",
+    "report": "report.json",
+    "seg": "seg.dcm",
+    "rtstruct": "rtstruct.dcm",
+    "overlay": "overlay.png",
+    "statistics": "statistics.json",
+}
 LABEL_NAMES = {1: "right lung", 2: "left lung"}  # labels.nii.gz values (common.classes RIGHT_LUNG, LEFT_LUNG)
 # --classes: SA-2's other classes, numbered after the two lungs in the probmap bundle's channel_def order (channel + 2)
 EXTRA_CLASSES = {name: channel + 2 for channel, name in enumerate(CLASS_NAMES) if name != "lung"}
@@ -66,8 +74,10 @@ class Models:
         what = {"foundation_clip": "SA-1 (foundation_clip)", "hsam_finetune": "H-SAM (hsam_finetune)"}
         for bundle, path in self.used(probmap).items():
             if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no {what[bundle]} checkpoint; the shipped models are bundles/*/models/model.pt "
-                                        "(make release re-trains them), or pass --models DIR / CLIP_CKPT=... HSAM_CKPT=...")
+                raise FileNotFoundError(
+                    f"{path}: no {what[bundle]} checkpoint; the shipped models are bundles/*/models/model.pt "
+                    "(make release re-trains them), or pass --models DIR / CLIP_CKPT=... HSAM_CKPT=..."
+                )
 
     def describe(self, probmap: bool = True) -> dict:
         """Bundle version (its ``metadata.json``) and the checkpoint's SHA-256 prefix, per model used."""
@@ -117,9 +127,18 @@ class CaseFailed(RuntimeError):
         self.bundle, self.case, self.reason = bundle, case, reason
 
 
-def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap: bool = False, device: str | None = None,
-            precision: str = "auto", classes: Sequence[str] = (), dicom_files: Sequence[str | Path] | None = None,
-            source: dict | None = None, slice_search_step: int = 4) -> dict:
+def segment(
+    ct: str | Path,
+    out: str | Path,
+    models: Models = Models(),
+    probmap: bool = False,
+    device: str | None = None,
+    precision: str = "auto",
+    classes: Sequence[str] = (),
+    dicom_files: Sequence[str | Path] | None = None,
+    source: dict | None = None,
+    slice_search_step: int = 4,
+) -> dict:
     """Segment ``ct`` (a CT file or a folder holding one DICOM series) into ``out``; returns ``statistics.json``'s content.
 
     - ``probmap``: also run SA-2 and write its five-class map (``probmap.nii.gz``; about 2 more minutes on 2 CPU
@@ -155,17 +174,43 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
     run = {"device": f"$torch.device('{device}')"} if device else {}
     pm = None
     if probmap:
-        _run_on_scan("probmap", {**run, "ckpt_path": str(models.clip), "output_dir": str(work / "probmap"), "datalist": [case], "overwrite": True,
-                                 "overlay": False}, ct, work)
+        _run_on_scan(
+            "probmap",
+            {
+                **run,
+                "ckpt_path": str(models.clip),
+                "output_dir": str(work / "probmap"),
+                "datalist": [case],
+                "overwrite": True,
+                "overlay": False,
+            },
+            ct,
+            work,
+        )
         pm = probmap_outputs(work / "probmap", "scan")
     t_probmap = time.perf_counter() - start
     # the slices H-SAM's own search finds, not SA-2's region: the answer does not depend on whether SA-2 ran
-    _run_on_scan("hsam_finetune", {**run, "ckpt_path": str(models.hsam), "output_dir": str(work / "hsam"), "overwrite": True, "progress": True,
-                                   "cases": [case], "save_probability": False, "inference_precision": precision,
-                                   "slice_search_step": int(slice_search_step)}, ct, work)
+    _run_on_scan(
+        "hsam_finetune",
+        {
+            **run,
+            "ckpt_path": str(models.hsam),
+            "output_dir": str(work / "hsam"),
+            "overwrite": True,
+            "progress": True,
+            "cases": [case],
+            "save_probability": False,
+            "inference_precision": precision,
+            "slice_search_step": int(slice_search_step),
+        },
+        ct,
+        work,
+    )
     seg = case_paths(work / "hsam", "scan", SEGMENTATION_OUTPUTS)
     report = json.loads(seg["report"].read_text())
-    report.update({"input": str((source or {}).get("input", ct)), "seconds": {"probmap": round(t_probmap, 1)} if pm else {}})
+    report.update(
+        {"input": str((source or {}).get("input", ct)), "seconds": {"probmap": round(t_probmap, 1)} if pm else {}}
+    )
     report["qc"] = lung_mask_qc(report)  # an empty or implausible mask is written, but never reported as a success
     try:
         paths = {k: out / v for k, v in OUTPUTS.items()}
@@ -186,20 +231,35 @@ def segment(ct: str | Path, out: str | Path, models: Models = Models(), probmap:
         dicom_error = None
         if dicom_files:
             try:
-                written += write_dicom_outputs(labels, affine, dicom_files, paths, used["hsam_finetune"]["bundle_version"], names)
+                written += write_dicom_outputs(
+                    labels, affine, dicom_files, paths, used["hsam_finetune"]["bundle_version"], names
+                )
             except Exception as e:  # noqa: BLE001 (the NIfTI results stand; the failure is reported)
                 dicom_error = f"{type(e).__name__}: {e}"
                 log.error("%s: DICOM-SEG / RTSTRUCT not written (%s); labels.nii.gz and the rest are", out, dicom_error)
         try:  # a figure: its failure must not cost the results written above
-            _save_overlay(vol, Path(str((source or {}).get("input", ct))).name, paths["overlay"], (labels == 1) | (labels == 2), pm["lung_mask"] if pm else None)
+            _save_overlay(
+                vol,
+                Path(str((source or {}).get("input", ct))).name,
+                paths["overlay"],
+                (labels == 1) | (labels == 2),
+                pm["lung_mask"] if pm else None,
+            )
             written.append("overlay")
         except Exception as e:  # noqa: BLE001 (any plotting error)
-            log.warning("%s: overlay not written (%s: %s); the masks, maps and statistics are", paths["overlay"], type(e).__name__, e)
+            log.warning(
+                "%s: overlay not written (%s: %s); the masks, maps and statistics are",
+                paths["overlay"],
+                type(e).__name__,
+                e,
+            )
         seconds = round(time.perf_counter() - start, 1)
         peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
         report["seconds"]["total"], report["peak_memory_gb"] = seconds, peak
         write_json_atomic(paths["report"], report)
-        statistics = statistics_of(labels, vol.hu, affine, report, used, source or {"input": str(ct)}, seconds, peak, names)
+        statistics = statistics_of(
+            labels, vol.hu, affine, report, used, source or {"input": str(ct)}, seconds, peak, names
+        )
         statistics["outputs"] = [OUTPUTS[k] for k in written + ["statistics"]]
         if dicom_error:
             statistics["dicom_error"] = dicom_error
@@ -224,18 +284,44 @@ def add_sa2_classes(labels, probmap_path: Path, classes: Sequence[str]):
     return out
 
 
-def statistics_of(labels, hu, affine, report: dict, models: dict, source: dict, seconds: float, peak_gb: float, names: dict | None = None) -> dict:
+def statistics_of(
+    labels,
+    hu,
+    affine,
+    report: dict,
+    models: dict,
+    source: dict,
+    seconds: float,
+    peak_gb: float,
+    names: dict | None = None,
+) -> dict:
     """``statistics.json``: per structure volume and mean HU, %LAA-950 per lung, the input, models and cost."""
     from common.metrics import structure_statistics
 
     names = names or LABEL_NAMES
-    return {"input": source, "structures": structure_statistics(labels, hu, affine, names), "labels": {str(k): v for k, v in names.items()},
-            "qc": report.get("qc"), "models": models, "settings": report.get("settings"), "seconds": seconds, "peak_memory_gb": peak_gb}
+    return {
+        "input": source,
+        "structures": structure_statistics(labels, hu, affine, names),
+        "labels": {str(k): v for k, v in names.items()},
+        "qc": report.get("qc"),
+        "models": models,
+        "settings": report.get("settings"),
+        "seconds": seconds,
+        "peak_memory_gb": peak_gb,
+    }
 
 
-def write_dicom_outputs(labels, affine, dicom_files: Sequence[str | Path], paths: dict, version: str, names: dict | None = None) -> list[str]:
+def write_dicom_outputs(
+    labels, affine, dicom_files: Sequence[str | Path], paths: dict, version: str, names: dict | None = None
+) -> list[str]:
     """DICOM-SEG and RTSTRUCT of ``labels`` on the series ``dicom_files``; returns the :data:`OUTPUTS` keys written."""
-    from common.io.dicom_out import STRUCTURES, labels_on_series_grid, read_series_headers, write_dicom_seg, write_rtstruct
+    from common.io.dicom_out import (
+        STRUCTURES,
+        labels_on_series_grid,
+        read_series_headers,
+        write_dicom_seg,
+        write_rtstruct,
+    )
 
     datasets = read_series_headers(dicom_files)
     frames = labels_on_series_grid(labels, affine, datasets)
@@ -289,5 +375,9 @@ def _save_overlay(vol, name: str, path: Path, hsam_mask, sa2_mask: Path | None) 
 
     from common.report import save_method_overlays_png
 
-    masks = [("H-SAM lung mask", hsam_mask)] + ([("SA-2 lung mask", np.asarray(nib.load(str(sa2_mask)).dataobj) > 0)] if sa2_mask else [])
-    save_method_overlays_png(path, vol.hu, masks, vol.affine, fractions=(0.15, 0.5, 0.85), title=f"{name}: base, middle and apex of the lung")
+    masks = [("H-SAM lung mask", hsam_mask)] + (
+        [("SA-2 lung mask", np.asarray(nib.load(str(sa2_mask)).dataobj) > 0)] if sa2_mask else []
+    )
+    save_method_overlays_png(
+        path, vol.hu, masks, vol.affine, fractions=(0.15, 0.5, 0.85), title=f"{name}: base, middle and apex of the lung"
+    )

@@ -51,9 +51,13 @@ class ServedBundle:
     overrides: dict = field(default_factory=dict)
 
 
-def default_bundles(clip_ckpt: str | Path = DEFAULT_CLIP, hsam_ckpt: str | Path = DEFAULT_HSAM) -> dict[str, ServedBundle]:
-    return {"probmap": ServedBundle(BUNDLES / "probmap", Path(clip_ckpt)),
-            "hsam_finetune": ServedBundle(BUNDLES / "hsam_finetune", Path(hsam_ckpt))}
+def default_bundles(
+    clip_ckpt: str | Path = DEFAULT_CLIP, hsam_ckpt: str | Path = DEFAULT_HSAM
+) -> dict[str, ServedBundle]:
+    return {
+        "probmap": ServedBundle(BUNDLES / "probmap", Path(clip_ckpt)),
+        "hsam_finetune": ServedBundle(BUNDLES / "hsam_finetune", Path(hsam_ckpt)),
+    }
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -62,7 +66,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, int(port)))
         except OSError as e:
-            raise ServeError(f"port {port} on {host} is in use ({e.strerror}); stop what holds it or pass PORT=<another port>") from None
+            raise ServeError(
+                f"port {port} on {host} is in use ({e.strerror}); stop what holds it or pass PORT=<another port>"
+            ) from None
 
 
 def check_studies(studies: str | Path) -> tuple[list[Path], list[Path]]:
@@ -84,7 +90,9 @@ def convert_dicom_folders(studies: str | Path) -> list[Path]:
     from common.io import CTReadError, read_ct
 
     written = []
-    for folder in sorted(p for p in Path(studies).iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "labels"):
+    for folder in sorted(
+        p for p in Path(studies).iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "labels"
+    ):
         target = folder.with_name(folder.name + ".nii.gz")
         if target.exists():
             continue
@@ -103,7 +111,9 @@ def _served_config(bundle: ServedBundle) -> tuple[dict, dict]:
     from monai.bundle import ConfigParser
 
     configs = bundle.bundle_dir / "configs"
-    files = [configs / "inference.json"] + ([configs / "monailabel.json"] if (configs / "monailabel.json").is_file() else [])
+    files = [configs / "inference.json"] + (
+        [configs / "monailabel.json"] if (configs / "monailabel.json").is_file() else []
+    )
     config = ConfigParser.load_config_files([str(f) for f in files])
     inputs, outputs = config.pop("monailabel_inputs", None), config.pop("monailabel_outputs", None)
     config.update({"ckpt_path": str(Path(bundle.checkpoint).resolve()), **bundle.overrides})
@@ -130,16 +140,23 @@ def build_app(app_dir: str | Path = DEFAULT_APP, bundles: dict[str, ServedBundle
     bundles = default_bundles() if bundles is None else bundles
     for name, b in bundles.items():
         if not Path(b.checkpoint).is_file():
-            raise ServeError(f"{b.checkpoint}: no checkpoint for {name}; run `make demo` (and the hsam chain) first, "
-                             "or pass CLIP_CKPT=... HSAM_CKPT=...")
+            raise ServeError(
+                f"{b.checkpoint}: no checkpoint for {name}; run `make demo` (and the hsam chain) first, "
+                "or pass CLIP_CKPT=... HSAM_CKPT=..."
+            )
     if not (app_dir / "main.py").is_file():
         app_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = app_dir.parent / f".{app_dir.name}.download"
         shutil.rmtree(tmp, ignore_errors=True)
-        run = subprocess.run([*_monailabel(), "apps", "--download", "--name", "monaibundle", "--output", str(tmp)],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [*_monailabel(), "apps", "--download", "--name", "monaibundle", "--output", str(tmp)],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode != 0 or not (tmp / "monaibundle" / "main.py").is_file():
-            raise ServeError(f"monailabel apps --download --name monaibundle failed: {(run.stdout + run.stderr)[-1000:]}")
+            raise ServeError(
+                f"monailabel apps --download --name monaibundle failed: {(run.stdout + run.stderr)[-1000:]}"
+            )
         shutil.rmtree(app_dir, ignore_errors=True)
         (tmp / "monaibundle").rename(app_dir)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,12 +222,32 @@ def launch(argv: list[str]) -> int:
     return 0
 
 
-def server_command(app_dir: str | Path, studies: str | Path, models: list[str], host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+def server_command(
+    app_dir: str | Path, studies: str | Path, models: list[str], host: str = "127.0.0.1", port: int = 8000
+) -> list[str]:
     """``monailabel start_server`` for local bundles only (no model-zoo download, no SAM2, no trainers), on
     :mod:`common.serve_app`: MONAI Label's app with clear answers to bad requests."""
-    conf = {"models": ",".join(models), "zoo_source": "local", "sam2": "false", "skip_trainers": "true", "preload": "false"}
-    cmd = [*_monailabel(), "start_server", "--app", str(app_dir), "--studies", str(studies), "--host", host, "--port", str(port),
-           "--uvicorn_app", "common.serve_app:app"]
+    conf = {
+        "models": ",".join(models),
+        "zoo_source": "local",
+        "sam2": "false",
+        "skip_trainers": "true",
+        "preload": "false",
+    }
+    cmd = [
+        *_monailabel(),
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(studies),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--uvicorn_app",
+        "common.serve_app:app",
+    ]
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     return cmd
@@ -227,18 +264,28 @@ def main(argv=None) -> int:
     p.add_argument("--app-dir", default=str(DEFAULT_APP))
     p.add_argument("--clip-ckpt", default=os.environ.get("CLIP_CKPT") or str(DEFAULT_CLIP))
     p.add_argument("--hsam-ckpt", default=os.environ.get("HSAM_CKPT") or str(DEFAULT_HSAM))
-    p.add_argument("--prepared", action="store_true", help="serve APP_DIR as it is (built before, e.g. by build_app with overrides)")
+    p.add_argument(
+        "--prepared",
+        action="store_true",
+        help="serve APP_DIR as it is (built before, e.g. by build_app with overrides)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         check_port_free(args.host, args.port)
         if not Path(args.studies).is_dir():
-            raise ServeError(f"{args.studies}: studies folder not found (STUDIES=<folder of .nii.gz CT volumes or DICOM series folders>)")
+            raise ServeError(
+                f"{args.studies}: studies folder not found (STUDIES=<folder of .nii.gz CT volumes or DICOM series folders>)"
+            )
         convert_dicom_folders(args.studies)
         images, others = check_studies(args.studies)
         if args.prepared:
             app_dir = Path(args.app_dir).resolve()
-            models = sorted(d.name for d in (app_dir / "model").iterdir() if (d / "configs" / "inference.json").is_file()) if (app_dir / "model").is_dir() else []
+            models = (
+                sorted(d.name for d in (app_dir / "model").iterdir() if (d / "configs" / "inference.json").is_file())
+                if (app_dir / "model").is_dir()
+                else []
+            )
             if not models:
                 raise ServeError(f"{app_dir}: no prepared app with bundles under model/ (run without --prepared)")
         else:
@@ -250,8 +297,13 @@ def main(argv=None) -> int:
     for other in others:
         log.warning("%s: not a NIfTI image; MONAI Label will not list or serve it", other)
     url = f"http://{args.host}:{args.port}"
-    log.info("serving %d image(s) from %s with %s at %s (/info/, /infer/<model>?image=<id>); Ctrl-C stops",
-             len(images), args.studies, ", ".join(models), url)
+    log.info(
+        "serving %d image(s) from %s with %s at %s (/info/, /infer/<model>?image=<id>); Ctrl-C stops",
+        len(images),
+        args.studies,
+        ", ".join(models),
+        url,
+    )
     try:
         return subprocess.call(server_command(app_dir, Path(args.studies).resolve(), models, args.host, args.port))
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ def _infer_target(request: Request) -> tuple[str, str | None] | None:
     path = request.url.path.rstrip("/")
     if request.method != "POST" or not path.startswith("/infer/"):
         return None
-    return path[len("/infer/"):], request.query_params.get("image") or None
+    return path[len("/infer/") :], request.query_params.get("image") or None
 
 
 @app.middleware("http")
@@ -40,12 +40,16 @@ async def check_infer_request(request: Request, call_next):
         instance = app_instance()
         models = sorted(instance.info().get("models", {}))
         if model not in models:
-            return JSONResponse(status_code=404, content={"detail": f"unknown model '{model}'; this server has {', '.join(models)}"})
+            return JSONResponse(
+                status_code=404, content={"detail": f"unknown model '{model}'; this server has {', '.join(models)}"}
+            )
         if image is not None:
             images = instance.datastore().list_images()
             if image not in images:
                 shown = ", ".join(sorted(images)[:20]) + (" ..." if len(images) > 20 else "")
-                return JSONResponse(status_code=404, content={"detail": f"unknown image '{image}'; the studies folder has {shown}"})
+                return JSONResponse(
+                    status_code=404, content={"detail": f"unknown image '{image}'; the studies folder has {shown}"}
+                )
     try:
         return await call_next(request)
     except MONAILabelException as e:
@@ -54,4 +58,6 @@ async def check_infer_request(request: Request, call_next):
     except Exception as e:  # noqa: BLE001  (answer, log, stay up)
         where = f" on image '{target[1]}'" if target and target[1] else ""
         log.exception("%s %s failed%s", request.method, request.url.path, where)
-        return JSONResponse(status_code=500, content={"detail": f"{request.url.path}{where} failed: {type(e).__name__}: {e}"})
+        return JSONResponse(
+            status_code=500, content={"detail": f"{request.url.path}{where} failed: {type(e).__name__}: {e}"}
+        )

@@ -11,7 +11,28 @@ from functools import lru_cache
 
 # spaCy lists these as stop words, but in a report they carry the finding: dropping "no" turns
 # "no nodule" into "nodule", the opposite statement; sides and comparisons locate and grade it.
-KEEP_WORDS = frozenset({"no", "not", "without", "none", "nor", "neither", "never", "cannot", "n't", "less", "more", "above", "below", "left", "right", "both", "few", "several"})
+KEEP_WORDS = frozenset(
+    {
+        "no",
+        "not",
+        "without",
+        "none",
+        "nor",
+        "neither",
+        "never",
+        "cannot",
+        "n't",
+        "less",
+        "more",
+        "above",
+        "below",
+        "left",
+        "right",
+        "both",
+        "few",
+        "several",
+    }
+)
 _UNIT = re.compile(r"^(mm|cm|ml|cc|hu|%|mm2|mm3|cm2|cm3)$", re.IGNORECASE)
 _RANGE = frozenset({"-", "–", "to"})
 

@@ -25,7 +25,9 @@ LUNG_PET_CT_DX_5MM = SHARED / "lung_pet_ct_dx" / "A0001_philips_5mm"
 
 def pytest_configure(config):
     if not LIDC_DIR.is_dir():
-        raise pytest.UsageError(f"shared real CT data not found at {SHARED}: clone the project with ../shared beside it")
+        raise pytest.UsageError(
+            f"shared real CT data not found at {SHARED}: clone the project with ../shared beside it"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,17 @@ def tiny_phantom_manifest(tmp_path_factory) -> Path:
     for seed in range(3):
         case_id = f"tiny_phantom_{seed}"
         paths = write_phantom(generate_phantom(shape=(64, 64, 32), spacing=(5.0, 5.0, 7.5), seed=seed), out, case_id)
-        cases.append({"id": case_id, "path": paths["ct"], "label": paths["label"], "lungs": paths["lungs"], "report": paths["report"], "kind": "phantom", "format": "nifti"})
+        cases.append(
+            {
+                "id": case_id,
+                "path": paths["ct"],
+                "label": paths["label"],
+                "lungs": paths["lungs"],
+                "report": paths["report"],
+                "kind": "phantom",
+                "format": "nifti",
+            }
+        )
     cases.insert(0, {"id": "totalseg_chest_crop_b", "path": str(TOTALSEG_B), "kind": "real", "format": "nifti"})
     path = out / "manifest.json"
     write_json_atomic(path, {"cases": cases, "notes": []})
@@ -108,6 +120,60 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     from tests.test_networks import _tiny_bert_dir
 
     return _tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+# --------------------------------------------------------------------------- tiny SA-1 and H-SAM checkpoints
+
+# the tiny SA-1 and H-SAM checkpoints that the probmap, serve, lungseg and MLflow tests share
+IMAGE_SIZE, SLICE_SIZE, PATCH_SIZE, EMBED_DIM = 32, 64, 16, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny_text_dir):
+    import torch
+
+    from common.networks import build_lung_clip
+
+    torch.manual_seed(0)
+    model = build_lung_clip(
+        image_encoder="tiny_cnn",
+        pretrained=False,
+        image_encoder_kwargs={"out_channels": 16, "width": 8},
+        text_model_dir=tiny_text_dir,
+        embed_dim=EMBED_DIM,
+        teacher_shape=None,
+    )
+    model.preprocessing = {
+        "slice_size": SLICE_SIZE,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "patch_mm": 40.0,
+        "hu_window": [-1000.0, 400.0],
+    }
+    path = model.save_checkpoint(tmp_path_factory.mktemp("clip_ckpt") / "model.pt")
+    return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def tiny_hsam(tmp_path_factory):
+    import torch
+
+    from common.engines.hsam import save_network
+    from common.networks import load_sam_family
+    from common.networks.hsam import build_hsam
+
+    out = tmp_path_factory.mktemp("tiny_hsam")
+    torch.manual_seed(0)
+    backbone = load_sam_family("tiny_sam", random_init=True)
+    parts = torch.nn.ModuleDict(
+        {
+            "image_encoder": backbone.image_encoder,
+            "prompt_encoder": backbone.prompt_encoder,
+            "mask_decoder": backbone.mask_decoder,
+        }
+    )
+    torch.save(parts.state_dict(), out / "tiny_sam.pth")
+    return save_network(build_hsam("tiny_sam", sam_checkpoint=out / "tiny_sam.pth"), out / "hsam.pt")
 
 
 # --------------------------------------------------------------------------- real headless browser (HTML reports)

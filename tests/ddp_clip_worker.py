@@ -65,7 +65,9 @@ def main(argv: list[str]) -> None:
     network = parser.get_parsed_content("network")  # the same object "run" trains (the resolver caches it)
     if not isinstance(network, torch.nn.parallel.DistributedDataParallel):
         raise RuntimeError(f"'network' is a {type(network).__name__}, not DistributedDataParallel")
-    torch.save({k: v.detach().cpu().clone() for k, v in unwrap(network).state_dict().items()}, out / f"rank{rank}_init.pt")
+    torch.save(
+        {k: v.detach().cpu().clone() for k, v in unwrap(network).state_dict().items()}, out / f"rank{rank}_init.pt"
+    )
 
     workflow.run()
 
@@ -82,8 +84,12 @@ def main(argv: list[str]) -> None:
         "train_size": len(trainer.data_loader.dataset),
         "iteration": int(trainer.state.iteration),
         "epoch": int(trainer.state.epoch),
-        "train_handlers": sorted({type(getattr(h, "__self__", h)).__name__ for hs in trainer._event_handlers.values() for h, _, _ in hs}),
-        "val_handlers": sorted({type(getattr(h, "__self__", h)).__name__ for hs in evaluator._event_handlers.values() for h, _, _ in hs}),
+        "train_handlers": sorted(
+            {type(getattr(h, "__self__", h)).__name__ for hs in trainer._event_handlers.values() for h, _, _ in hs}
+        ),
+        "val_handlers": sorted(
+            {type(getattr(h, "__self__", h)).__name__ for hs in evaluator._event_handlers.values() for h, _, _ in hs}
+        ),
         "val_metrics": {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))},
         "val_best_metric": float(evaluator.state.best_metric),
         "val_best_metric_epoch": int(evaluator.state.best_metric_epoch),

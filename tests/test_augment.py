@@ -75,7 +75,9 @@ def test_magnitude_scales_every_op(slice_img, op):
 
 def test_dict_views_cover_range_and_follow_random_state(slice_img):
     def draw(seed, n=60):
-        t = CTRandAugmentd(keys="image", views=4, n_ops=1, magnitude=0.5, ops=["gamma"])  # a cheap op: this test is about ids
+        t = CTRandAugmentd(
+            keys="image", views=4, n_ops=1, magnitude=0.5, ops=["gamma"]
+        )  # a cheap op: this test is about ids
         t.set_random_state(seed)
         outs = [t({"image": slice_img, "sample_id": "case_3"}) for _ in range(n)]
         return outs, [o["view_id"] for o in outs]

@@ -50,7 +50,9 @@ def test_render_page_reports_facts_and_screenshot(tmp_path, render_page):
 
 def test_render_page_sees_horizontal_overflow(tmp_path, render_page):
     html = tmp_path / "wide.html"
-    html.write_text("<html><body><h1>Wide</h1><div style='width:2000px;height:10px;background:#000'></div></body></html>")
+    html.write_text(
+        "<html><body><h1>Wide</h1><div style='width:2000px;height:10px;background:#000'></div></body></html>"
+    )
     facts = render_page(html, tmp_path / "wide.png", width=640)
     assert facts["overflow_x"] and facts["scroll_width"] >= 2000 and facts["viewport_width"] == 640
     assert facts["broken_images"] == [] and facts["n_images"] == 0

@@ -16,9 +16,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 # the schema files model-zoo bundles name, and the package-version key each one requires
-SCHEMA_KEY = {"meta_schema_20220324.json": "optional_packages_version", "meta_schema_20240725.json": "required_packages_version"}
-TENSOR_KEYS = {"type": str, "format": str, "modality": str, "num_channels": int, "spatial_shape": list, "dtype": str, "value_range": list,
-               "is_patch_data": bool, "channel_def": dict}
+SCHEMA_KEY = {
+    "meta_schema_20220324.json": "optional_packages_version",
+    "meta_schema_20240725.json": "required_packages_version",
+}
+TENSOR_KEYS = {
+    "type": str,
+    "format": str,
+    "modality": str,
+    "num_channels": int,
+    "spatial_shape": list,
+    "dtype": str,
+    "value_range": list,
+    "is_patch_data": bool,
+    "channel_def": dict,
+}
 
 
 def _metadata(bundle: str) -> dict:
@@ -29,7 +41,16 @@ def _metadata(bundle: str) -> dict:
 def test_metadata_has_the_keys_and_types_the_specification_requires(bundle):
     m = _metadata(bundle)
     assert BUNDLES == ["foundation_clip", "hsam_finetune", "probmap", "pseudolabel"]
-    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "task", "description", "authors", "copyright"):
+    for key in (
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+    ):
         assert isinstance(m.get(key), str) and m[key], f"{bundle}: {key}"
     assert re.fullmatch(r"\d+\.\d+\.\d+", m["version"]) and m["version"] in m["changelog"]
     for key in ("required_packages_version", "optional_packages_version"):
@@ -43,7 +64,9 @@ def test_metadata_has_the_keys_and_types_the_specification_requires(bundle):
             for key, kind in TENSOR_KEYS.items():
                 assert isinstance(spec.get(key), kind), f"{bundle}: {side}.{name}.{key} should be {kind.__name__}"
             assert spec["num_channels"] >= 1 and len(spec["value_range"]) in (0, 2)
-            assert all(k.isdigit() for k in spec["channel_def"]), f"{bundle}: {side}.{name}.channel_def keys are channel indices"
+            assert all(k.isdigit() for k in spec["channel_def"]), (
+                f"{bundle}: {side}.{name}.channel_def keys are channel indices"
+            )
 
 
 def test_served_copies_describe_the_volume_in_and_the_label_map_out(tmp_path):
@@ -55,7 +78,11 @@ def test_served_copies_describe_the_volume_in_and_the_label_map_out(tmp_path):
         image = served["network_data_format"]["inputs"]["image"]
         assert image["spatial_shape"] == ["*", "*", "*"] and image["format"] == "hounsfield"
         assert served["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
-    assert served["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "right lung", "2": "left lung"}
+    assert served["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "right lung",
+        "2": "left lung",
+    }
     assert _metadata("hsam_finetune")["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["*", "*"]
 
 
@@ -63,10 +90,31 @@ def test_served_copies_describe_the_volume_in_and_the_label_map_out(tmp_path):
 def test_verify_net_in_out_passes_on_the_shipped_hsam_and_fails_on_a_wrong_description():
     """The shipped H-SAM (LiteMedSAM backbone) on a 256 x 256 slice: one channel of float32 out, as metadata.json says."""
     bundle = REPO / "bundles" / "hsam_finetune"
-    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "probability_network", "--meta_file",
-           str(bundle / "configs" / "metadata.json"), "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-           "--device", "cpu", "--any", "256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "verify_net_in_out",
+        "--net_id",
+        "probability_network",
+        "--meta_file",
+        str(bundle / "configs" / "metadata.json"),
+        "--config_file",
+        str(bundle / "configs" / "inference.json"),
+        "--bundle_root",
+        str(bundle),
+        "--device",
+        "cpu",
+        "--any",
+        "256",
+    ]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and "verified with no error" in ok.stdout + ok.stderr, ok.stderr[-3000:]
-    wrong = subprocess.run(cmd + ["--_meta_#network_data_format#outputs#pred#num_channels", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    wrong = subprocess.run(
+        cmd + ["--_meta_#network_data_format#outputs#pred#num_channels", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wrong.returncode != 0 and "output channel number `1` doesn't match: `2`" in wrong.stderr

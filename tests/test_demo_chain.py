@@ -24,8 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("chain") / "demo"
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "common.apps.demo", "--size", "smoke", "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "common.apps.demo", "--size", "smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return out, result, time.perf_counter() - started
 
 
@@ -44,12 +49,19 @@ def test_every_step_runs_through_monai_bundle_run_and_the_report_is_written(smok
     # ingest: the smoke manifest's real DeepLesion scan and two tiny phantoms, read and QC'd
     assert metrics["ingest"]["n_cases"] == 3 and metrics["ingest"]["n_passed"] == 3, metrics["ingest"]
     # every stage's section was built from its bundle's own outputs
-    assert all(metrics[s]["ran"] for s in ("clip", "probmap", "pseudolabel", "hsam")), {s: metrics[s].get("error") for s in ("clip", "probmap", "pseudolabel", "hsam")}
+    assert all(metrics[s]["ran"] for s in ("clip", "probmap", "pseudolabel", "hsam")), {
+        s: metrics[s].get("error") for s in ("clip", "probmap", "pseudolabel", "hsam")
+    }
     assert 0.0 <= metrics["hsam"]["heldout_phantoms"]["dice"]["mean"] <= 1.0
     assert metrics["hsam"]["comparison"]["summary"], "the held-out phantom comparison table is empty"
     # H-SAM trained on the pseudo labels of the real scan and of the phantom (QC admits all at this size)
-    assert sorted(sum(metrics["pseudolabel"]["hsam_datalist"].values(), [])) == ["deeplesion_000001_01_01", "train_phantom_000_ct"]
-    assert (out / "hsam_finetune" / "models" / "model.pt").is_file() and (out / "foundation_clip" / "models" / "model.pt").is_file()
+    assert sorted(sum(metrics["pseudolabel"]["hsam_datalist"].values(), [])) == [
+        "deeplesion_000001_01_01",
+        "train_phantom_000_ct",
+    ]
+    assert (out / "hsam_finetune" / "models" / "model.pt").is_file() and (
+        out / "foundation_clip" / "models" / "model.pt"
+    ).is_file()
     assert (out / "report" / "index.html").is_file() and "SA-3b hsam_finetune" in result.stdout
     print(f"smoke chain: {seconds:.0f} s")
 

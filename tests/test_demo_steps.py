@@ -49,13 +49,31 @@ class ScriptStep(Step):
     log: Path | None = None
 
     def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
-        return [sys.executable, "-c", CHILD, self.mode, self.name, str(self.log), tracking_uri,
-                *[str(p) for p in [self.done_file, *self.extra_done]]]
+        return [
+            sys.executable,
+            "-c",
+            CHILD,
+            self.mode,
+            self.name,
+            str(self.log),
+            tracking_uri,
+            *[str(p) for p in [self.done_file, *self.extra_done]],
+        ]
 
 
 def _step(out: Path, name: str, mode: str = "ok", stage: str = "clip", n_extra: int = 0) -> ScriptStep:
-    return ScriptStep(stage, name, "no_bundle", [], {}, out / name / "done.json", f"test step {name}",
-                      extra_done=[out / name / f"extra_{i}.json" for i in range(n_extra)], mode=mode, log=out / "ran.jsonl")
+    return ScriptStep(
+        stage,
+        name,
+        "no_bundle",
+        [],
+        {},
+        out / name / "done.json",
+        f"test step {name}",
+        extra_done=[out / name / f"extra_{i}.json" for i in range(n_extra)],
+        mode=mode,
+        log=out / "ran.jsonl",
+    )
 
 
 def _ran(out: Path) -> list[dict]:
@@ -167,7 +185,9 @@ def test_retrain_makes_inference_steps_redo_cases_they_already_wrote():
         cmd = step.command("sqlite:///x.db", overwrite=overwrite)
         return cmd[cmd.index("--overwrite") + 1] if "--overwrite" in cmd else None
 
-    assert option(inference, False) is None and option(inference, True) == "True"  # a Python literal, as python-fire parses it
+    assert (
+        option(inference, False) is None and option(inference, True) == "True"
+    )  # a Python literal, as python-fire parses it
     assert option(trainer, True) is None
     assert option(evaluation, True) == "True"  # evaluate.json sets it true already; the override agrees
 
@@ -177,8 +197,16 @@ def test_overrides_reach_the_bundle_as_the_values_they_are():
     arrive as themselves (JSON's ``false`` would arrive as the string "false", which a config takes as true)."""
     from fire.parser import DefaultParseValue
 
-    overrides = {"pretrained": False, "random_init": True, "text_model_dir": None, "tau": 0.0, "phantom_shape": [64, 64, 12],
-                 "cases": [{"image": "/data/a b/scan", "case_id": "a"}], "qc": {"lung_ml_range": [0.0, 1.0e9]}, "output_dir": "/x/y"}
+    overrides = {
+        "pretrained": False,
+        "random_init": True,
+        "text_model_dir": None,
+        "tau": 0.0,
+        "phantom_shape": [64, 64, 12],
+        "cases": [{"image": "/data/a b/scan", "case_id": "a"}],
+        "qc": {"lung_ml_range": [0.0, 1.0e9]},
+        "output_dir": "/x/y",
+    }
     cmd = Step("probmap", "p", "probmap", ["inference.json"], overrides, Path("/x/done"), "").command("sqlite:///x.db")
     parsed = {key: DefaultParseValue(cmd[cmd.index(f"--{key}") + 1]) for key in overrides}
     assert parsed == overrides
@@ -224,17 +252,32 @@ def test_exit_zero_without_the_done_file_is_a_failure(out):
 def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
     """run_demo: the failure goes into the report (metrics.json, index.html) and the demo exits naming both."""
     # run_ingest reads, QCs and preprocesses every default case (minutes); the report only needs its summary.
-    ingest = {"n_cases": 0, "n_passed": 0, "n_excluded": 0, "excluded": {}, "cases": [], "figures": [], "qc_rows": [],
-              "phantom_example": None, "qc_dir": str(out / "qc")}
+    ingest = {
+        "n_cases": 0,
+        "n_passed": 0,
+        "n_excluded": 0,
+        "excluded": {},
+        "cases": [],
+        "figures": [],
+        "qc_rows": [],
+        "phantom_example": None,
+        "qc_dir": str(out / "qc"),
+    }
     monkeypatch.setattr(demo, "run_ingest", lambda out_, data_dir, fig_dir: dict(ingest))
-    steps = [_step(out, "clip_ok"), _step(out, "probmap_broken", mode="fail", stage="probmap"), _step(out, "hsam_after", stage="hsam")]
+    steps = [
+        _step(out, "clip_ok"),
+        _step(out, "probmap_broken", mode="fail", stage="probmap"),
+        _step(out, "hsam_after", stage="hsam"),
+    ]
     monkeypatch.setattr(demo, "demo_steps", lambda *args: steps)
     # Two report sections are heavy even with no stage output: the held-out comparison runs
     # benchmarks/hsam_comparison.py, which generates and scores the held-out phantoms anyway (about 30 s
     # here), and the SA-1 section imports torch and the CLIP networks before it finds no checkpoint (about
     # 10 s cold). Both are stubbed; the rest of build_report (steps table, failure, metrics.json) is real.
     monkeypatch.setattr(demo_report, "comparison_section", lambda *a: (None, "<p>comparison not run in this test</p>"))
-    monkeypatch.setattr(demo_report, "clip_section", lambda *a: ({"ran": False}, "<p>SA-1 section not built in this test</p>"))
+    monkeypatch.setattr(
+        demo_report, "clip_section", lambda *a: ({"ran": False}, "<p>SA-1 section not built in this test</p>")
+    )
 
     with pytest.raises(SystemExit) as info:
         demo.run_demo(out, data_dir=out / "unused")
@@ -247,7 +290,11 @@ def test_a_stopped_demo_still_writes_its_report(out, monkeypatch):
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["failure"].startswith("step probmap_broken failed (exit 1)")
-    assert [(s["name"], s["status"]) for s in metrics["steps"]] == [("clip_ok", "ran"), ("probmap_broken", "failed"), ("hsam_after", "not run")]
+    assert [(s["name"], s["status"]) for s in metrics["steps"]] == [
+        ("clip_ok", "ran"),
+        ("probmap_broken", "failed"),
+        ("hsam_after", "not run"),
+    ]
     assert metrics["steps"][2]["seconds"] is None
     assert [s["command"] for s in metrics["steps"]] == [s.cmd for s in steps]
     assert metrics["steps"][0]["seconds"] > 0.0 and metrics["timings"]["hsam_s"] == 0.0
@@ -274,7 +321,11 @@ def test_release_chain_maps_with_a_given_sa1_checkpoint_instead_of_training_one(
 def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
     from common.apps.pipeline import linked_scan, scan_link_name
 
-    sources = {"dicom_case": tmp_path / "src" / "series", "nifti_case": tmp_path / "src" / "scan.nii.gz", "nrrd_case": tmp_path / "src" / "scan.nrrd"}
+    sources = {
+        "dicom_case": tmp_path / "src" / "series",
+        "nifti_case": tmp_path / "src" / "scan.nii.gz",
+        "nrrd_case": tmp_path / "src" / "scan.nrrd",
+    }
     sources["dicom_case"].mkdir(parents=True)
     sources["nifti_case"].write_bytes(b"x")
     sources["nrrd_case"].write_bytes(b"x")
@@ -282,7 +333,11 @@ def test_a_linked_scan_is_found_by_its_case_id_whatever_its_kind(tmp_path):
     folder.mkdir()
     for case_id, source in sources.items():
         (folder / scan_link_name(case_id, source)).symlink_to(source)
-    assert {c: linked_scan(folder, c).name for c in sources} == {"dicom_case": "dicom_case", "nifti_case": "nifti_case.nii.gz", "nrrd_case": "nrrd_case.nrrd"}
+    assert {c: linked_scan(folder, c).name for c in sources} == {
+        "dicom_case": "dicom_case",
+        "nifti_case": "nifti_case.nii.gz",
+        "nrrd_case": "nrrd_case.nrrd",
+    }
     # a case whose id is another's prefix is not taken for it, and an unlinked case names the path it would have
     (folder / scan_link_name("nifti_case_2", sources["nifti_case"])).symlink_to(sources["nifti_case"])
     assert linked_scan(folder, "nifti_case").name == "nifti_case.nii.gz"
@@ -307,7 +362,9 @@ sys.exit(code)
 
 
 def _fresh_python(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def test_run_python_runs_a_script_as_a_fresh_interpreter_would(tmp_path, monkeypatch):
@@ -322,7 +379,9 @@ def test_run_python_runs_a_script_as_a_fresh_interpreter_would(tmp_path, monkeyp
         assert returncode == fresh.returncode == code
         printed, expected = log.read_text().splitlines()[0], fresh.stdout.splitlines()[0]
         assert json.loads(printed) == json.loads(expected)
-        assert json.loads(printed)["probe"] == "set after the server started" and json.loads(printed)["path0"] == str(script.parent)
+        assert json.loads(printed)["probe"] == "set after the server started" and json.loads(printed)["path0"] == str(
+            script.parent
+        )
     assert "ValueError: probe failed on purpose" in (tmp_path / "run_1.log").read_text()
 
 
@@ -334,7 +393,11 @@ def test_run_python_runs_modules_and_code_like_python_m_and_c(tmp_path):
     assert log.read_text() == _fresh_python(["-m", "json.tool", "--sort-keys", str(data)], tmp_path).stdout
     code = "import sys, json; print(json.dumps([__name__, sys.argv]))"
     assert run_python(["-c", code, "x", "y"], cwd=tmp_path, log=log) == 0
-    assert json.loads(log.read_text()) == ["__main__", ["-c", "x", "y"]] == json.loads(_fresh_python(["-c", code, "x", "y"], tmp_path).stdout)
+    assert (
+        json.loads(log.read_text())
+        == ["__main__", ["-c", "x", "y"]]
+        == json.loads(_fresh_python(["-c", code, "x", "y"], tmp_path).stdout)
+    )
 
 
 def test_run_python_children_start_with_the_heavy_modules_imported(tmp_path):
@@ -355,7 +418,11 @@ def test_link_scan_links_by_case_id_and_replaces_a_link_to_another_scan(tmp_path
     first.write_bytes(b"x")
     second.mkdir()
     link = link_scan(tmp_path / "scans", "case", first)
-    assert link == tmp_path / "scans" / "case.nii.gz" and link.resolve() == first and linked_scan(tmp_path / "scans", "case") == link
+    assert (
+        link == tmp_path / "scans" / "case.nii.gz"
+        and link.resolve() == first
+        and linked_scan(tmp_path / "scans", "case") == link
+    )
     assert link_scan(tmp_path / "scans", "case", first) == link  # linked again: left as it is
     folder_link = link_scan(tmp_path / "other", "case", second)
     assert folder_link.name == "case" and folder_link.resolve() == second

@@ -18,7 +18,12 @@ CONFIGS = BUNDLES / "foundation_clip" / "configs"
 def _workflow(tmp: Path, manifest: Path, text_dir: Path | None, overlays=(TINY_CLIP_OVERLAY,), **overrides):
     from monai.bundle import ConfigWorkflow
 
-    paths = dict(samples_dir=str(tmp / "samples"), teacher_cache_dir=str(tmp / "cache"), output_dir=str(tmp / "out"), ckpt_dir=str(tmp / "models"))
+    paths = dict(
+        samples_dir=str(tmp / "samples"),
+        teacher_cache_dir=str(tmp / "cache"),
+        output_dir=str(tmp / "out"),
+        ckpt_dir=str(tmp / "models"),
+    )
     return ConfigWorkflow(
         config_file=[str(CONFIGS / "train.json"), *map(str, overlays)],
         workflow_type="train",
@@ -63,7 +68,10 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
     assert trainer.state.metrics["skipped_samples"] == 0
     history = json.loads((tmp / "out" / "metrics_history.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
-    assert history[-1]["val_zero_shot_acc"] == m["val_zero_shot_acc"] and history[-1]["epoch_loss"] == trainer.state.metrics["epoch_loss"]
+    assert (
+        history[-1]["val_zero_shot_acc"] == m["val_zero_shot_acc"]
+        and history[-1]["epoch_loss"] == trainer.state.metrics["epoch_loss"]
+    )
     # the checkpoint is the epoch of the best held-out patch accuracy (the first, on a tie)
     best = max(history, key=lambda row: row["val_zero_shot_acc"])
     assert history[-1]["best_epoch"] == evaluator.state.best_metric_epoch == best["epoch"]
@@ -75,7 +83,11 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
     model = LungCLIP.load_checkpoint(ckpt)
     assert model.embed_dim == 16 and model.teacher_shape == (256, 4, 4)
     # how training prepared its inputs travels with the weights (inference reads it back)
-    assert {k: model.preprocessing[k] for k in ("image_size", "slice_size", "hu_window")} == {"image_size": 32, "slice_size": 64, "hu_window": [-1000.0, 400.0]}
+    assert {k: model.preprocessing[k] for k in ("image_size", "slice_size", "hu_window")} == {
+        "image_size": 32,
+        "slice_size": 64,
+        "hu_window": [-1000.0, 400.0],
+    }
     with torch.no_grad():
         assert model.encode_image(torch.rand(2, 1, 32, 32)).shape == (2, 16)
         assert model.encode_text(["CT patch of the lung"]).shape == (1, 16)
@@ -86,7 +98,13 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
 def test_evaluate_config_scores_the_saved_best_model(trained, tiny_phantom_manifest, tiny_text_dir):
     """evaluate.json reloads models/model.pt and reproduces the best epoch's validation figures."""
     tmp, _, evaluator = trained
-    wf = _workflow(tmp, tiny_phantom_manifest, tiny_text_dir, overlays=(TINY_CLIP_OVERLAY, CONFIGS / "evaluate.json"), output_dir=str(tmp / "eval"))
+    wf = _workflow(
+        tmp,
+        tiny_phantom_manifest,
+        tiny_text_dir,
+        overlays=(TINY_CLIP_OVERLAY, CONFIGS / "evaluate.json"),
+        output_dir=str(tmp / "eval"),
+    )
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -123,13 +141,22 @@ def test_missing_text_encoder_dir_fails_at_start(tmp_path, tiny_phantom_manifest
 def test_teacher_checkpoint_of_another_architecture_fails_at_start(tmp_path, tiny_phantom_manifest, tiny_text_dir):
     wrong = tmp_path / "resnet.pth"
     torch.save(torch.nn.Linear(3, 2).state_dict(), wrong)
-    wf = _workflow(tmp_path, tiny_phantom_manifest, tiny_text_dir, teacher_random_init=False, teacher_checkpoint=str(wrong))
+    wf = _workflow(
+        tmp_path, tiny_phantom_manifest, tiny_text_dir, teacher_random_init=False, teacher_checkpoint=str(wrong)
+    )
     with pytest.raises(Exception) as info:
         wf.initialize()
         wf.parser.get_parsed_content("teacher")
     assert "resnet.pth" in str(_root_cause(info.value))
     missing = tmp_path / "medsam_vit_b.pth"
-    wf = _workflow(tmp_path, tiny_phantom_manifest, tiny_text_dir, teacher_random_init=False, teacher_variant="medsam_vit_b", teacher_checkpoint=str(missing))
+    wf = _workflow(
+        tmp_path,
+        tiny_phantom_manifest,
+        tiny_text_dir,
+        teacher_random_init=False,
+        teacher_variant="medsam_vit_b",
+        teacher_checkpoint=str(missing),
+    )
     with pytest.raises(Exception) as info:
         wf.initialize()
         wf.parser.get_parsed_content("teacher")
@@ -147,12 +174,32 @@ def test_mlflow_run_holds_parameters_losses_and_validation_metrics(tmp_path, tin
     from mlflow.tracking import MlflowClient
 
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str([str(CONFIGS / "train.json"), str(TINY_CLIP_OVERLAY)]),
-        "--bundle_root", str(BUNDLES / "foundation_clip"), "--tracking", "mlflow",
-        "--experiment_name", "sa1_test", "--manifest", str(tiny_phantom_manifest), "--text_model_dir", str(tiny_text_dir),
-        "--samples_dir", str(tmp_path / "samples"), "--teacher_cache_dir", str(tmp_path / "cache"),
-        "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "models"), "--max_epochs", "2",
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str([str(CONFIGS / "train.json"), str(TINY_CLIP_OVERLAY)]),
+        "--bundle_root",
+        str(BUNDLES / "foundation_clip"),
+        "--tracking",
+        "mlflow",
+        "--experiment_name",
+        "sa1_test",
+        "--manifest",
+        str(tiny_phantom_manifest),
+        "--text_model_dir",
+        str(tiny_text_dir),
+        "--samples_dir",
+        str(tmp_path / "samples"),
+        "--teacher_cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--max_epochs",
+        "2",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -166,7 +213,14 @@ def test_mlflow_run_holds_parameters_losses_and_validation_metrics(tmp_path, tin
     params = run.data.params
     assert params["contrastive"] == "infonce" and params["alpha"] == "1.0" and params["beta"] == "1.0"
     assert params["image_encoder"] == "tiny_cnn" and params["max_epochs"] == "2"
-    for key in ("epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill", "val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"):
+    for key in (
+        "epoch_loss",
+        "epoch_loss_contrastive",
+        "epoch_loss_distill",
+        "val_zero_shot_acc",
+        "val_recall_at_5",
+        "val_distill_cosine",
+    ):
         history = client.get_metric_history(run.info.run_id, key)
         assert [h.step for h in history] == [1, 2], key  # one value per epoch
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2  # per-iteration loss
@@ -190,12 +244,22 @@ def test_lung_map_dice_scores_sa2s_map_of_the_held_out_phantoms(tiny_phantom_man
     cases = validation_phantoms(tiny_phantom_manifest, 1)
     assert [c["id"] for c in cases] == ["tiny_phantom_2"]  # the last phantom, as build_clip_datalist validates on
     torch.manual_seed(0)
-    model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
-                            text_model_dir=tiny_text_dir, embed_dim=16, teacher_shape=None).train()
-    metric = LungMapDice(model, cases, {"slice_size": 64, "image_size": 32, "patch_size": 32, "patch_mm": 60.0}, num_slices=3)
+    model = build_lung_clip(
+        image_encoder="tiny_cnn",
+        pretrained=False,
+        image_encoder_kwargs={"out_channels": 16, "width": 8},
+        text_model_dir=tiny_text_dir,
+        embed_dim=16,
+        teacher_shape=None,
+    ).train()
+    metric = LungMapDice(
+        model, cases, {"slice_size": 64, "image_size": 32, "patch_size": 32, "patch_mm": 60.0}, num_slices=3
+    )
     volumes = metric.volumes()
-    (hu, lungs, _), = volumes
-    assert hu.shape[2] == lungs.shape[2] == 3 and all(lungs[:, :, k].any() for k in range(3))  # three slices, each through the lungs
+    ((hu, lungs, _),) = volumes
+    assert hu.shape[2] == lungs.shape[2] == 3 and all(
+        lungs[:, :, k].any() for k in range(3)
+    )  # three slices, each through the lungs
     dice = metric.compute()
     assert 0.0 <= dice <= 1.0 and metric.compute() == dice  # deterministic
     assert model.training  # the network goes back to training mode
@@ -205,6 +269,7 @@ def test_lung_map_dice_scores_sa2s_map_of_the_held_out_phantoms(tiny_phantom_man
             sim = torch.zeros((7,) + hu.shape)
             sim[0] = torch.from_numpy(np.where(field, 1.0, -1.0))
             return sim
+
         return volume
 
     monkeypatch.setattr(metric.inferer, "volume", map_of(lungs))
@@ -227,7 +292,19 @@ def test_real_default_models_on_real_ct(tmp_path, default_manifest):
     cases = {c["id"]: c for c in default_manifest["cases"]}
     manifest = tmp_path / "manifest.json"
     write_json_atomic(manifest, {"cases": [cases["lidc_idri_1011"], cases["phantom_000"], cases["phantom_005"]]})
-    wf = _workflow(tmp_path, manifest, None, overlays=(CONFIGS / "demo.json",), max_epochs=1, num_slices=4, phantom_slices=2, patches_per_class=1, num_workers=0, batch_size=4, val_phantoms=1)
+    wf = _workflow(
+        tmp_path,
+        manifest,
+        None,
+        overlays=(CONFIGS / "demo.json",),
+        max_epochs=1,
+        num_slices=4,
+        phantom_slices=2,
+        patches_per_class=1,
+        num_workers=0,
+        batch_size=4,
+        val_phantoms=1,
+    )
     wf.initialize()
     wf.run()
     trainer = wf.parser.get_parsed_content("train#trainer")

@@ -39,10 +39,26 @@ def test_two_rank_training_keeps_ranks_in_step(tiny_phantom_manifest, tiny_text_
         "ckpt_dir": str(tmp_path / "models"),
         "max_epochs": "1",
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}", str(WORKER), str(out), "--config_file", repr(configs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={NPROC}",
+        str(WORKER),
+        str(out),
+        "--config_file",
+        repr(configs),
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, whatever the machine has
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     log = f"$ {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
@@ -78,16 +94,25 @@ def test_two_rank_training_keeps_ranks_in_step(tiny_phantom_manifest, tiny_text_
     assert rec[0]["iteration"] == rec[1]["iteration"]
     # every rank validated everything with the same model: same metrics, same best epoch
     assert rec[0]["val_metrics"] and rec[0]["val_metrics"] == rec[1]["val_metrics"]
-    assert rec[0]["val_best_metric"] == rec[1]["val_best_metric"] and rec[0]["val_best_metric_epoch"] == rec[1]["val_best_metric_epoch"]
+    assert (
+        rec[0]["val_best_metric"] == rec[1]["val_best_metric"]
+        and rec[0]["val_best_metric_epoch"] == rec[1]["val_best_metric_epoch"]
+    )
     # logging / TensorBoard / progress bar only on rank 0 (their `_disabled_: @is_not_rank0` in
     # train.json); every other handler on every rank
     rank0_only = {"StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "_OutputHandler"}
-    assert {"StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "LrScheduleHandler", "ValidationHandler"} <= set(rec[0]["train_handlers"]), rec[0]["train_handlers"]
-    assert {"StatsHandler", "TensorBoardStatsHandler", "SaveBestLungCLIP", "EarlyStopHandler"} <= set(rec[0]["val_handlers"]), rec[0]["val_handlers"]
+    assert {"StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "LrScheduleHandler", "ValidationHandler"} <= set(
+        rec[0]["train_handlers"]
+    ), rec[0]["train_handlers"]
+    assert {"StatsHandler", "TensorBoardStatsHandler", "SaveBestLungCLIP", "EarlyStopHandler"} <= set(
+        rec[0]["val_handlers"]
+    ), rec[0]["val_handlers"]
     for engine in ("train_handlers", "val_handlers"):
         assert set(rec[1][engine]) == set(rec[0][engine]) - rank0_only, (rec[0][engine], rec[1][engine])
     events = list((tmp_path / "out").glob("events.out.tfevents.*"))
-    assert events and len({f.name.split(".")[-2] for f in events}) == 1, f"TensorBoard files from more than one process: {events}"
+    assert events and len({f.name.split(".")[-2] for f in events}) == 1, (
+        f"TensorBoard files from more than one process: {events}"
+    )
     # the checkpoint (written by rank 0 only) is whole
     assert (tmp_path / "models" / "model.pt").is_file()
     assert not list((tmp_path / "models").glob("*.tmp*")) and not list((tmp_path / "cache").rglob("*.tmp"))

@@ -30,8 +30,14 @@ def tiny_clip(tmp_path_factory, tiny_text_dir):
     from common.networks import build_lung_clip
 
     torch.manual_seed(0)
-    model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
-                            text_model_dir=tiny_text_dir, embed_dim=EMBED_DIM, teacher_shape=(256, 4, 4))
+    model = build_lung_clip(
+        image_encoder="tiny_cnn",
+        pretrained=False,
+        image_encoder_kwargs={"out_channels": 16, "width": 8},
+        text_model_dir=tiny_text_dir,
+        embed_dim=EMBED_DIM,
+        teacher_shape=(256, 4, 4),
+    )
     path = model.save_checkpoint(tmp_path_factory.mktemp("clip_ckpt") / "model.pt")
     return model.eval(), path
 
@@ -47,8 +53,17 @@ def dataset(tmp_path, lidc_subset) -> Path:
 
 
 def _bundle_overrides(ckpt: Path, dataset_dir: Path, out: Path) -> dict:
-    return {"bundle_root": str(BUNDLES / "foundation_clip"), "ckpt_path": str(ckpt), "dataset_dir": str(dataset_dir),
-            "output_dir": str(out), "image_size": IMAGE_SIZE, "slice_size": SLICE_SIZE, "batch_size": 5, "device": "cpu", "progress": False}
+    return {
+        "bundle_root": str(BUNDLES / "foundation_clip"),
+        "ckpt_path": str(ckpt),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(out),
+        "image_size": IMAGE_SIZE,
+        "slice_size": SLICE_SIZE,
+        "batch_size": 5,
+        "device": "cpu",
+        "progress": False,
+    }
 
 
 def _run_cli(overrides: dict) -> subprocess.CompletedProcess:
@@ -74,8 +89,12 @@ def _reference_slice(path, k: int) -> torch.Tensor:
     from common.transforms import HUWindow
 
     hu = read_ct(path, axcodes="LPS").hu
-    sample = np.asarray(HUWindow()(_resize2d(_square(hu[:, :, k].T, float(hu.min())), SLICE_SIZE, "area")), dtype=np.float32)
-    img = np.asarray(Resize((IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", anti_aliasing=True)(sample[None]), dtype=np.float32)
+    sample = np.asarray(
+        HUWindow()(_resize2d(_square(hu[:, :, k].T, float(hu.min())), SLICE_SIZE, "area")), dtype=np.float32
+    )
+    img = np.asarray(
+        Resize((IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", anti_aliasing=True)(sample[None]), dtype=np.float32
+    )
     return torch.from_numpy(img)[None], hu.shape[2]
 
 
@@ -108,7 +127,9 @@ def test_inference_bundle_exports_embeddings_and_resumes(tiny_clip, dataset, tmp
     text = json.loads((out / "text_embeddings.json").read_text())
     assert text["prompts"] == class_prompts() and len(text["prompts"]) == 7 and text["embed_dim"] == EMBED_DIM
     with torch.no_grad():
-        np.testing.assert_allclose(np.asarray(text["embeddings"]), model.encode_text(text["prompts"]).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(text["embeddings"]), model.encode_text(text["prompts"]).numpy(), rtol=1e-4, atol=1e-5
+        )
 
     # a second run skips what is done (files untouched) and retries only the failed case
     mtimes = {c: embedding_path(out, c).stat().st_mtime_ns for c in ("chest_crop_b", "lidc")}
@@ -145,7 +166,9 @@ def test_export_without_slice_size_and_empty_dataset(tiny_clip, tmp_path):
         export_clip_embeddings(model, ds, tmp_path / "out", progress=False)
     os.symlink(TOTALSEG_B, ds / TOTALSEG_B.name)
     (ds / "chest_crop_b_label.nii.gz").write_bytes(b"a label map beside the CT, not a scan")
-    summary = export_clip_embeddings(model, ds, tmp_path / "out", image_size=IMAGE_SIZE, batch_size=64, progress=False, exclude=["*_label.nii.gz"])
+    summary = export_clip_embeddings(
+        model, ds, tmp_path / "out", image_size=IMAGE_SIZE, batch_size=64, progress=False, exclude=["*_label.nii.gz"]
+    )
     assert [w["case_id"] for w in summary["written"]] == ["chest_crop_b"] and not summary["failed"]
     assert [x["case_id"] for x in summary["excluded"]] == ["chest_crop_b_label"]
     emb = np.load(embedding_path(tmp_path / "out", "chest_crop_b"))
@@ -155,7 +178,9 @@ def test_export_without_slice_size_and_empty_dataset(tiny_clip, tmp_path):
 
     hu = read_ct(TOTALSEG_B, axcodes="LPS").hu
     k = hu.shape[2] - 1  # the last slice, in the last (partial) batch
-    img = np.asarray(HUWindow()(_resize2d(_square(hu[:, :, k].T, float(hu.min())), IMAGE_SIZE, "area")), dtype=np.float32)
+    img = np.asarray(
+        HUWindow()(_resize2d(_square(hu[:, :, k].T, float(hu.min())), IMAGE_SIZE, "area")), dtype=np.float32
+    )
     with torch.no_grad():
         expected = model.encode_image(torch.from_numpy(img)[None, None])[0].numpy()
     np.testing.assert_allclose(emb[k], expected, rtol=1e-4, atol=1e-5)

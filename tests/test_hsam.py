@@ -127,7 +127,9 @@ def test_only_lora_and_decoders_train_and_the_counts_add_up():
     md = model.backbone.mask_decoder
     unused = {id(p) for p in [*md.iou_prediction_head.parameters(), *md.output_hypernetworks_mlps[1:].parameters()]}
     assert all(not p.requires_grad for p in md.parameters() if id(p) in unused)  # stage 1 is SAM's single-mask output
-    assert counts["trainable"] == counts["lora"] + counts["stage2_decoder"] + sum(p.numel() for p in md.parameters() if id(p) not in unused)
+    assert counts["trainable"] == counts["lora"] + counts["stage2_decoder"] + sum(
+        p.numel() for p in md.parameters() if id(p) not in unused
+    )
     assert counts["trainable"] < counts["full_finetuning"]
     frozen = tiny(lora_rank=4, train_stage1_decoder=False).parameter_counts()
     assert frozen["trainable"] == frozen["lora"] + frozen["stage2_decoder"]
@@ -168,7 +170,11 @@ def test_training_step_changes_only_trainable_weights():
             continue
         assert torch.equal(p, frozen[n]), n
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved) and any(n.startswith("stage2.") for n in moved)
+    assert (
+        any("lora_A" in n for n in moved)
+        and any("lora_B" in n for n in moved)
+        and any(n.startswith("stage2.") for n in moved)
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -252,7 +258,9 @@ def test_deep_supervision_scores_stage1_at_reduced_and_stage2_at_full_resolution
     assert float(loss(right, label)) < 0.25 < 1.0 < float(loss(wrong, label))  # the reduced label is soft at the border
     total = float(loss(wrong, label))  # the per-stage terms the trainer averages per epoch, before the stage weights
     assert set(loss.terms) == {"loss_stage1", "loss_stage2"} and not loss.terms["loss_stage2"].requires_grad
-    assert total == pytest.approx(0.4 * float(loss.terms["loss_stage1"]) + 0.6 * float(loss.terms["loss_stage2"]), rel=1e-5)
+    assert total == pytest.approx(
+        0.4 * float(loss.terms["loss_stage1"]) + 0.6 * float(loss.terms["loss_stage2"]), rel=1e-5
+    )
     only2 = DeepSupervisionLoss(stage_weights=(0.0, 1.0))
     assert float(only2({"stage1": wrong["stage1"], "stage2": right["stage2"]}, label)) < 0.05  # stage 1 not scored
     assert set(only2.terms) == {"loss_stage2"}
@@ -276,7 +284,14 @@ def test_boundary_ignore_leaves_the_pseudo_labels_border_out_of_the_loss():
     assert float(DeepSupervisionLoss()(outputs, label)) > 0.1
     far = torch.zeros_like(label)
     far[..., 24:40, 24:40] = 1  # wrong beyond the band: still penalised
-    assert float(DeepSupervisionLoss(boundary_ignore_px=2)({"stage1": resize_label_logits(far, 32), "stage2": far * 40 - 20}, label)) > 0.3
+    assert (
+        float(
+            DeepSupervisionLoss(boundary_ignore_px=2)(
+                {"stage1": resize_label_logits(far, 32), "stage2": far * 40 - 20}, label
+            )
+        )
+        > 0.3
+    )
     with pytest.raises(ValueError, match="boundary_ignore_px"):
         DeepSupervisionLoss(boundary_ignore_px=-1)
 
@@ -294,7 +309,9 @@ def test_cutmix_and_mixup_treat_image_and_label_alike(kind):
     g = torch.Generator().manual_seed(0)
     label = (torch.rand(4, 1, 32, 32, generator=g) > 0.5).float()
     batch = {"image": label.clone(), "label": label.clone()}  # image == label, so any mismatch shows
-    mixer = MixingBatch(cutmix_prob=1.0 if kind == "cutmix" else 0.0, mixup_prob=0.0 if kind == "cutmix" else 1.0, seed=1)
+    mixer = MixingBatch(
+        cutmix_prob=1.0 if kind == "cutmix" else 0.0, mixup_prob=0.0 if kind == "cutmix" else 1.0, seed=1
+    )
     image, mixed_label = mixer(batch)
     assert mixer.last == kind
     assert not torch.equal(image, label)  # something was mixed in
@@ -319,12 +336,20 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
     hu = np.full((24, 24, 10), -800.0, dtype=np.float32)
     lab = np.zeros((24, 24, 10), dtype=np.uint8)
     lab[6:18, 6:18, 2:8] = 1
-    good = {"image": _nifti(tmp_path / "a_ct.nii.gz", hu), "label": _nifti(tmp_path / "a_label.nii.gz", lab), "case_id": "good"}
+    good = {
+        "image": _nifti(tmp_path / "a_ct.nii.gz", hu),
+        "label": _nifti(tmp_path / "a_label.nii.gz", lab),
+        "case_id": "good",
+    }
     cases = [
         good,
         {"image": good["image"], "label": str(tmp_path / "nowhere.nii.gz"), "case_id": "missing"},
         {"image": good["image"], "label": _nifti(tmp_path / "b.nii.gz", lab[:20]), "case_id": "grid"},
-        {"image": good["image"], "label": _nifti(tmp_path / "c.nii.gz", lab, np.diag([1.0, 2.0, 3.0, 1.0])), "case_id": "affine"},
+        {
+            "image": good["image"],
+            "label": _nifti(tmp_path / "c.nii.gz", lab, np.diag([1.0, 2.0, 3.0, 1.0])),
+            "case_id": "affine",
+        },
         {"image": good["image"], "label": _nifti(tmp_path / "d.nii.gz", np.zeros_like(lab)), "case_id": "empty"},
     ]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": cases, "validation": []}))
@@ -334,7 +359,9 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, caplog):
     assert "not found" in reasons["missing"] and "nowhere.nii.gz" in reasons["missing"]
     assert "another grid" in reasons["grid"] and "another grid" in reasons["affine"] and "empty" in reasons["empty"]
     assert {s["case_id"] for s in got["training"]} == {"good"}
-    assert sum(1 for s in got["training"] if s["label"].sum() > 0) == 6 and len(got["training"]) == 9  # 6 lung + 50 % as many background
+    assert (
+        sum(1 for s in got["training"] if s["label"].sum() > 0) == 6 and len(got["training"]) == 9
+    )  # 6 lung + 50 % as many background
     assert got["training"][0]["image"].shape == (1, 32, 32)
     assert "4 case(s) skipped" in caplog.text
     with pytest.raises(FileNotFoundError, match="datalist not found"):
@@ -349,13 +376,23 @@ def test_when_qc_excluded_every_case_the_error_names_the_option_that_admits_them
     hu = np.full((24, 24, 10), -800.0, dtype=np.float32)
     lab = np.zeros((24, 24, 10), dtype=np.uint8)
     lab[6:18, 6:18, 2:8] = 1
-    case = {"image": _nifti(tmp_path / "a_ct.nii.gz", hu), "label": _nifti(tmp_path / "a_label.nii.gz", lab), "case_id": "a", "reasons": ["agreement < 0.85"]}
+    case = {
+        "image": _nifti(tmp_path / "a_ct.nii.gz", hu),
+        "label": _nifti(tmp_path / "a_label.nii.gz", lab),
+        "case_id": "a",
+        "reasons": ["agreement < 0.85"],
+    }
     failed = {"case_id": "unreadable", "reasons": ["not a CT"]}  # no pseudo label was written for it
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "excluded": [case, failed]}))
-    with pytest.raises(ValueError, match=r"2 excluded: agreement < 0.85; not a CT\).*admit_qc_excluded=true \(hsam_finetune: --admit_qc_excluded true\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 excluded: agreement < 0.85; not a CT\).*admit_qc_excluded=true \(hsam_finetune: --admit_qc_excluded true\)",
+    ):
         training_slices(tmp_path / "datalist.json", slice_size=32)
     (tmp_path / "none.json").write_text(json.dumps({"training": [], "validation": [], "excluded": []}))
-    with pytest.raises(ValueError, match=r"no usable training case .*QC excluded 2 case\(s\): set admit_qc_excluded=true"):
+    with pytest.raises(
+        ValueError, match=r"no usable training case .*QC excluded 2 case\(s\): set admit_qc_excluded=true"
+    ):
         training_slices([tmp_path / "datalist.json", tmp_path / "none.json"], slice_size=32)  # several datalists joined
     got = training_slices(tmp_path / "datalist.json", slice_size=32, background_share=0.0, admit_excluded=True)
     assert {s["case_id"] for s in got["training"]} == {"a"} and len(got["training"]) == 6 and got["validation"] == []
@@ -374,13 +411,19 @@ def test_background_slices_never_show_lung_the_pseudo_label_missed(tmp_path):
     window = (-1000.0, 400.0)
     share = enclosed_air_share((np.clip(hu, *window) - window[0]) / (window[1] - window[0]), window)
     assert share[:9] == pytest.approx([144 / 576] * 9) and not share[9:].any()  # the outside air is not counted
-    case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab), "case_id": "short"}
+    case = {
+        "image": _nifti(tmp_path / "ct.nii.gz", hu),
+        "label": _nifti(tmp_path / "label.nii.gz", lab),
+        "case_id": "short",
+    }
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [case], "validation": []}))
     got = training_slices(tmp_path / "datalist.json", slice_size=24, background_share=1.0)
     background = sorted(s["slice"] for s in got["training"] if s["label"].sum() == 0)
     assert background == [9, 10, 11]  # the three lung-free slices; 0-2 are left out
     every = training_slices(tmp_path / "datalist.json", slice_size=24, background_share=1.0, background_max_air=None)
-    assert sorted(s["slice"] for s in every["training"] if s["label"].sum() == 0) != background  # the old rule takes lung slices too
+    assert (
+        sorted(s["slice"] for s in every["training"] if s["label"].sum() == 0) != background
+    )  # the old rule takes lung slices too
 
 
 def test_several_datalists_are_joined_split_by_split(tmp_path):
@@ -391,20 +434,37 @@ def test_several_datalists_are_joined_split_by_split(tmp_path):
     lab[6:18, 6:18, 2:8] = 1
     case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab)}
     (tmp_path / "a.json").write_text(json.dumps({"training": [{**case, "case_id": "a"}], "validation": []}))
-    (tmp_path / "b.json").write_text(json.dumps({"training": [{**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}))
+    (tmp_path / "b.json").write_text(
+        json.dumps({"training": [{**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]})
+    )
     got = training_slices([tmp_path / "a.json", str(tmp_path / "b.json")], slice_size=32, background_share=0.0)
     assert sorted({s["case_id"] for s in got["training"]}) == ["a", "b"] and len(got["training"]) == 12
     assert {s["case_id"] for s in got["validation"]} == {"c"} and len(got["validation"]) == 6
     # val_slice_step thins validation alone (6 lung slices -> every 3rd: 2); training keeps slice_step
-    thinned = training_slices([tmp_path / "a.json", tmp_path / "b.json"], slice_size=32, background_share=0.0, val_slice_step=3)
+    thinned = training_slices(
+        [tmp_path / "a.json", tmp_path / "b.json"], slice_size=32, background_share=0.0, val_slice_step=3
+    )
     assert len(thinned["training"]) == 12 and len(thinned["validation"]) == 2
     both = training_slices(tmp_path / "b.json", slice_size=32, background_share=0.0, slice_step=2)
-    assert len(both["training"]) == 3 and len(both["validation"]) == 3  # without val_slice_step, slice_step holds for both
+    assert (
+        len(both["training"]) == 3 and len(both["validation"]) == 3
+    )  # without val_slice_step, slice_step holds for both
     with pytest.raises(ValueError, match="names no datalist"):
         training_slices([])
     # a datalist whose every case QC excluded: alone an error with the reason, joined with others a warning
-    (tmp_path / "none.json").write_text(json.dumps({"training": [], "validation": [], "excluded": [{**case, "case_id": "x", "reasons": ["agreement 0.80 < 0.85"]}]}))
-    with pytest.raises(ValueError, match=r"none.json: datalist has no 'training' or 'validation' cases \(1 excluded: agreement 0.80 < 0.85\)"):
+    (tmp_path / "none.json").write_text(
+        json.dumps(
+            {
+                "training": [],
+                "validation": [],
+                "excluded": [{**case, "case_id": "x", "reasons": ["agreement 0.80 < 0.85"]}],
+            }
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"none.json: datalist has no 'training' or 'validation' cases \(1 excluded: agreement 0.80 < 0.85\)",
+    ):
         training_slices(tmp_path / "none.json")
     got = training_slices([tmp_path / "a.json", tmp_path / "none.json"], slice_size=32, background_share=0.0)
     assert {s["case_id"] for s in got["training"]} == {"a"}
@@ -419,13 +479,31 @@ def test_validate_between_holds_out_the_slices_training_skips_in_every_training_
     lab = np.zeros((24, 24, 14), dtype=np.uint8)
     lab[6:18, 6:18, 1:13] = 1  # label slices 1-12
     case = {"image": _nifti(tmp_path / "ct.nii.gz", hu), "label": _nifti(tmp_path / "label.nii.gz", lab)}
-    (tmp_path / "d.json").write_text(json.dumps({"training": [{**case, "case_id": "a"}, {**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}))
+    (tmp_path / "d.json").write_text(
+        json.dumps(
+            {"training": [{**case, "case_id": "a"}, {**case, "case_id": "b"}], "validation": [{**case, "case_id": "c"}]}
+        )
+    )
     plain = training_slices(tmp_path / "d.json", slice_size=24, background_share=0.0, slice_step=2, val_slice_step=4)
-    got = training_slices(tmp_path / "d.json", slice_size=24, background_share=0.0, slice_step=2, val_slice_step=4, validate_between=True)
+    got = training_slices(
+        tmp_path / "d.json", slice_size=24, background_share=0.0, slice_step=2, val_slice_step=4, validate_between=True
+    )
     trained = {(s["case_id"], s["slice"]) for s in got["training"]}
-    assert trained == {(s["case_id"], s["slice"]) for s in plain["training"]} == {(c, z) for c in "ab" for z in (1, 3, 5, 7, 9, 11)}
+    assert (
+        trained
+        == {(s["case_id"], s["slice"]) for s in plain["training"]}
+        == {(c, z) for c in "ab" for z in (1, 3, 5, 7, 9, 11)}
+    )
     held = sorted((s["case_id"], s["slice"]) for s in got["validation"])
-    assert held == [("a", 2), ("a", 10), ("b", 2), ("b", 10), ("c", 1), ("c", 5), ("c", 9)]  # every 4th of 2,4,...,12; c as before
+    assert held == [
+        ("a", 2),
+        ("a", 10),
+        ("b", 2),
+        ("b", 10),
+        ("c", 1),
+        ("c", 5),
+        ("c", 9),
+    ]  # every 4th of 2,4,...,12; c as before
     assert not trained & set(held)
     with pytest.raises(ValueError, match="validate_between needs slice_step >= 2"):
         training_slices(tmp_path / "d.json", slice_size=24, validate_between=True)
@@ -444,7 +522,9 @@ def test_slice_inferer_runs_a_fixed_size_network_at_its_size_and_returns_the_sli
 
     volume = torch.zeros(1, 1, 48, 40, 6)
     volume[:, :, 8:40, 8:32, 1:5] = 1.0
-    prob = SliceEnsembleInferer(slice_batch=2, input_size=32)(volume, FixedSize(), slice_mask=np.array([0, 1, 1, 1, 1, 0], bool))
+    prob = SliceEnsembleInferer(slice_batch=2, input_size=32)(
+        volume, FixedSize(), slice_mask=np.array([0, 1, 1, 1, 1, 0], bool)
+    )
     assert prob.shape == volume.shape and seen == [(32, 32), (32, 32)]
     assert float(prob[..., 0].max()) == 0.0  # a masked-out slice is not run
     inside, outside = prob[0, 0, 16:32, 12:28, 2], prob[0, 0, :4, :4, 2]
@@ -481,14 +561,22 @@ def test_slice_search_runs_the_foreground_slab_and_matches_every_slice():
     full = SliceEnsembleInferer(slice_batch=3)(volume, full_net)
     searched = SliceEnsembleInferer(slice_batch=3, slice_search_step=4)(volume, search_net)
     torch.testing.assert_close(searched, full)  # every foreground slice found, ends included
-    assert full_net.slices == 40 and search_net.slices == 10 + (28 - 12 + 1) - 5  # 10 sampled, then slab 12-28 less its 5 sampled
+    assert (
+        full_net.slices == 40 and search_net.slices == 10 + (28 - 12 + 1) - 5
+    )  # 10 sampled, then slab 12-28 less its 5 sampled
     # the slab reaching the volume's last slice, which is not a sampled one: still run
     edge = torch.zeros(1, 1, 16, 16, 42)
     edge[:, :, 4:12, 4:12, 38:] = 1.0
-    torch.testing.assert_close(SliceEnsembleInferer(slice_search_step=4)(edge, CountingThreshold()), SliceEnsembleInferer()(edge, CountingThreshold()))
+    torch.testing.assert_close(
+        SliceEnsembleInferer(slice_search_step=4)(edge, CountingThreshold()),
+        SliceEnsembleInferer()(edge, CountingThreshold()),
+    )
     # no foreground in any sampled slice: only those ran, all zero
     empty_net = CountingThreshold()
-    assert float(SliceEnsembleInferer(slice_search_step=4)(torch.zeros(1, 1, 8, 8, 20), empty_net).max()) < 0.01 and empty_net.slices == 5
+    assert (
+        float(SliceEnsembleInferer(slice_search_step=4)(torch.zeros(1, 1, 8, 8, 20), empty_net).max()) < 0.01
+        and empty_net.slices == 5
+    )
     with pytest.raises(ValueError, match="slice_search_step"):
         SliceEnsembleInferer(slice_search_step=0)
 
@@ -540,8 +628,13 @@ def test_inference_drops_what_the_network_draws_outside_the_body(restrict_to_bod
     blob = np.zeros_like(hu, bool)
     blob[2:12, 4:44, 16:24] = True  # in the free air above the trunk
     pred = (lungs | blob).astype(np.float32)[None]
-    affine = torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0], dtype=torch.float64))  # 0.02 mL a voxel: both components above 20 mL
-    d = {"pred": MetaTensor(torch.from_numpy(pred), affine=affine), "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine)}
+    affine = torch.diag(
+        torch.tensor([2.0, 2.0, 5.0, 1.0], dtype=torch.float64)
+    )  # 0.02 mL a voxel: both components above 20 mL
+    d = {
+        "pred": MetaTensor(torch.from_numpy(pred), affine=affine),
+        "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine),
+    }
     out = _inference_postprocessing(restrict_to_body=restrict_to_body, refine_boundary_mm=0.0)(d)
     mask = np.asarray(out["pred"])[0] > 0
     assert np.array_equal(mask[:, :, :14], lungs[:, :, :14])
@@ -597,7 +690,13 @@ def test_real_litemedsam_hsam_starts_as_litemedsam_and_learns_from_a_real_slice(
 
 
 def _bundle(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(BUNDLE)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(BUNDLE)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tiny_phantom_manifest):
@@ -607,38 +706,90 @@ def test_bundle_trains_on_a_datalist_and_segments_held_out_volumes(tmp_path, tin
     items.append({"image": phantoms[0]["path"], "label": str(tmp_path / "gone.nii.gz"), "case_id": "gone"})
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
     ckpt = tmp_path / "models" / "model.pt"
-    train = _bundle(["--config_file", str(BUNDLE / "configs" / "train.json"), "--datalist_path", str(tmp_path / "datalist.json"),
-                     "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "2", "--batch_size", "4",
-                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt), "--boundary_ignore_px", "2",
-                     "--tracking", "mlflow", "--experiment_name", "hsam_test"])
+    train = _bundle(
+        [
+            "--config_file",
+            str(BUNDLE / "configs" / "train.json"),
+            "--datalist_path",
+            str(tmp_path / "datalist.json"),
+            "--sam_variant",
+            "tiny_sam",
+            "--sam_random_init",
+            "true",
+            "--slice_size",
+            "64",
+            "--max_epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "train"),
+            "--ckpt_path",
+            str(ckpt),
+            "--boundary_ignore_px",
+            "2",
+            "--tracking",
+            "mlflow",
+            "--experiment_name",
+            "hsam_test",
+        ]
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     log = train.stdout + train.stderr
     assert "trainable parameters:" in log and "with full fine-tuning" in log
     assert "case gone skipped" in log and "pseudo label not found" in log
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 2 and all(0.0 <= h["val_mean_dice"] <= 1.0 for h in history)
-    for key in ("epoch_loss", "epoch_loss_stage1", "epoch_loss_stage2"):  # the epoch means the report's loss panel draws
+    for key in (
+        "epoch_loss",
+        "epoch_loss_stage1",
+        "epoch_loss_stage2",
+    ):  # the epoch means the report's loss panel draws
         assert all(np.isfinite(h.get(key, float("nan"))) and h[key] > 0 for h in history), (key, history)
     assert torch.load(ckpt, weights_only=True)["variant"] == "tiny_sam"
     from mlflow.tracking import MlflowClient  # --tracking mlflow: MONAI's default store, output_dir/mlruns.db
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'train' / 'mlruns.db'}")
     run = client.search_runs([client.get_experiment_by_name("hsam_test").experiment_id])[0]
-    assert run.data.params["sam_variant"] == "tiny_sam" and run.data.params["boundary_ignore_px"] == "2" and run.data.params["skipped_cases"] == "1"
+    assert (
+        run.data.params["sam_variant"] == "tiny_sam"
+        and run.data.params["boundary_ignore_px"] == "2"
+        and run.data.params["skipped_cases"] == "1"
+    )
     assert int(run.data.params["params_trainable"]) < int(run.data.params["params_full_finetuning"])
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2]
 
     out = tmp_path / "eval"
-    cases = json.dumps([{"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"},
-                        {"image": str(tmp_path / "no_scan.nii.gz"), "lungs": phantoms[0]["lungs"], "case_id": "no_scan"}])
-    args = ["--config_file", f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']", "--ckpt_path", str(ckpt),
-            "--network_def#random_init", "true", "--cases", f"${cases}", "--output_dir", str(out), "--progress", "false"]
+    cases = json.dumps(
+        [
+            {"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"},
+            {"image": str(tmp_path / "no_scan.nii.gz"), "lungs": phantoms[0]["lungs"], "case_id": "no_scan"},
+        ]
+    )
+    args = [
+        "--config_file",
+        f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}']",
+        "--ckpt_path",
+        str(ckpt),
+        "--network_def#random_init",
+        "true",
+        "--cases",
+        f"${cases}",
+        "--output_dir",
+        str(out),
+        "--progress",
+        "false",
+    ]
     run = _bundle(args)
     assert run.returncode == 0, run.stderr[-3000:]
     scores = json.loads((out / "scores.json").read_text())
     assert [c["case_id"] for c in scores["cases"]] == ["tiny_0"] and 0.0 <= scores["cases"][0]["dice"] <= 1.0
     assert "hd95_mm" in scores["cases"][0] and "dice_central" in scores["cases"][0]
-    assert json.loads((out / "failed.json").read_text())["failed"] == [{"case": str(tmp_path / "no_scan.nii.gz"), "reason": "file not found"}]
+    assert json.loads((out / "failed.json").read_text())["failed"] == [
+        {"case": str(tmp_path / "no_scan.nii.gz"), "reason": "file not found"}
+    ]
     mask = nib.load(str(out / "tiny_0" / "tiny_0_lung_mask.nii.gz"))
     assert mask.shape == (64, 64, 32) and np.allclose(mask.affine, nib.load(phantoms[0]["path"]).affine)
     report = json.loads((out / "tiny_0" / "tiny_0_report.json").read_text())
@@ -657,15 +808,48 @@ def test_two_rank_training_keeps_the_ranks_weights_equal(tmp_path, tiny_phantom_
     import os
 
     manifest = json.loads(Path(tiny_phantom_manifest).read_text())
-    items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in manifest["cases"] if c["kind"] == "phantom"]
+    items = [
+        {"image": c["path"], "label": c["lungs"], "case_id": c["id"]}
+        for c in manifest["cases"]
+        if c["kind"] == "phantom"
+    ]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
     dump = f"$torch.save(common.engines.clip.unwrap(@network).trainable_state_dict(), '{tmp_path}/rank' + os.environ['RANK'] + '.pt')"
     configs = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-           "--config_file", repr(configs), "--bundle_root", str(BUNDLE), "--datalist_path", str(tmp_path / "datalist.json"),
-           "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "1", "--batch_size", "2",
-           "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(tmp_path / "model.pt"),
-           "--finalize", repr([dump, "$torch.distributed.destroy_process_group()"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(configs),
+        "--bundle_root",
+        str(BUNDLE),
+        "--datalist_path",
+        str(tmp_path / "datalist.json"),
+        "--sam_variant",
+        "tiny_sam",
+        "--sam_random_init",
+        "true",
+        "--slice_size",
+        "64",
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path / "train"),
+        "--ckpt_path",
+        str(tmp_path / "model.pt"),
+        "--finalize",
+        repr([dump, "$torch.distributed.destroy_process_group()"]),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -687,20 +871,53 @@ def test_baseline_overlays_train_and_score_with_the_same_recipe(tmp_path, tiny_p
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
     overlay = str(BUNDLE / "configs" / f"baseline_{baseline}.json")
     ckpt = tmp_path / f"{baseline}.pt"
-    train = _bundle(["--config_file", f"['{BUNDLE / 'configs' / 'train.json'}','{overlay}']", "--datalist_path", str(tmp_path / "datalist.json"),
-                     "--slice_size", "32", "--max_epochs", "1", "--batch_size", "4", "--num_workers", "0",
-                     "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt)])
+    train = _bundle(
+        [
+            "--config_file",
+            f"['{BUNDLE / 'configs' / 'train.json'}','{overlay}']",
+            "--datalist_path",
+            str(tmp_path / "datalist.json"),
+            "--slice_size",
+            "32",
+            "--max_epochs",
+            "1",
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "train"),
+            "--ckpt_path",
+            str(ckpt),
+        ]
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 1 and 0.0 <= history[0]["val_mean_dice"] <= 1.0
-    assert np.isfinite(history[0]["epoch_loss"]) and history[0]["epoch_loss"] == pytest.approx(history[0]["epoch_loss_stage2"])  # one stage
+    assert np.isfinite(history[0]["epoch_loss"]) and history[0]["epoch_loss"] == pytest.approx(
+        history[0]["epoch_loss_stage2"]
+    )  # one stage
     saved = torch.load(ckpt, weights_only=True)  # the whole baseline network, named, not an H-SAM record
     assert saved["format"] == "state_dict" and saved["network"] == {"unet": "UNet", "unetr": "UNETR"}[baseline]
 
     out = tmp_path / "eval"
     cases = json.dumps([{"image": phantoms[0]["path"], "lungs": phantoms[0]["lungs"], "case_id": "tiny_0"}])
-    run = _bundle(["--config_file", f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}','{overlay}']",
-                   "--slice_size", "32", "--ckpt_path", str(ckpt), "--cases", f"${cases}", "--output_dir", str(out), "--progress", "false"])
+    run = _bundle(
+        [
+            "--config_file",
+            f"['{BUNDLE / 'configs' / 'inference.json'}','{BUNDLE / 'configs' / 'evaluate.json'}','{overlay}']",
+            "--slice_size",
+            "32",
+            "--ckpt_path",
+            str(ckpt),
+            "--cases",
+            f"${cases}",
+            "--output_dir",
+            str(out),
+            "--progress",
+            "false",
+        ]
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     scores = json.loads((out / "scores.json").read_text())
     assert [c["case_id"] for c in scores["cases"]] == ["tiny_0"] and 0.0 <= scores["cases"][0]["dice"] <= 1.0
@@ -732,14 +949,19 @@ def test_feature_cache_writes_each_view_once_and_serves_them_in_turn(tmp_path):
     from common.data import CachedViewDataset, build_feature_cache
 
     model = tiny().train()
-    slices = [{"image": torch.rand(1, 64, 64), "label": (torch.rand(1, 64, 64) > 0.5).float(), "case_id": "c", "slice": k} for k in range(3)]
+    slices = [
+        {"image": torch.rand(1, 64, 64), "label": (torch.rand(1, 64, 64) > 0.5).float(), "case_id": "c", "slice": k}
+        for k in range(3)
+    ]
     aug = Compose([RandGaussianNoised(keys="image", prob=1.0, std=0.1)])
     entries = build_feature_cache(slices, model, aug, tmp_path, views=2, seed=0, progress=False)
     assert model.training  # put back as it was
     files = sorted(tmp_path.glob("*.pt"))
     assert len(files) == 6 and all(len(e["views"]) == 2 for e in entries)
     stamp = {f: f.stat().st_mtime_ns for f in files}
-    again = build_feature_cache(slices, model, aug, tmp_path, views=2, seed=0, progress=False)  # a re-run reuses every file
+    again = build_feature_cache(
+        slices, model, aug, tmp_path, views=2, seed=0, progress=False
+    )  # a re-run reuses every file
     assert again == entries and {f: f.stat().st_mtime_ns for f in files} == stamp
     ds = CachedViewDataset(entries)
     v0 = ds[0]
@@ -750,9 +972,17 @@ def test_feature_cache_writes_each_view_once_and_serves_them_in_turn(tmp_path):
         feats = model.frozen_features(v1["image"][None])
     assert torch.allclose(feats[0], v1["features"], atol=2e-2)  # float16 on disk
     changed = [{**slices[0], "label": 1.0 - slices[0]["label"]}, *slices[1:]]  # a new pseudo label: new files
-    assert build_feature_cache(changed, model, aug, tmp_path, views=2, seed=0, progress=False)[0]["views"] != entries[0]["views"]
-    stronger = Compose([RandGaussianNoised(keys="image", prob=1.0, std=0.2)])  # same chain, another parameter: new files
-    assert build_feature_cache(slices, model, stronger, tmp_path, views=2, seed=0, progress=False)[0]["views"] != entries[0]["views"]
+    assert (
+        build_feature_cache(changed, model, aug, tmp_path, views=2, seed=0, progress=False)[0]["views"]
+        != entries[0]["views"]
+    )
+    stronger = Compose(
+        [RandGaussianNoised(keys="image", prob=1.0, std=0.2)]
+    )  # same chain, another parameter: new files
+    assert (
+        build_feature_cache(slices, model, stronger, tmp_path, views=2, seed=0, progress=False)[0]["views"]
+        != entries[0]["views"]
+    )
 
 
 def test_field_of_view_crop_makes_training_lungs_touch_the_image_border():
@@ -805,10 +1035,34 @@ def test_bundle_trains_from_the_feature_cache(tmp_path, tiny_phantom_manifest):
     items = [{"image": c["path"], "label": c["lungs"], "case_id": c["id"]} for c in phantoms]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": items[1:], "validation": items[:1]}))
     ckpt = tmp_path / "model.pt"
-    train = _bundle(["--config_file", str(BUNDLE / "configs" / "train.json"), "--datalist_path", str(tmp_path / "datalist.json"),
-                     "--sam_variant", "tiny_sam", "--sam_random_init", "true", "--slice_size", "64", "--max_epochs", "2", "--batch_size", "4",
-                     "--num_workers", "0", "--output_dir", str(tmp_path / "train"), "--ckpt_path", str(ckpt),
-                     "--feature_cache_dir", str(tmp_path / "cache"), "--feature_cache_views", "2"])
+    train = _bundle(
+        [
+            "--config_file",
+            str(BUNDLE / "configs" / "train.json"),
+            "--datalist_path",
+            str(tmp_path / "datalist.json"),
+            "--sam_variant",
+            "tiny_sam",
+            "--sam_random_init",
+            "true",
+            "--slice_size",
+            "64",
+            "--max_epochs",
+            "2",
+            "--batch_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(tmp_path / "train"),
+            "--ckpt_path",
+            str(ckpt),
+            "--feature_cache_dir",
+            str(tmp_path / "cache"),
+            "--feature_cache_views",
+            "2",
+        ]
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     history = json.loads((tmp_path / "train" / "metrics_history.json").read_text())["history"]
     assert len(history) == 2 and all(np.isfinite(h["epoch_loss"]) for h in history)
@@ -824,8 +1078,16 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
     torch.manual_seed(0)
     backbone = load_sam_family("tiny_sam", random_init=True)
     backbone_weights = tmp_path / "tiny_sam.pth"
-    torch.save(torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder,
-                                    "mask_decoder": backbone.mask_decoder}).state_dict(), backbone_weights)
+    torch.save(
+        torch.nn.ModuleDict(
+            {
+                "image_encoder": backbone.image_encoder,
+                "prompt_encoder": backbone.prompt_encoder,
+                "mask_decoder": backbone.mask_decoder,
+            }
+        ).state_dict(),
+        backbone_weights,
+    )
     model = build_hsam("tiny_sam", sam_checkpoint=backbone_weights)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -834,7 +1096,9 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
     full = save_network(model, tmp_path / "full.pt")
     release = save_hsam_release(full, tmp_path / "release.pt")
     raw = torch.load(release, weights_only=True)
-    assert raw["dtype"] == "float16" and all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+    assert raw["dtype"] == "float16" and all(
+        v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point()
+    )
     assert set(raw["model"]) == set(model.trainable_state_dict())
     loaded = load_hsam(release, sam_checkpoint=backbone_weights)
     x = torch.rand(1, 1, 64, 64)
@@ -843,7 +1107,9 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
     assert float((a - b).abs().max()) < 5e-3
 
 
-def _shipped_hsam_on_real_slices(path, checkpoint=REPO / "bundles" / "hsam_finetune" / "models" / "model.pt", model=None):
+def _shipped_hsam_on_real_slices(
+    path, checkpoint=REPO / "bundles" / "hsam_finetune" / "models" / "model.pt", model=None
+):
     """The committed H-SAM (float16 trained tensors on LiteMedSAM from its package) on the quarter, middle and
     three-quarter lung slices of a real scan, read as the inference bundle reads it: (HU, HU-threshold lungs,
     slice indices, lung probability per slice)."""
@@ -876,7 +1142,11 @@ def test_shipped_hsam_for_inference_keeps_its_answer_on_real_ct():
     model = load_hsam(checkpoint).for_inference("float32")
     encoder = model.backbone.image_encoder
     assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.weight.ndim == 4)
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in encoder.modules()
+        if isinstance(m, nn.Conv2d) and m.weight.ndim == 4
+    )
     _, _, ks2, ready = _shipped_hsam_on_real_slices(DEEPLESION / "000001_02_01", model=model)
     assert list(ks) == list(ks2) and np.abs(ready - trained).max() < 1e-3
 
@@ -887,10 +1157,19 @@ def test_fold_sequential_batch_norms_keeps_outputs_and_layout():
     from common.networks.fusion import fold_sequential_batch_norms
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)), nn.GELU(),
-                        nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.BatchNorm2d(4)))
+    net = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+        nn.GELU(),
+        nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)),
+        nn.Sequential(nn.BatchNorm2d(4)),
+    )
     for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]:
-        bn.running_mean.normal_(0, 1), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(1, 0.2), bn.bias.data.normal_(0, 0.2)
+        (
+            bn.running_mean.normal_(0, 1),
+            bn.running_var.uniform_(0.5, 2.0),
+            bn.weight.data.normal_(1, 0.2),
+            bn.bias.data.normal_(0, 0.2),
+        )
     net = net.eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -899,6 +1178,7 @@ def test_fold_sequential_batch_norms_keeps_outputs_and_layout():
         torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 1
     assert net[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
 
 def test_shipped_hsam_segments_the_lungs_of_real_ct_without_prompts():
     """Real slices it never trained on (TotalSegmentator crop b: its pseudo label failed QC): the lungs, agreeing
@@ -955,7 +1235,10 @@ def test_shipped_hsam_answer_keeps_only_lung_inside_the_body_and_on_its_air_edge
 
     def answer(**overrides):
         affine = torch.from_numpy(np.asarray(image.affine, dtype=np.float64))
-        d = {"pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine), "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine)}
+        d = {
+            "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine),
+            "hu": MetaTensor(torch.from_numpy(hu)[None], affine=affine),
+        }
         out = _inference_postprocessing(**overrides)(d)
         return np.asarray(out["pred"])[0] > 0, out["lung_sides_ml"]
 

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from common.io import CTReadError, CTReader, read_ct, read_dicom_series, read_rtstruct, scan_dicom_folder
 from common.lungmask import hu_threshold_lung_mask
-from tests.conftest import DEEPLESION, LIDC_DIR, TOTALSEG_B, edit_dicom, sorted_by_position
+from tests.conftest import DEEPLESION, LIDC_DIR, TOTALSEG_B, sorted_by_position
 
 # --------------------------------------------------------------------------- DICOM
 
@@ -56,7 +56,10 @@ def test_slices_sorted_by_position_not_name(lidc_subset):
     vol = read_ct(lidc_subset)
     assert np.all(np.diff(vol.meta["slice_positions_mm"]) > 0)
     first = pydicom.dcmread(lidc_subset / "slice_011.dcm")  # lowest z after the renaming
-    assert np.array_equal(vol.hu[:, :, 0], (first.pixel_array.T * float(first.RescaleSlope) + float(first.RescaleIntercept)).astype(np.float32))
+    assert np.array_equal(
+        vol.hu[:, :, 0],
+        (first.pixel_array.T * float(first.RescaleSlope) + float(first.RescaleIntercept)).astype(np.float32),
+    )
 
 
 def test_rescale_slope_and_intercept_applied(lidc_subset):
@@ -155,7 +158,11 @@ def _rtstruct(ct_folder, out, frame_uid, contours_by_roi):
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(out), {}, file_meta=meta, preamble=b"\x00" * 128)
-    ds.Modality, ds.SOPClassUID, ds.SOPInstanceUID = "RTSTRUCT", meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SOPClassUID, ds.SOPInstanceUID = (
+        "RTSTRUCT",
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.SeriesInstanceUID = generate_uid()
     rois, roi_contours = [], []
     for number, (name, polygons) in enumerate(contours_by_roi.items(), start=1):
@@ -192,7 +199,10 @@ def test_rtstruct_rasterised_on_ct_grid(lidc_subset, tmp_path):
         lidc_subset,
         tmp_path / "rs.dcm",
         frame,
-        {"tumour": [_rectangle(-50, -20, -10, 10, z), _rectangle(-35, -10, -25, 0, z)], "node": [_rectangle(20, 20, 30, 30, ct.meta["slice_positions_mm"][8])]},
+        {
+            "tumour": [_rectangle(-50, -20, -10, 10, z), _rectangle(-35, -10, -25, 0, z)],
+            "node": [_rectangle(20, 20, 30, 30, ct.meta["slice_positions_mm"][8])],
+        },
     )
     masks = read_rtstruct(rs, ct)
     assert set(masks) == {"tumour", "node"}
@@ -211,7 +221,12 @@ def test_rtstruct_rasterised_on_ct_grid(lidc_subset, tmp_path):
 
 def test_rtstruct_from_another_frame_is_rejected(lidc_subset, tmp_path):
     ct = read_ct(lidc_subset)
-    rs = _rtstruct(lidc_subset, tmp_path / "rs.dcm", generate_uid(), {"x": [_rectangle(0, 0, 10, 10, ct.meta["slice_positions_mm"][0])]})
+    rs = _rtstruct(
+        lidc_subset,
+        tmp_path / "rs.dcm",
+        generate_uid(),
+        {"x": [_rectangle(0, 0, 10, 10, ct.meta["slice_positions_mm"][0])]},
+    )
     with pytest.raises(CTReadError, match="frame of reference") as err:
         read_rtstruct(rs, ct)
     assert "rs.dcm" in str(err.value)
@@ -219,7 +234,12 @@ def test_rtstruct_from_another_frame_is_rejected(lidc_subset, tmp_path):
 
 def test_rtstruct_listed_apart_from_images(lidc_subset, tmp_path):
     ct = read_ct(lidc_subset)
-    _rtstruct(lidc_subset, lidc_subset / "rs.dcm", ct.meta["frame_of_reference_uid"], {"x": [_rectangle(0, 0, 10, 10, ct.meta["slice_positions_mm"][0])]})
+    _rtstruct(
+        lidc_subset,
+        lidc_subset / "rs.dcm",
+        ct.meta["frame_of_reference_uid"],
+        {"x": [_rectangle(0, 0, 10, 10, ct.meta["slice_positions_mm"][0])]},
+    )
     scan = scan_dicom_folder(lidc_subset)
     assert [p.name for p in scan.rtstructs] == ["rs.dcm"] and len(scan.series) == 1
 
@@ -328,7 +348,9 @@ def test_radchestct_npz_with_labels(tmp_path, rng):
     ct = rng.integers(-1000, 1000, size=(7, 20, 30)).astype(np.int16)  # [slice, row, column]
     np.savez_compressed(tmp_path / "trn00042.npz", ct=ct)
     labels = tmp_path / "imgtrain_Abnormality_and_Location_Labels.csv"
-    labels.write_text("NoteAcc_DEID,nodule*right_lung,emphysema*left_lung,cardiomegaly*heart\ntrn00041,1,0,0\ntrn00042,1,0,1\n")
+    labels.write_text(
+        "NoteAcc_DEID,nodule*right_lung,emphysema*left_lung,cardiomegaly*heart\ntrn00041,1,0,0\ntrn00042,1,0,1\n"
+    )
     vol = read_ct(tmp_path / "trn00042.npz", labels_csv=labels)
     assert vol.shape == (30, 20, 7) and vol.hu[29, 19, 6] == ct[6, 19, 29]
     assert vol.spacing == pytest.approx((0.8, 0.8, 0.8))

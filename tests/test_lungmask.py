@@ -87,7 +87,9 @@ def test_labelfree_table_takes_a_methods_own_sides_only_when_they_cover_its_mask
 
     from common.io.nifti import save_nifti_array
 
-    spec = importlib.util.spec_from_file_location("real_ct_labelfree", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct_labelfree.py")
+    spec = importlib.util.spec_from_file_location(
+        "real_ct_labelfree", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct_labelfree.py"
+    )
     labelfree = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(labelfree)
     vol = phantom.ct
@@ -103,10 +105,25 @@ def test_labelfree_table_takes_a_methods_own_sides_only_when_they_cover_its_mask
     got_right, got_left = labelfree._sides_of(tmp_path / "own", "case", mask)
     assert np.array_equal(got_right, right) and np.array_equal(got_left, left)
     assert labelfree._sides_of(tmp_path / "stale", "case", mask) == (None, None)
-    assert labelfree.main(["--scans", str(scans), "--method", f"own={tmp_path / 'own'}", "--method", f"stale={tmp_path / 'stale'}",
-                           "--out", str(tmp_path / "out")]) == 0
+    assert (
+        labelfree.main(
+            [
+                "--scans",
+                str(scans),
+                "--method",
+                f"own={tmp_path / 'own'}",
+                "--method",
+                f"stale={tmp_path / 'stale'}",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "labelfree.json").read_text())}
     ml = vol.voxel_volume_ml
     for name in ("own", "stale"):
-        assert rows[name]["right_ml"] == round(float(right.sum()) * ml, 1) and rows[name]["left_ml"] == round(float(left.sum()) * ml, 1)
+        assert rows[name]["right_ml"] == round(float(right.sum()) * ml, 1) and rows[name]["left_ml"] == round(
+            float(left.sum()) * ml, 1
+        )
     assert right.sum() > 0 and left.sum() > 0

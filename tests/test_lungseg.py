@@ -15,13 +15,20 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
 from common.apps.lungseg import EXIT_INPUT, EXIT_OK, EXIT_OUTPUT, EXIT_QC, main
 from common.io import CTReadError, choose_ct_series, read_ct, read_rtstruct, scan_dicom_folder
-from common.io.dicom_out import (STRUCTURES, _axis_aligned_frame, _nearest_voxel_frame, labels_on_series_grid, pixel_to_ras, read_series_headers,
-                                 write_dicom_seg, write_rtstruct)
+from common.io.dicom_out import (
+    STRUCTURES,
+    _axis_aligned_frame,
+    _nearest_voxel_frame,
+    labels_on_series_grid,
+    pixel_to_ras,
+    read_series_headers,
+    write_dicom_seg,
+    write_rtstruct,
+)
 from tests.conftest import edit_dicom, sorted_by_position
 
 LUNGS = [STRUCTURES["right lung"], STRUCTURES["left lung"]]
@@ -102,6 +109,7 @@ def test_axis_aligned_frames_equal_the_nearest_voxel_lookup():
         assert _axis_aligned_frame(labels, m, 7, 9) is None
     assert _nearest_voxel_frame(labels, beyond, 7, 9)[:, -3:].max() == 0
 
+
 @pytest.mark.real
 def test_dicom_seg_and_rtstruct_of_a_real_series_read_back_to_the_labels(tmp_path, lidc_files_by_position):
     """On the whole LIDC series: the DICOM-SEG reads back voxel for voxel (highdicom), the RTSTRUCT's contours
@@ -127,10 +135,15 @@ def test_dicom_seg_and_rtstruct_of_a_real_series_read_back_to_the_labels(tmp_pat
     seg = hd.seg.segread(seg_path)
     assert [s.segment_label for s in seg.SegmentSequence] == ["Right lung", "Left lung"]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
-    back = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=True)
+    back = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=True
+    )
     assert np.array_equal(back, frames)
     rois = read_rtstruct(rt_path, vol)
-    assert pydicom.dcmread(rt_path).StructureSetROISequence[0].ReferencedFrameOfReferenceUID == vol.meta["frame_of_reference_uid"]
+    assert (
+        pydicom.dcmread(rt_path).StructureSetROISequence[0].ReferencedFrameOfReferenceUID
+        == vol.meta["frame_of_reference_uid"]
+    )
     for name, value in (("Right lung", 1), ("Left lung", 2)):
         assert _dice(rois[name], labels == value) > 0.99, name
     with pytest.raises(ValueError, match="no structure in the label map"):
@@ -143,7 +156,9 @@ def test_dicom_seg_and_rtstruct_of_a_real_series_read_back_to_the_labels(tmp_pat
 
 @pytest.mark.real
 @pytest.mark.timeout(600)
-def test_lungseg_on_a_pacs_export_writes_right_left_labels_dicom_seg_rtstruct_and_statistics(lidc_subset, tmp_path, capsys, caplog):
+def test_lungseg_on_a_pacs_export_writes_right_left_labels_dicom_seg_rtstruct_and_statistics(
+    lidc_subset, tmp_path, capsys, caplog
+):
     """The shipped models on 12 real LIDC slices in a folder that also holds a localiser, as PACS exports them."""
     import highdicom as hd
 
@@ -156,19 +171,32 @@ def test_lungseg_on_a_pacs_export_writes_right_left_labels_dicom_seg_rtstruct_an
     stats = json.loads((out / "statistics.json").read_text())
     assert rc == (EXIT_OK if stats["qc"]["passed"] else EXIT_QC), printed.err
     assert f"skipped series {localiser}" in caplog.text and "localiser" in caplog.text
-    assert {p.name for p in out.iterdir()} == {"labels.nii.gz", "lung_mask.nii.gz", "report.json", "statistics.json", "seg.dcm", "rtstruct.dcm", "overlay.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "labels.nii.gz",
+        "lung_mask.nii.gz",
+        "report.json",
+        "statistics.json",
+        "seg.dcm",
+        "rtstruct.dcm",
+        "overlay.png",
+    }
     assert list(stats["models"]) == ["hsam_finetune"]  # SA-2 runs only with --probmap
     vol = read_ct(lidc_subset, series_uid=stats["input"]["series_instance_uid"])
     img = nib.load(str(out / "labels.nii.gz"))
     labels = np.asarray(img.dataobj)
     assert labels.shape == vol.shape and np.allclose(img.affine, vol.affine) and set(np.unique(labels)) == {0, 1, 2}
     ras_x = (nib.affines.apply_affine(img.affine, np.argwhere(labels > 0)))[:, 0]
-    assert ras_x[labels[labels > 0] == 1].mean() > ras_x[labels[labels > 0] == 2].mean() + 50  # the right lung lies to the patient's right (RAS +x)
+    assert (
+        ras_x[labels[labels > 0] == 1].mean() > ras_x[labels[labels > 0] == 2].mean() + 50
+    )  # the right lung lies to the patient's right (RAS +x)
     assert np.array_equal(np.asarray(nib.load(str(out / "lung_mask.nii.gz")).dataobj) > 0, labels > 0)
 
     # statistics: the input's UIDs, the localiser listed, volumes and HU that the label map gives
     src = pydicom.dcmread(files[0], stop_before_pixels=True)
-    assert stats["input"]["study_instance_uid"] == src.StudyInstanceUID and stats["input"]["series_instance_uid"] == src.SeriesInstanceUID
+    assert (
+        stats["input"]["study_instance_uid"] == src.StudyInstanceUID
+        and stats["input"]["series_instance_uid"] == src.SeriesInstanceUID
+    )
     assert "localiser" in stats["input"]["skipped_series"][localiser]
     right = stats["structures"]["right lung"]
     assert right["label"] == 1 and right["voxels"] == int((labels == 1).sum())
@@ -180,7 +208,9 @@ def test_lungseg_on_a_pacs_export_writes_right_left_labels_dicom_seg_rtstruct_an
     # DICOM-SEG and RTSTRUCT read back to labels.nii.gz
     datasets = read_series_headers(files)
     seg = hd.seg.segread(out / "seg.dcm")
-    back = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=True)
+    back = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in datasets], combine_segments=True, relabel=True
+    )
     assert np.array_equal(back, labels_on_series_grid(labels, img.affine, datasets))
     rois = read_rtstruct(out / "rtstruct.dcm", vol)
     assert _dice(rois["Right lung"], labels == 1) > 0.97 and _dice(rois["Left lung"], labels == 2) > 0.97
@@ -228,7 +258,10 @@ def test_bad_input_gets_one_line_naming_the_file_and_an_exit_code(tmp_path, lidc
     assert "--slice-search-step 0: must be 1 (every slice) or more" in _err(capsys)
     assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--series", "1.2.3"]) == EXIT_INPUT
     assert "series 1.2.3 not found; present:" in _err(capsys)
-    assert main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--hsam-ckpt", str(tmp_path / "none.pt")]) == EXIT_INPUT
+    assert (
+        main(["-i", str(lidc_subset), "-o", str(tmp_path / "o"), "--hsam-ckpt", str(tmp_path / "none.pt")])
+        == EXIT_INPUT
+    )
     assert "none.pt: no H-SAM (hsam_finetune) checkpoint" in _err(capsys)
     gap = tmp_path / "gap"
     _copy_series(sorted(lidc_subset.glob("*.dcm")), gap, "gap")
@@ -254,11 +287,9 @@ def tiny_models(tiny_clip, tiny_hsam):
     return ["--clip-ckpt", str(tiny_clip[1]), "--hsam-ckpt", str(tiny_hsam)]
 
 
-from tests.test_probmap import tiny_clip  # noqa: E402,F401  (the tiny SA-1 checkpoint fixture)
-from tests.test_serve import tiny_hsam  # noqa: E402,F401  (the tiny H-SAM checkpoint fixture)
-
-
-def test_a_batch_segments_every_case_reports_the_broken_one_and_resumes(tmp_path, tiny_phantom_manifest, tiny_models, capsys):
+def test_a_batch_segments_every_case_reports_the_broken_one_and_resumes(
+    tmp_path, tiny_phantom_manifest, tiny_models, capsys
+):
     phantoms = [c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom"][:2]
     cases = tmp_path / "cases"
     cases.mkdir()
@@ -282,11 +313,18 @@ def test_a_batch_segments_every_case_reports_the_broken_one_and_resumes(tmp_path
         src = nib.load(str(cases / f"{name}.nii.gz"))
         labels = nib.load(str(out / name / "labels.nii.gz"))
         assert labels.shape == src.shape and np.allclose(labels.affine, src.affine)
-        assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2, 3, 6} and not (out / name / "seg.dcm").exists()  # no DICOM from NIfTI
+        assert (
+            set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2, 3, 6} and not (out / name / "seg.dcm").exists()
+        )  # no DICOM from NIfTI
         assert nib.load(str(out / name / "probmap.nii.gz")).shape == (*src.shape, 5)  # --probmap: SA-2's five classes
         stats = json.loads((out / name / "statistics.json").read_text())
         assert set(stats["models"]) == {"foundation_clip", "hsam_finetune"}
-        assert stats["labels"] == {"1": "right lung", "2": "left lung", "3": "heart", "6": "bone"}  # channel_def order, after the lungs
+        assert stats["labels"] == {
+            "1": "right lung",
+            "2": "left lung",
+            "3": "heart",
+            "6": "bone",
+        }  # channel_def order, after the lungs
         assert stats["structures"]["heart"]["voxels"] == int((np.asarray(labels.dataobj) == 3).sum())
         assert not (out / name / ".work").exists()
     # the re-run after the broken file is mended does only that one
@@ -320,15 +358,33 @@ def test_pip_install_gives_a_working_lungseg_outside_the_checkout(tmp_path, lidc
     (site / "_test_dependencies.pth").write_text("\n".join(deps) + "\n")
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile", "--quiet", str(source)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile", "--quiet", str(source)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
-    where = subprocess.run([str(py), "-c", "import common.segment as s; print(s.__file__); print(s.BUNDLES)"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, check=True).stdout.split()
+    where = subprocess.run(
+        [str(py), "-c", "import common.segment as s; print(s.__file__); print(s.BUNDLES)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert all(str(site) in w for w in where)  # the installed copy, with its own bundles
     assert (Path(where[1]) / "hsam_finetune" / "models" / "model.pt").is_file()
-    run = subprocess.run([str(venv / "bin" / "lungseg"), "-i", str(lidc_subset), "-o", "out", "--quiet"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(venv / "bin" / "lungseg"), "-i", str(lidc_subset), "-o", "out", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
     assert run.returncode == (EXIT_OK if stats["qc"]["passed"] else EXIT_QC), run.stderr[-3000:]
     assert str(site) in stats["models"]["hsam_finetune"]["checkpoint"]

@@ -68,7 +68,13 @@ def test_structure_statistics_count_volume_hu_and_emphysema_per_label():
     hu[labels == 2] = -800.0
     affine = np.diag([2.0, 2.0, 5.0, 1.0])  # 20 mm^3 = 0.02 mL a voxel
     s = structure_statistics(labels, hu, affine, {1: "right lung", 2: "left lung", 3: "heart"})
-    assert s["right lung"] == {"label": 1, "voxels": 8, "volume_ml": 0.2, "mean_hu": -940.0, "percent_below_950_hu": 50.0}
+    assert s["right lung"] == {
+        "label": 1,
+        "voxels": 8,
+        "volume_ml": 0.2,
+        "mean_hu": -940.0,
+        "percent_below_950_hu": 50.0,
+    }
     assert s["left lung"] == {"label": 2, "voxels": 4, "volume_ml": 0.1, "mean_hu": -800.0, "percent_below_950_hu": 0.0}
     assert s["heart"] == {"label": 3, "voxels": 0, "volume_ml": 0.0, "mean_hu": None}  # absent: listed, no HU
     assert s["lungs"] == {"voxels": 12, "volume_ml": 0.2, "mean_hu": -893.3, "percent_below_950_hu": 33.33}

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BUNDLES
-from tests.test_probmap import tiny_clip  # noqa: F401  (the tiny SA-1 checkpoint fixture)
 from tests.test_pseudolabel import _write_probmap_outputs
 
 REPO = BUNDLES.parent
@@ -23,10 +22,25 @@ EXPERIMENT = "lungct_tracking"
 def _bundle(bundle: str, overrides: dict) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` of ``bundle``'s inference.json + evaluate.json with ``--tracking mlflow``."""
     configs = [str(BUNDLES / bundle / "configs" / c) for c in ("inference.json", "evaluate.json")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(BUNDLES / bundle), "--tracking", "mlflow"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--bundle_root",
+        str(BUNDLES / bundle),
+        "--tracking",
+        "mlflow",
+    ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -46,9 +60,17 @@ def _thin_phantom(c: dict, folder: Path) -> dict:
 
     folder.mkdir(parents=True, exist_ok=True)
     case = {"case_id": "thin_phantom"}
-    for key, src, dtype in (("image", c["path"], np.int16), ("label", c["label"], np.uint8), ("lungs", c["lungs"], np.uint8)):
+    for key, src, dtype in (
+        ("image", c["path"], np.int16),
+        ("label", c["label"], np.uint8),
+        ("lungs", c["lungs"], np.uint8),
+    ):
         img = nib.load(src)
-        case[key] = str(save_nifti_array(np.asarray(img.dataobj)[:, :, 12:18], img.affine, folder / f"thin_phantom_{key}.nii.gz", dtype))
+        case[key] = str(
+            save_nifti_array(
+                np.asarray(img.dataobj)[:, :, 12:18], img.affine, folder / f"thin_phantom_{key}.nii.gz", dtype
+            )
+        )
     return case
 
 
@@ -65,24 +87,47 @@ def test_evaluation_stages_log_score_means_and_outputs_into_one_store(tmp_path, 
     # SA-2 evaluation, the tiny CLIP against the phantom's label map: monai.bundle.run in this process,
     # what `python -m monai.bundle run ... --tracking mlflow` calls
     pm_out = tmp_path / "probmap_eval"
-    run(config_file=[str(BUNDLES / "probmap" / "configs" / c) for c in ("inference.json", "evaluate.json")], bundle_root=str(BUNDLES / "probmap"),
-        tracking="mlflow", run_name="probmap", ckpt_path=str(ckpt), output_dir=str(pm_out), datalist=[case], device="cpu", progress=False,
-        stride_mm=40.0, **tracking)
+    run(
+        config_file=[str(BUNDLES / "probmap" / "configs" / c) for c in ("inference.json", "evaluate.json")],
+        bundle_root=str(BUNDLES / "probmap"),
+        tracking="mlflow",
+        run_name="probmap",
+        ckpt_path=str(ckpt),
+        output_dir=str(pm_out),
+        datalist=[case],
+        device="cpu",
+        progress=False,
+        stride_mm=40.0,
+        **tracking,
+    )
 
     # SA-3a evaluation against the phantom's lungs, on the command line; the lung field stands in for the SA-2 mask
     sa2, pl_out = tmp_path / "sa2", tmp_path / "pseudolabel_eval"
     _write_probmap_outputs(sa2, case["case_id"], Path(case["image"]), Path(case["label"]))
     cases = [{k: case[k] for k in ("image", "lungs", "case_id")}]
-    proc = _bundle("pseudolabel", {"dataset_dir": tmp_path / "data", "probmap_dir": sa2, "output_dir": pl_out, "cases": f"${json.dumps(cases)}",
-                                   "device": "cpu", "progress": False, "run_name": "pseudolabel", **tracking})
+    proc = _bundle(
+        "pseudolabel",
+        {
+            "dataset_dir": tmp_path / "data",
+            "probmap_dir": sa2,
+            "output_dir": pl_out,
+            "cases": f"${json.dumps(cases)}",
+            "device": "cpu",
+            "progress": False,
+            "run_name": "pseudolabel",
+            **tracking,
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=tracking["tracking_uri"])
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"probmap", "pseudolabel"}
-    expected = {"probmap": (pm_out, ("lung_dice", "lung_mask_dice"), f"{case['case_id']}_overlay.png"),
-                "pseudolabel": (pl_out, ("pseudo_dice", "sa2_mask_dice"), f"{case['case_id']}_pseudo_overlay.png")}
+    expected = {
+        "probmap": (pm_out, ("lung_dice", "lung_mask_dice"), f"{case['case_id']}_overlay.png"),
+        "pseudolabel": (pl_out, ("pseudo_dice", "sa2_mask_dice"), f"{case['case_id']}_pseudo_overlay.png"),
+    }
     for name, (out, dice_keys, overlay) in expected.items():
         r = runs[name]
         assert r.info.status == "FINISHED"
@@ -98,9 +143,15 @@ def test_evaluation_stages_log_score_means_and_outputs_into_one_store(tmp_path, 
         assert {"outputs/scores.json", "outputs/scores.csv", f"outputs/{case['case_id']}/{overlay}"} <= set(artifacts)
         assert not [a for a in artifacts if a.endswith((".nii", ".nii.gz", ".db"))]  # no volumes, not the store itself
     pl_artifacts = set(_artifacts(client, runs["pseudolabel"].info.run_id))
-    assert {"outputs/datalist.json", "outputs/qc.json", "outputs/qc.csv"} <= pl_artifacts  # written by the merge step after the evaluator
+    assert {
+        "outputs/datalist.json",
+        "outputs/qc.json",
+        "outputs/qc.csv",
+    } <= pl_artifacts  # written by the merge step after the evaluator
     assert f"outputs/{case['case_id']}/{case['case_id']}_pseudolabel.json" in pl_artifacts
-    logged = json.loads(Path(client.download_artifacts(runs["probmap"].info.run_id, "outputs/scores.json", str(tmp_path))).read_text())
+    logged = json.loads(
+        Path(client.download_artifacts(runs["probmap"].info.run_id, "outputs/scores.json", str(tmp_path))).read_text()
+    )
     assert logged == json.loads((pm_out / "scores.json").read_text())
 
 

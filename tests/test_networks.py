@@ -59,7 +59,9 @@ def test_box_mapping_round_trip(tiny_lite):
     mapped = tiny_lite.box_to_input(boxes, (300, 400))
     # Longest side 400 -> 256 (scale 0.64), the 300 rows -> 192: the whole slice fills [0, 256] x [0, 192].
     assert torch.allclose(mapped, torch.tensor([[25.6, 19.2, 128.0, 96.0], [0.0, 0.0, 256.0, 192.0]]), atol=0.2)
-    assert torch.allclose(tiny_lite.box_from_input(mapped, (300, 400)), torch.as_tensor(boxes, dtype=torch.float32), atol=0.5)
+    assert torch.allclose(
+        tiny_lite.box_from_input(mapped, (300, 400)), torch.as_tensor(boxes, dtype=torch.float32), atol=0.5
+    )
 
 
 def test_box_mapping_matches_segment_anything():
@@ -72,7 +74,11 @@ def test_box_mapping_matches_segment_anything():
     assert np.allclose(sam.box_to_input(boxes, (200, 300)).numpy(), expected, atol=1e-3)
     medsam = load_sam_family("medsam_vit_b", random_init=True)
     assert np.allclose(medsam.box_to_input(boxes, (200, 300)).numpy(), boxes / [300, 200, 300, 200] * 1024, atol=1e-3)
-    assert torch.allclose(medsam.box_from_input(medsam.box_to_input(boxes, (200, 300)), (200, 300)), torch.as_tensor(boxes, dtype=torch.float32), atol=1e-3)
+    assert torch.allclose(
+        medsam.box_from_input(medsam.box_to_input(boxes, (200, 300)), (200, 300)),
+        torch.as_tensor(boxes, dtype=torch.float32),
+        atol=1e-3,
+    )
 
 
 def test_cpu_encoding_one_slice_at_a_time_gives_the_batch_embeddings(tiny_lite):
@@ -110,7 +116,9 @@ def test_image_encoder_weights_are_channels_last_with_the_nchw_embeddings(tiny_l
 
 
 def test_segment_boxes_shapes(tiny_lite):
-    masks, iou = tiny_lite.segment_boxes(np.random.default_rng(0).random((2, 64, 80), dtype=np.float32), [[5, 5, 40, 30], [10, 10, 60, 50]])
+    masks, iou = tiny_lite.segment_boxes(
+        np.random.default_rng(0).random((2, 64, 80), dtype=np.float32), [[5, 5, 40, 30], [10, 10, 60, 50]]
+    )
     assert masks.shape == (2, 64, 80) and masks.dtype == bool and iou.shape == (2,)
     with pytest.raises(ValueError, match="one box per slice"):
         tiny_lite.segment_boxes(np.zeros((2, 64, 64), np.float32), [[0, 0, 10, 10]])
@@ -184,11 +192,39 @@ def test_litemedsam_segments_a_real_lung_from_a_box():
 def _tiny_bert_dir(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "heart", "bone", "left", "right", "##s", "blood", "vessel", "airway", "ct", "patch", "of", "the", "air", "outside", "body", "soft", "tissue"]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "lung",
+        "heart",
+        "bone",
+        "left",
+        "right",
+        "##s",
+        "blood",
+        "vessel",
+        "airway",
+        "ct",
+        "patch",
+        "of",
+        "the",
+        "air",
+        "outside",
+        "body",
+        "soft",
+        "tissue",
+    ]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast.from_pretrained(str(tmp_path))  # the vocab_file constructor reads every word as [UNK]
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+        )
+    )
     out = tmp_path / "tiny_bert"
     tok.save_pretrained(out)
     model.save_pretrained(out)
@@ -227,7 +263,14 @@ def test_text_encoder_llama_family_without_pad_token(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
     assert tok.pad_token is None
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     out = tmp_path / "tiny_llama"
     tok.save_pretrained(out)
     LlamaModel(config).save_pretrained(out)

@@ -102,7 +102,9 @@ def test_lungs_ground_truth(clean):
     assert np.argwhere(left)[:, 0].mean() > np.argwhere(right)[:, 0].mean()
     # anterior heart, posterior spine (j grows posteriorly), trachea above the heart (k superior)
     heart_j = np.argwhere(lab == HEART)[:, 1].mean()
-    spine_j = np.argwhere((lab == BONE) & (np.abs(np.arange(lab.shape[0]) - lab.shape[0] / 2) < 6)[:, None, None])[:, 1].mean()
+    spine_j = np.argwhere((lab == BONE) & (np.abs(np.arange(lab.shape[0]) - lab.shape[0] / 2) < 6)[:, None, None])[
+        :, 1
+    ].mean()
     assert heart_j < spine_j
     trachea = [c for c in clean.captions if c["text"] == "trachea"][0]
     heart = [c for c in clean.captions if c["text"] == "heart"][0]
@@ -163,16 +165,26 @@ def test_captions_are_grounded(findings):
     for c in ph.captions:
         assert c["class"] in CLASS_NAMES
         (i0, j0, k0), (i1, j1, k1) = c["bbox_ijk"]
-        assert 0 <= i0 <= i1 < ph.labels.shape[0] and 0 <= j0 <= j1 < ph.labels.shape[1] and 0 <= k0 <= k1 < ph.labels.shape[2]
+        assert (
+            0 <= i0 <= i1 < ph.labels.shape[0]
+            and 0 <= j0 <= j1 < ph.labels.shape[1]
+            and 0 <= k0 <= k1 < ph.labels.shape[2]
+        )
         box = (slice(i0, i1 + 1), slice(j0, j1 + 1), slice(k0, k1 + 1))
         assert (ph.labels[box] == LABEL_OF[c["class"]]).any(), c["text"]
         assert c["slices"] and set(c["boxes_2d"]) == set(c["slices"])
         for k, (a0, b0, a1, b1) in c["boxes_2d"].items():
             assert k0 <= k <= k1 and i0 <= a0 <= a1 <= i1 and j0 <= b0 <= b1 <= j1
-            sl = ph.lungs[a0 : a1 + 1, b0 : b1 + 1, k] if c["class"] == "lung" else ph.labels[a0 : a1 + 1, b0 : b1 + 1, k]
+            sl = (
+                ph.lungs[a0 : a1 + 1, b0 : b1 + 1, k]
+                if c["class"] == "lung"
+                else ph.labels[a0 : a1 + 1, b0 : b1 + 1, k]
+            )
             assert sl.any()
     right = [c for c in ph.captions if c["text"] == "right lung"][0]
-    assert (ph.lungs[tuple(slice(a, b + 1) for a, b in zip(*right["bbox_ijk"]))] == RIGHT_LUNG).sum() == (ph.lungs == RIGHT_LUNG).sum()
+    assert (ph.lungs[tuple(slice(a, b + 1) for a, b in zip(*right["bbox_ijk"]))] == RIGHT_LUNG).sum() == (
+        ph.lungs == RIGHT_LUNG
+    ).sum()
 
 
 def test_write_phantom_round_trip(small, tmp_path):
@@ -183,7 +195,9 @@ def test_write_phantom_round_trip(small, tmp_path):
     ct = nib.load(paths["ct"])
     assert ct.get_data_dtype() == np.int16
     np.testing.assert_allclose(ct.affine, small.ct.affine)
-    np.testing.assert_array_equal(np.asanyarray(ct.dataobj), np.clip(np.rint(small.ct.hu), -32768, 32767).astype(np.int16))
+    np.testing.assert_array_equal(
+        np.asanyarray(ct.dataobj), np.clip(np.rint(small.ct.hu), -32768, 32767).astype(np.int16)
+    )
     for key, arr in (("label", small.labels), ("lungs", small.lungs)):
         img = nib.load(paths[key])
         assert img.get_data_dtype() == np.uint8
@@ -192,7 +206,9 @@ def test_write_phantom_round_trip(small, tmp_path):
     rep = json.loads(open(paths["report"]).read())
     assert rep["report"] == small.report and rep["meta"]["seed"] == 3
     assert len(rep["captions"]) == len(small.captions)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"case_001_{s}" for s in ("ct.nii.gz", "label.nii.gz", "lungs.nii.gz", "report.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"case_001_{s}" for s in ("ct.nii.gz", "label.nii.gz", "lungs.nii.gz", "report.json")
+    )
     # re-run safe: complete outputs are kept, overwrite rewrites them
     mtimes = {k: (tmp_path / p).stat().st_mtime_ns for k, p in paths.items()}
     (tmp_path / "case_001_report.json").write_text('{"marker": 1}')
@@ -211,9 +227,17 @@ def test_render_and_cli(small, tmp_path):
     assert im.size[0] > 600 and im.size[1] > 400
     assert len(np.unique(np.asarray(im.convert("L")))) > 20  # an image, not a blank canvas
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--n", "2", "--shape", "40", "40", "24", "--spacing", "8", "8", "10", "--seed", "7"]) == 0
+    assert (
+        main(["--out", str(out), "--n", "2", "--shape", "40", "40", "24", "--spacing", "8", "8", "10", "--seed", "7"])
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"phantom_{i:03d}_{s}" for i in (7, 8) for s in ("ct.nii.gz", "label.nii.gz", "lungs.nii.gz", "report.json"))
+    assert names == sorted(
+        f"phantom_{i:03d}_{s}" for i in (7, 8) for s in ("ct.nii.gz", "label.nii.gz", "lungs.nii.gz", "report.json")
+    )
     before = (out / "phantom_007_ct.nii.gz").stat().st_mtime_ns
-    assert main(["--out", str(out), "--n", "1", "--shape", "40", "40", "24", "--spacing", "8", "8", "10", "--seed", "7"]) == 0
+    assert (
+        main(["--out", str(out), "--n", "1", "--shape", "40", "40", "24", "--spacing", "8", "8", "10", "--seed", "7"])
+        == 0
+    )
     assert (out / "phantom_007_ct.nii.gz").stat().st_mtime_ns == before

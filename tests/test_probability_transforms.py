@@ -173,7 +173,9 @@ def test_guided_filter_follows_the_guide_edge_better_than_gaussian(lungs, step_c
     # The 0.5 level follows the lung edge almost exactly; the Gaussian's rounds it off.
     assert ((guided[0] > 0.5) == lungs).mean() > 0.999 > ((gauss[0] > 0.5) == lungs).mean()
     # Dictionary twin: the guide comes from guide_key, (X, Y, Z) guides work too.
-    d = SmoothProbabilityd("p", guide_key="ct", method="guided", sigma_mm=2.0)({"p": torch.from_numpy(blurry), "ct": guide})
+    d = SmoothProbabilityd("p", guide_key="ct", method="guided", sigma_mm=2.0)(
+        {"p": torch.from_numpy(blurry), "ct": guide}
+    )
     assert isinstance(d["p"], torch.Tensor) and np.allclose(d["p"].numpy(), guided, atol=1e-6)
     with pytest.raises(ValueError, match="guide"):
         SmoothProbability("guided")(blurry)
@@ -230,9 +232,14 @@ def test_threshold_values_are_the_documented_ones(bimodal):
 
 
 def test_threshold_dict_twin_picks_the_channel_and_keeps_metatensor(lungs, bimodal):
-    maps = MetaTensor(torch.from_numpy(np.concatenate([1.0 - bimodal, bimodal])), affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])))
+    maps = MetaTensor(
+        torch.from_numpy(np.concatenate([1.0 - bimodal, bimodal])),
+        affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])),
+    )
     d = ThresholdProbabilityd("prob", channel=1, mask_key="lung", method="otsu", tau=0.0)({"prob": maps})
-    assert isinstance(d["lung"], MetaTensor) and d["lung"].dtype == torch.uint8 and tuple(d["lung"].shape) == (1,) + SHAPE
+    assert (
+        isinstance(d["lung"], MetaTensor) and d["lung"].dtype == torch.uint8 and tuple(d["lung"].shape) == (1,) + SHAPE
+    )
     assert torch.equal(d["lung"].affine, maps.affine)
     assert dice_score(d["lung"][0].numpy(), lungs) > 0.95
     assert isinstance(d["lung_threshold"], float) and d["lung_threshold_method"] == "otsu"
@@ -279,14 +286,18 @@ def test_cleanup_drops_island_fills_hole_keeps_two_largest(lungs, dirty_mask):
 
 def test_cleanup_dict_twin_splits_right_and_left(lungs, dirty_mask):
     mask, _ = dirty_mask
-    d = LungMaskCleanupd("lung_mask", affine=np.eye(4), min_component_ml=0.05)({"lung_mask": mask[None].astype(np.uint8)})
+    d = LungMaskCleanupd("lung_mask", affine=np.eye(4), min_component_ml=0.05)(
+        {"lung_mask": mask[None].astype(np.uint8)}
+    )
     sides = d["lung_sides"]
     assert sides.dtype == np.uint8 and sides.shape == (1,) + SHAPE
     right_truth, left_truth = lungs & (np.arange(40)[:, None, None] >= 20), lungs & (np.arange(40)[:, None, None] < 20)
     # Identity affine: RAS x is the first index, so the component at larger x is the right lung.
     assert np.array_equal(sides[0] == RIGHT_LUNG, right_truth) and np.array_equal(sides[0] == LEFT_LUNG, left_truth)
     ml = d["lung_sides_ml"]
-    assert ml["right"] == pytest.approx(right_truth.sum() / 1000.0) and ml["left"] == pytest.approx(left_truth.sum() / 1000.0)
+    assert ml["right"] == pytest.approx(right_truth.sum() / 1000.0) and ml["left"] == pytest.approx(
+        left_truth.sum() / 1000.0
+    )
     assert ml["total"] == pytest.approx(ml["right"] + ml["left"]) and ml["right"] > ml["left"]
     # A flipped x axis (LPS-like, x = -index) swaps the sides.
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
@@ -297,7 +308,9 @@ def test_cleanup_dict_twin_splits_right_and_left(lungs, dirty_mask):
 def test_cleanup_dict_twin_reads_metatensor_affine_and_spacing(lungs):
     affine = torch.tensor([[2.0, 0, 0, -40], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]], dtype=torch.float64)
     img = MetaTensor(torch.from_numpy(lungs[None].astype(np.float32)), affine=affine)
-    d = LungMaskCleanupd("m", sides_key="sides", affine=np.diag([-1.0, 1, 1, 1]))({"m": img})  # MetaTensor's affine wins
+    d = LungMaskCleanupd("m", sides_key="sides", affine=np.diag([-1.0, 1, 1, 1]))(
+        {"m": img}
+    )  # MetaTensor's affine wins
     assert isinstance(d["m"], MetaTensor) and d["m"].dtype == torch.uint8 and torch.equal(d["m"].affine, affine)
     assert isinstance(d["sides"], MetaTensor) and d["sides"].dtype == torch.uint8
     assert int(d["sides"][0, 30, 16, 5]) == RIGHT_LUNG and int(d["sides"][0, 10, 16, 5]) == LEFT_LUNG
@@ -382,11 +395,11 @@ def test_class_label_map_takes_the_lung_from_its_mask_and_the_rest_by_argmax_abo
     from common.transforms import ClassLabelMap, ClassLabelMapd
 
     prob = np.zeros((5, 4, 3, 2), dtype=np.float32)
-    prob[0] = 0.9                      # raw lung channel high everywhere: ignored
-    prob[1, 0] = 0.8                   # heart wins in row 0
-    prob[2, 1] = 0.7                   # vessel wins in row 1 ...
-    prob[4, 1, 0] = 0.75               # ... except where bone is higher
-    prob[3, 2] = 0.4                   # airway below the threshold: background
+    prob[0] = 0.9  # raw lung channel high everywhere: ignored
+    prob[1, 0] = 0.8  # heart wins in row 0
+    prob[2, 1] = 0.7  # vessel wins in row 1 ...
+    prob[4, 1, 0] = 0.75  # ... except where bone is higher
+    prob[3, 2] = 0.4  # airway below the threshold: background
     lung = np.zeros((1, 4, 3, 2), dtype=np.uint8)
     lung[0, 0, 0, 0] = lung[0, 3] = 1  # the mask overrides heart at one voxel
     out = ClassLabelMap(threshold=0.5)(prob, lung)
@@ -396,7 +409,9 @@ def test_class_label_map_takes_the_lung_from_its_mask_and_the_rest_by_argmax_abo
     expected[0, 0, 0], expected[3] = 1, 1
     np.testing.assert_array_equal(out[0], expected)
     assert not (out[0][2] > 0).any()
-    t = ClassLabelMapd("pred", label_key="label_map")({"pred": torch.as_tensor(prob), "lung_mask": torch.as_tensor(lung)})
+    t = ClassLabelMapd("pred", label_key="label_map")(
+        {"pred": torch.as_tensor(prob), "lung_mask": torch.as_tensor(lung)}
+    )
     assert isinstance(t["label_map"], torch.Tensor) and torch.equal(t["label_map"][0], torch.as_tensor(expected))
     assert t["pred"].shape == (5, 4, 3, 2)
     with pytest.raises(ValueError, match="lung mask shape"):
@@ -412,6 +427,16 @@ def test_guided_filter_in_threads_equals_plane_by_plane(rng):
     guide = rng.random((20, 18, 7)).astype(np.float32)
     out = SmoothProbability("guided", sigma_mm=2.0, pixdim=(1.0, 1.0, 1.0), guided_eps=1e-3)(prob, guide=guide)
     size = (2 * int(round(np.sqrt(3.0) * 2.0)) + 1,) * 2
-    expected = np.stack([np.stack([_guided_filter(prob[c, :, :, k].astype(np.float64), guide[:, :, k].astype(np.float64), size, 1e-3)
-                                   for k in range(7)], axis=-1) for c in range(3)]).astype(np.float32)
+    expected = np.stack(
+        [
+            np.stack(
+                [
+                    _guided_filter(prob[c, :, :, k].astype(np.float64), guide[:, :, k].astype(np.float64), size, 1e-3)
+                    for k in range(7)
+                ],
+                axis=-1,
+            )
+            for c in range(3)
+        ]
+    ).astype(np.float32)
     assert np.array_equal(np.asarray(out), np.clip(expected, 0.0, 1.0))

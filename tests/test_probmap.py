@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BUNDLES, LUNG_PET_CT_DX_8MM, TOTALSEG_B
+from tests.conftest import BUNDLES, EMBED_DIM, IMAGE_SIZE, LUNG_PET_CT_DX_8MM, PATCH_SIZE, TOTALSEG_B
 
 CONFIG = BUNDLES / "probmap" / "configs" / "inference.json"
 EVAL_CONFIG = BUNDLES / "probmap" / "configs" / "evaluate.json"
 REPO = BUNDLES.parent
-IMAGE_SIZE, SLICE_SIZE, PATCH_SIZE, EMBED_DIM = 32, 64, 16, 16
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory, tiny_text_dir):
-    from common.networks import build_lung_clip
-
-    torch.manual_seed(0)
-    model = build_lung_clip(image_encoder="tiny_cnn", pretrained=False, image_encoder_kwargs={"out_channels": 16, "width": 8},
-                            text_model_dir=tiny_text_dir, embed_dim=EMBED_DIM, teacher_shape=None)
-    model.preprocessing = {"slice_size": SLICE_SIZE, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "patch_mm": 40.0, "hu_window": [-1000.0, 400.0]}
-    path = model.save_checkpoint(tmp_path_factory.mktemp("clip_ckpt") / "model.pt")
-    return model.eval(), path
 
 
 # --------------------------------------------------------------------------- Algorithm 1
@@ -46,10 +32,28 @@ def test_production_path_matches_literal_algorithm1(tiny_clip, aggregation):
     slices = torch.rand(2, 1, 40, 40)
     text = class_text_embeddings(model)
     # batch_size 7 does not divide the 2 x 49 windows: batches straddle slices
-    prod = patch_similarity_maps(slices, model, text, patch_px=12, stride_px=5, patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, aggregation=aggregation, batch_size=7)
+    prod = patch_similarity_maps(
+        slices,
+        model,
+        text,
+        patch_px=12,
+        stride_px=5,
+        patch_size=PATCH_SIZE,
+        image_size=IMAGE_SIZE,
+        aggregation=aggregation,
+        batch_size=7,
+    )
     assert prod.shape == (2, 5, 40, 40)
     for n in range(2):
-        lit = algorithm1_literal(slices[n, 0], model, patch_px=12, stride_px=5, patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, aggregation=aggregation)
+        lit = algorithm1_literal(
+            slices[n, 0],
+            model,
+            patch_px=12,
+            stride_px=5,
+            patch_size=PATCH_SIZE,
+            image_size=IMAGE_SIZE,
+            aggregation=aggregation,
+        )
         assert torch.isfinite(lit).all()
         assert float((lit - prod[n]).abs().max()) < 1e-5
     assert float(prod.abs().max()) <= 1.0 + 1e-5  # cosine similarities
@@ -85,7 +89,9 @@ def test_gaussian_aggregation_keeps_a_centre_labelled_boundary_where_mean_pulls_
     core = np.zeros((patch_px, patch_px), bool)
     core[6:10, 6:10] = True  # the central quarter of the window's side
     core_is_lung = lung.reshape(-1)[index.numpy()][:, core.reshape(-1)].mean(axis=1) >= 0.5
-    scores = torch.where(torch.from_numpy(core_is_lung)[:, None], torch.tensor([0.20, 0.10]), torch.tensor([0.05, 0.35]))  # (L, [lung, tissue])
+    scores = torch.where(
+        torch.from_numpy(core_is_lung)[:, None], torch.tensor([0.20, 0.10]), torch.tensor([0.05, 0.35])
+    )  # (L, [lung, tissue])
     area = {}
     for aggregation in ("mean", "gaussian"):
         maps = spread_window_scores(scores[None], size, patch_px, stride_px, aggregation)
@@ -148,7 +154,9 @@ def test_inferer_keeps_the_input_grid_and_orientation(tiny_clip):
     flipped_affine[0, 3] = -2.0 * 49
     inferer = PatchSimilarityInferer(stride_mm=20.0, progress=False)
     a = inferer(MetaTensor(torch.from_numpy(hu)[None, None], affine=torch.from_numpy(affine)), model)
-    b = inferer(MetaTensor(torch.from_numpy(hu[::-1].copy())[None, None], affine=torch.from_numpy(flipped_affine)), model)
+    b = inferer(
+        MetaTensor(torch.from_numpy(hu[::-1].copy())[None, None], affine=torch.from_numpy(flipped_affine)), model
+    )
     assert a.shape == (1, 5, 50, 40, 6)
     assert torch.allclose(a[0].flip(1), b[0], atol=1e-5)
     assert torch.allclose(a[0, :, :, :, 3], torch.full_like(a[0, :, :, :, 3], EMPTY_SIMILARITY), atol=1e-5)
@@ -160,8 +168,16 @@ def test_inferer_keeps_the_input_grid_and_orientation(tiny_clip):
 
 
 def _overrides(ckpt: Path, dataset_dir: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(BUNDLES / "probmap"), "ckpt_path": str(ckpt), "dataset_dir": str(dataset_dir), "output_dir": str(out),
-            "device": "cpu", "progress": False, "stride_mm": 20.0, **extra}
+    return {
+        "bundle_root": str(BUNDLES / "probmap"),
+        "ckpt_path": str(ckpt),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(out),
+        "device": "cpu",
+        "progress": False,
+        "stride_mm": 20.0,
+        **extra,
+    }
 
 
 def _run_cli(config, overrides: dict) -> subprocess.CompletedProcess:
@@ -207,7 +223,9 @@ def test_bundle_writes_maps_masks_reports_and_resumes(tiny_clip, phantom_dataset
     assert (p.sum(-1) <= 1.0 + 1e-3).all() and float(p.sum(-1).min()) < 0.999
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
     report = json.loads((case / "tiny_phantom_0_ct_probmap.json").read_text())
-    assert report["threshold"] == pytest.approx(0.6) and report["threshold_method"] == "global"  # the default tau (release 0.4)
+    assert (
+        report["threshold"] == pytest.approx(0.6) and report["threshold_method"] == "global"
+    )  # the default tau (release 0.4)
     assert set(report["lung_ml"]) >= {"total"} and report["lung_ml"]["total"] >= 0
     assert (case / "tiny_phantom_0_ct_overlay.png").stat().st_size > 1000
     assert not list(out.rglob(".*tmp*"))  # nothing half-written
@@ -270,11 +288,29 @@ def test_evaluate_scores_channels_against_phantom_labels(tiny_clip, tmp_path):
 
     _, ckpt = tiny_clip
     out = tmp_path / "eval"
-    run(config_file=[str(CONFIG), str(EVAL_CONFIG)], bundle_root=str(BUNDLES / "probmap"), ckpt_path=str(ckpt),
-        output_dir=str(out), phantom_dir=str(tmp_path / "phantoms"), n_phantoms=1, device="cpu", progress=False, stride_mm=40.0, overlay=False)
+    run(
+        config_file=[str(CONFIG), str(EVAL_CONFIG)],
+        bundle_root=str(BUNDLES / "probmap"),
+        ckpt_path=str(ckpt),
+        output_dir=str(out),
+        phantom_dir=str(tmp_path / "phantoms"),
+        n_phantoms=1,
+        device="cpu",
+        progress=False,
+        stride_mm=40.0,
+        overlay=False,
+    )
     scores = json.loads((out / "scores.json").read_text())
     row = scores["cases"][0]
-    for key in ("lung_mask_dice", "lung_mask_iou", "lung_dice", "heart_dice", "blood_vessel_dice", "airway_dice", "bone_dice"):
+    for key in (
+        "lung_mask_dice",
+        "lung_mask_iou",
+        "lung_dice",
+        "heart_dice",
+        "blood_vessel_dice",
+        "airway_dice",
+        "bone_dice",
+    ):
         assert 0.0 <= row[key] <= 1.0
     assert scores["summary"]["lung_mask_dice"]["n"] == 1
     assert (out / "scores.csv").read_text().startswith("case_id,")
@@ -293,7 +329,9 @@ def test_body_mask_drops_outside_air_but_keeps_a_lung_cut_by_the_crop():
     mask = body_mask(hu)
     assert mask[50, 30, 0] and mask[58, 30, 0]  # lung kept, even where it touches the border
     assert not mask[2, 2, 0] and not mask[2, 58, 0] and mask[30, 30, 0]  # air around the patient dropped
-    d = RestrictToBodyd("lung_mask", image_key="image")({"lung_mask": np.ones((1, 60, 60, 4), np.uint8), "image": hu[None]})
+    d = RestrictToBodyd("lung_mask", image_key="image")(
+        {"lung_mask": np.ones((1, 60, 60, 4), np.uint8), "image": hu[None]}
+    )
     assert d["lung_mask"][0, 2, 2, 0] == 0 and d["lung_mask"][0, 50, 30, 0] == 1
 
 
@@ -308,11 +346,19 @@ def test_shipped_default_model_maps_a_real_ct_crop():
     from common.transforms import SimilarityToProbability
 
     model = build_lung_clip(teacher_shape=None).eval()
-    model.preprocessing = {"slice_size": 64, "image_size": 64, "patch_size": 32, "patch_mm": 40.0, "hu_window": [-1000.0, 400.0]}
+    model.preprocessing = {
+        "slice_size": 64,
+        "image_size": 64,
+        "patch_size": 32,
+        "patch_mm": 40.0,
+        "hu_window": [-1000.0, 400.0],
+    }
     vol = read_ct(TOTALSEG_B)
     hu = vol.hu[:, :, 50:53]
     inferer = PatchSimilarityInferer(stride_mm=20.0, progress=False)
-    sims = inferer(MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None, None], affine=torch.from_numpy(vol.affine)), model)
+    sims = inferer(
+        MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None, None], affine=torch.from_numpy(vol.affine)), model
+    )
     assert sims.shape == (1, 5) + hu.shape
     assert torch.isfinite(sims).all() and float(sims.abs().max()) <= 1.0 + 1e-5 and float(sims.std()) > 0
     prob = SimilarityToProbability("softmax", scale=float(model.temperature_scale()))(sims[0])
@@ -344,8 +390,15 @@ def test_shipped_sa1_map_puts_the_lungs_inside_the_body_on_real_ct():
     inside = body_mask(vol.hu)
     ks = [8, 15, 22]  # base, middle, apex side of the 30 slices
     hu = vol.hu[:, :, ks]
-    inferer = PatchSimilarityInferer(class_names=classes + background, stride_mm=parser["stride_mm"], aggregation=parser["aggregation"], progress=False)
-    sims = inferer(MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None, None], affine=torch.from_numpy(vol.affine)), model)
+    inferer = PatchSimilarityInferer(
+        class_names=classes + background,
+        stride_mm=parser["stride_mm"],
+        aggregation=parser["aggregation"],
+        progress=False,
+    )
+    sims = inferer(
+        MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None, None], affine=torch.from_numpy(vol.affine)), model
+    )
     prob = SimilarityToProbability("softmax", scale=float(model.temperature_scale()), num_classes=len(classes))(sims[0])
     assert prob.shape == (len(classes),) + hu.shape
     lung = (prob.argmax(0) == 0) & (prob[0] > 0.5)

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from common.classes import CLASS_NAMES, LABEL_OF
-from common.prompts import component_box_prompts, grid_dot_prompts, grid_intersections, negative_point_prompts, overlap_ratio, union_of_selected
+from common.prompts import (
+    component_box_prompts,
+    grid_dot_prompts,
+    grid_intersections,
+    negative_point_prompts,
+    overlap_ratio,
+    union_of_selected,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "pseudolabel"
@@ -137,9 +144,16 @@ def test_shared_image_decoding_equals_sams_own_mask_decoder(litemedsam, real_sli
     with torch.no_grad():
         for kw in ({"boxes": boxes}, {"points": points}, {"boxes": boxes, "points": points}):
             ours, ours_iou = litemedsam.decode_prompts(emb, multimask_output=multimask, **kw)
-            sparse, dense = litemedsam.prompt_encoder(points=kw.get("points"), boxes=None if "boxes" not in kw else kw["boxes"].reshape(-1, 1, 4), masks=None)
-            ref, ref_iou = litemedsam.mask_decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
-                                                   dense_prompt_embeddings=dense.expand(len(sparse), -1, -1, -1), multimask_output=multimask)
+            sparse, dense = litemedsam.prompt_encoder(
+                points=kw.get("points"), boxes=None if "boxes" not in kw else kw["boxes"].reshape(-1, 1, 4), masks=None
+            )
+            ref, ref_iou = litemedsam.mask_decoder(
+                image_embeddings=emb,
+                image_pe=pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense.expand(len(sparse), -1, -1, -1),
+                multimask_output=multimask,
+            )
             assert ours.shape == ref.shape == (len(boxes), 3 if multimask else 1, 256, 256)
             assert torch.allclose(ours, ref, atol=1e-4) and torch.allclose(ours_iou, ref_iou, atol=1e-5)
             assert torch.equal(ours > 0, ref > 0)
@@ -155,15 +169,34 @@ def test_literal_algorithm2_and_production_give_the_same_mask_on_real_ct(litemed
     grid = int(round(25.0 / spacing[0]))
     literal = algorithm2_literal(litemedsam, slice01, region, grid, overlap_threshold=0.5)
     with torch.no_grad():
-        res = pseudo_label_slice(litemedsam, litemedsam.encode(slice01[None]), slice01.shape, region, prompts="dots", grid_size=grid, overlap_threshold=0.5)
+        res = pseudo_label_slice(
+            litemedsam,
+            litemedsam.encode(slice01[None]),
+            slice01.shape,
+            region,
+            prompts="dots",
+            grid_size=grid,
+            overlap_threshold=0.5,
+        )
     assert res.n_dots == len(grid_dot_prompts(region, grid)) >= 3
     assert int((literal != res.mask).sum()) == 0
-    boxes = pseudo_label_slice(litemedsam, litemedsam.encode(slice01[None]), slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50)
+    boxes = pseudo_label_slice(
+        litemedsam,
+        litemedsam.encode(slice01[None]),
+        slice01.shape,
+        region,
+        prompts="boxes",
+        box_margin=5,
+        min_box_area=50,
+    )
     assert boxes.n_boxes >= 1 and boxes.n_kept >= 1
     # what is kept is lung (Eq. 9 made sure of the precision) and covers a large part of it; on this
     # crop SAM's mask for one of the two boxes fails the vote (one lung of two, 37 % of the field, is kept)
     precision = (boxes.mask & region).sum() / boxes.mask.sum()
-    assert precision > 0.9 and (boxes.mask & region).sum() > 0.3 * region.sum(), (precision, dice_score(boxes.mask, region))
+    assert precision > 0.9 and (boxes.mask & region).sum() > 0.3 * region.sum(), (
+        precision,
+        dice_score(boxes.mask, region),
+    )
     assert all(0.0 < q <= 1.2 for q in boxes.kept_iou)
 
 
@@ -174,9 +207,13 @@ def test_veto_drops_candidates_lying_on_another_class(litemedsam, real_slice):
     emb = litemedsam.encode(slice01[None])
     kw = dict(prompts="boxes", box_margin=5, min_box_area=50)
     plain = pseudo_label_slice(litemedsam, emb, slice01.shape, region, **kw)
-    vetoed = pseudo_label_slice(litemedsam, emb, slice01.shape, region, aux_regions=region[None], aux="veto", veto_threshold=0.2, **kw)
+    vetoed = pseudo_label_slice(
+        litemedsam, emb, slice01.shape, region, aux_regions=region[None], aux="veto", veto_threshold=0.2, **kw
+    )
     assert plain.n_kept >= 1 and vetoed.n_kept == 0 and not vetoed.mask.any()
-    neg = pseudo_label_slice(litemedsam, emb, slice01.shape, region, aux_regions=(~region)[None], aux="negative_points", grid_size=8, **kw)
+    neg = pseudo_label_slice(
+        litemedsam, emb, slice01.shape, region, aux_regions=(~region)[None], aux="negative_points", grid_size=8, **kw
+    )
     assert neg.n_candidates == plain.n_candidates
     with pytest.raises(ValueError, match="prompts"):
         pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="circles")
@@ -198,7 +235,9 @@ def test_map_fallback_fills_in_the_map_where_a_box_is_rejected(litemedsam, real_
     assert not rejected.mask.any() and rejected.n_fallback == 0
     assert filled.n_kept == 0 and filled.n_fallback == filled.n_boxes >= 1
     assert np.array_equal(filled.mask, region & big)
-    kept = pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50, fallback="map")
+    kept = pseudo_label_slice(
+        litemedsam, emb, slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50, fallback="map"
+    )
     plain = pseudo_label_slice(litemedsam, emb, slice01.shape, region, prompts="boxes", box_margin=5, min_box_area=50)
     assert kept.n_fallback == kept.n_boxes - kept.n_kept
     assert (kept.mask >= plain.mask).all()
@@ -242,9 +281,23 @@ def _fake_report(out: Path, case_id: str, passed: bool):
     from common.io import write_json_atomic
 
     p = case_outputs(out, case_id)
-    write_json_atomic(p["report"], {"case_id": case_id, "image": f"/data/{case_id}.nii.gz", "label": str(p["label"]), "lung_ml": {"total": 3000.0},
-                                    "confidence": {"passed": passed, "reasons": [] if passed else ["too small"], "mean_predicted_iou": 0.9,
-                                                   "agreement_dice": 0.95, "kept_share": 0.9}, "inferer": {"candidates": 10, "kept": 9}})
+    write_json_atomic(
+        p["report"],
+        {
+            "case_id": case_id,
+            "image": f"/data/{case_id}.nii.gz",
+            "label": str(p["label"]),
+            "lung_ml": {"total": 3000.0},
+            "confidence": {
+                "passed": passed,
+                "reasons": [] if passed else ["too small"],
+                "mean_predicted_iou": 0.9,
+                "agreement_dice": 0.95,
+                "kept_share": 0.9,
+            },
+            "inferer": {"candidates": 10, "kept": 9},
+        },
+    )
 
 
 def test_merge_splits_included_cases_and_lists_the_rest(tmp_path):
@@ -269,7 +322,14 @@ def test_merge_splits_included_cases_and_lists_the_rest(tmp_path):
 # --------------------------------------------------------------------------- the bundle
 
 
-def _write_probmap_outputs(probmap_dir: Path, case_id: str, ct_path: Path, label_path: Path | None, lung_mask: np.ndarray | None = None, affine=None):
+def _write_probmap_outputs(
+    probmap_dir: Path,
+    case_id: str,
+    ct_path: Path,
+    label_path: Path | None,
+    lung_mask: np.ndarray | None = None,
+    affine=None,
+):
     """What the probmap bundle leaves for a case: here the phantom's own lung field stands in for the SA-2 mask."""
     from common.engines.probmap import case_outputs
     from common.io.nifti import save_nifti_array
@@ -280,7 +340,9 @@ def _write_probmap_outputs(probmap_dir: Path, case_id: str, ct_path: Path, label
     if lung_mask is None:
         label = np.asarray(nib.load(str(label_path)).dataobj)
         lung_mask = np.isin(label, [LABEL_OF["lung"], LABEL_OF["blood vessel"], LABEL_OF["airway"]])
-    onehot = np.stack([lung_mask.astype(np.float32)] + [np.zeros(lung_mask.shape, np.float32)] * (len(CLASS_NAMES) - 1), axis=-1)
+    onehot = np.stack(
+        [lung_mask.astype(np.float32)] + [np.zeros(lung_mask.shape, np.float32)] * (len(CLASS_NAMES) - 1), axis=-1
+    )
     p = case_outputs(probmap_dir, case_id)
     save_nifti_array(onehot, affine, p["probmap"], np.float32)
     save_nifti_array(lung_mask.astype(np.uint8), affine, p["lung_mask"], np.uint8)
@@ -299,10 +361,15 @@ def _thin_case(c: dict, ds: Path, pm: Path, name: str, k: slice = slice(12, 18),
     label_dir = ds if label_dir is None else label_dir
     label_dir.mkdir(parents=True, exist_ok=True)
     ct = nib.load(c["path"])
-    case = {"image": str(save_nifti_array(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)), "case_id": name}
+    case = {
+        "image": str(save_nifti_array(np.asarray(ct.dataobj)[:, :, k], ct.affine, ds / f"{name}.nii.gz", np.int16)),
+        "case_id": name,
+    }
     for key in ("label", "lungs"):
         img = nib.load(c[key])
-        case[key] = str(save_nifti_array(np.asarray(img.dataobj)[:, :, k], img.affine, label_dir / f"{name}_{key}.nii.gz", np.uint8))
+        case[key] = str(
+            save_nifti_array(np.asarray(img.dataobj)[:, :, k], img.affine, label_dir / f"{name}_{key}.nii.gz", np.uint8)
+        )
     _write_probmap_outputs(pm, name, Path(case["image"]), Path(case["label"]))
     return case
 
@@ -326,16 +393,36 @@ def pseudo_dataset(tmp_path, tiny_phantom_manifest):
 
 
 def _overrides(ds: Path, pm: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(BUNDLE), "dataset_dir": str(ds), "probmap_dir": str(pm), "output_dir": str(out), "device": "cpu", "progress": False,
-            "slice_batch": 8, **extra}
+    return {
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": str(ds),
+        "probmap_dir": str(pm),
+        "output_dir": str(out),
+        "device": "cpu",
+        "progress": False,
+        "slice_batch": 8,
+        **extra,
+    }
 
 
 def _run_cli(configs: list[Path], overrides: dict, launcher: list[str] | None = None, **popen) -> subprocess.Popen:
-    cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "--config_file", json.dumps([str(c) for c in configs])]
+    cmd = (launcher or [sys.executable]) + [
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps([str(c) for c in configs]),
+    ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def test_bundle_writes_labels_qc_datalist_skips_bad_cases_and_resumes(pseudo_dataset, tmp_path):
@@ -380,11 +467,17 @@ def test_bundle_scores_pseudo_labels_against_phantom_lungs(tmp_path, tiny_phanto
     for c in cases:  # six slices through the lungs of each phantom, its lung field cut alike
         thin = _thin_case(c, tmp_path / "data", pm, c["id"])
         datalist.append({"image": thin["image"], "lungs": thin["lungs"], "case_id": c["id"]})
-    run(config_file=[str(CONFIG), str(BUNDLE / "configs" / "evaluate.json")], **_overrides(tmp_path, pm, out), cases=datalist)
+    run(
+        config_file=[str(CONFIG), str(BUNDLE / "configs" / "evaluate.json")],
+        **_overrides(tmp_path, pm, out),
+        cases=datalist,
+    )
     scores = json.loads((out / "scores.json").read_text())
     assert [r["case_id"] for r in scores["cases"]] == [c["id"] for c in cases]
     for r in scores["cases"]:
-        assert 0.0 <= r["pseudo_dice"] <= 1.0 and r["sa2_mask_dice"] > 0.95  # the stand-in SA-2 mask is the lung field itself
+        assert (
+            0.0 <= r["pseudo_dice"] <= 1.0 and r["sa2_mask_dice"] > 0.95
+        )  # the stand-in SA-2 mask is the lung field itself
     assert scores["summary"]["pseudo_dice"]["n"] == 2
 
 
@@ -440,14 +533,23 @@ def test_torchrun_two_ranks_shard_cases_and_rank0_merges(tmp_path, tiny_phantom_
     for c in cases:  # four slices a case: the sharding and the merge are what is tested here
         _thin_case(c, ds, pm, Path(c["path"]).name.replace(".nii.gz", ""), k=slice(13, 17))
     os.symlink(cases[0]["path"], ds / "no_probmap_ct.nii.gz")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+    ]
     proc = _run_cli([CONFIG, MULTI], _overrides(ds, pm, out, overlay=False), launcher=launcher)
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, log[-4000:]
     runs = {r: json.loads((out / f"pseudolabel_run_rank{r}.json").read_text()) for r in (0, 1)}
     by_rank = {r: sorted(d["case_id"] for d in runs[r]["done"]) for r in runs}
     ids = sorted(["no_probmap_ct"] + [Path(c["path"]).name.replace(".nii.gz", "") for c in cases])
-    assert by_rank[0] == [i for i in ids[0::2] if i != "no_probmap_ct"] and by_rank[1] == [i for i in ids[1::2] if i != "no_probmap_ct"]
+    assert by_rank[0] == [i for i in ids[0::2] if i != "no_probmap_ct"] and by_rank[1] == [
+        i for i in ids[1::2] if i != "no_probmap_ct"
+    ]
     summary = json.loads((out / "qc.json").read_text())["summary"]
     assert summary["done"] == 3 and summary["cases"] == 4
     dl = json.loads((out / "datalist.json").read_text())

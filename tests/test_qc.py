@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -100,7 +99,9 @@ def test_insufficient_lung_coverage():
     # A water cylinder in air: CT-like values, no lungs.
     i, j = np.mgrid[:128, :128]
     body = ((i - 64) ** 2 + (j - 64) ** 2) < 50**2
-    hu = np.where(body[..., None], 20.0, -1000.0) * np.ones((1, 1, 40)) + np.random.default_rng(0).normal(0, 10, (128, 128, 40))
+    hu = np.where(body[..., None], 20.0, -1000.0) * np.ones((1, 1, 40)) + np.random.default_rng(0).normal(
+        0, 10, (128, 128, 40)
+    )
     hu[60:68, 60:68, :] = 900  # a bone rod
     vol = CTVolume(hu.astype(np.float32), np.diag([-2.0, -2.0, 2.5, 1.0]), {"source": "cylinder", "modality": "CT"})
     checks = verdicts(vol)
@@ -109,7 +110,9 @@ def test_insufficient_lung_coverage():
 
 def test_excessive_noise():
     vol = read_ct(TOTALSEG_A)
-    noisy = CTVolume(vol.hu + np.random.default_rng(1).normal(0, 120, vol.shape).astype(np.float32), vol.affine, dict(vol.meta))
+    noisy = CTVolume(
+        vol.hu + np.random.default_rng(1).normal(0, 120, vol.shape).astype(np.float32), vol.affine, dict(vol.meta)
+    )
     checks = verdicts(noisy)
     assert not checks["noise"].passed and checks["noise"].value > 60
     assert verdicts(vol)["noise"].passed
@@ -149,7 +152,12 @@ def test_run_qc_over_folder_keeps_going_and_reports(lidc_subset, tmp_path):
 
     report = json.loads((out / "qc_report.json").read_text())
     assert report["n_cases"] == 6 and report["n_passed"] == 2 and report["n_failed"] == 4
-    assert {e["case_id"] for e in report["excluded"]} == {"good_series__garbage", "truncated_series", "broken", "mr_series"}
+    assert {e["case_id"] for e in report["excluded"]} == {
+        "good_series__garbage",
+        "truncated_series",
+        "broken",
+        "mr_series",
+    }
     assert all(e["reasons"] for e in report["excluded"])
     rows = (out / "qc_report.csv").read_text().splitlines()
     assert rows[0].startswith("case_id,path,format,passed") and len(rows) == 7
@@ -161,7 +169,12 @@ def test_qc_cli(tmp_path):
     import sys
 
     shutil.copy(TOTALSEG_A, tmp_path / "a.nii.gz")
-    res = subprocess.run([sys.executable, "-m", "common.qc", str(tmp_path), "--out", str(tmp_path / "qc")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "common.qc", str(tmp_path), "--out", str(tmp_path / "qc")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "1 passed, 0 excluded" in res.stdout
     assert (tmp_path / "qc" / "qc_report.csv").exists()
@@ -174,7 +187,11 @@ def test_lung_mask_qc_never_passes_an_empty_or_implausible_mask():
     assert lung_mask_qc(good) == {"passed": True, "reasons": []}
     empty = lung_mask_qc({"lung_volume_ml": {"total": 0.0}, "mean_lung_hu": None})
     assert not empty["passed"] and "no plausible lung" in empty["reasons"][0]
-    one_side = lung_mask_qc({"lung_volume_ml": {"total": 2000.0, "right": 1950.0, "left": 50.0}, "mean_lung_hu": -800.0})
+    one_side = lung_mask_qc(
+        {"lung_volume_ml": {"total": 2000.0, "right": 1950.0, "left": 50.0}, "mean_lung_hu": -800.0}
+    )
     assert not one_side["passed"] and "a lung is missing" in one_side["reasons"][0]
-    tissue = lung_mask_qc({"lung_volume_ml": {"total": 5200.0, "right": 2600.0, "left": 2600.0}, "mean_lung_hu": -150.0})
+    tissue = lung_mask_qc(
+        {"lung_volume_ml": {"total": 5200.0, "right": 2600.0, "left": 2600.0}, "mean_lung_hu": -150.0}
+    )
     assert not tissue["passed"] and "soft tissue" in tissue["reasons"][0]

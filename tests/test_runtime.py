@@ -31,8 +31,14 @@ with torch.inference_mode():
 
 def _run(env_update: dict) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("LUNGSEG_MALLOC_TUNING", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", WORKLOAD], cwd=REPO, env={**env, **env_update}, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", WORKLOAD],
+        cwd=REPO,
+        env={**env, **env_update},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return int(out[0]), out[1]
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_probmap import tiny_clip  # noqa: F401  (the tiny SA-1 checkpoint fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 LIDC = REPO.parent / "shared" / "data" / "lidc_idri_1011_dicom"
@@ -39,20 +38,6 @@ def _request(url: str, method: str = "GET", timeout: float = 120.0) -> tuple[int
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def tiny_hsam(tmp_path_factory):
-    from common.engines.hsam import save_network
-    from common.networks import load_sam_family
-    from common.networks.hsam import build_hsam
-
-    out = tmp_path_factory.mktemp("tiny_hsam")
-    torch.manual_seed(0)
-    backbone = load_sam_family("tiny_sam", random_init=True)
-    parts = torch.nn.ModuleDict({"image_encoder": backbone.image_encoder, "prompt_encoder": backbone.prompt_encoder, "mask_decoder": backbone.mask_decoder})
-    torch.save(parts.state_dict(), out / "tiny_sam.pth")
-    return save_network(build_hsam("tiny_sam", sam_checkpoint=out / "tiny_sam.pth"), out / "hsam.pt")
-
-
 def test_bad_set_ups_are_clear_errors(tmp_path, tiny_clip):
     from common.serve import ServedBundle, ServeError, build_app, check_port_free, check_studies, main
 
@@ -63,8 +48,13 @@ def test_bad_set_ups_are_clear_errors(tmp_path, tiny_clip):
     with pytest.raises(ServeError, match="no NIfTI image"):
         check_studies(tmp_path / "empty")
     with pytest.raises(ServeError, match="gone.pt: no checkpoint for hsam_finetune"):
-        build_app(tmp_path / "app", {"probmap": ServedBundle(REPO / "bundles" / "probmap", tiny_clip[1]),
-                                     "hsam_finetune": ServedBundle(REPO / "bundles" / "hsam_finetune", tmp_path / "gone.pt")})
+        build_app(
+            tmp_path / "app",
+            {
+                "probmap": ServedBundle(REPO / "bundles" / "probmap", tiny_clip[1]),
+                "hsam_finetune": ServedBundle(REPO / "bundles" / "hsam_finetune", tmp_path / "gone.pt"),
+            },
+        )
     assert not (tmp_path / "app").exists()
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -93,7 +83,9 @@ def test_dicom_series_folders_become_nifti_once(tmp_path, caplog):
 
 
 @pytest.mark.timeout(600)
-def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_requests(tmp_path, tiny_clip, tiny_hsam, tiny_phantom_manifest):
+def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_requests(
+    tmp_path, tiny_clip, tiny_hsam, tiny_phantom_manifest
+):
     from common.serve import ServedBundle, build_app
 
     phantom = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")
@@ -103,17 +95,40 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
     nib.save(src, str(studies / "phantom0.nii.gz"))
     (studies / "notes.txt").write_text("not an image")
     (studies / "broken.nii.gz").write_bytes(b"not a NIfTI file")
-    app = build_app(tmp_path / "app", {"probmap": ServedBundle(REPO / "bundles" / "probmap", tiny_clip[1], {"stride_mm": 20.0}),
-                                       "hsam_finetune": ServedBundle(REPO / "bundles" / "hsam_finetune", tiny_hsam)})
+    app = build_app(
+        tmp_path / "app",
+        {
+            "probmap": ServedBundle(REPO / "bundles" / "probmap", tiny_clip[1], {"stride_mm": 20.0}),
+            "hsam_finetune": ServedBundle(REPO / "bundles" / "hsam_finetune", tiny_hsam),
+        },
+    )
     served = torch.load(app / "model" / "hsam_finetune" / "models" / "model.pt", weights_only=True)["model"]
-    assert any("lora" in k for k in served) and any(k.startswith("sam.image_encoder") or "image_encoder" in k for k in served)
+    assert any("lora" in k for k in served) and any(
+        k.startswith("sam.image_encoder") or "image_encoder" in k for k in served
+    )
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "common.serve", "--studies", str(studies), "--port", str(port), "--app-dir", str(app), "--prepared"],
-                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "common.serve",
+                "--studies",
+                str(studies),
+                "--port",
+                str(port),
+                "--app-dir",
+                str(app),
+                "--prepared",
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         info = None
         for _ in range(120):  # bounded: at most about two minutes to start
@@ -129,7 +144,10 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
             time.sleep(1)
         assert info is not None, log_path.read_text()[-3000:]
         assert set(info["models"]) == {"probmap", "hsam_finetune"}
-        assert info["models"]["hsam_finetune"]["labels"] == {"right lung": 1, "left lung": 2}  # lungseg's labels.nii.gz values
+        assert info["models"]["hsam_finetune"]["labels"] == {
+            "right lung": 1,
+            "left lung": 2,
+        }  # lungseg's labels.nii.gz values
         assert info["models"]["probmap"]["labels"] == {"lung": 1, "heart": 2, "blood vessel": 3, "airway": 4, "bone": 5}
         assert "notes.txt: not a NIfTI image" in log_path.read_text()
         status, body = _request(f"{url}/datastore/?output=all")
@@ -148,16 +166,41 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
 
         # the served H-SAM answer is the bundle's own: the same right/left map as `monai.bundle run` with the same checkpoint
         cases = json.dumps([{"image": str(studies / "phantom0.nii.gz"), "case_id": "phantom0"}])
-        run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/hsam_finetune/configs/inference.json"),
-                              "--bundle_root", str(REPO / "bundles/hsam_finetune"), "--ckpt_path", str(tiny_hsam), "--cases", f"${cases}",
-                              "--output_dir", str(tmp_path / "bundle_out"), "--progress", "false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                str(REPO / "bundles/hsam_finetune/configs/inference.json"),
+                "--bundle_root",
+                str(REPO / "bundles/hsam_finetune"),
+                "--ckpt_path",
+                str(tiny_hsam),
+                "--cases",
+                f"${cases}",
+                "--output_dir",
+                str(tmp_path / "bundle_out"),
+                "--progress",
+                "false",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         own = np.asarray(nib.load(str(tmp_path / "bundle_out" / "phantom0" / "phantom0_lung_sides.nii.gz")).dataobj)
         np.testing.assert_array_equal(answers["hsam_finetune"], own)
 
         # bad requests: clear answers, and the server stays up
         status, body = _request(f"{url}/infer/nope?image=phantom0", "POST")
-        assert status == 404 and "unknown model 'nope'" in json.loads(body)["detail"] and "hsam_finetune" in json.loads(body)["detail"]
+        assert (
+            status == 404
+            and "unknown model 'nope'" in json.loads(body)["detail"]
+            and "hsam_finetune" in json.loads(body)["detail"]
+        )
         status, body = _request(f"{url}/infer/hsam_finetune?image=ghost", "POST")
         assert status == 404 and "unknown image 'ghost'" in json.loads(body)["detail"]
         status, body = _request(f"{url}/infer/hsam_finetune?image=broken", "POST")
@@ -165,8 +208,24 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
         assert _request(f"{url}/info/")[0] == 200 and server.poll() is None
 
         # a second server on the same port: a clear error before MONAI Label starts
-        second = subprocess.run([sys.executable, "-m", "common.serve", "--studies", str(studies), "--port", str(port), "--app-dir", str(app), "--prepared"],
-                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "common.serve",
+                "--studies",
+                str(studies),
+                "--port",
+                str(port),
+                "--app-dir",
+                str(app),
+                "--prepared",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in second.stderr
     finally:
         os.killpg(server.pid, signal.SIGTERM)

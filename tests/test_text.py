@@ -18,7 +18,13 @@ def test_negations_and_sides_are_kept():
 def test_measurements_join_their_unit():
     assert preprocess_report("A 12 mm nodule, 3. series 4") == ["12mm", "nodule", "series"]
     assert preprocess_report("Nodules of 4-6 mm and 2 to 3 cm; 15% emphysema below -950 HU.") == [
-        "nodule", "4-6mm", "2-3cm", "15%", "emphysema", "below", "-950hu",
+        "nodule",
+        "4-6mm",
+        "2-3cm",
+        "15%",
+        "emphysema",
+        "below",
+        "-950hu",
     ]
 
 

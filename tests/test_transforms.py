@@ -23,7 +23,9 @@ def test_hu_window_maps_lung_window_to_unit_range():
 
 
 def test_trim_slices_keeps_the_middle_and_moves_the_affine():
-    vol = MetaTensor(torch.arange(50, dtype=torch.float32).repeat(1, 4, 4, 1), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    vol = MetaTensor(
+        torch.arange(50, dtype=torch.float32).repeat(1, 4, 4, 1), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0]))
+    )
     out = TrimSlices(20)(vol)
     assert out.shape == (1, 4, 4, 20)
     assert out[0, 0, 0].tolist() == list(range(15, 35))
@@ -37,7 +39,9 @@ def test_trim_slices_keeps_the_middle_and_moves_the_affine():
 
 def test_preprocessing_chain_on_real_crop():
     vol = read_ct(TOTALSEG_B)  # 122 x 102 x 112 at 1.5 mm, LPS
-    out = ct_preprocessing(target_spacing=(3.0, 3.0, 3.0), trim_slices=20, spatial_size=(64, 64, -1))({"image": str(TOTALSEG_B)})["image"]
+    out = ct_preprocessing(target_spacing=(3.0, 3.0, 3.0), trim_slices=20, spatial_size=(64, 64, -1))(
+        {"image": str(TOTALSEG_B)}
+    )["image"]
     assert tuple(out.shape) == (1, 64, 64, 20)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     aff = out.affine.numpy()
@@ -52,7 +56,9 @@ def test_preprocessing_moves_labels_with_nearest_neighbour():
     vol = read_ct(TOTALSEG_B)
     label = (vol.hu < -400).astype(np.float32)
     lab = MetaTensor(torch.from_numpy(label)[None], affine=torch.from_numpy(vol.affine))
-    out = ct_preprocessing(load=False, label_keys=["label"], target_spacing=(2.0, 2.0, 2.0), spatial_size=(48, 48, -1))({"image": to_metatensor(vol), "label": lab})
+    out = ct_preprocessing(load=False, label_keys=["label"], target_spacing=(2.0, 2.0, 2.0), spatial_size=(48, 48, -1))(
+        {"image": to_metatensor(vol), "label": lab}
+    )
     assert out["image"].shape == out["label"].shape
     assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}
     # Lung fraction is preserved by the resampling (within a few percent).

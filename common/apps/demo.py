@@ -36,7 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, clock, link_scan, linked_scan, run_steps, start_python_server
+from common.apps.pipeline import (
+    BUNDLES,
+    Step,
+    case_reports,
+    clock,
+    link_scan,
+    linked_scan,
+    run_steps,
+    start_python_server,
+)
 from common.default_data import DEFAULT_OUT, PHANTOM_SHAPE, PHANTOM_SPACING, load_manifest
 from common.io.volume import reorient_array
 from common.lungmask import hu_threshold_lung_mask, split_left_right
@@ -48,7 +57,10 @@ log = logging.getLogger(__name__)
 # Demo-size preprocessing: 1.5 mm in-plane keeps the lungs' shape and is fast on 2 CPU cores.
 DEMO_SPACING = (1.5, 1.5, 2.5)
 HELDOUT_SEED, TRAIN_SEED = 100, 200  # phantom seeds SA-1 never saw (its phantoms are 0-9)
-SHIPPED = {"clip": BUNDLES / "foundation_clip" / "models" / "model.pt", "hsam": BUNDLES / "hsam_finetune" / "models" / "model.pt"}
+SHIPPED = {
+    "clip": BUNDLES / "foundation_clip" / "models" / "model.pt",
+    "hsam": BUNDLES / "hsam_finetune" / "models" / "model.pt",
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,9 @@ class DemoSize:
     hsam_configs: tuple[str, ...] = ("train.json", "demo.json")
     hsam: dict = field(default_factory=dict)
     hsam_inference: dict = field(default_factory=dict)
-    smoke_manifest: bool = False  # SA-1 and ingest read <out>/data (tiny phantoms + the real training scans), not make data's manifest
+    smoke_manifest: bool = (
+        False  # SA-1 and ingest read <out>/data (tiny phantoms + the real training scans), not make data's manifest
+    )
     heldout_seed: int = HELDOUT_SEED
     preprocessing_spacing: tuple[float, float, float] = DEMO_SPACING  # the ingest step's resampling
 
@@ -87,28 +101,79 @@ SIZES = {
     # slices of every training scan (one 13-slice crop alone chose over-segmenting checkpoints on 2 of 3 SA-1 seeds,
     # docs/reproducibility.md); Lung-PET-CT-Dx A0001 (Philips, 5 mm) is the real scan no stage of either chain trained on.
     "demo": DemoSize(
-        "demo", (PHANTOM_SHAPE[0], PHANTOM_SHAPE[1], 40), (PHANTOM_SPACING[0], PHANTOM_SPACING[1], PHANTOM_SHAPE[2] * PHANTOM_SPACING[2] / 40),
-        heldout_phantoms=1, training_phantoms=1,
+        "demo",
+        (PHANTOM_SHAPE[0], PHANTOM_SHAPE[1], 40),
+        (PHANTOM_SPACING[0], PHANTOM_SPACING[1], PHANTOM_SHAPE[2] * PHANTOM_SPACING[2] / 40),
+        heldout_phantoms=1,
+        training_phantoms=1,
         real_training=("lung_pet_ct_dx_a0002", "deeplesion_000001_01_01", "deeplesion_000001_02_01"),
         real_heldout=("lung_pet_ct_dx_a0001",),
-        hsam={"max_epochs": 6, "slice_step": 2, "val_slice_step": 2, "validate_between_slices": True, "feature_cache_views": 1},
+        hsam={
+            "max_epochs": 6,
+            "slice_step": 2,
+            "val_slice_step": 2,
+            "validate_between_slices": True,
+            "feature_cache_views": 1,
+        },
     ),
     # the smallest chain that runs every step: tiny phantoms, tiny random networks in every stage, SA-2's threshold
     # and SA-3a's QC that admit everything: a test of the plumbing, not of the method
     "smoke": DemoSize(
-        "smoke", (64, 64, 12), (5.0, 5.0, 20.0), heldout_phantoms=1, training_phantoms=1,
-        real_training=("deeplesion_000001_01_01",), real_heldout=(),
-        clip={"pretrained_image_encoder": False, "image_encoder": "tiny_cnn", "image_encoder_kwargs": {"out_channels": 16, "width": 8},
-              "embed_dim": 16, "teacher_variant": "tiny_sam", "teacher_random_init": True, "teacher_pool_to": 4, "teacher_views": 1,
-              "slice_size": 64, "num_slices": 2, "phantom_slices": 2, "patch_mm": 60.0, "patch_size": 32, "patches_per_class": 1,
-              "image_size": 32, "train_text_encoder": False, "batch_size": 8, "num_workers": 0, "max_epochs": 1, "warmup_epochs": 0,
-              "val_phantoms": 1, "exclude_cases": []},
-        probmap={"tau": 0.0},  # a random SA-1 gives no lung above the real threshold; 0 keeps the body, so SA-3a has a box to prompt
-        pseudolabel={"sam_variant": "tiny_sam", "network_def#random_init": True, "overlap_threshold": 0.0,
-                     "qc": {"min_predicted_iou": 0.0, "min_agreement": 0.0, "min_kept_share": 0.0, "lung_ml_range": [0.0, 1.0e9]}},
+        "smoke",
+        (64, 64, 12),
+        (5.0, 5.0, 20.0),
+        heldout_phantoms=1,
+        training_phantoms=1,
+        real_training=("deeplesion_000001_01_01",),
+        real_heldout=(),
+        clip={
+            "pretrained_image_encoder": False,
+            "image_encoder": "tiny_cnn",
+            "image_encoder_kwargs": {"out_channels": 16, "width": 8},
+            "embed_dim": 16,
+            "teacher_variant": "tiny_sam",
+            "teacher_random_init": True,
+            "teacher_pool_to": 4,
+            "teacher_views": 1,
+            "slice_size": 64,
+            "num_slices": 2,
+            "phantom_slices": 2,
+            "patch_mm": 60.0,
+            "patch_size": 32,
+            "patches_per_class": 1,
+            "image_size": 32,
+            "train_text_encoder": False,
+            "batch_size": 8,
+            "num_workers": 0,
+            "max_epochs": 1,
+            "warmup_epochs": 0,
+            "val_phantoms": 1,
+            "exclude_cases": [],
+        },
+        probmap={
+            "tau": 0.0
+        },  # a random SA-1 gives no lung above the real threshold; 0 keeps the body, so SA-3a has a box to prompt
+        pseudolabel={
+            "sam_variant": "tiny_sam",
+            "network_def#random_init": True,
+            "overlap_threshold": 0.0,
+            "qc": {
+                "min_predicted_iou": 0.0,
+                "min_agreement": 0.0,
+                "min_kept_share": 0.0,
+                "lung_ml_range": [0.0, 1.0e9],
+            },
+        },
         hsam_configs=("train.json",),
-        hsam={"sam_variant": "tiny_sam", "sam_random_init": True, "slice_size": 64, "max_epochs": 1, "batch_size": 4, "num_workers": 0,
-              "boundary_ignore_px": 2},
+        hsam={
+            "sam_variant": "tiny_sam",
+            "sam_random_init": True,
+            "slice_size": 64,
+            "max_epochs": 1,
+            "batch_size": 4,
+            "num_workers": 0,
+            "boundary_ignore_px": 2,
+        },
         hsam_inference={"network_def#random_init": True, "progress": False},
         smoke_manifest=True,
     ),
@@ -125,37 +190,112 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
     hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
     training, heldout_real = out / "training_scans", out / "heldout_scans"
     training_ids = [f"train_phantom_{i:03d}_ct" for i in range(size.training_phantoms)] + list(size.real_training)
-    heldout = {"phantom_dir": str(out / "phantoms_heldout"), "phantom_seed": size.heldout_seed, "phantom_prefix": "heldout_phantom",
-               "n_phantoms": size.heldout_phantoms, "phantom_shape": list(size.phantom_shape), "phantom_spacing": list(size.phantom_spacing)}
-    clip = {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models"), "seed": seed, **size.clip}
+    heldout = {
+        "phantom_dir": str(out / "phantoms_heldout"),
+        "phantom_seed": size.heldout_seed,
+        "phantom_prefix": "heldout_phantom",
+        "n_phantoms": size.heldout_phantoms,
+        "phantom_shape": list(size.phantom_shape),
+        "phantom_spacing": list(size.phantom_spacing),
+    }
+    clip = {
+        "output_dir": str(out / "foundation_clip"),
+        "ckpt_dir": str(out / "foundation_clip" / "models"),
+        "seed": seed,
+        **size.clip,
+    }
     if size.smoke_manifest:
         clip.update({"dataset_dir": str(out / "data"), "teacher_cache_dir": str(out / "teacher_cache")})
     probmap = lambda ckpt, **o: {"ckpt_path": str(ckpt), **size.probmap, **o}  # noqa: E731
     training_reports = case_reports(out / "probmap" / "training_scans", training_ids, "probmap.json")
     steps = [
-        Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"], clip, clip_ckpt,
-             "SA-1: train the CLIP-like model (LiteMedSAM teacher) on the real scans and phantoms", extra_done=[out / "foundation_clip" / "metrics_history.json"]),
-        Step("probmap", "probmap_heldout_phantoms", "probmap", ["inference.json", "evaluate.json"],
-             probmap(clip_ckpt, **heldout, output_dir=str(out / "probmap" / "heldout_phantoms")),
-             out / "probmap" / "heldout_phantoms" / "scores.json", "SA-2: probability maps and lung masks of the held-out phantoms, scored"),
-        Step("probmap", "probmap_training_scans", "probmap", ["inference.json"],
-             probmap(clip_ckpt, dataset_dir=str(training), output_dir=str(out / "probmap" / "training_scans")),
-             training_reports[0], "SA-2: probability maps of the training scans (phantoms and real CT)", extra_done=training_reports[1:]),
-        Step("pseudolabel", "pseudolabel_heldout_phantoms", "pseudolabel", ["inference.json", "evaluate.json"],
-             {**heldout, **size.pseudolabel, "probmap_dir": str(out / "probmap" / "heldout_phantoms"), "output_dir": str(out / "pseudolabel" / "heldout_phantoms")},
-             out / "pseudolabel" / "heldout_phantoms" / "datalist.json", "SA-3a: pseudo labels of the held-out phantoms, scored",
-             extra_done=[out / "pseudolabel" / "heldout_phantoms" / "scores.json"]),
-        Step("pseudolabel", "pseudolabel_training_scans", "pseudolabel", ["inference.json"],
-             {**size.pseudolabel, "dataset_dir": str(training), "probmap_dir": str(out / "probmap" / "training_scans"),
-              "output_dir": str(out / "pseudolabel" / "training_scans")},
-             out / "pseudolabel" / "training_scans" / "datalist.json", "SA-3a: pseudo labels of the training scans; QC picks H-SAM's training and validation cases"),
-        Step("hsam", "hsam_finetune_train", "hsam_finetune", list(size.hsam_configs),
-             {"datalist_path": str(out / "pseudolabel" / "training_scans" / "datalist.json"), "ckpt_path": str(hsam_ckpt),
-              "output_dir": str(out / "hsam_finetune" / "train"), **size.hsam},
-             hsam_ckpt, "SA-3b: train H-SAM (LoRA encoder, two decoders) on the pseudo labels", extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"]),
-        Step("hsam", "hsam_finetune_heldout_phantoms", "hsam_finetune", ["inference.json", "evaluate.json"],
-             {"ckpt_path": str(hsam_ckpt), **heldout, **size.hsam_inference, "output_dir": str(out / "hsam_finetune" / "heldout_phantoms")},
-             out / "hsam_finetune" / "heldout_phantoms" / "scores.json", "SA-3b: H-SAM lung masks of the held-out phantoms, scored"),
+        Step(
+            "clip",
+            "foundation_clip_train",
+            "foundation_clip",
+            ["train.json", "demo.json"],
+            clip,
+            clip_ckpt,
+            "SA-1: train the CLIP-like model (LiteMedSAM teacher) on the real scans and phantoms",
+            extra_done=[out / "foundation_clip" / "metrics_history.json"],
+        ),
+        Step(
+            "probmap",
+            "probmap_heldout_phantoms",
+            "probmap",
+            ["inference.json", "evaluate.json"],
+            probmap(clip_ckpt, **heldout, output_dir=str(out / "probmap" / "heldout_phantoms")),
+            out / "probmap" / "heldout_phantoms" / "scores.json",
+            "SA-2: probability maps and lung masks of the held-out phantoms, scored",
+        ),
+        Step(
+            "probmap",
+            "probmap_training_scans",
+            "probmap",
+            ["inference.json"],
+            probmap(clip_ckpt, dataset_dir=str(training), output_dir=str(out / "probmap" / "training_scans")),
+            training_reports[0],
+            "SA-2: probability maps of the training scans (phantoms and real CT)",
+            extra_done=training_reports[1:],
+        ),
+        Step(
+            "pseudolabel",
+            "pseudolabel_heldout_phantoms",
+            "pseudolabel",
+            ["inference.json", "evaluate.json"],
+            {
+                **heldout,
+                **size.pseudolabel,
+                "probmap_dir": str(out / "probmap" / "heldout_phantoms"),
+                "output_dir": str(out / "pseudolabel" / "heldout_phantoms"),
+            },
+            out / "pseudolabel" / "heldout_phantoms" / "datalist.json",
+            "SA-3a: pseudo labels of the held-out phantoms, scored",
+            extra_done=[out / "pseudolabel" / "heldout_phantoms" / "scores.json"],
+        ),
+        Step(
+            "pseudolabel",
+            "pseudolabel_training_scans",
+            "pseudolabel",
+            ["inference.json"],
+            {
+                **size.pseudolabel,
+                "dataset_dir": str(training),
+                "probmap_dir": str(out / "probmap" / "training_scans"),
+                "output_dir": str(out / "pseudolabel" / "training_scans"),
+            },
+            out / "pseudolabel" / "training_scans" / "datalist.json",
+            "SA-3a: pseudo labels of the training scans; QC picks H-SAM's training and validation cases",
+        ),
+        Step(
+            "hsam",
+            "hsam_finetune_train",
+            "hsam_finetune",
+            list(size.hsam_configs),
+            {
+                "datalist_path": str(out / "pseudolabel" / "training_scans" / "datalist.json"),
+                "ckpt_path": str(hsam_ckpt),
+                "output_dir": str(out / "hsam_finetune" / "train"),
+                **size.hsam,
+            },
+            hsam_ckpt,
+            "SA-3b: train H-SAM (LoRA encoder, two decoders) on the pseudo labels",
+            extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"],
+        ),
+        Step(
+            "hsam",
+            "hsam_finetune_heldout_phantoms",
+            "hsam_finetune",
+            ["inference.json", "evaluate.json"],
+            {
+                "ckpt_path": str(hsam_ckpt),
+                **heldout,
+                **size.hsam_inference,
+                "output_dir": str(out / "hsam_finetune" / "heldout_phantoms"),
+            },
+            out / "hsam_finetune" / "heldout_phantoms" / "scores.json",
+            "SA-3b: H-SAM lung masks of the held-out phantoms, scored",
+        ),
     ]
     # the held-out real scans: SA-2 then H-SAM on the slices SA-2's mask touches (as make segment does), with the
     # demo's models and with the shipped ones
@@ -163,20 +303,52 @@ def demo_steps(out: Path, size: DemoSize = SIZES["demo"], seed: int = 0) -> list
     if size.compare_shipped:
         missing = [str(p) for p in SHIPPED.values() if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"the shipped models are missing: {', '.join(missing)} (they are committed: check out the repository again)")
+            raise FileNotFoundError(
+                f"the shipped models are missing: {', '.join(missing)} (they are committed: check out the repository again)"
+            )
         models.append(("shipped", SHIPPED["clip"], SHIPPED["hsam"], "shipped"))
     for who, clip_file, hsam_file, stage in models:
         maps = out / "probmap" / f"heldout_real_{who}"
-        cases = [{"image": str(linked_scan(heldout_real, c)), "case_id": c, "region": str(maps / c / f"{c}_lung_mask.nii.gz")} for c in size.real_heldout]
+        cases = [
+            {
+                "image": str(linked_scan(heldout_real, c)),
+                "case_id": c,
+                "region": str(maps / c / f"{c}_lung_mask.nii.gz"),
+            }
+            for c in size.real_heldout
+        ]
         reports = case_reports(maps, list(size.real_heldout), "probmap.json")
-        steps.append(Step(stage if who == "shipped" else "probmap", f"probmap_heldout_real_{who}", "probmap", ["inference.json"],
-                          probmap(clip_file, dataset_dir=str(heldout_real), output_dir=str(maps)), reports[0],
-                          f"SA-2 ({who} SA-1 model): maps of the real scan no stage trained on", extra_done=reports[1:]))
+        steps.append(
+            Step(
+                stage if who == "shipped" else "probmap",
+                f"probmap_heldout_real_{who}",
+                "probmap",
+                ["inference.json"],
+                probmap(clip_file, dataset_dir=str(heldout_real), output_dir=str(maps)),
+                reports[0],
+                f"SA-2 ({who} SA-1 model): maps of the real scan no stage trained on",
+                extra_done=reports[1:],
+            )
+        )
         seg = out / "hsam_finetune" / f"heldout_real_{who}"
         reports = case_reports(seg, list(size.real_heldout), "report.json")
-        steps.append(Step(stage, f"hsam_finetune_heldout_real_{who}", "hsam_finetune", ["inference.json"],
-                          {"ckpt_path": str(hsam_file), "cases": cases, **(size.hsam_inference if who == "demo" else {}), "output_dir": str(seg)},
-                          reports[0], f"SA-3b ({who} H-SAM model): lung mask of the real scan no stage trained on", extra_done=reports[1:]))
+        steps.append(
+            Step(
+                stage,
+                f"hsam_finetune_heldout_real_{who}",
+                "hsam_finetune",
+                ["inference.json"],
+                {
+                    "ckpt_path": str(hsam_file),
+                    "cases": cases,
+                    **(size.hsam_inference if who == "demo" else {}),
+                    "output_dir": str(seg),
+                },
+                reports[0],
+                f"SA-3b ({who} H-SAM model): lung mask of the real scan no stage trained on",
+                extra_done=reports[1:],
+            )
+        )
     return steps
 
 
@@ -187,15 +359,25 @@ def prepare_scans(out: Path, size: DemoSize = SIZES["demo"], data_dir: Path = DE
 
     out = out.resolve()
     cases = {c["id"]: c for c in load_manifest(data_dir)["cases"]}
-    make_phantoms(out / "training_scans", size.training_phantoms, seed=TRAIN_SEED, prefix="train_phantom", shape=size.phantom_shape,
-                  spacing=size.phantom_spacing)
+    make_phantoms(
+        out / "training_scans",
+        size.training_phantoms,
+        seed=TRAIN_SEED,
+        prefix="train_phantom",
+        shape=size.phantom_shape,
+        spacing=size.phantom_spacing,
+    )
     for folder, ids in (("training_scans", size.real_training), ("heldout_scans", size.real_heldout)):
         for case_id in ids:
             if case_id not in cases:
-                raise ValueError(f"{data_dir / 'manifest.json'}: the demo's real scan {case_id} is not listed (run `make data` again)")
+                raise ValueError(
+                    f"{data_dir / 'manifest.json'}: the demo's real scan {case_id} is not listed (run `make data` again)"
+                )
             source = Path(cases[case_id]["path"]).resolve()
             if not source.exists():
-                raise FileNotFoundError(f"{source}: the demo's real scan {case_id} is missing (../shared/data, see its README)")
+                raise FileNotFoundError(
+                    f"{source}: the demo's real scan {case_id} is missing (../shared/data, see its README)"
+                )
             link_scan(out / folder, case_id, source)
 
 
@@ -217,7 +399,11 @@ def prepare_smoke_data(out: Path, size: DemoSize) -> Path:
 
 def _case_ref(case: dict) -> CaseRef:
     path = Path(case["path"])
-    fmt = "dicom" if case["format"] == "dicom" and path.is_dir() else ("deeplesion_png" if case["format"] == "deeplesion_png" else "file")
+    fmt = (
+        "dicom"
+        if case["format"] == "dicom" and path.is_dir()
+        else ("deeplesion_png" if case["format"] == "deeplesion_png" else "file")
+    )
     return CaseRef(case["id"], path, fmt)
 
 
@@ -232,7 +418,9 @@ INGEST_WORKERS = 2  # one case per core: a case's reading, QC, HU threshold, sid
 def _ingest_worker_init() -> None:
     import torch
 
-    torch.set_num_threads(1)  # two workers on two cores: each its own core (the same results: resampling is elementwise)
+    torch.set_num_threads(
+        1
+    )  # two workers on two cores: each its own core (the same results: resampling is elementwise)
 
 
 def _ingest_case(case: dict, out: Path, fig_dir: Path) -> tuple:
@@ -243,7 +431,12 @@ def _ingest_case(case: dict, out: Path, fig_dir: Path) -> tuple:
     from common.transforms import ct_preprocessing
 
     record, vol = qc_case(_case_ref(case))
-    row = {"case": case["id"], "kind": case["kind"], "qc": "pass" if record.passed else "EXCLUDED", "read+qc s": round(record.seconds, 2)}
+    row = {
+        "case": case["id"],
+        "kind": case["kind"],
+        "qc": "pass" if record.passed else "EXCLUDED",
+        "read+qc s": round(record.seconds, 2),
+    }
     if vol is None or not record.passed:
         row["reasons"] = "; ".join(record.reasons)
         return record, row, None
@@ -253,14 +446,29 @@ def _ingest_case(case: dict, out: Path, fig_dir: Path) -> tuple:
     right_lps, _ = reorient_array(right, vol.affine, "LPS")
     left_lps, _ = reorient_array(left, vol.affine, "LPS")
     k = _best_slice(right_lps | left_lps)
-    png = save_overlay_png(fig_dir / f"{case['id']}.png", hu_lps[:, :, k], [(right_lps[:, :, k], "#00c0ff"), (left_lps[:, :, k], "#ffb000")],
-                           f"{case['id']} slice {k}: HU-threshold lungs (R blue, L orange)", LUNG_WINDOW, vol.reorient("LPS").spacing[:2])
-    figure = (f"figures/{png.name}", f"{case['id']} ({case['kind']}), {vol.shape[0]}x{vol.shape[1]}x{vol.shape[2]} at {'x'.join(f'{s:.2f}' for s in vol.spacing)} mm")
+    png = save_overlay_png(
+        fig_dir / f"{case['id']}.png",
+        hu_lps[:, :, k],
+        [(right_lps[:, :, k], "#00c0ff"), (left_lps[:, :, k], "#ffb000")],
+        f"{case['id']} slice {k}: HU-threshold lungs (R blue, L orange)",
+        LUNG_WINDOW,
+        vol.reorient("LPS").spacing[:2],
+    )
+    figure = (
+        f"figures/{png.name}",
+        f"{case['id']} ({case['kind']}), {vol.shape[0]}x{vol.shape[1]}x{vol.shape[2]} at {'x'.join(f'{s:.2f}' for s in vol.spacing)} mm",
+    )
     t = time.perf_counter()
     pre = ct_preprocessing(load=False, target_spacing=DEMO_SPACING)({"image": to_metatensor(vol)})["image"]
     save_nifti_array(pre[0].numpy(), pre.affine.numpy(), out / "preprocessed" / f"{case['id']}_preproc.nii.gz")
-    row.update({"shape": "x".join(map(str, vol.shape)), "lung mL (R/L)": f"{right.sum() * vol.voxel_volume_ml:.0f}/{left.sum() * vol.voxel_volume_ml:.0f}",
-                "preprocessed": "x".join(map(str, pre.shape[1:])), "preproc s": round(time.perf_counter() - t, 2)})
+    row.update(
+        {
+            "shape": "x".join(map(str, vol.shape)),
+            "lung mL (R/L)": f"{right.sum() * vol.voxel_volume_ml:.0f}/{left.sum() * vol.voxel_volume_ml:.0f}",
+            "preprocessed": "x".join(map(str, pre.shape[1:])),
+            "preproc s": round(time.perf_counter() - t, 2),
+        }
+    )
     if case["kind"] == "phantom":
         import nibabel as nib
 
@@ -281,7 +489,9 @@ def run_ingest(out: Path, data_dir: Path, fig_dir: Path, workers: int = INGEST_W
 
     manifest = load_manifest(data_dir)
     records, figures, per_case = [], [], []
-    with ProcessPoolExecutor(max(1, int(workers)), mp_context=multiprocessing.get_context("fork"), initializer=_ingest_worker_init) as pool:
+    with ProcessPoolExecutor(
+        max(1, int(workers)), mp_context=multiprocessing.get_context("fork"), initializer=_ingest_worker_init
+    ) as pool:
         jobs = [pool.submit(_ingest_case, case, out, fig_dir) for case in manifest["cases"]]
         for job in tqdm(jobs, desc="ingest + QC + preprocessing", unit="scan"):
             record, row, figure = job.result()
@@ -292,14 +502,29 @@ def run_ingest(out: Path, data_dir: Path, fig_dir: Path, workers: int = INGEST_W
     write_qc_report(records, out / "qc")
     first = next((c for c in manifest["cases"] if c["kind"] == "phantom" and "seed" in c), None)
     if first is not None:
-        phantom = generate_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=first["seed"])  # as make data wrote it
+        phantom = generate_phantom(
+            shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, seed=first["seed"]
+        )  # as make data wrote it
         render_slice_png(phantom, fig_dir / "phantom_ground_truth.png", coronal=True)
     excluded = [r for r in records if not r.passed]
     return {
-        "n_cases": len(records), "n_passed": len(records) - len(excluded), "n_excluded": len(excluded),
-        "excluded": {r.case_id: r.reasons for r in excluded}, "cases": per_case, "figures": figures,
-        "qc_rows": [{"case": r.case_id, "verdict": "pass" if r.passed else "EXCLUDED", **{c.name: ("ok" if c.passed else "FAIL") for c in r.checks}} for r in records],
-        "phantom_example": None if first is None else {"id": first["id"], "seed": first["seed"], "report": phantom.report},
+        "n_cases": len(records),
+        "n_passed": len(records) - len(excluded),
+        "n_excluded": len(excluded),
+        "excluded": {r.case_id: r.reasons for r in excluded},
+        "cases": per_case,
+        "figures": figures,
+        "qc_rows": [
+            {
+                "case": r.case_id,
+                "verdict": "pass" if r.passed else "EXCLUDED",
+                **{c.name: ("ok" if c.passed else "FAIL") for c in r.checks},
+            }
+            for r in records
+        ],
+        "phantom_example": None
+        if first is None
+        else {"id": first["id"], "seed": first["seed"], "report": phantom.report},
         "qc_dir": str(out / "qc"),
     }
 
@@ -307,7 +532,9 @@ def run_ingest(out: Path, data_dir: Path, fig_dir: Path, workers: int = INGEST_W
 # --------------------------------------------------------------------------- the demo
 
 
-def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, size: DemoSize = SIZES["demo"], seed: int = 0) -> dict:
+def run_demo(
+    out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, size: DemoSize = SIZES["demo"], seed: int = 0
+) -> dict:
     from common.apps.demo_report import build_report
 
     started = time.perf_counter()
@@ -329,7 +556,16 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, siz
     except RuntimeError as err:  # the report still shows what finished, and the failure
         failure = str(err)
     print(f"==> report (elapsed {clock(time.perf_counter() - started)})", flush=True)
-    metrics = build_report(out, ingest, steps, size=size, seed=seed, data_dir=data_dir, failure=failure, total_seconds=time.perf_counter() - started)
+    metrics = build_report(
+        out,
+        ingest,
+        steps,
+        size=size,
+        seed=seed,
+        data_dir=data_dir,
+        failure=failure,
+        total_seconds=time.perf_counter() - started,
+    )
     if failure:
         raise SystemExit(f"demo stopped: {failure}\nreport so far: {out / 'report' / 'index.html'}")
     return metrics
@@ -338,9 +574,18 @@ def run_demo(out: Path, data_dir: Path = DEFAULT_OUT, retrain: bool = False, siz
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo")
-    parser.add_argument("--data", default=str(DEFAULT_OUT), help="make data's folder (its manifest.json); the smoke size writes its own")
-    parser.add_argument("--size", choices=sorted(SIZES), default="demo", help="demo: make demo's size; smoke: the smallest chain (make test)")
-    parser.add_argument("--seed", type=int, default=0, help="SA-1's seed (MONAI set_determinism); the other stages keep theirs")
+    parser.add_argument(
+        "--data", default=str(DEFAULT_OUT), help="make data's folder (its manifest.json); the smoke size writes its own"
+    )
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="demo",
+        help="demo: make demo's size; smoke: the smallest chain (make test)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="SA-1's seed (MONAI set_determinism); the other stages keep theirs"
+    )
     parser.add_argument("--retrain", action="store_true", help="run every step again, even those already finished")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

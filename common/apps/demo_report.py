@@ -18,8 +18,13 @@ from common.apps.pipeline import REPO_ROOT, clock, linked_scan, run_python
 from common.io import write_json_atomic
 from common.report import LUNG_WINDOW, figure_grid, html_table, write_html_page
 
-STAGE_TITLES = {"clip": "SA-1 foundation_clip", "probmap": "SA-2 probmap", "pseudolabel": "SA-3a pseudolabel", "hsam": "SA-3b hsam_finetune",
-                "shipped": "shipped models"}
+STAGE_TITLES = {
+    "clip": "SA-1 foundation_clip",
+    "probmap": "SA-2 probmap",
+    "pseudolabel": "SA-3a pseudolabel",
+    "hsam": "SA-3b hsam_finetune",
+    "shipped": "shipped models",
+}
 
 
 def _load(path: Path) -> dict | None:
@@ -84,16 +89,37 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
     if history is None or not ckpt.is_file():
         return {"ran": False}, "<p class='fail'>SA-1 did not finish: no checkpoint or metrics_history.json.</p>"
     history = history["history"]
-    best = next(row for row in history if row["epoch"] == history[-1]["best_epoch"])  # the checkpoint's epoch (key metric)
-    save_training_curves_png(history, fig_dir / "clip_curves.png", ["epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"],
-                             ["val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"], "foundation_clip (SA-1), demo config")
-    metrics = {"ran": True, "best_epoch": best["epoch"], "epochs": len(history), "val_zero_shot_acc": best["val_zero_shot_acc"],
-               "val_recall_at_5": best.get("val_recall_at_5"), "val_distill_cosine": best.get("val_distill_cosine"), "checkpoint": str(ckpt)}
-    body = (f"<p>Best held-out zero-shot patch accuracy <b>{best['val_zero_shot_acc']:.3f}</b> at epoch {best['epoch']} of {len(history)} (the checkpoint); "
-            f"image-to-text recall@5 {best.get('val_recall_at_5', float('nan')):.3f}; distillation cosine to LiteMedSAM "
-            f"{best.get('val_distill_cosine', float('nan')):.3f}. Checkpoint <code>{html.escape(str(ckpt))}</code>.</p>" + _img("figures/clip_curves.png"))
+    best = next(
+        row for row in history if row["epoch"] == history[-1]["best_epoch"]
+    )  # the checkpoint's epoch (key metric)
+    save_training_curves_png(
+        history,
+        fig_dir / "clip_curves.png",
+        ["epoch_loss", "epoch_loss_contrastive", "epoch_loss_distill"],
+        ["val_zero_shot_acc", "val_recall_at_5", "val_distill_cosine"],
+        "foundation_clip (SA-1), demo config",
+    )
+    metrics = {
+        "ran": True,
+        "best_epoch": best["epoch"],
+        "epochs": len(history),
+        "val_zero_shot_acc": best["val_zero_shot_acc"],
+        "val_recall_at_5": best.get("val_recall_at_5"),
+        "val_distill_cosine": best.get("val_distill_cosine"),
+        "checkpoint": str(ckpt),
+    }
+    body = (
+        f"<p>Best held-out zero-shot patch accuracy <b>{best['val_zero_shot_acc']:.3f}</b> at epoch {best['epoch']} of {len(history)} (the checkpoint); "
+        f"image-to-text recall@5 {best.get('val_recall_at_5', float('nan')):.3f}; distillation cosine to LiteMedSAM "
+        f"{best.get('val_distill_cosine', float('nan')):.3f}. Checkpoint <code>{html.escape(str(ckpt))}</code>.</p>"
+        + _img("figures/clip_curves.png")
+    )
     if not patches_list.is_file():
-        return metrics, body + f"<p>No zero-shot confusion matrix: the held-out patches (<code>{html.escape(str(patches_list))}</code>) are not there.</p>"
+        return (
+            metrics,
+            body
+            + f"<p>No zero-shot confusion matrix: the held-out patches (<code>{html.escape(str(patches_list))}</code>) are not there.</p>",
+        )
     model = LungCLIP.load_checkpoint(ckpt).eval()
     size = int(model.preprocessing.get("image_size", 96))
     patches = [e for e in load_clip_datalist(patches_list, "validation") if e["label"] >= 0]
@@ -107,7 +133,9 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
     confusion = np.zeros((len(PATCH_CLASSES), len(PATCH_CLASSES)), dtype=int)
     np.add.at(confusion, (truth, pred), 1)
     accuracy = float((pred == truth).mean())
-    save_confusion_png(confusion, PATCH_CLASSES, fig_dir / "clip_confusion.png", f"held-out phantom patches: accuracy {accuracy:.3f}")
+    save_confusion_png(
+        confusion, PATCH_CLASSES, fig_dir / "clip_confusion.png", f"held-out phantom patches: accuracy {accuracy:.3f}"
+    )
     metrics.update({"saved_model_zero_shot_acc": accuracy, "zero_shot_confusion": confusion.tolist()})
     body += _img("figures/clip_confusion.png", "45%")
     return metrics, body
@@ -123,16 +151,39 @@ def probmap_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
             src = _copy_figure(report.parent / f"{case}_overlay.png", fig_dir, f"probmap_{case}.png")
             if src:
                 figures.append((src, f"{case}: lung probability and mask; most probable class"))
-    volumes = {which: {p.parent.name: (_load(p) or {}).get("lung_ml") for p in sorted((out / "probmap" / which).glob("*/*_probmap.json"))}
-               for which in ("training_scans", "heldout_real_demo")}
+    volumes = {
+        which: {
+            p.parent.name: (_load(p) or {}).get("lung_ml")
+            for p in sorted((out / "probmap" / which).glob("*/*_probmap.json"))
+        }
+        for which in ("training_scans", "heldout_real_demo")
+    }
     if held is None:
         return {"ran": False}, "<p class='fail'>SA-2 did not finish on the held-out phantoms (no scores.json).</p>"
-    metrics = {"ran": True, "heldout_phantoms": held["summary"], **{f"{which}_lung_volume_ml": v for which, v in volumes.items()}}
+    metrics = {
+        "ran": True,
+        "heldout_phantoms": held["summary"],
+        **{f"{which}_lung_volume_ml": v for which, v in volumes.items()},
+    }
     dice = held["summary"].get("lung_mask_dice", {}).get("mean")
-    body = (f"<p>Zero-shot maps from the SA-1 model (sliding patches, Eq. 4-6) and the lung mask thresholded from them. "
-            f"Held-out phantoms: lung-mask Dice <b>{dice:.3f}</b> (mean of {held['summary'].get('lung_mask_dice', {}).get('n', 0)}).</p>"
-            + _scores_table(held, ["case_id", "lung_mask_dice", "lung_mask_iou", "lung_auc", "heart_auc", "blood vessel_auc", "airway_auc", "bone_auc"])
-            + figure_grid(figures, wide=True))
+    body = (
+        f"<p>Zero-shot maps from the SA-1 model (sliding patches, Eq. 4-6) and the lung mask thresholded from them. "
+        f"Held-out phantoms: lung-mask Dice <b>{dice:.3f}</b> (mean of {held['summary'].get('lung_mask_dice', {}).get('n', 0)}).</p>"
+        + _scores_table(
+            held,
+            [
+                "case_id",
+                "lung_mask_dice",
+                "lung_mask_iou",
+                "lung_auc",
+                "heart_auc",
+                "blood vessel_auc",
+                "airway_auc",
+                "bone_auc",
+            ],
+        )
+        + figure_grid(figures, wide=True)
+    )
     return metrics, body
 
 
@@ -148,23 +199,44 @@ def pseudolabel_section(out: Path, fig_dir: Path) -> tuple[dict, str]:
         for report in sorted((out / "pseudolabel" / which).glob("*/*_pseudolabel.json")):
             case, info = report.parent.name, _load(report) or {}
             confidence = info.get("confidence", {})
-            qc_rows.append({"set": which.replace("_", " "), "case": case, "QC": "pass" if confidence.get("passed") else "excluded",
-                            "H-SAM": role.get(case, "held out") if which == "training_scans" else "held out (scored)",
-                            "agreement Dice with SA-2": confidence.get("agreement_dice"), "mean predicted IoU": confidence.get("mean_predicted_iou"),
-                            "lung mL": (info.get("lung_ml") or {}).get("total"), "reasons": "; ".join(confidence.get("reasons", []))})
+            qc_rows.append(
+                {
+                    "set": which.replace("_", " "),
+                    "case": case,
+                    "QC": "pass" if confidence.get("passed") else "excluded",
+                    "H-SAM": role.get(case, "held out") if which == "training_scans" else "held out (scored)",
+                    "agreement Dice with SA-2": confidence.get("agreement_dice"),
+                    "mean predicted IoU": confidence.get("mean_predicted_iou"),
+                    "lung mL": (info.get("lung_ml") or {}).get("total"),
+                    "reasons": "; ".join(confidence.get("reasons", [])),
+                }
+            )
             if not case.startswith("train_phantom"):  # the held-out phantoms and the real training scans
                 src = _copy_figure(report.parent / f"{case}_pseudo_overlay.png", fig_dir, f"pseudolabel_{case}.png")
                 if src:
                     figures.append((src, f"{case}: pseudo label (right green, left blue), SA-2 mask dashed"))
-    metrics = {"ran": True, "heldout_phantoms": held["summary"], "cases": qc_rows,
-               "hsam_datalist": {split: [e["case_id"] for e in datalist.get(split, [])] for split in ("training", "validation", "excluded")}}
+    metrics = {
+        "ran": True,
+        "heldout_phantoms": held["summary"],
+        "cases": qc_rows,
+        "hsam_datalist": {
+            split: [e["case_id"] for e in datalist.get(split, [])] for split in ("training", "validation", "excluded")
+        },
+    }
     dice = held["summary"].get("pseudo_dice", {}).get("mean")
-    body = (f"<p>SAM prompts (boxes) from the SA-2 maps, LiteMedSAM masks kept by Algorithm 2, per-case QC. Held-out phantoms: pseudo-label Dice "
-            f"<b>{dice:.3f}</b> against the true lung field.</p>"
-            + _scores_table(held, ["case_id", "pseudo_dice", "pseudo_iou", "sa2_mask_dice", "kept_share", "mean_predicted_iou"])
-            + "<p>Every case's QC; of the training scans, those that pass train (or validate) H-SAM:</p>"
-            + html_table(qc_rows, ["set", "case", "QC", "H-SAM", "agreement Dice with SA-2", "mean predicted IoU", "lung mL", "reasons"])
-            + figure_grid(figures, wide=True))
+    body = (
+        f"<p>SAM prompts (boxes) from the SA-2 maps, LiteMedSAM masks kept by Algorithm 2, per-case QC. Held-out phantoms: pseudo-label Dice "
+        f"<b>{dice:.3f}</b> against the true lung field.</p>"
+        + _scores_table(
+            held, ["case_id", "pseudo_dice", "pseudo_iou", "sa2_mask_dice", "kept_share", "mean_predicted_iou"]
+        )
+        + "<p>Every case's QC; of the training scans, those that pass train (or validate) H-SAM:</p>"
+        + html_table(
+            qc_rows,
+            ["set", "case", "QC", "H-SAM", "agreement Dice with SA-2", "mean predicted IoU", "lung mL", "reasons"],
+        )
+        + figure_grid(figures, wide=True)
+    )
     return metrics, body
 
 
@@ -182,14 +254,26 @@ def hsam_section(out: Path, fig_dir: Path, between: bool = False) -> tuple[dict,
     vals = sorted({k for row in history for k in row if k.startswith("val_")})
     save_training_curves_png(history, fig_dir / "hsam_curves.png", losses, vals, "hsam_finetune (SA-3b), demo size")
     best = max(history, key=lambda r: r.get("val_mean_dice", float("-inf")))
-    metrics = {"ran": True, "epochs": len(history), "best_epoch": best["epoch"], "best_val_mean_dice": best.get("val_mean_dice"),
-               "history": history, "heldout_phantoms": held["summary"]}
+    metrics = {
+        "ran": True,
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_mean_dice": best.get("val_mean_dice"),
+        "history": history,
+        "heldout_phantoms": held["summary"],
+    }
     s = held["summary"]
-    body = (f"<p>H-SAM (LoRA on the LiteMedSAM encoder, two mask decoders) trained on the pseudo labels for {len(history)} epochs; "
-            f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels: "
-            f"{'the validation scans and the slices between the training slices of every training scan' if between else 'the validation scans'}). "
-            f"Held-out phantoms against their true lung field: Dice <b>{s['dice']['mean']:.3f}</b>, HD95 {s['hd95_mm']['mean']:.1f} mm.</p>"
-            + _img("figures/hsam_curves.png") + _scores_table(held, ["case_id", "dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "sensitivity", "specificity"]))
+    body = (
+        f"<p>H-SAM (LoRA on the LiteMedSAM encoder, two mask decoders) trained on the pseudo labels for {len(history)} epochs; "
+        f"best validation Dice {best.get('val_mean_dice', float('nan')):.3f} (epoch {best['epoch']}, on held-back pseudo labels: "
+        f"{'the validation scans and the slices between the training slices of every training scan' if between else 'the validation scans'}). "
+        f"Held-out phantoms against their true lung field: Dice <b>{s['dice']['mean']:.3f}</b>, HD95 {s['hd95_mm']['mean']:.1f} mm.</p>"
+        + _img("figures/hsam_curves.png")
+        + _scores_table(
+            held,
+            ["case_id", "dice", "dice_central", "dice_peripheral", "hd95_mm", "assd_mm", "sensitivity", "specificity"],
+        )
+    )
     return metrics, body
 
 
@@ -198,12 +282,27 @@ def hsam_section(out: Path, fig_dir: Path, between: bool = False) -> tuple[dict,
 
 def comparison_section(out: Path, fig_dir: Path, n_phantoms: int, seed: int) -> tuple[dict | None, str]:
     """Every method on the held-out phantoms, by the same script as the bundle docs' table."""
-    methods = {"SA-2 lung mask (zero-shot)": out / "probmap" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz",
-               "pseudo labels (SA-3a)": out / "pseudolabel" / "heldout_phantoms" / "{case}" / "{case}_pseudo_label.nii.gz",
-               "H-SAM on pseudo labels (SA-3b)": out / "hsam_finetune" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz"}
+    methods = {
+        "SA-2 lung mask (zero-shot)": out / "probmap" / "heldout_phantoms" / "{case}" / "{case}_lung_mask.nii.gz",
+        "pseudo labels (SA-3a)": out / "pseudolabel" / "heldout_phantoms" / "{case}" / "{case}_pseudo_label.nii.gz",
+        "H-SAM on pseudo labels (SA-3b)": out
+        / "hsam_finetune"
+        / "heldout_phantoms"
+        / "{case}"
+        / "{case}_lung_mask.nii.gz",
+    }
     dest = out / "report" / "comparison"
-    cmd = [str(REPO_ROOT / "benchmarks" / "hsam_comparison.py"), "--phantom-dir", str(out / "phantoms_heldout"),
-           "--phantoms", str(n_phantoms), "--seed", str(seed), "--out", str(dest)]
+    cmd = [
+        str(REPO_ROOT / "benchmarks" / "hsam_comparison.py"),
+        "--phantom-dir",
+        str(out / "phantoms_heldout"),
+        "--phantoms",
+        str(n_phantoms),
+        "--seed",
+        str(seed),
+        "--out",
+        str(dest),
+    ]
     for name, pattern in methods.items():
         cmd += ["--method", f"{name}={pattern}"]
     returncode, output = _run_script(cmd, dest)
@@ -212,17 +311,32 @@ def comparison_section(out: Path, fig_dir: Path, n_phantoms: int, seed: int) -> 
         return None, f"<p class='fail'>The comparison did not run: <code>{html.escape(output[-800:])}</code></p>"
     rows = []
     for name, s in table["summary"].items():
-        rows.append({"method": name, **{label: f"{s[key]['mean']:.3f} ± {s[key]['sd']:.3f}" for label, key in
-                                        (("Dice", "dice"), ("Dice central", "dice_central"), ("Dice peripheral", "dice_peripheral"))},
-                     "HD95 mm": f"{s['hd95_mm']['mean']:.1f}", "sensitivity": f"{s['sensitivity']['mean']:.3f}"})
+        rows.append(
+            {
+                "method": name,
+                **{
+                    label: f"{s[key]['mean']:.3f} ± {s[key]['sd']:.3f}"
+                    for label, key in (
+                        ("Dice", "dice"),
+                        ("Dice central", "dice_central"),
+                        ("Dice peripheral", "dice_peripheral"),
+                    )
+                },
+                "HD95 mm": f"{s['hd95_mm']['mean']:.1f}",
+                "sensitivity": f"{s['sensitivity']['mean']:.3f}",
+            }
+        )
     for name in table.get("not_run", {}):
         rows.append({"method": name, "Dice": "not run"})
     for name in ("comparison.png", "overlays.png"):
         _copy_figure(dest / name, fig_dir, f"comparison_{name}")
-    body = (f"<p>Lung masks of {len(table['cases'])} held-out phantoms (seeds {seed}-{seed + n_phantoms - 1}, never seen in training) against "
-            "their true lung field; central / peripheral: the middle and outer halves of the lung's slices.</p>"
-            + html_table(rows, ["method", "Dice", "Dice central", "Dice peripheral", "HD95 mm", "sensitivity"])
-            + _img("figures/comparison_comparison.png", "60%") + _img("figures/comparison_overlays.png"))
+    body = (
+        f"<p>Lung masks of {len(table['cases'])} held-out phantoms (seeds {seed}-{seed + n_phantoms - 1}, never seen in training) against "
+        "their true lung field; central / peripheral: the middle and outer halves of the lung's slices.</p>"
+        + html_table(rows, ["method", "Dice", "Dice central", "Dice peripheral", "HD95 mm", "sensitivity"])
+        + _img("figures/comparison_comparison.png", "60%")
+        + _img("figures/comparison_overlays.png")
+    )
     return {"cases": table["cases"], "summary": table["summary"]}, body
 
 
@@ -232,31 +346,58 @@ def heldout_real_section(out: Path, fig_dir: Path, case_ids: tuple[str, ...]) ->
     by the script the bundle docs' real-CT table comes from, and the masks drawn at base, middle and apex."""
     if not case_ids:
         return None, "<p>This size holds no real scan out.</p>"
-    methods = {f"{stage} {who}": out / folder / f"heldout_real_{who}" for who in ("demo", "shipped")
-               for stage, folder in (("SA-2", "probmap"), ("H-SAM", "hsam_finetune"))}
+    methods = {
+        f"{stage} {who}": out / folder / f"heldout_real_{who}"
+        for who in ("demo", "shipped")
+        for stage, folder in (("SA-2", "probmap"), ("H-SAM", "hsam_finetune"))
+    }
     methods = {name: d for name, d in methods.items() if d.is_dir()}
     if not methods:
         return None, "<p class='fail'>No model ran on the held-out real scan.</p>"
     dest = out / "report" / "heldout_real"
-    cmd = [str(REPO_ROOT / "benchmarks" / "real_ct_labelfree.py"), "--scans", str(out / "heldout_scans"), "--out", str(dest),
-           "--overlays", "--sa2", "SA-2 demo"] + [a for name, d in methods.items() for a in ("--method", f"{name}={d}")]
+    cmd = [
+        str(REPO_ROOT / "benchmarks" / "real_ct_labelfree.py"),
+        "--scans",
+        str(out / "heldout_scans"),
+        "--out",
+        str(dest),
+        "--overlays",
+        "--sa2",
+        "SA-2 demo",
+    ] + [a for name, d in methods.items() for a in ("--method", f"{name}={d}")]
     returncode, output = _run_script(cmd, dest)
     rows = _load(dest / "labelfree.json")
     if returncode != 0 or rows is None:
-        return None, f"<p class='fail'>The label-free comparison did not run: <code>{html.escape(output[-800:])}</code></p>"
+        return (
+            None,
+            f"<p class='fail'>The label-free comparison did not run: <code>{html.escape(output[-800:])}</code></p>",
+        )
     rows = [r for r in rows if "error" not in r]
     figures = [f for f in (_copy_figure(dest / f"{c}.png", fig_dir, f"heldout_real_{c}.png") for c in case_ids) if f]
-    table = html_table(rows, ["case", "method", "lung_ml", "right_ml", "left_ml", "share_below_-400", "thorax_air_covered", "dice_hu_threshold"])
-    body = ("<p>Real CT that no stage of the demo trained on, nor the shipped models' SA-1 (its H-SAM validated on it): the demo's "
-            "models (trained minutes ago on this machine) next to the shipped ones (<code>bundles/*/models/model.pt</code>), each as "
-            "<code>make segment</code> runs them (SA-2, then H-SAM on the slices SA-2's mask touches). No truth here: lung volume per "
-            "side, the share of the mask below -400 HU, the share of the thorax's air it covers, and Dice against the classical HU "
-            "threshold (which scores 0.946 against clinicians' contours on a scan like this one). <em>Without clean-up</em>: H-SAM's "
-            "own probability above 0.5, before its named label-free clean-up: the surface moved onto the -400 HU edge within "
-            "3 mm (<code>RefineLungBoundaryd</code>), what lies outside the body dropped (<code>RestrictToBodyd</code>), the two "
-            "largest components kept and holes filled (<code>LungMaskCleanupd</code>), so what the clean-up does is measured, "
-            "not hidden.</p>"
-            + table + "".join(_img(f) for f in figures))
+    table = html_table(
+        rows,
+        [
+            "case",
+            "method",
+            "lung_ml",
+            "right_ml",
+            "left_ml",
+            "share_below_-400",
+            "thorax_air_covered",
+            "dice_hu_threshold",
+        ],
+    )
+    body = (
+        "<p>Real CT that no stage of the demo trained on, nor the shipped models' SA-1 (its H-SAM validated on it): the demo's "
+        "models (trained minutes ago on this machine) next to the shipped ones (<code>bundles/*/models/model.pt</code>), each as "
+        "<code>make segment</code> runs them (SA-2, then H-SAM on the slices SA-2's mask touches). No truth here: lung volume per "
+        "side, the share of the mask below -400 HU, the share of the thorax's air it covers, and Dice against the classical HU "
+        "threshold (which scores 0.946 against clinicians' contours on a scan like this one). <em>Without clean-up</em>: H-SAM's "
+        "own probability above 0.5, before its named label-free clean-up: the surface moved onto the -400 HU edge within "
+        "3 mm (<code>RefineLungBoundaryd</code>), what lies outside the body dropped (<code>RestrictToBodyd</code>), the two "
+        "largest components kept and holes filled (<code>LungMaskCleanupd</code>), so what the clean-up does is measured, "
+        "not hidden.</p>" + table + "".join(_img(f) for f in figures)
+    )
     return {"rows": rows}, body
 
 
@@ -271,11 +412,15 @@ def pipeline_figure(out: Path, fig_dir: Path, real_case: str | None) -> str:
         if case_id is None:
             continue
         maps, seg = ("heldout_real_demo", "heldout_real_demo") if real else ("heldout_phantoms", "heldout_phantoms")
-        paths = {"prob": out / "probmap" / maps / case_id / f"{case_id}_probmap.nii.gz",
-                 "hsam": out / "hsam_finetune" / seg / case_id / f"{case_id}_lung_mask.nii.gz"}
+        paths = {
+            "prob": out / "probmap" / maps / case_id / f"{case_id}_probmap.nii.gz",
+            "hsam": out / "hsam_finetune" / seg / case_id / f"{case_id}_lung_mask.nii.gz",
+        }
         if not real:  # the held-out real scan is not pseudo-labelled: no stage trains on it
             paths["pseudo"] = out / "pseudolabel" / maps / case_id / f"{case_id}_pseudo_label.nii.gz"
-        image = linked_scan(out / "heldout_scans", case_id) if real else (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz")
+        image = (
+            linked_scan(out / "heldout_scans", case_id) if real else (out / "phantoms_heldout" / f"{case_id}_ct.nii.gz")
+        )
         if not image.exists() or not all(p.is_file() for p in paths.values()):
             continue
         if real:
@@ -288,15 +433,25 @@ def pipeline_figure(out: Path, fig_dir: Path, real_case: str | None) -> str:
         if not real and lungs.is_file():
             truth = _volume(lungs)[0] > 0
         prob = _volume(paths["prob"])[0]  # (X, Y, Z, class), lung first
-        cases.append({"name": f"{case_id} ({'real CT, held out of every stage' if real else 'held-out phantom'})", "hu": np.asarray(hu, dtype=np.float32),
-                      "affine": affine, "lung_probability": prob[..., 0] if prob.ndim == 4 else prob,
-                      "pseudo_label": _volume(paths["pseudo"])[0] > 0 if "pseudo" in paths else None, "hsam": _volume(paths["hsam"])[0] > 0, "truth": truth})
+        cases.append(
+            {
+                "name": f"{case_id} ({'real CT, held out of every stage' if real else 'held-out phantom'})",
+                "hu": np.asarray(hu, dtype=np.float32),
+                "affine": affine,
+                "lung_probability": prob[..., 0] if prob.ndim == 4 else prob,
+                "pseudo_label": _volume(paths["pseudo"])[0] > 0 if "pseudo" in paths else None,
+                "hsam": _volume(paths["hsam"])[0] > 0,
+                "truth": truth,
+            }
+        )
     if not cases:
         return "<p class='fail'>No case has all of probability map, pseudo label and H-SAM mask.</p>"
     save_pipeline_overlay_png(fig_dir / "pipeline.png", cases, window=LUNG_WINDOW)
-    return ("<p>The same axial slice through each stage: the CT; SA-2's zero-shot lung probability; the SA-3a pseudo label; "
-            "the H-SAM mask (red; the phantom's true lung field dashed yellow). The real scan is held out of every stage: it has no "
-            "pseudo label.</p>" + _img("figures/pipeline.png"))
+    return (
+        "<p>The same axial slice through each stage: the CT; SA-2's zero-shot lung probability; the SA-3a pseudo label; "
+        "the H-SAM mask (red; the phantom's true lung field dashed yellow). The real scan is held out of every stage: it has no "
+        "pseudo label.</p>" + _img("figures/pipeline.png")
+    )
 
 
 def mlflow_runs(out: Path) -> list[dict]:
@@ -312,8 +467,15 @@ def mlflow_runs(out: Path) -> list[dict]:
         return []
     rows = []
     for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
-        rows.append({"run": run.info.run_name, "status": run.info.status, "metrics": len(run.data.metrics), "params": len(run.data.params),
-                     "run id": run.info.run_id[:8]})
+        rows.append(
+            {
+                "run": run.info.run_name,
+                "status": run.info.status,
+                "metrics": len(run.data.metrics),
+                "params": len(run.data.params),
+                "run id": run.info.run_id[:8],
+            }
+        )
     return rows
 
 
@@ -321,8 +483,16 @@ def _every_nth_slice(step: int) -> str:
     return "every slice" if step == 1 else f"every {step}th slice"
 
 
-def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data_dir: Path | None = None, failure: str | None = None,
-                 total_seconds: float | None = None) -> dict:
+def build_report(
+    out: Path,
+    ingest: dict,
+    steps: list,
+    size,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    failure: str | None = None,
+    total_seconds: float | None = None,
+) -> dict:
     """Write ``<out>/report/index.html`` and ``metrics.json``; returns the metrics (with ``summary_text``).
     ``size`` is the :class:`common.apps.demo.DemoSize` that ran; ``data_dir`` holds SA-1's held-out patches."""
     out = Path(out)
@@ -331,14 +501,21 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
     fig_dir.mkdir(parents=True, exist_ok=True)
     clip_patches = Path(data_dir or REPO_ROOT / "data" / "default") / "clip_pairs_demo" / "datalist.json"
     stage_metrics, stage_html = {}, {}
-    builders = (("clip", lambda o, f: clip_section(o, f, clip_patches)), ("probmap", probmap_section), ("pseudolabel", pseudolabel_section),
-                ("hsam", lambda o, f: hsam_section(o, f, bool(size.hsam.get("validate_between_slices")))),
-                ("shipped", lambda o, f: heldout_real_section(o, f, size.real_heldout)))
+    builders = (
+        ("clip", lambda o, f: clip_section(o, f, clip_patches)),
+        ("probmap", probmap_section),
+        ("pseudolabel", pseudolabel_section),
+        ("hsam", lambda o, f: hsam_section(o, f, bool(size.hsam.get("validate_between_slices")))),
+        ("shipped", lambda o, f: heldout_real_section(o, f, size.real_heldout)),
+    )
     for stage, builder in builders:
         try:
             stage_metrics[stage], stage_html[stage] = builder(out, fig_dir)
         except Exception as err:  # one stage's broken output must not lose the rest of the report
-            stage_metrics[stage], stage_html[stage] = {"ran": False, "error": repr(err)}, f"<p class='fail'>Report of this stage failed: {html.escape(repr(err))}</p>"
+            stage_metrics[stage], stage_html[stage] = (
+                {"ran": False, "error": repr(err)},
+                f"<p class='fail'>Report of this stage failed: {html.escape(repr(err))}</p>",
+            )
     if stage_metrics["shipped"] is None:
         stage_metrics["shipped"] = {"ran": False}
     else:
@@ -352,27 +529,66 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
     step_rows, stage_seconds = [], {s: 0.0 for s in STAGE_TITLES}
     for step in steps:
         stage_seconds[step.stage] += step.seconds or 0.0
-        step_rows.append({"stage": STAGE_TITLES[step.stage], "step": step.name, "what": step.what, "status": step.status, "time (m:s)": clock(step.seconds)})
-    timings = {"ingest_qc_preprocessing_s": round(ingest.get("seconds", 0.0), 1), **{f"{s}_s": round(v, 1) for s, v in stage_seconds.items()}}
+        step_rows.append(
+            {
+                "stage": STAGE_TITLES[step.stage],
+                "step": step.name,
+                "what": step.what,
+                "status": step.status,
+                "time (m:s)": clock(step.seconds),
+            }
+        )
+    timings = {
+        "ingest_qc_preprocessing_s": round(ingest.get("seconds", 0.0), 1),
+        **{f"{s}_s": round(v, 1) for s, v in stage_seconds.items()},
+    }
     if total_seconds is not None:
         timings["total_s"] = round(total_seconds, 1)
     commands = "".join(f"<li><code>{html.escape(s.cmd)}</code></li>" for s in steps)
-    summary_rows = [{"stage": STAGE_TITLES[s], "time (m:s)": clock(stage_seconds[s]), "headline": _headline(s, stage_metrics[s])} for s in STAGE_TITLES]
+    summary_rows = [
+        {"stage": STAGE_TITLES[s], "time (m:s)": clock(stage_seconds[s]), "headline": _headline(s, stage_metrics[s])}
+        for s in STAGE_TITLES
+    ]
     hsam = size.hsam
-    what_ran = (f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
-                f"Total {clock(total_seconds)} (m:s); ingest, QC and preprocessing {clock(ingest.get('seconds'))}. Size <b>{html.escape(size.name)}</b>, "
-                f"SA-1 seed {seed}: phantoms {'x'.join(map(str, size.phantom_shape))} at {'x'.join(f'{v:g}' for v in size.phantom_spacing)} mm "
-                f"({size.heldout_phantoms} held out and scored, {size.training_phantoms} for training); real training scans "
-                f"{', '.join(size.real_training) or 'none'} (their pseudo labels train H-SAM with the phantoms'); real scans held out of every stage "
-                f"{', '.join(size.real_heldout) or 'none'}; H-SAM {hsam.get('max_epochs', '')} epochs on "
-                f"{_every_nth_slice(int(hsam.get('slice_step', 1)))} of its training cases. The full-size recipes (GPU) are in each bundle's docs.</p>"
-                + html_table(summary_rows, ["stage", "time (m:s)", "headline"]) + html_table(step_rows, ["stage", "step", "what", "status", "time (m:s)"])
-                + f"<details><summary>the exact commands</summary><ol>{commands}</ol></details>")
-    mlflow_html = (html_table(runs, ["run", "status", "metrics", "params", "run id"]) if runs else "<p class='fail'>no MLflow runs found</p>") + (
-        f"<p>Browse them: <code>.venv/bin/mlflow ui --backend-store-uri sqlite:///{html.escape(str((out / 'mlruns.db').resolve()))} --port 5000</code></p>")
-    excluded_html = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape('; '.join(r))}</li>" for c, r in ingest["excluded"].items()) or "<li>none</li>"
-    qc_columns = ["case", "verdict"] + [n for n in ("readable", "modality", "slice_count", "duplicate_slices", "missing_slices", "slice_spacing", "gantry_tilt", "hu_range", "lung_coverage", "noise")
-                                        if any(n in row for row in ingest["qc_rows"])]
+    what_ran = (
+        f"<p>{'<b class=fail>The demo stopped: ' + html.escape(failure) + '</b><br>' if failure else ''}"
+        f"Total {clock(total_seconds)} (m:s); ingest, QC and preprocessing {clock(ingest.get('seconds'))}. Size <b>{html.escape(size.name)}</b>, "
+        f"SA-1 seed {seed}: phantoms {'x'.join(map(str, size.phantom_shape))} at {'x'.join(f'{v:g}' for v in size.phantom_spacing)} mm "
+        f"({size.heldout_phantoms} held out and scored, {size.training_phantoms} for training); real training scans "
+        f"{', '.join(size.real_training) or 'none'} (their pseudo labels train H-SAM with the phantoms'); real scans held out of every stage "
+        f"{', '.join(size.real_heldout) or 'none'}; H-SAM {hsam.get('max_epochs', '')} epochs on "
+        f"{_every_nth_slice(int(hsam.get('slice_step', 1)))} of its training cases. The full-size recipes (GPU) are in each bundle's docs.</p>"
+        + html_table(summary_rows, ["stage", "time (m:s)", "headline"])
+        + html_table(step_rows, ["stage", "step", "what", "status", "time (m:s)"])
+        + f"<details><summary>the exact commands</summary><ol>{commands}</ol></details>"
+    )
+    mlflow_html = (
+        html_table(runs, ["run", "status", "metrics", "params", "run id"])
+        if runs
+        else "<p class='fail'>no MLflow runs found</p>"
+    ) + (
+        f"<p>Browse them: <code>.venv/bin/mlflow ui --backend-store-uri sqlite:///{html.escape(str((out / 'mlruns.db').resolve()))} --port 5000</code></p>"
+    )
+    excluded_html = (
+        "".join(f"<li><b>{html.escape(c)}</b>: {html.escape('; '.join(r))}</li>" for c, r in ingest["excluded"].items())
+        or "<li>none</li>"
+    )
+    qc_columns = ["case", "verdict"] + [
+        n
+        for n in (
+            "readable",
+            "modality",
+            "slice_count",
+            "duplicate_slices",
+            "missing_slices",
+            "slice_spacing",
+            "gantry_tilt",
+            "hu_range",
+            "lung_coverage",
+            "noise",
+        )
+        if any(n in row for row in ingest["qc_rows"])
+    ]
     sections = [
         ("What ran", what_ran),
         ("The demo's models and the shipped ones on a real scan no stage trained on", stage_html["shipped"]),
@@ -383,20 +599,56 @@ def build_report(out: Path, ingest: dict, steps: list, size, seed: int = 0, data
         ("SA-3a pseudolabel: SAM pseudo labels", stage_html["pseudolabel"]),
         ("SA-3b hsam_finetune: H-SAM on the pseudo labels", stage_html["hsam"]),
         ("MLflow runs", mlflow_html),
-        ("Data and quality control", html_table(ingest["qc_rows"], qc_columns) + f"<p>Excluded, with reasons:</p><ul>{excluded_html}</ul>"
-         + html_table(ingest["cases"], ["case", "kind", "qc", "shape", "lung mL (R/L)", "HU-threshold lung Dice vs phantom truth", "read+qc s", "preprocessed", "preproc s"])
-         + f"<p>Preprocessing: orientation RAS, resampling to {size.preprocessing_spacing} mm, HU window [-1000, 400] to [0, 1].</p>" + figure_grid(ingest["figures"])),
+        (
+            "Data and quality control",
+            html_table(ingest["qc_rows"], qc_columns)
+            + f"<p>Excluded, with reasons:</p><ul>{excluded_html}</ul>"
+            + html_table(
+                ingest["cases"],
+                [
+                    "case",
+                    "kind",
+                    "qc",
+                    "shape",
+                    "lung mL (R/L)",
+                    "HU-threshold lung Dice vs phantom truth",
+                    "read+qc s",
+                    "preprocessed",
+                    "preproc s",
+                ],
+            )
+            + f"<p>Preprocessing: orientation RAS, resampling to {size.preprocessing_spacing} mm, HU window [-1000, 400] to [0, 1].</p>"
+            + figure_grid(ingest["figures"]),
+        ),
     ]
     example = ingest.get("phantom_example")
     if example:
-        sections.append(("Phantom ground truth", f"<p>{example['id']} (seed {example['seed']}): lung and mediastinal windows and the five-class label map. "
-                         f"Its report: <i>{html.escape(' '.join(example['report']))}</i></p>" + _img("figures/phantom_ground_truth.png")))
+        sections.append(
+            (
+                "Phantom ground truth",
+                f"<p>{example['id']} (seed {example['seed']}): lung and mediastinal windows and the five-class label map. "
+                f"Its report: <i>{html.escape(' '.join(example['report']))}</i></p>"
+                + _img("figures/phantom_ground_truth.png"),
+            )
+        )
     write_html_page(report_dir / "index.html", "Lung CT without hand-drawn labels: demo report", sections)
-    metrics = {**stage_metrics, "size": size.name, "seed": seed, "ingest": {k: v for k, v in ingest.items() if k not in ("figures", "qc_rows")}, "timings": timings,
-               "steps": [{"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": s.cmd} for s in steps],
-               "mlflow_runs": runs, "failure": failure}
+    metrics = {
+        **stage_metrics,
+        "size": size.name,
+        "seed": seed,
+        "ingest": {k: v for k, v in ingest.items() if k not in ("figures", "qc_rows")},
+        "timings": timings,
+        "steps": [
+            {"stage": s.stage, "name": s.name, "status": s.status, "seconds": s.seconds, "command": s.cmd}
+            for s in steps
+        ],
+        "mlflow_runs": runs,
+        "failure": failure,
+    }
     write_json_atomic(report_dir / "metrics.json", metrics)
-    metrics["summary_text"] = "\n".join(f"{STAGE_TITLES[s]} ({clock(stage_seconds[s])}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES)
+    metrics["summary_text"] = "\n".join(
+        f"{STAGE_TITLES[s]} ({clock(stage_seconds[s])}): {_headline(s, stage_metrics[s])}" for s in STAGE_TITLES
+    )
     return metrics
 
 
@@ -409,8 +661,13 @@ def _headline(stage: str, m: dict) -> str:
         return f"held-out phantom lung-mask Dice {m['heldout_phantoms']['lung_mask_dice']['mean']:.3f}"
     if stage == "pseudolabel":
         return f"held-out phantom pseudo-label Dice {m['heldout_phantoms']['pseudo_dice']['mean']:.3f}"
-    if stage == "shipped":  # H-SAM's answer on the held-out real scan, each chain's: Dice against the HU threshold and volume
-        return "; ".join(f"{r['case']} {r['method']} Dice vs HU threshold {r['dice_hu_threshold']:.3f}, {r['lung_ml']:.0f} mL"
-                         for r in m["rows"] if r["method"].startswith("H-SAM"))
+    if (
+        stage == "shipped"
+    ):  # H-SAM's answer on the held-out real scan, each chain's: Dice against the HU threshold and volume
+        return "; ".join(
+            f"{r['case']} {r['method']} Dice vs HU threshold {r['dice_hu_threshold']:.3f}, {r['lung_ml']:.0f} mL"
+            for r in m["rows"]
+            if r["method"].startswith("H-SAM")
+        )
     s = m["heldout_phantoms"]
     return f"held-out phantom lung Dice {s['dice']['mean']:.3f}, HD95 {s['hd95_mm']['mean']:.1f} mm"

@@ -64,8 +64,14 @@ def dicom_case(folder: Path, series_uid: str | None, case_id: str) -> Case:
         raise InputError(str(e)) from None
     for uid, why in skipped.items():
         log.info("%s: skipped series %s (%s)", folder, scan.series[uid].summary(), why)
-    source = {"input": str(folder), "study_instance_uid": chosen.study_uid or None, "series_instance_uid": chosen.uid,
-              "series_description": chosen.description, "slices": len(chosen), "skipped_series": skipped}
+    source = {
+        "input": str(folder),
+        "study_instance_uid": chosen.study_uid or None,
+        "series_instance_uid": chosen.uid,
+        "series_description": chosen.description,
+        "slices": len(chosen),
+        "skipped_series": skipped,
+    }
     return Case(case_id, folder, sorted(chosen.files), source)
 
 
@@ -75,7 +81,9 @@ def find_cases(path: Path, series_uid: str | None = None) -> tuple[list[Case], b
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
         if not _is_ct_file(path):
-            raise InputError(f"{path}: not a CT file this tool reads (NIfTI, NRRD, MHA, RAD-ChestCT .npz, or a folder of DICOM files)")
+            raise InputError(
+                f"{path}: not a CT file this tool reads (NIfTI, NRRD, MHA, RAD-ChestCT .npz, or a folder of DICOM files)"
+            )
         return [Case(_case_id(path), path, source={"input": str(path)})], False
     kind = _folder_kind(path)
     if kind == "dicom":
@@ -89,11 +97,15 @@ def find_cases(path: Path, series_uid: str | None = None) -> tuple[list[Case], b
         if entry.is_file() and _is_ct_file(entry):
             cases.append(Case(_case_id(entry), entry, source={"input": str(entry)}))
         elif entry.is_dir() and _folder_kind(entry) == "dicom":
-            cases.append(Case(entry.name, entry))  # its series is chosen when its turn comes (one bad folder stops no other)
+            cases.append(
+                Case(entry.name, entry)
+            )  # its series is chosen when its turn comes (one bad folder stops no other)
         elif entry.is_dir() and _folder_kind(entry) == "deeplesion_png":
             cases.append(Case(entry.name, entry, source={"input": str(entry)}))
     if not cases:
-        raise InputError(f"{path}: no CT found (no DICOM files, and no {', '.join(CT_SUFFIXES)} files or DICOM sub-folders)")
+        raise InputError(
+            f"{path}: no CT found (no DICOM files, and no {', '.join(CT_SUFFIXES)} files or DICOM sub-folders)"
+        )
     return cases, True
 
 
@@ -135,8 +147,18 @@ def check_writable(out: Path) -> None:
         raise PermissionError(f"{out}: the output folder cannot be written ({e.strerror or e})") from None
 
 
-def run_case(case: Case, out: Path, models, series_uid: str | None, device: str | None, overwrite: bool, probmap: bool = False,
-             precision: str = "auto", classes: tuple[str, ...] = (), slice_search_step: int = 4) -> int:
+def run_case(
+    case: Case,
+    out: Path,
+    models,
+    series_uid: str | None,
+    device: str | None,
+    overwrite: bool,
+    probmap: bool = False,
+    precision: str = "auto",
+    classes: tuple[str, ...] = (),
+    slice_search_step: int = 4,
+) -> int:
     """Segment one case into ``out``; returns its exit code and prints one line for it."""
     from common.io import CTReadError
     from common.segment import OUTPUTS, segment
@@ -152,13 +174,25 @@ def run_case(case: Case, out: Path, models, series_uid: str | None, device: str 
         ct = case.path
         if case.dicom_files is not None and case.source.get("skipped_series"):
             ct = _series_folder(out, case.dicom_files)  # the bundles read a folder: give them the chosen series alone
-        stats = segment(ct, out, models, probmap=probmap, device=device, precision=precision, classes=classes, dicom_files=case.dicom_files, source=case.source,
-                        slice_search_step=slice_search_step)
+        stats = segment(
+            ct,
+            out,
+            models,
+            probmap=probmap,
+            device=device,
+            precision=precision,
+            classes=classes,
+            dicom_files=case.dicom_files,
+            source=case.source,
+            slice_search_step=slice_search_step,
+        )
     except PermissionError as e:
         print(f"lungseg: {e}", file=sys.stderr)
         return EXIT_OUTPUT
     except (InputError, CTReadError, FileNotFoundError) as e:
-        print(f"lungseg: {str(e).replace(str(out / '.series'), str(case.path))}", file=sys.stderr)  # the user's folder, not our links
+        print(
+            f"lungseg: {str(e).replace(str(out / '.series'), str(case.path))}", file=sys.stderr
+        )  # the user's folder, not our links
         return EXIT_INPUT
     except Exception as e:  # noqa: BLE001 (one failed case must not stop a batch; the log has the traceback)
         log.exception("%s: failed", case.path)
@@ -169,13 +203,18 @@ def run_case(case: Case, out: Path, models, series_uid: str | None, device: str 
 
         shutil.rmtree(out / ".series", ignore_errors=True)
     lungs = stats["structures"]
-    line = (f"{case.case_id}: lungs {lungs['lungs']['volume_ml']} mL (right {lungs['right lung']['volume_ml']}, left {lungs['left lung']['volume_ml']}); "
-            f"{stats['seconds']} s, peak {stats['peak_memory_gb']} GB; wrote {', '.join(stats['outputs'])} in {out}")
+    line = (
+        f"{case.case_id}: lungs {lungs['lungs']['volume_ml']} mL (right {lungs['right lung']['volume_ml']}, left {lungs['left lung']['volume_ml']}); "
+        f"{stats['seconds']} s, peak {stats['peak_memory_gb']} GB; wrote {', '.join(stats['outputs'])} in {out}"
+    )
     if stats.get("dicom_error"):
         print(f"lungseg: {out}: DICOM-SEG / RTSTRUCT not written: {stats['dicom_error']}", file=sys.stderr)
         return EXIT_ERROR
     if not (stats.get("qc") or {}).get("passed", False):
-        print(f"lungseg: {out / OUTPUTS['labels']} failed QC: {'; '.join((stats.get('qc') or {}).get('reasons', []))}", file=sys.stderr)
+        print(
+            f"lungseg: {out / OUTPUTS['labels']} failed QC: {'; '.join((stats.get('qc') or {}).get('reasons', []))}",
+            file=sys.stderr,
+        )
         return EXIT_QC
     print(line)
     return EXIT_OK
@@ -193,22 +232,60 @@ def _series_folder(out: Path, files: list[Path]) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lungseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, help="a CT file, a folder of DICOM files, or a folder of cases")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output folder (one sub-folder per case in a batch)")
+    p = argparse.ArgumentParser(
+        prog="lungseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "-i", "--input", required=True, type=Path, help="a CT file, a folder of DICOM files, or a folder of cases"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, help="output folder (one sub-folder per case in a batch)"
+    )
     p.add_argument("--series", default=None, help="SeriesInstanceUID to segment in a DICOM folder holding several")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the first GPU when there is one)")
-    p.add_argument("--models", type=Path, default=None, help="a folder laid out as bundles/ (<bundle>/models/model.pt); default: the shipped models")
-    p.add_argument("--clip-ckpt", type=Path, default=os.environ.get("CLIP_CKPT") or None, help="SA-1 checkpoint (overrides --models)")
-    p.add_argument("--hsam-ckpt", type=Path, default=os.environ.get("HSAM_CKPT") or None, help="H-SAM checkpoint (overrides --models)")
-    p.add_argument("--classes", default="lungs", help="lungs (1 right, 2 left) or, beside them, SA-2's: all, or a comma list of heart, "
-                   "blood vessel, airway, bone (labels 3-6; runs SA-2)")
-    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="H-SAM's arithmetic: auto = bfloat16 where the CPU or GPU computes it natively (about 2x faster), else float32")
-    p.add_argument("--slice-search-step", type=int, default=4, metavar="N",
-                   help="H-SAM first on every N-th slice, then on every slice of the slab where it found lung (default 4); 1: every slice")
-    p.add_argument("--probmap", action="store_true", help="also run SA-2 and write its five-class probability map, probmap.nii.gz "
-                   "(about twice the time on the CPU; the lung labels do not change)")
+    p.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="a folder laid out as bundles/ (<bundle>/models/model.pt); default: the shipped models",
+    )
+    p.add_argument(
+        "--clip-ckpt",
+        type=Path,
+        default=os.environ.get("CLIP_CKPT") or None,
+        help="SA-1 checkpoint (overrides --models)",
+    )
+    p.add_argument(
+        "--hsam-ckpt",
+        type=Path,
+        default=os.environ.get("HSAM_CKPT") or None,
+        help="H-SAM checkpoint (overrides --models)",
+    )
+    p.add_argument(
+        "--classes",
+        default="lungs",
+        help="lungs (1 right, 2 left) or, beside them, SA-2's: all, or a comma list of heart, "
+        "blood vessel, airway, bone (labels 3-6; runs SA-2)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="H-SAM's arithmetic: auto = bfloat16 where the CPU or GPU computes it natively (about 2x faster), else float32",
+    )
+    p.add_argument(
+        "--slice-search-step",
+        type=int,
+        default=4,
+        metavar="N",
+        help="H-SAM first on every N-th slice, then on every slice of the slab where it found lung (default 4); 1: every slice",
+    )
+    p.add_argument(
+        "--probmap",
+        action="store_true",
+        help="also run SA-2 and write its five-class probability map, probmap.nii.gz "
+        "(about twice the time on the CPU; the lung labels do not change)",
+    )
     p.add_argument("--overwrite", action="store_true", help="segment again the cases whose statistics.json exists")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only")
     args = p.parse_args(argv)
@@ -229,13 +306,22 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from common.segment import EXTRA_CLASSES, Models
 
-    classes = tuple(EXTRA_CLASSES) if args.classes == "all" else tuple(c.strip() for c in args.classes.split(",") if c.strip() and c.strip() != "lungs")
+    classes = (
+        tuple(EXTRA_CLASSES)
+        if args.classes == "all"
+        else tuple(c.strip() for c in args.classes.split(",") if c.strip() and c.strip() != "lungs")
+    )
     if set(classes) - set(EXTRA_CLASSES):
-        print(f"lungseg: --classes {args.classes}: unknown {sorted(set(classes) - set(EXTRA_CLASSES))}; choose lungs, all, or of "
-              f"{', '.join(EXTRA_CLASSES)}", file=sys.stderr)
+        print(
+            f"lungseg: --classes {args.classes}: unknown {sorted(set(classes) - set(EXTRA_CLASSES))}; choose lungs, all, or of "
+            f"{', '.join(EXTRA_CLASSES)}",
+            file=sys.stderr,
+        )
         return EXIT_INPUT
     if args.slice_search_step < 1:
-        print(f"lungseg: --slice-search-step {args.slice_search_step}: must be 1 (every slice) or more", file=sys.stderr)
+        print(
+            f"lungseg: --slice-search-step {args.slice_search_step}: must be 1 (every slice) or more", file=sys.stderr
+        )
         return EXIT_INPUT
     models = Models.from_dir(args.models) if args.models else Models()
     models = Models(args.clip_ckpt or models.clip, args.hsam_ckpt or models.hsam)
@@ -251,13 +337,28 @@ def _run(args) -> int:
     for n, case in enumerate(cases, start=1):
         if batch:
             log.info("case %d/%d: %s", n, len(cases), case.case_id)
-        codes.append(run_case(case, args.output / case.case_id if batch else args.output, models, args.series, args.device, args.overwrite, args.probmap,
-                              args.precision, classes, args.slice_search_step))
+        codes.append(
+            run_case(
+                case,
+                args.output / case.case_id if batch else args.output,
+                models,
+                args.series,
+                args.device,
+                args.overwrite,
+                args.probmap,
+                args.precision,
+                classes,
+                args.slice_search_step,
+            )
+        )
     if batch:
         failed = [c.case_id for c, code in zip(cases, codes) if code not in (EXIT_OK, EXIT_QC)]
         qc = [c.case_id for c, code in zip(cases, codes) if code == EXIT_QC]
-        print(f"lungseg: {len(cases) - len(failed)} of {len(cases)} case(s) done" + (f" ({len(qc)} failed QC: {', '.join(qc)})" if qc else "")
-              + (f"; not done: {', '.join(failed)}" if failed else ""))
+        print(
+            f"lungseg: {len(cases) - len(failed)} of {len(cases)} case(s) done"
+            + (f" ({len(qc)} failed QC: {', '.join(qc)})" if qc else "")
+            + (f"; not done: {', '.join(failed)}" if failed else "")
+        )
     return min(codes, key=SEVERITY.index)
 
 

@@ -29,9 +29,29 @@ BUNDLES = REPO_ROOT / "bundles"
 
 
 # what every step imports (10-15 s a process on 2 CPU cores): the fork server imports it once
-PRELOAD = ("common", "common.data", "common.engines", "common.inferers", "common.networks", "common.transforms", "monai",
-           "monai.bundle.scripts", "fire", "torch", "torchvision", "transformers", "segment_anything", "efficientnet_lite_pytorch", "peft",
-           "mlflow", "ignite", "nibabel", "scipy.ndimage", "skimage", "matplotlib.pyplot")
+PRELOAD = (
+    "common",
+    "common.data",
+    "common.engines",
+    "common.inferers",
+    "common.networks",
+    "common.transforms",
+    "monai",
+    "monai.bundle.scripts",
+    "fire",
+    "torch",
+    "torchvision",
+    "transformers",
+    "segment_anything",
+    "efficientnet_lite_pytorch",
+    "peft",
+    "mlflow",
+    "ignite",
+    "nibabel",
+    "scipy.ndimage",
+    "skimage",
+    "matplotlib.pyplot",
+)
 
 
 def _python_main(argv: list[str], cwd: str, env: dict, log: str | None) -> None:
@@ -86,7 +106,11 @@ def run_python(argv: list[str], cwd: Path = REPO_ROOT, log: Path | None = None) 
     """``python <argv>`` in a process forked from the preloaded server (started on first use); its exit status.
     ``log``: the file that takes its output (default: this terminal)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = _forkserver().Process(target=_python_main, args=(list(argv), str(cwd), env, None if log is None else str(log)), name=" ".join(argv[:2]))
+    child = _forkserver().Process(
+        target=_python_main,
+        args=(list(argv), str(cwd), env, None if log is None else str(log)),
+        name=" ".join(argv[:2]),
+    )
     child.start()
     try:
         child.join()
@@ -125,13 +149,32 @@ class Step:
         (which it would otherwise skip)."""
         bundle_root = BUNDLES / self.bundle
         configs = [str(bundle_root / "configs" / c) for c in self.configs]
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs) if len(configs) > 1 else configs[0],
-               "--bundle_root", str(bundle_root)]
-        overrides = {**self.overrides, "overwrite": True} if overwrite and "inference.json" in self.configs else self.overrides
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(configs) if len(configs) > 1 else configs[0],
+            "--bundle_root",
+            str(bundle_root),
+        ]
+        overrides = (
+            {**self.overrides, "overwrite": True} if overwrite and "inference.json" in self.configs else self.overrides
+        )
         for key, value in overrides.items():
             # a Python literal: python-fire parses it (JSON's true/false/null would arrive as strings, and "false" is truthy)
             cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-        return cmd + ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", self.experiment, "--run_name", self.name]
+        return cmd + [
+            "--tracking",
+            "mlflow",
+            "--tracking_uri",
+            tracking_uri,
+            "--experiment_name",
+            self.experiment,
+            "--run_name",
+            self.name,
+        ]
 
     def finished(self, since: float | None = None) -> bool:
         """All the step's done files exist (and, with ``since``, were written at or after that ``time.time()``)."""
@@ -191,7 +234,10 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
             step.status, step.seconds = "reused", 0.0
             print(f"==> [{i}/{len(steps)}] {step.name}: already finished ({step.done_file}), reused", flush=True)
             continue
-        print(f"==> [{i}/{len(steps)}] {step.name}: {step.what} (elapsed {clock(time.perf_counter() - started)})", flush=True)
+        print(
+            f"==> [{i}/{len(steps)}] {step.name}: {step.what} (elapsed {clock(time.perf_counter() - started)})",
+            flush=True,
+        )
         t, wall = time.perf_counter(), time.time() - 1.0  # 1 s of slack for coarse file-system clocks
         returncode = run_python(cmd[1:])
         step.seconds = time.perf_counter() - t
@@ -199,10 +245,25 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
         if returncode != 0 or not step.finished(since=wall if retrain else None):
             step.status = "failed"
             why = f"exit {returncode}" if returncode else f"no {'new ' if retrain else ''}{step.done_file}"
-            raise RuntimeError(f"step {step.name} failed ({why}) after {clock(step.seconds)}; re-run it with:\n  {step.cmd}")
+            raise RuntimeError(
+                f"step {step.name} failed ({why}) after {clock(step.seconds)}; re-run it with:\n  {step.cmd}"
+            )
         step.status = "ran"
         print(f"    {step.name} done in {clock(step.seconds)}", flush=True)
 
 
-__all__ = ["BUNDLES", "PRELOAD", "REPO_ROOT", "SCAN_FILE_SUFFIXES", "Step", "case_reports", "clock", "link_scan", "linked_scan", "run_python", "run_steps",
-           "scan_link_name", "start_python_server"]
+__all__ = [
+    "BUNDLES",
+    "PRELOAD",
+    "REPO_ROOT",
+    "SCAN_FILE_SUFFIXES",
+    "Step",
+    "case_reports",
+    "clock",
+    "link_scan",
+    "linked_scan",
+    "run_python",
+    "run_steps",
+    "scan_link_name",
+    "start_python_server",
+]

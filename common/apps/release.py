@@ -29,7 +29,10 @@ from pathlib import Path
 from common.apps.demo import SIZES
 from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, run_steps
 
-PHANTOM_SHAPE, PHANTOM_SPACING = SIZES["demo"].phantom_shape, SIZES["demo"].phantom_spacing  # the demo's training phantoms
+PHANTOM_SHAPE, PHANTOM_SPACING = (
+    SIZES["demo"].phantom_shape,
+    SIZES["demo"].phantom_spacing,
+)  # the demo's training phantoms
 
 TRAIN_SEED = 200  # training phantoms: seeds no score uses (SA-1's are 0-9, the held-out ones 100+)
 
@@ -38,13 +41,24 @@ def scan_sets(out: Path) -> dict[str, Path]:
     """The folders SA-2 and SA-3a run on: every real scan of ``../shared/data``, pyradiomics' two, the training phantoms."""
     from common.default_data import shared_data_dir
 
-    return {"shared": shared_data_dir().resolve(), "pyradiomics": REPO_ROOT / "data" / "default" / "pyradiomics", "phantoms": out / "training_phantoms"}
+    return {
+        "shared": shared_data_dir().resolve(),
+        "pyradiomics": REPO_ROOT / "data" / "default" / "pyradiomics",
+        "phantoms": out / "training_phantoms",
+    }
 
 
 def prepare(out: Path) -> None:
     from common.default_data import make_phantoms
 
-    make_phantoms(out / "training_phantoms", 2, seed=TRAIN_SEED, prefix="train_phantom", shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    make_phantoms(
+        out / "training_phantoms",
+        2,
+        seed=TRAIN_SEED,
+        prefix="train_phantom",
+        shape=PHANTOM_SHAPE,
+        spacing=PHANTOM_SPACING,
+    )
 
 
 def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
@@ -55,9 +69,17 @@ def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
     steps = []
     if clip_ckpt is None:
         clip_ckpt = out / "foundation_clip" / "models" / "model.pt"
-        steps.append(Step("clip", "foundation_clip_train", "foundation_clip", ["train.json", "demo.json"],
-                          {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
-                          clip_ckpt, "SA-1: the CLIP-like model, real scans and phantoms, LiteMedSAM teacher"))
+        steps.append(
+            Step(
+                "clip",
+                "foundation_clip_train",
+                "foundation_clip",
+                ["train.json", "demo.json"],
+                {"output_dir": str(out / "foundation_clip"), "ckpt_dir": str(out / "foundation_clip" / "models")},
+                clip_ckpt,
+                "SA-1: the CLIP-like model, real scans and phantoms, LiteMedSAM teacher",
+            )
+        )
     elif not Path(clip_ckpt).is_file():
         raise FileNotFoundError(f"--clip-ckpt {clip_ckpt}: no such SA-1 checkpoint")
     from common.engines.probmap import case_outputs, scan_datalist
@@ -65,18 +87,51 @@ def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
     for name, folder in sets.items():
         ids = [c["case_id"] for c in scan_datalist(folder)] if folder.exists() else [f"{name}_scan"]
         reports = [case_outputs(out / "probmap" / name, i)["report"] for i in ids]  # each case's report is written last
-        steps.append(Step("probmap", f"probmap_{name}", "probmap", ["inference.json"],
-                          {"ckpt_path": str(clip_ckpt), "dataset_dir": str(folder), "output_dir": str(out / "probmap" / name)},
-                          reports[0], f"SA-2: probability maps of {name}", extra_done=reports[1:]))
+        steps.append(
+            Step(
+                "probmap",
+                f"probmap_{name}",
+                "probmap",
+                ["inference.json"],
+                {"ckpt_path": str(clip_ckpt), "dataset_dir": str(folder), "output_dir": str(out / "probmap" / name)},
+                reports[0],
+                f"SA-2: probability maps of {name}",
+                extra_done=reports[1:],
+            )
+        )
     for name, folder in sets.items():
-        steps.append(Step("pseudolabel", f"pseudolabel_{name}", "pseudolabel", ["inference.json"],
-                          {"dataset_dir": str(folder), "probmap_dir": str(out / "probmap" / name), "output_dir": str(out / "pseudolabel" / name)},
-                          out / "pseudolabel" / name / "datalist.json", f"SA-3a: pseudo labels of {name}"))
+        steps.append(
+            Step(
+                "pseudolabel",
+                f"pseudolabel_{name}",
+                "pseudolabel",
+                ["inference.json"],
+                {
+                    "dataset_dir": str(folder),
+                    "probmap_dir": str(out / "probmap" / name),
+                    "output_dir": str(out / "pseudolabel" / name),
+                },
+                out / "pseudolabel" / name / "datalist.json",
+                f"SA-3a: pseudo labels of {name}",
+            )
+        )
     datalists = [str(out / "pseudolabel" / name / "datalist.json") for name in sets]
-    steps.append(Step("hsam", "hsam_finetune_train", "hsam_finetune", ["train.json", "demo.json", "release.json"],
-                      {"datalist_path": datalists, "ckpt_path": str(hsam_ckpt), "output_dir": str(out / "hsam_finetune" / "train")},
-                      hsam_ckpt, "SA-3b: H-SAM on the real and phantom pseudo labels (cached frozen encoder stages)",
-                      extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"]))
+    steps.append(
+        Step(
+            "hsam",
+            "hsam_finetune_train",
+            "hsam_finetune",
+            ["train.json", "demo.json", "release.json"],
+            {
+                "datalist_path": datalists,
+                "ckpt_path": str(hsam_ckpt),
+                "output_dir": str(out / "hsam_finetune" / "train"),
+            },
+            hsam_ckpt,
+            "SA-3b: H-SAM on the real and phantom pseudo labels (cached frozen encoder stages)",
+            extra_done=[out / "hsam_finetune" / "train" / "metrics_history.json"],
+        )
+    )
     return steps
 
 
@@ -104,7 +159,11 @@ def export(out: Path, clip_trained: bool = True) -> list[Path]:
     if clip_trained:
         clip = LungCLIP.load_checkpoint(out / "foundation_clip" / "models" / "model.pt")
         written.append(clip.save_release(BUNDLES / "foundation_clip" / "models" / "model.pt"))
-    written.append(save_hsam_release(out / "hsam_finetune" / "models" / "model.pt", BUNDLES / "hsam_finetune" / "models" / "model.pt"))
+    written.append(
+        save_hsam_release(
+            out / "hsam_finetune" / "models" / "model.pt", BUNDLES / "hsam_finetune" / "models" / "model.pt"
+        )
+    )
     return written
 
 
@@ -113,8 +172,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/release")
     ap.add_argument("--retrain", action="store_true", help="run every step again")
     ap.add_argument("--no-export", action="store_true", help="train only; leave bundles/*/models/model.pt as they are")
-    ap.add_argument("--clip-ckpt", default=None, help="an SA-1 checkpoint to map with instead of training one (e.g. the shipped "
-                    "bundles/foundation_clip/models/model.pt); SA-1's shipped file is then left as it is")
+    ap.add_argument(
+        "--clip-ckpt",
+        default=None,
+        help="an SA-1 checkpoint to map with instead of training one (e.g. the shipped "
+        "bundles/foundation_clip/models/model.pt); SA-1's shipped file is then left as it is",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

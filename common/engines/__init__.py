@@ -1,7 +1,13 @@
 """ignite engines, metrics and handlers the bundles wire in their configs (MONAI workflows)."""
 
 from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings, unwrap
-from common.engines.handlers import MetricsHistory, MLflowArtifactsHandler, SaveBestLungCLIP, SkippedSamplesReport, TrackingParams
+from common.engines.handlers import (
+    MetricsHistory,
+    MLflowArtifactsHandler,
+    SaveBestLungCLIP,
+    SkippedSamplesReport,
+    TrackingParams,
+)
 from common.engines.metrics import DistillationCosine, EpochAverage, LungMapDice, RetrievalRecall, ZeroShotAccuracy
 
 __all__ = [

@@ -49,7 +49,12 @@ def write_scores(rows: list[dict], output_dir: str | Path, name: str = "scores")
     for k in keys:
         vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=float)
         if vals.size:
-            summary[k] = {"mean": float(vals.mean()), "sd": float(vals.std()), "min": float(vals.min()), "n": int(vals.size)}
+            summary[k] = {
+                "mean": float(vals.mean()),
+                "sd": float(vals.std()),
+                "min": float(vals.min()),
+                "n": int(vals.size),
+            }
     with atomic_path(output_dir / f"{name}.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["case_id"] + keys)
@@ -71,8 +76,18 @@ class CaseEvaluator(SupervisedEvaluator):
     stage = "case"
     run_suffix = ""  # "_rank<r>" under torchrun: each rank writes its own run files
 
-    def __init__(self, device, val_data_loader, network, inferer, postprocessing: Callable | None = None, saver: Callable | None = None,
-                 scorer: Callable | None = None, output_dir: str | Path | None = None, **kwargs):
+    def __init__(
+        self,
+        device,
+        val_data_loader,
+        network,
+        inferer,
+        postprocessing: Callable | None = None,
+        saver: Callable | None = None,
+        scorer: Callable | None = None,
+        output_dir: str | Path | None = None,
+        **kwargs,
+    ):
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, inferer=inferer, **kwargs)
         self.case_postprocessing, self.saver, self.scorer = postprocessing, saver, scorer
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -119,13 +134,20 @@ class CaseEvaluator(SupervisedEvaluator):
         if self.rows:
             summary = write_scores(self.rows, self.output_dir, name=f"scores{self.run_suffix}")
             self.state.metrics.update({k: v["mean"] for k, v in summary.items()})
-            log.info("%s scores (mean over %d cases): %s", self.stage, len(self.rows), {k: round(v["mean"], 4) for k, v in summary.items()})
+            log.info(
+                "%s scores (mean over %d cases): %s",
+                self.stage,
+                len(self.rows),
+                {k: round(v["mean"], 4) for k, v in summary.items()},
+            )
         # counts for every run, so an inference run on unlabelled scans also has metrics to track (MLflow)
         self.state.metrics.update({"cases_done": len(self.done), "cases_failed": len(self.failed)})
         if self.case_seconds:
             self.state.metrics["mean_seconds_per_case"] = sum(self.case_seconds) / len(self.case_seconds)
         write_json_atomic(self.output_dir / f"failed{self.run_suffix}.json", {"failed": self.failed})
-        write_json_atomic(self.output_dir / f"{self.stage}_run{self.run_suffix}.json", {"done": self.done, "failed": self.failed})
+        write_json_atomic(
+            self.output_dir / f"{self.stage}_run{self.run_suffix}.json", {"done": self.done, "failed": self.failed}
+        )
         if self.failed:
             log.warning("%s: %d case(s) failed: %s", self.stage, len(self.failed), [f["case"] for f in self.failed])
 

@@ -26,7 +26,11 @@ from common.networks.teacher import cache_key
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return network.module if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else network
+    return (
+        network.module
+        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+        else network
+    )
 
 
 def plain_tensor(x) -> torch.Tensor:
@@ -45,7 +49,9 @@ def sync_buffers(network: torch.nn.Module, src: int = 0) -> None:
     """
     import torch.distributed as dist
 
-    if not isinstance(network, torch.nn.parallel.DistributedDataParallel) or not (dist.is_available() and dist.is_initialized()):
+    if not isinstance(network, torch.nn.parallel.DistributedDataParallel) or not (
+        dist.is_available() and dist.is_initialized()
+    ):
         return
     with torch.no_grad():
         for buf in network.module.buffers():
@@ -59,12 +65,21 @@ def teacher_embeddings(teacher, keys: list[str], images: torch.Tensor) -> torch.
     return teacher(images)
 
 
-def view_keys(batch: dict, mask: torch.Tensor, image_hw: Sequence[int], view_tag: str, clean: bool = False) -> list[str]:
+def view_keys(
+    batch: dict, mask: torch.Tensor, image_hw: Sequence[int], view_tag: str, clean: bool = False
+) -> list[str]:
     """Teacher cache keys of the masked samples: sample, input size, augmentation settings and view."""
     idx = torch.nonzero(mask).flatten().tolist()
     views = batch.get("view_id")
     size = f"{int(image_hw[0])}x{int(image_hw[1])}"
-    return [cache_key(f"{batch['sample_id'][i]}|{size}|{view_tag}", int(batch["slice_index"][i]), 0 if clean or views is None else int(views[i])) for i in idx]
+    return [
+        cache_key(
+            f"{batch['sample_id'][i]}|{size}|{view_tag}",
+            int(batch["slice_index"][i]),
+            0 if clean or views is None else int(views[i]),
+        )
+        for i in idx
+    ]
 
 
 def _texts(batch: dict) -> tuple[list[str], list[int], torch.Tensor]:
@@ -96,9 +111,30 @@ class CLIPTrainer(SupervisedTrainer):
     ``class_positives`` also labelled patches of the same class (:func:`positive_groups`).
     """
 
-    def __init__(self, device, max_epochs: int, train_data_loader, network, optimizer, loss_function, teacher=None, distill_kinds: Sequence[str] = ("slice",), view_tag: str = "", class_positives: bool = False, **kwargs):
+    def __init__(
+        self,
+        device,
+        max_epochs: int,
+        train_data_loader,
+        network,
+        optimizer,
+        loss_function,
+        teacher=None,
+        distill_kinds: Sequence[str] = ("slice",),
+        view_tag: str = "",
+        class_positives: bool = False,
+        **kwargs,
+    ):
         kwargs.setdefault("decollate", False)
-        super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network, optimizer=optimizer, loss_function=loss_function, **kwargs)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            **kwargs,
+        )
         self.teacher = teacher
         self.distill_kinds = tuple(distill_kinds)
         self.view_tag = str(view_tag)
@@ -123,21 +159,32 @@ class CLIPTrainer(SupervisedTrainer):
         out = self.network(images, unique or None)
         text_rows = out["text_embeds"][text_index] if unique else None
         losses = self.loss_function(
-            out["image_embeds"], text_rows, out["student_distill"] if teacher is not None else None, teacher,
-            has_text=has_text.to(images.device), has_teacher=has_teacher.to(images.device), logit_scale=out["logit_scale"],
+            out["image_embeds"],
+            text_rows,
+            out["student_distill"] if teacher is not None else None,
+            teacher,
+            has_text=has_text.to(images.device),
+            has_teacher=has_teacher.to(images.device),
+            logit_scale=out["logit_scale"],
             # grouping by text is text_index itself; by class it needs the labels
-            text_ids=torch.tensor(positive_groups(batchdata, True) if self.class_positives else text_index, device=images.device) if unique else None,
+            text_ids=torch.tensor(
+                positive_groups(batchdata, True) if self.class_positives else text_index, device=images.device
+            )
+            if unique
+            else None,
         )
         losses["total"].backward()
         self.optimizer.step()
-        return [{
-            "image": images,
-            "loss": losses["total"].detach(),
-            "loss_contrastive": losses["contrastive"].detach(),
-            "loss_distill": losses["distill"].detach() if teacher is not None else None,
-            "n_text": int(has_text.sum()),
-            "n_teacher": int(has_teacher.sum()),
-        }]
+        return [
+            {
+                "image": images,
+                "loss": losses["total"].detach(),
+                "loss_contrastive": losses["contrastive"].detach(),
+                "loss_distill": losses["distill"].detach() if teacher is not None else None,
+                "n_text": int(has_text.sum()),
+                "n_teacher": int(has_teacher.sum()),
+            }
+        ]
 
 
 class CLIPEvaluator(SupervisedEvaluator):
@@ -149,7 +196,17 @@ class CLIPEvaluator(SupervisedEvaluator):
     the clean view (view 0).
     """
 
-    def __init__(self, device, val_data_loader, network, class_prompts: Sequence[str], teacher=None, distill_kinds: Sequence[str] = ("slice",), view_tag: str = "", **kwargs):
+    def __init__(
+        self,
+        device,
+        val_data_loader,
+        network,
+        class_prompts: Sequence[str],
+        teacher=None,
+        distill_kinds: Sequence[str] = ("slice",),
+        view_tag: str = "",
+        **kwargs,
+    ):
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, **kwargs)
         self.class_prompts = list(class_prompts)
@@ -171,7 +228,9 @@ class CLIPEvaluator(SupervisedEvaluator):
         model = self.model
         model.eval()
         with torch.no_grad():
-            engine.state.class_text_embeds = model.encode_text(self.class_prompts).float().cpu() if self.class_prompts else None
+            engine.state.class_text_embeds = (
+                model.encode_text(self.class_prompts).float().cpu() if self.class_prompts else None
+            )
 
     def _iteration(self, engine, batchdata: dict[str, Any]) -> dict:
         engine.state.skipped.extend(batchdata.get(SKIPPED_KEY, []))
@@ -197,7 +256,9 @@ class CLIPEvaluator(SupervisedEvaluator):
             if self.teacher is not None and model.distill_head is not None and bool(is_distill.any()):
                 keys = view_keys(batchdata, is_distill, images.shape[-2:], self.view_tag, clean=True)
                 out["student"] = model.distill_head(fmap[is_distill.to(fmap.device)]).float().cpu()
-                out["teacher"] = teacher_embeddings(self.teacher, keys, images[is_distill.to(images.device)]).float().cpu()
+                out["teacher"] = (
+                    teacher_embeddings(self.teacher, keys, images[is_distill.to(images.device)]).float().cpu()
+                )
         return [out]
 
 

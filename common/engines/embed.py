@@ -71,7 +71,9 @@ def slice_batch(
             out[n, 0] = axial_slice01(hu, k, int(image_size), window, fill)
         else:
             img = axial_slice01(hu, k, int(slice_size), window, fill)
-            out[n] = img[None] if img.shape[-1] == int(image_size) else np.asarray(to_image(img[None]), dtype=np.float32)
+            out[n] = (
+                img[None] if img.shape[-1] == int(image_size) else np.asarray(to_image(img[None]), dtype=np.float32)
+            )
     return torch.from_numpy(out)
 
 
@@ -164,8 +166,10 @@ def export_clip_embeddings(
     cases = [c for c, x in zip(found, is_excluded) if not x]
     excluded = [{"case_id": c.case_id, "source": str(c.path)} for c, x in zip(found, is_excluded) if x]
     if not cases:
-        raise ValueError(f"{dataset_dir}: no CT scan found (looked for DICOM series, NIfTI, NRRD/MHA, npz and PNG stacks"
-                         + (f"; {len(excluded)} excluded by {list(exclude)})" if excluded else ")"))
+        raise ValueError(
+            f"{dataset_dir}: no CT scan found (looked for DICOM series, NIfTI, NRRD/MHA, npz and PNG stacks"
+            + (f"; {len(excluded)} excluded by {list(exclude)})" if excluded else ")")
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
 
     was_training = model.training
@@ -189,7 +193,10 @@ def export_clip_embeddings(
     try:
         text = _encode_prompts(model, prompts)
         if text is not None:
-            path = write_json_atomic(output_dir / TEXT_EMBEDDINGS_NAME, {"prompts": prompts, "embeddings": text.tolist(), "embed_dim": int(text.shape[1])})
+            path = write_json_atomic(
+                output_dir / TEXT_EMBEDDINGS_NAME,
+                {"prompts": prompts, "embeddings": text.tolist(), "embed_dim": int(text.shape[1])},
+            )
             summary["text_embeddings"] = str(path)
 
         bar = tqdm(cases, desc="SA-1 embeddings", unit="case", disable=not progress)
@@ -197,15 +204,27 @@ def export_clip_embeddings(
             bar.set_postfix_str(case.case_id, refresh=False)
             target = embedding_path(output_dir, case.case_id)
             if target.is_file() and not overwrite:
-                summary["skipped_done"].append({"case_id": case.case_id, "source": str(case.path), "embeddings": str(target)})
+                summary["skipped_done"].append(
+                    {"case_id": case.case_id, "source": str(case.path), "embeddings": str(target)}
+                )
                 continue
             start = time.perf_counter()
             try:
                 vol = _read_case(case)
-                emb = embed_volume(model, vol.hu, image_size=image_size, batch_size=batch_size, device=device, slice_size=slice_size, hu_window=hu_window)
+                emb = embed_volume(
+                    model,
+                    vol.hu,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    device=device,
+                    slice_size=slice_size,
+                    hu_window=hu_window,
+                )
                 del vol
                 if not np.all(np.isfinite(emb)):
-                    raise ValueError(f"{case.path}: the model gave non-finite embeddings on {int((~np.isfinite(emb)).any(axis=1).sum())} slice(s)")
+                    raise ValueError(
+                        f"{case.path}: the model gave non-finite embeddings on {int((~np.isfinite(emb)).any(axis=1).sum())} slice(s)"
+                    )
             except Exception as e:  # one bad case is one failed case, never a stopped run
                 reason = str(e) if isinstance(e, CTReadError) else f"{case.path}: {type(e).__name__}: {e}"
                 if isinstance(e, CTReadError):
@@ -216,14 +235,26 @@ def export_clip_embeddings(
                 continue
             with atomic_path(target) as tmp:
                 np.save(tmp, emb)
-            summary["written"].append({"case_id": case.case_id, "source": str(case.path), "embeddings": str(target),
-                                       "n_slices": int(emb.shape[0]), "seconds": round(time.perf_counter() - start, 3)})
+            summary["written"].append(
+                {
+                    "case_id": case.case_id,
+                    "source": str(case.path),
+                    "embeddings": str(target),
+                    "n_slices": int(emb.shape[0]),
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+            )
     finally:
         model.train(was_training)
 
     write_json_atomic(output_dir / SUMMARY_NAME, summary)
-    log.info("SA-1 embeddings: %d written, %d already done, %d failed -> %s", len(summary["written"]), len(summary["skipped_done"]),
-             len(summary["failed"]), output_dir)
+    log.info(
+        "SA-1 embeddings: %d written, %d already done, %d failed -> %s",
+        len(summary["written"]),
+        len(summary["skipped_done"]),
+        len(summary["failed"]),
+        output_dir,
+    )
     for f in summary["failed"]:
         log.warning("failed: %s (%s)", f["case_id"], f["reason"])
     return summary

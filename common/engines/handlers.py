@@ -40,7 +40,13 @@ class SaveBestLungCLIP:
         model = unwrap(self.network)
         model.preprocessing = {**model.preprocessing, **self.preprocessing}
         model.save_checkpoint(self.path)
-        log.info("epoch %d: best %s %.4f, saved %s", engine.state.epoch, engine.state.key_metric_name, engine.state.best_metric, self.path)
+        log.info(
+            "epoch %d: best %s %.4f, saved %s",
+            engine.state.epoch,
+            engine.state.key_metric_name,
+            engine.state.best_metric,
+            self.path,
+        )
 
 
 class SkippedSamplesReport:
@@ -69,7 +75,13 @@ class SkippedSamplesReport:
         unique = list(dict.fromkeys(skipped))
         listed = "; ".join(f"{img} ({why})" for img, why in unique[: self.max_listed])
         more = f" and {len(unique) - self.max_listed} more" if len(unique) > self.max_listed else ""
-        log.warning("training finished: %d sample loads skipped (%d distinct files): %s%s", len(skipped), len(unique), listed, more)
+        log.warning(
+            "training finished: %d sample loads skipped (%d distinct files): %s%s",
+            len(skipped),
+            len(unique),
+            listed,
+            more,
+        )
 
 
 class MetricsHistory:
@@ -173,7 +185,13 @@ class MLflowArtifactsHandler:
     DEFAULT_PATTERNS = ("*.json", "*.csv", "*.png", "*/*.json", "*/*.png")
     ALWAYS_SKIPPED = ("*.nii", "*.nii.gz", "*.nrrd", "*.npz", "*.pt", "*.db", "config_*.json")
 
-    def __init__(self, output_dir: str | Path | None = None, patterns=DEFAULT_PATTERNS, exclude=(), artifact_path: str = "outputs"):
+    def __init__(
+        self,
+        output_dir: str | Path | None = None,
+        patterns=DEFAULT_PATTERNS,
+        exclude=(),
+        artifact_path: str = "outputs",
+    ):
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -201,7 +219,12 @@ class MLflowArtifactsHandler:
         for pattern in [patterns] if isinstance(patterns, str) else (self.patterns if patterns is None else patterns):
             for f in self.output_dir.glob(pattern):
                 rel = f.relative_to(self.output_dir)
-                if f.is_file() and not f.name.startswith(".") and "mlruns" not in rel.parts[:-1] and not any(rel.match(x) for x in skip):
+                if (
+                    f.is_file()
+                    and not f.name.startswith(".")
+                    and "mlruns" not in rel.parts[:-1]
+                    and not any(rel.match(x) for x in skip)
+                ):
                     found.add(f)
         return sorted(found)
 
@@ -214,11 +237,20 @@ class MLflowArtifactsHandler:
             for f in files:
                 if not f.is_file():  # gone since the glob: skip quietly
                     continue
-                folder = "/".join(p for p in (self.artifact_path, f.parent.relative_to(self.output_dir).as_posix()) if p and p != ".")
+                folder = "/".join(
+                    p for p in (self.artifact_path, f.parent.relative_to(self.output_dir).as_posix()) if p and p != "."
+                )
                 client.log_artifact(run_id, str(f), artifact_path=folder or None)
         if files:
             log.info("logged %d output file(s) of %s as MLflow artifacts", len(files), self.output_dir)
         return len(files)
 
 
-__all__ = ["MLflowArtifactsHandler", "MetricsHistory", "SaveBestLungCLIP", "SkippedSamplesReport", "TrackingParams", "mlflow_handlers"]
+__all__ = [
+    "MLflowArtifactsHandler",
+    "MetricsHistory",
+    "SaveBestLungCLIP",
+    "SkippedSamplesReport",
+    "TrackingParams",
+    "mlflow_handlers",
+]

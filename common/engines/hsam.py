@@ -19,7 +19,12 @@ from common.io.nifti import save_nifti_array
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_OUTPUTS = {"mask": "lung_mask.nii.gz", "probability": "lung_probability.nii.gz", "sides": "lung_sides.nii.gz", "report": "report.json"}
+SEGMENTATION_OUTPUTS = {
+    "mask": "lung_mask.nii.gz",
+    "probability": "lung_probability.nii.gz",
+    "sides": "lung_sides.nii.gz",
+    "report": "report.json",
+}
 
 
 class MixingBatch:
@@ -27,14 +32,26 @@ class MixingBatch:
     (``mixup_prob``), else nothing, through MONAI's ``CutMixd`` / ``MixUpd``. Image and label get the
     same cut or blend: CutMix pastes the label with the image, Mixup blends them to a soft label."""
 
-    def __init__(self, cutmix_prob: float = 0.2, mixup_prob: float = 0.1, alpha: float = 1.0, seed: int = 0, image_key: str = "image", label_key: str = "label",
-                 features_key: str = "features"):
+    def __init__(
+        self,
+        cutmix_prob: float = 0.2,
+        mixup_prob: float = 0.1,
+        alpha: float = 1.0,
+        seed: int = 0,
+        image_key: str = "image",
+        label_key: str = "label",
+        features_key: str = "features",
+    ):
         if cutmix_prob < 0 or mixup_prob < 0 or cutmix_prob + mixup_prob > 1:
-            raise ValueError(f"cutmix_prob and mixup_prob must be >= 0 and sum to at most 1, got {cutmix_prob}, {mixup_prob}")
+            raise ValueError(
+                f"cutmix_prob and mixup_prob must be >= 0 and sum to at most 1, got {cutmix_prob}, {mixup_prob}"
+            )
         self.cutmix_prob, self.mixup_prob, self.alpha = float(cutmix_prob), float(mixup_prob), float(alpha)
         self.rng = np.random.default_rng(seed)
         self.keys = (image_key, label_key)
-        self.features_key = features_key  # cached frozen-encoder features, when the batch has them: cut or blended alike
+        self.features_key = (
+            features_key  # cached frozen-encoder features, when the batch has them: cut or blended alike
+        )
         self.last = "none"
 
     def mix(self, batch: dict) -> dict:
@@ -73,9 +90,19 @@ class MixingBatch:
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
         batch = self.mix(batchdata)
         image, label = (batch[k].as_tensor() if hasattr(batch[k], "as_tensor") else batch[k] for k in self.keys)
-        image, label = image.to(device, non_blocking=non_blocking).float(), label.to(device, non_blocking=non_blocking).float()
-        if self.features_key in batch:  # SupervisedTrainer hands the kwargs on to the network: the frozen stages are skipped
-            return image, label, (), {"encoder_features": batch[self.features_key].to(device, non_blocking=non_blocking).float()}
+        image, label = (
+            image.to(device, non_blocking=non_blocking).float(),
+            label.to(device, non_blocking=non_blocking).float(),
+        )
+        if (
+            self.features_key in batch
+        ):  # SupervisedTrainer hands the kwargs on to the network: the frozen stages are skipped
+            return (
+                image,
+                label,
+                (),
+                {"encoder_features": batch[self.features_key].to(device, non_blocking=non_blocking).float()},
+            )
         return image, label
 
 
@@ -99,8 +126,15 @@ def save_network(network: torch.nn.Module, path: str | Path, extra: dict | None 
     from common.io.atomic import atomic_path
 
     model = unwrap(network)
-    ckpt = model.checkpoint() if hasattr(model, "checkpoint") else {"format": "state_dict", "network": type(model).__name__,
-                                                                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    ckpt = (
+        model.checkpoint()
+        if hasattr(model, "checkpoint")
+        else {
+            "format": "state_dict",
+            "network": type(model).__name__,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        }
+    )
     ckpt["extra"] = dict(extra or {})
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
@@ -111,14 +145,18 @@ def load_network(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Inverse of :func:`save_network`; a missing file or a checkpoint for another network is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)")
+        raise FileNotFoundError(
+            f"{path}: checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)"
+        )
     model = unwrap(network)
     if hasattr(model, "load_trainable"):
         model.load_trainable(path)
         return network
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "state_dict" or ckpt.get("network") != type(model).__name__:
-        raise ValueError(f"{path}: not a {type(model).__name__} checkpoint (it holds {ckpt.get('network', ckpt.get('variant', '?')) if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        raise ValueError(
+            f"{path}: not a {type(model).__name__} checkpoint (it holds {ckpt.get('network', ckpt.get('variant', '?')) if isinstance(ckpt, dict) else type(ckpt).__name__})"
+        )
     model.load_state_dict(ckpt["state_dict"])
     return network
 
@@ -146,8 +184,22 @@ class SaveBestCheckpoint:
 
         if engine.state.best_metric_epoch != engine.state.epoch or not _is_rank0():
             return
-        save_network(self.network, self.path, {**self.extra, "epoch": int(engine.state.epoch), engine.state.key_metric_name: float(engine.state.best_metric)})
-        log.info("epoch %d: best %s %.4f, saved %s", engine.state.epoch, engine.state.key_metric_name, engine.state.best_metric, self.path)
+        save_network(
+            self.network,
+            self.path,
+            {
+                **self.extra,
+                "epoch": int(engine.state.epoch),
+                engine.state.key_metric_name: float(engine.state.best_metric),
+            },
+        )
+        log.info(
+            "epoch %d: best %s %.4f, saved %s",
+            engine.state.epoch,
+            engine.state.key_metric_name,
+            engine.state.best_metric,
+            self.path,
+        )
 
 
 def parameter_counts(network: torch.nn.Module) -> dict[str, int]:
@@ -156,7 +208,11 @@ def parameter_counts(network: torch.nn.Module) -> dict[str, int]:
     if hasattr(model, "parameter_counts"):
         return model.parameter_counts()
     n = sum(p.numel() for p in model.parameters())
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "full_finetuning": n, "total": n}
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "full_finetuning": n,
+        "total": n,
+    }
 
 
 def parameter_groups(network: torch.nn.Module, lr: float, pretrained_lr_scale: float = 0.1) -> list[dict]:
@@ -180,7 +236,13 @@ class ParameterCountReport:
         c = parameter_counts(self.network)
         share = 100.0 * c["trainable"] / max(c["full_finetuning"], 1)
         extra = f" (LoRA {c['lora']:,}, stage-2 decoder {c['stage2_decoder']:,})" if "lora" in c else ""
-        log.info("trainable parameters: %s of %s with full fine-tuning (%.1f %%)%s", f"{c['trainable']:,}", f"{c['full_finetuning']:,}", share, extra)
+        log.info(
+            "trainable parameters: %s of %s with full fine-tuning (%.1f %%)%s",
+            f"{c['trainable']:,}",
+            f"{c['full_finetuning']:,}",
+            share,
+            extra,
+        )
 
 
 class SegmentationEvaluator(CaseEvaluator):
@@ -204,11 +266,17 @@ class SegmentationEvaluator(CaseEvaluator):
         region = item.get("region")  # the SA-2 lung mask, when given: only its slices (and a margin) are segmented
         if region is not None:
             if tuple(region.shape[1:]) != tuple(image.shape[1:]):
-                raise ValueError(f"{item.get('case_id')}: the SA-2 lung mask is on another grid than the CT ({tuple(region.shape[1:])} vs {tuple(image.shape[1:])})")
+                raise ValueError(
+                    f"{item.get('case_id')}: the SA-2 lung mask is on another grid than the CT ({tuple(region.shape[1:])} vs {tuple(image.shape[1:])})"
+                )
             touched = _as_numpy(region).reshape(image.shape[1:]).reshape(-1, image.shape[-1]).max(axis=0) > 0.5
             from scipy import ndimage
 
-            slice_mask = ndimage.binary_dilation(touched, iterations=self.slice_margin) if self.slice_margin and touched.any() else touched
+            slice_mask = (
+                ndimage.binary_dilation(touched, iterations=self.slice_margin)
+                if self.slice_margin and touched.any()
+                else touched
+            )
         with engine.mode(engine.network), torch.no_grad():
             prob = engine.inferer(image[None], engine.network, slice_mask=slice_mask)[0]
         return {**item, "pred": MetaTensor(prob, affine=image.affine, meta=dict(image.meta))}
@@ -224,7 +292,9 @@ def score_segmentation(d: dict, pred_key: str = "pred", truth_key: str = "lungs"
     return {"case_id": d.get("case_id"), **segmentation_scores(pred, truth, spacing)}
 
 
-def lung_report(mask: np.ndarray, hu: np.ndarray, affine: np.ndarray, sides_ml: dict | None = None, emphysema_hu: float = -950.0) -> dict:
+def lung_report(
+    mask: np.ndarray, hu: np.ndarray, affine: np.ndarray, sides_ml: dict | None = None, emphysema_hu: float = -950.0
+) -> dict:
     """Lung volume (mL, per side when known), mean lung HU and the share of lung below ``emphysema_hu`` (%LAA-950)."""
     voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     lung_hu = hu[mask]
@@ -232,7 +302,9 @@ def lung_report(mask: np.ndarray, hu: np.ndarray, affine: np.ndarray, sides_ml: 
     if sides_ml:
         report["lung_volume_ml"].update({k: round(float(v), 1) for k, v in sides_ml.items() if k != "total"})
     report["mean_lung_hu"] = round(float(lung_hu.mean()), 1) if lung_hu.size else None
-    report[f"percent_lung_below_{int(abs(emphysema_hu))}_hu"] = round(100.0 * float((lung_hu < emphysema_hu).mean()), 2) if lung_hu.size else None
+    report[f"percent_lung_below_{int(abs(emphysema_hu))}_hu"] = (
+        round(100.0 * float((lung_hu < emphysema_hu).mean()), 2) if lung_hu.size else None
+    )
     return report
 
 
@@ -240,8 +312,15 @@ class SaveSegmentationd:
     """Write one case's lung mask, probability, sides and report (``<output_dir>/<case>/<case>_*``), each
     through a temporary name; ``hu_key`` holds the HU volume for the report."""
 
-    def __init__(self, output_dir: str | Path, pred_key: str = "pred", probability_key: str | None = "probability", sides_key: str = "lung_sides",
-                 hu_key: str = "hu", settings: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        pred_key: str = "pred",
+        probability_key: str | None = "probability",
+        sides_key: str = "lung_sides",
+        hu_key: str = "hu",
+        settings: dict | None = None,
+    ):
         self.output_dir = Path(output_dir)
         self.pred_key, self.probability_key, self.sides_key, self.hu_key = pred_key, probability_key, sides_key, hu_key
         self.settings = dict(settings or {})
@@ -256,20 +335,40 @@ class SaveSegmentationd:
             save_nifti_array(_as_numpy(d[self.probability_key])[0], affine, paths["probability"])
         if self.sides_key in d:
             save_nifti_array(_as_numpy(d[self.sides_key])[0], affine, paths["sides"], dtype=np.uint8)
-        report = {"case_id": case_id, "image": str(d[self.pred_key].meta.get("filename_or_obj", "")), "shape": list(mask.shape)}
+        report = {
+            "case_id": case_id,
+            "image": str(d[self.pred_key].meta.get("filename_or_obj", "")),
+            "shape": list(mask.shape),
+        }
         if self.hu_key in d:
-            report.update(lung_report(mask, _as_numpy(d[self.hu_key]).reshape(mask.shape), affine, d.get(f"{self.sides_key}_ml")))
+            report.update(
+                lung_report(mask, _as_numpy(d[self.hu_key]).reshape(mask.shape), affine, d.get(f"{self.sides_key}_ml"))
+            )
         report["settings"] = self.settings
         write_json_atomic(paths["report"], report)
         return {**d, "report": report}
 
 
-def segmentation_datalist(dataset_dir: str | Path, output_dir: str | Path, cases: Sequence[dict] | None = None, exclude: Sequence[str] = (), overwrite: bool = False) -> list[dict]:
+def segmentation_datalist(
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    cases: Sequence[dict] | None = None,
+    exclude: Sequence[str] = (),
+    overwrite: bool = False,
+) -> list[dict]:
     """Volumes to segment (``cases``, else the scans under ``dataset_dir``), less those already done."""
     from common.engines.probmap import scan_datalist
 
     found = list(cases) if cases is not None else scan_datalist(dataset_dir, exclude)
-    todo = [c for c in found if overwrite or not case_paths(output_dir, c["case_id"], SEGMENTATION_OUTPUTS)["report"].is_file()]
+    todo = [
+        c
+        for c in found
+        if overwrite or not case_paths(output_dir, c["case_id"], SEGMENTATION_OUTPUTS)["report"].is_file()
+    ]
     if len(todo) < len(found):
-        log.info("segment: %d case(s) already done in %s (skipped; overwrite=True redoes them)", len(found) - len(todo), output_dir)
+        log.info(
+            "segment: %d case(s) already done in %s (skipped; overwrite=True redoes them)",
+            len(found) - len(todo),
+            output_dir,
+        )
     return todo

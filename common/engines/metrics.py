@@ -53,7 +53,9 @@ class ZeroShotAccuracy(_DictOutputMetric):
 
     def compute(self) -> float:
         if not self._labels:
-            raise NotComputableError("zero-shot accuracy needs labelled patches in the validation set (held-out phantom patches)")
+            raise NotComputableError(
+                "zero-shot accuracy needs labelled patches in the validation set (held-out phantom patches)"
+            )
         return zero_shot_accuracy(torch.cat(self._embeds), self._classes, torch.cat(self._labels))
 
 
@@ -139,9 +141,20 @@ class LungMapDice(Metric):
     size, image size, patch size and mm, HU window). ``last_area_ratio`` keeps mapped / true lung area.
     """
 
-    def __init__(self, network, cases: Sequence[dict], preprocessing: dict, num_slices: int = 4, stride_mm: float = 20.0, tau: float = 0.6,
-                 class_names: Sequence[str] = CLASS_NAMES, background_names: Sequence[str] = BACKGROUND_NAMES, batch_size: int = 16,
-                 output_transform=lambda x: x, device="cpu"):
+    def __init__(
+        self,
+        network,
+        cases: Sequence[dict],
+        preprocessing: dict,
+        num_slices: int = 4,
+        stride_mm: float = 20.0,
+        tau: float = 0.6,
+        class_names: Sequence[str] = CLASS_NAMES,
+        background_names: Sequence[str] = BACKGROUND_NAMES,
+        batch_size: int = 16,
+        output_transform=lambda x: x,
+        device="cpu",
+    ):
         if not cases:
             raise ValueError("LungMapDice needs at least one held-out phantom (val_phantoms >= 1)")
         if int(num_slices) < 1:
@@ -149,9 +162,17 @@ class LungMapDice(Metric):
         self.network, self.cases, self.num_slices, self.tau = network, list(cases), int(num_slices), float(tau)
         self.num_classes = len(class_names)
         pre = dict(preprocessing)
-        self.inferer = PatchSimilarityInferer(list(class_names) + list(background_names), patch_mm=pre.get("patch_mm"), stride_mm=stride_mm,
-                                              batch_size=batch_size, slice_size=pre.get("slice_size"), image_size=pre.get("image_size"),
-                                              patch_size=pre.get("patch_size"), hu_window=pre.get("hu_window"), progress=False)
+        self.inferer = PatchSimilarityInferer(
+            list(class_names) + list(background_names),
+            patch_mm=pre.get("patch_mm"),
+            stride_mm=stride_mm,
+            batch_size=batch_size,
+            slice_size=pre.get("slice_size"),
+            image_size=pre.get("image_size"),
+            patch_size=pre.get("patch_size"),
+            hu_window=pre.get("hu_window"),
+            progress=False,
+        )
         self._volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self.last_area_ratio = float("nan")
         super().__init__(output_transform=output_transform, device=device)
@@ -169,7 +190,9 @@ class LungMapDice(Metric):
             for case in self.cases:
                 ct, lungs = read_ct(case["path"], axcodes="LPS"), read_ct(case["lungs"], axcodes="LPS").hu > 0
                 if ct.hu.shape != lungs.shape:
-                    raise ValueError(f"{case['lungs']}: lung field {lungs.shape} does not match its CT {ct.hu.shape} ({case['path']})")
+                    raise ValueError(
+                        f"{case['lungs']}: lung field {lungs.shape} does not match its CT {ct.hu.shape} ({case['path']})"
+                    )
                 z = np.flatnonzero(lungs.any(axis=(0, 1)))
                 if z.size == 0:
                     raise ValueError(f"{case['lungs']}: the lung field is empty, nothing to score a lung map on")
@@ -192,14 +215,22 @@ class LungMapDice(Metric):
             for hu, lungs, affine in self.volumes():
                 sim = self.inferer.volume(hu, affine, model, name="held-out phantom")
                 prob = np.asarray(self.to_probability(sim, scale))[0]
-                preds.append(np.stack([ndimage.binary_fill_holes(prob[:, :, k] >= self.tau) for k in range(prob.shape[2])], axis=2).ravel())
+                preds.append(
+                    np.stack(
+                        [ndimage.binary_fill_holes(prob[:, :, k] >= self.tau) for k in range(prob.shape[2])], axis=2
+                    ).ravel()
+                )
                 truths.append(lungs.ravel())
         finally:
             model.train(was_training)
         pred, truth = np.concatenate(preds), np.concatenate(truths)  # pooled over every slice of every case
         self.last_area_ratio = float(pred.sum()) / max(int(truth.sum()), 1)
         dice = dice_score(pred, truth)
-        log.info("SA-2 lung map of the held-out phantoms: Dice %.4f, mapped / true lung area %.3f", dice, self.last_area_ratio)
+        log.info(
+            "SA-2 lung map of the held-out phantoms: Dice %.4f, mapped / true lung area %.3f",
+            dice,
+            self.last_area_ratio,
+        )
         return dice
 
 

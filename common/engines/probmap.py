@@ -28,8 +28,22 @@ from common.io.nifti import save_nifti_array
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "probmap_case/1"
-POSTFIXES = {"probmap": "probmap.nii.gz", "lung_mask": "lung_mask.nii.gz", "lung_sides": "lung_sides.nii.gz", "report": "probmap.json", "overlay": "overlay.png"}
-DEFAULT_EXCLUDE = ("*_label.nii.gz", "*_lungs.nii.gz", "*_label.nrrd", "*_seg.nii.gz", "*_probmap.nii.gz", "*_lung_mask.nii.gz", "*_lung_sides.nii.gz")
+POSTFIXES = {
+    "probmap": "probmap.nii.gz",
+    "lung_mask": "lung_mask.nii.gz",
+    "lung_sides": "lung_sides.nii.gz",
+    "report": "probmap.json",
+    "overlay": "overlay.png",
+}
+DEFAULT_EXCLUDE = (
+    "*_label.nii.gz",
+    "*_lungs.nii.gz",
+    "*_label.nrrd",
+    "*_seg.nii.gz",
+    "*_probmap.nii.gz",
+    "*_lung_mask.nii.gz",
+    "*_lung_sides.nii.gz",
+)
 
 
 def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
@@ -46,30 +60,56 @@ def scan_datalist(dataset_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCL
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.exists():
         raise FileNotFoundError(f"{dataset_dir}: dataset_dir does not exist")
-    found = [c for c in discover_cases(dataset_dir) if not any(fnmatch.fnmatch(Path(c.path).name, pat) for pat in exclude)]
+    found = [
+        c for c in discover_cases(dataset_dir) if not any(fnmatch.fnmatch(Path(c.path).name, pat) for pat in exclude)
+    ]
     if not found:
-        raise ValueError(f"{dataset_dir}: no CT scan found (looked for DICOM series, NIfTI, NRRD/MHA, npz and PNG stacks)")
+        raise ValueError(
+            f"{dataset_dir}: no CT scan found (looked for DICOM series, NIfTI, NRRD/MHA, npz and PNG stacks)"
+        )
     return [{"image": str(c.path), "case_id": c.case_id} for c in found]
 
 
-def probmap_datalist(dataset_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False) -> list[dict]:
+def probmap_datalist(
+    dataset_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE, overwrite: bool = False
+) -> list[dict]:
     """:func:`scan_datalist` less the cases with a finished output in ``output_dir`` (``overwrite=True``: all)."""
     found = scan_datalist(dataset_dir, exclude)
     todo = [c for c in found if overwrite or not case_outputs(output_dir, c["case_id"])["report"].is_file()]
     if len(todo) < len(found):
-        log.info("probmap: %d of %d cases already done in %s (skipped; overwrite=True redoes them)", len(found) - len(todo), len(found), output_dir)
+        log.info(
+            "probmap: %d of %d cases already done in %s (skipped; overwrite=True redoes them)",
+            len(found) - len(todo),
+            len(found),
+            output_dir,
+        )
     return todo
 
 
-def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefix: str = "heldout_phantom", shape: Sequence[int] | None = None,
-                     spacing: Sequence[float] | None = None) -> list[dict]:
+def phantom_datalist(
+    phantom_dir: str | Path,
+    n: int = 3,
+    seed: int = 100,
+    prefix: str = "heldout_phantom",
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> list[dict]:
     """``n`` phantoms from seeds SA-1 never saw (generated once into ``phantom_dir``), with their label maps:
     ``{"image", "label", "lungs", "case_id"}``. ``shape``/``spacing`` (default: the standard phantom) let the
     demo use thicker, fewer slices; phantoms already in ``phantom_dir`` are reused whatever their shape."""
     from common.default_data import PHANTOM_SHAPE, PHANTOM_SPACING, make_phantoms
 
-    cases = make_phantoms(Path(phantom_dir), int(n), seed=int(seed), prefix=prefix, shape=shape or PHANTOM_SHAPE, spacing=spacing or PHANTOM_SPACING)
-    return [{"image": str(c["path"]), "label": str(c["label"]), "lungs": str(c["lungs"]), "case_id": c["id"]} for c in cases]
+    cases = make_phantoms(
+        Path(phantom_dir),
+        int(n),
+        seed=int(seed),
+        prefix=prefix,
+        shape=shape or PHANTOM_SHAPE,
+        spacing=spacing or PHANTOM_SPACING,
+    )
+    return [
+        {"image": str(c["path"]), "label": str(c["label"]), "lungs": str(c["lungs"]), "case_id": c["id"]} for c in cases
+    ]
 
 
 # --------------------------------------------------------------------------- writing
@@ -78,8 +118,18 @@ def phantom_datalist(phantom_dir: str | Path, n: int = 3, seed: int = 100, prefi
 class SaveProbmapd(MapTransform):
     """Write one case's probability map, lung mask, sides, overlay and (last) its JSON report."""
 
-    def __init__(self, output_dir: str | Path, keys: KeysCollection = "pred", mask_key: str = "lung_mask", sides_key: str = "lung_sides",
-                 image_key: str = "image", class_names: Sequence[str] = CLASS_NAMES, overlay: bool = False, inferer=None, settings: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        keys: KeysCollection = "pred",
+        mask_key: str = "lung_mask",
+        sides_key: str = "lung_sides",
+        image_key: str = "image",
+        class_names: Sequence[str] = CLASS_NAMES,
+        overlay: bool = False,
+        inferer=None,
+        settings: dict | None = None,
+    ):
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.mask_key, self.sides_key, self.image_key = mask_key, sides_key, image_key
@@ -116,7 +166,9 @@ class SaveProbmapd(MapTransform):
         report = {
             "format": REPORT_FORMAT,
             "case_id": case_id,
-            "source": str(d[self.image_key].meta.get("filename_or_obj", "")) if hasattr(d[self.image_key], "meta") else "",
+            "source": str(d[self.image_key].meta.get("filename_or_obj", ""))
+            if hasattr(d[self.image_key], "meta")
+            else "",
             "shape": list(mask.shape),
             "spacing_mm": [round(float(s), 4) for s in spacing],
             "class_names": self.class_names,
@@ -125,7 +177,8 @@ class SaveProbmapd(MapTransform):
             "lung_ml": {k: round(float(v), 1) for k, v in ml.items()},
             "lung_found": bool(mask.any()),
             "warnings": warnings,
-            "inferer": {k: v for k, v in info.items() if k != "empty_slices"} | {"empty_slices": len(info.get("empty_slices", []))},
+            "inferer": {k: v for k, v in info.items() if k != "empty_slices"}
+            | {"empty_slices": len(info.get("empty_slices", []))},
             "settings": self.settings,
             "outputs": {k: str(p) for k, p in paths.items() if p.exists() and k != "report"},
         }
@@ -137,8 +190,15 @@ class SaveProbmapd(MapTransform):
 # --------------------------------------------------------------------------- scores
 
 
-def score_case(d: dict, class_names: Sequence[str] = CLASS_NAMES, tau: float = 0.5, prob_key: str = "pred", mask_key: str = "lung_mask",
-               label_key: str = "label", lungs_key: str = "lungs") -> dict:
+def score_case(
+    d: dict,
+    class_names: Sequence[str] = CLASS_NAMES,
+    tau: float = 0.5,
+    prob_key: str = "pred",
+    mask_key: str = "lung_mask",
+    label_key: str = "label",
+    lungs_key: str = "lungs",
+) -> dict:
     """Dice and IoU of the cleaned lung mask against the lung field (``lungs`` > 0) and of every channel
     thresholded at ``tau`` (Eq. 8) against its class in the label map."""
     from common.metrics import dice_score, iou_score

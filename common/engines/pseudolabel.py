@@ -37,8 +37,24 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "pseudolabel_case/1"
 POSTFIXES = {"label": "pseudo_label.nii.gz", "overlay": "pseudo_overlay.png", "report": "pseudolabel.json"}
-QC_COLUMNS = ("case_id", "status", "included", "reasons", "lung_ml_total", "lung_ml_right", "lung_ml_left", "mean_predicted_iou", "agreement_dice",
-              "kept_share", "candidates", "kept", "slices_with_lung", "seconds", "image", "label")
+QC_COLUMNS = (
+    "case_id",
+    "status",
+    "included",
+    "reasons",
+    "lung_ml_total",
+    "lung_ml_right",
+    "lung_ml_left",
+    "mean_predicted_iou",
+    "agreement_dice",
+    "kept_share",
+    "candidates",
+    "kept",
+    "slices_with_lung",
+    "seconds",
+    "image",
+    "label",
+)
 
 
 def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
@@ -46,9 +62,17 @@ def case_outputs(output_dir: str | Path, case_id: str) -> dict[str, Path]:
     return case_paths(output_dir, case_id, POSTFIXES)
 
 
-def pseudolabel_datalist(dataset_dir: str | Path, probmap_dir: str | Path, output_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                         overwrite: bool = False, rank: int = 0, world_size: int = 1, cases: Sequence[dict] | None = None,
-                         with_probmap: bool = False) -> dict:
+def pseudolabel_datalist(
+    dataset_dir: str | Path,
+    probmap_dir: str | Path,
+    output_dir: str | Path,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    cases: Sequence[dict] | None = None,
+    with_probmap: bool = False,
+) -> dict:
     """This rank's share of the cases still to do: ``{"todo": [{"image", "case_id", "probmap", "lung_mask"}, ...],
     "skipped": [{"case", "reason"}, ...]}``. A case whose SA-2 outputs are missing is skipped with its
     reason; a case with a finished pseudo label is left out (``overwrite=True`` redoes it). ``cases``
@@ -65,9 +89,19 @@ def pseudolabel_datalist(dataset_dir: str | Path, probmap_dir: str | Path, outpu
         pm = probmap_outputs(probmap_dir, c["case_id"])
         missing = [k for k in ("probmap", "lung_mask") if not pm[k].is_file()]
         if missing:
-            skipped.append({"case": c["case_id"], "reason": f"no SA-2 {' / '.join(missing)} at {pm[missing[0]]} (run the probmap bundle on this case first)"})
+            skipped.append(
+                {
+                    "case": c["case_id"],
+                    "reason": f"no SA-2 {' / '.join(missing)} at {pm[missing[0]]} (run the probmap bundle on this case first)",
+                }
+            )
             continue
-        item = {**c, "lung_mask": str(pm["lung_mask"]), "image_path": str(c["image"]), "probmap_path": str(pm["probmap"])}
+        item = {
+            **c,
+            "lung_mask": str(pm["lung_mask"]),
+            "image_path": str(c["image"]),
+            "probmap_path": str(pm["probmap"]),
+        }
         if with_probmap:
             item["probmap"] = str(pm["probmap"])
         todo.append(item)
@@ -99,18 +133,30 @@ class PseudoLabelEvaluator(CaseEvaluator):
     def predict(self, engine, item: dict) -> dict:
         image, region = item["image"], item["lung_mask"]
         case = item.get("case_id")
-        if tuple(region.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(first_affine(region), first_affine(image), atol=1e-3):
-            raise ValueError(f"{case}: the SA-2 lung mask {item.get('lung_mask_path', '')} is on another grid than its CT "
-                             f"(shape {tuple(region.shape[1:])} vs {tuple(image.shape[1:])}, or another affine)")
+        if tuple(region.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(
+            first_affine(region), first_affine(image), atol=1e-3
+        ):
+            raise ValueError(
+                f"{case}: the SA-2 lung mask {item.get('lung_mask_path', '')} is on another grid than its CT "
+                f"(shape {tuple(region.shape[1:])} vs {tuple(image.shape[1:])}, or another affine)"
+            )
         probmap = item.get("probmap")
         if probmap is not None and tuple(probmap.shape[1:]) != tuple(image.shape[1:]):
-            raise ValueError(f"{case}: the SA-2 probability map {tuple(probmap.shape[1:])} is on another grid than its CT {tuple(image.shape[1:])}")
+            raise ValueError(
+                f"{case}: the SA-2 probability map {tuple(probmap.shape[1:])} is on another grid than its CT {tuple(image.shape[1:])}"
+            )
         if not bool((region > 0.5).any()):
-            raise ValueError(f"{case}: the SA-2 lung mask is empty (no lung passed the probability threshold), so there is nothing to prompt")
-        if probmap is not None and not bool(torch.isfinite(probmap.as_tensor() if hasattr(probmap, "as_tensor") else probmap).all()):
+            raise ValueError(
+                f"{case}: the SA-2 lung mask is empty (no lung passed the probability threshold), so there is nothing to prompt"
+            )
+        if probmap is not None and not bool(
+            torch.isfinite(probmap.as_tensor() if hasattr(probmap, "as_tensor") else probmap).all()
+        ):
             raise ValueError(f"{case}: the SA-2 probability map has non-finite values")
         with engine.mode(engine.network):
-            pred = engine.inferer(image[None], engine.network, region=region[None], probmap=None if probmap is None else probmap[None])[0]
+            pred = engine.inferer(
+                image[None], engine.network, region=region[None], probmap=None if probmap is None else probmap[None]
+            )[0]
         from monai.data import MetaTensor
 
         pred = MetaTensor(pred, affine=image.affine, meta=dict(image.meta))
@@ -120,8 +166,16 @@ class PseudoLabelEvaluator(CaseEvaluator):
 # --------------------------------------------------------------------------- confidence and writing
 
 
-def case_confidence(pseudo: np.ndarray, reference: np.ndarray, info: dict, lung_ml: float, min_predicted_iou: float = 0.75,
-                    min_agreement: float = 0.875, min_kept_share: float = 0.5, lung_ml_range: Sequence[float] = (300.0, 9000.0)) -> dict:
+def case_confidence(
+    pseudo: np.ndarray,
+    reference: np.ndarray,
+    info: dict,
+    lung_ml: float,
+    min_predicted_iou: float = 0.75,
+    min_agreement: float = 0.875,
+    min_kept_share: float = 0.5,
+    lung_ml_range: Sequence[float] = (300.0, 9000.0),
+) -> dict:
     """The case's confidence figures and QC verdict: SAM's mean predicted IoU of the kept candidates, the
     Dice between the pseudo label and the SA-2 lung mask, the share of candidates kept and the
     lung volume's plausibility; each figure under its bound is a reason to leave the case out."""
@@ -141,16 +195,31 @@ def case_confidence(pseudo: np.ndarray, reference: np.ndarray, info: dict, lung_
     lo, hi = float(lung_ml_range[0]), float(lung_ml_range[1])
     if not lo <= lung_ml <= hi:
         reasons.append(f"lung volume {lung_ml:.0f} mL outside the plausible {lo:.0f}-{hi:.0f} mL")
-    return {"mean_predicted_iou": None if iou is None else round(float(iou), 4), "agreement_dice": round(float(agreement), 4), "kept_share": round(kept_share, 4),
-            "lung_ml_total": round(float(lung_ml), 1), "passed": not reasons, "reasons": reasons}
+    return {
+        "mean_predicted_iou": None if iou is None else round(float(iou), 4),
+        "agreement_dice": round(float(agreement), 4),
+        "kept_share": round(kept_share, 4),
+        "lung_ml_total": round(float(lung_ml), 1),
+        "passed": not reasons,
+        "reasons": reasons,
+    }
 
 
 class SavePseudoLabeld(MapTransform):
     """Write one case's pseudo label (1 right, 2 left, on the CT's grid), its overlay and (last) its JSON
     report with the confidence figures of :func:`case_confidence`."""
 
-    def __init__(self, output_dir: str | Path, keys: KeysCollection = "pred", sides_key: str = "lung_sides", reference_key: str = "lung_mask",
-                 image_key: str = "image", overlay: bool = False, settings: dict | None = None, qc: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        keys: KeysCollection = "pred",
+        sides_key: str = "lung_sides",
+        reference_key: str = "lung_mask",
+        image_key: str = "image",
+        overlay: bool = False,
+        settings: dict | None = None,
+        qc: dict | None = None,
+    ):
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.sides_key, self.reference_key, self.image_key = sides_key, reference_key, image_key
@@ -173,7 +242,9 @@ class SavePseudoLabeld(MapTransform):
         if self.overlay:
             from common.report import save_pseudolabel_overlay_png
 
-            save_pseudolabel_overlay_png(paths["overlay"], _as_numpy(d[self.image_key])[0], reference, sides, affine, title=case_id)
+            save_pseudolabel_overlay_png(
+                paths["overlay"], _as_numpy(d[self.image_key])[0], reference, sides, affine, title=case_id
+            )
         report = {
             "format": REPORT_FORMAT,
             "case_id": case_id,
@@ -211,11 +282,26 @@ def merge_pseudolabels(output_dir: str | Path, validation_fraction: float = 0.2,
         r = json.loads(p.read_text())
         c = r["confidence"]
         info = r.get("inferer", {})
-        rows.append({"case_id": r["case_id"], "status": "done", "included": c["passed"], "reasons": "; ".join(c["reasons"]),
-                     "lung_ml_total": r["lung_ml"].get("total"), "lung_ml_right": r["lung_ml"].get("right"), "lung_ml_left": r["lung_ml"].get("left"),
-                     "mean_predicted_iou": c["mean_predicted_iou"], "agreement_dice": c["agreement_dice"], "kept_share": c["kept_share"],
-                     "candidates": info.get("candidates"), "kept": info.get("kept"), "slices_with_lung": info.get("slices_with_lung"),
-                     "seconds": info.get("seconds"), "image": r["image"], "label": r["label"]})
+        rows.append(
+            {
+                "case_id": r["case_id"],
+                "status": "done",
+                "included": c["passed"],
+                "reasons": "; ".join(c["reasons"]),
+                "lung_ml_total": r["lung_ml"].get("total"),
+                "lung_ml_right": r["lung_ml"].get("right"),
+                "lung_ml_left": r["lung_ml"].get("left"),
+                "mean_predicted_iou": c["mean_predicted_iou"],
+                "agreement_dice": c["agreement_dice"],
+                "kept_share": c["kept_share"],
+                "candidates": info.get("candidates"),
+                "kept": info.get("kept"),
+                "slices_with_lung": info.get("slices_with_lung"),
+                "seconds": info.get("seconds"),
+                "image": r["image"],
+                "label": r["label"],
+            }
+        )
         entry = {"image": r["image"], "label": r["label"], "case_id": r["case_id"]}
         if c["passed"]:
             passed.append(entry)
@@ -244,8 +330,14 @@ def merge_pseudolabels(output_dir: str | Path, validation_fraction: float = 0.2,
             w.writeheader()
             for r in rows:
                 w.writerow(r)
-    summary = {"cases": len(rows), "done": len(reports), "included": len(passed), "excluded": len(datalist["excluded"]),
-               "training": len(datalist["training"]), "validation": len(datalist["validation"])}
+    summary = {
+        "cases": len(rows),
+        "done": len(reports),
+        "included": len(passed),
+        "excluded": len(datalist["excluded"]),
+        "training": len(datalist["training"]),
+        "validation": len(datalist["validation"]),
+    }
     write_json_atomic(output_dir / "qc.json", {"summary": summary, "cases": rows})
     write_json_atomic(output_dir / "datalist.json", datalist)
     log.info("pseudolabel: %s", summary)
@@ -263,7 +355,9 @@ __all__ = [
 ]
 
 
-def score_pseudolabel(d: dict, pred_key: str = "pred", reference_key: str = "lung_mask", lungs_key: str = "lungs") -> dict:
+def score_pseudolabel(
+    d: dict, pred_key: str = "pred", reference_key: str = "lung_mask", lungs_key: str = "lungs"
+) -> dict:
     """Dice and IoU of the pseudo label, and of the SA-2 lung mask it was prompted from, against the
     lung field (``lungs`` > 0); SAM's counts from the inferer alongside."""
     from common.metrics import dice_score, iou_score
@@ -272,6 +366,11 @@ def score_pseudolabel(d: dict, pred_key: str = "pred", reference_key: str = "lun
     field = _as_numpy(d[lungs_key]).reshape(pseudo.shape) > 0
     sa2 = _as_numpy(d[reference_key]).reshape(pseudo.shape) > 0.5
     info = d.get("pseudolabel_info") or {}
-    return {"case_id": d.get("case_id"), "pseudo_dice": dice_score(pseudo, field), "pseudo_iou": iou_score(pseudo, field),
-            "sa2_mask_dice": dice_score(sa2, field), "kept_share": (info.get("kept", 0) / info["candidates"]) if info.get("candidates") else 0.0,
-            "mean_predicted_iou": info.get("mean_predicted_iou")}
+    return {
+        "case_id": d.get("case_id"),
+        "pseudo_dice": dice_score(pseudo, field),
+        "pseudo_iou": iou_score(pseudo, field),
+        "sa2_mask_dice": dice_score(sa2, field),
+        "kept_share": (info.get("kept", 0) / info["candidates"]) if info.get("candidates") else 0.0,
+        "mean_predicted_iou": info.get("mean_predicted_iou"),
+    }

@@ -48,7 +48,9 @@ AXCODES = "LPS"  # the orientation SA-1 cut its training slices in (axis 2 axial
 # --------------------------------------------------------------------------- prompts
 
 
-def class_prompt_texts(class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)) -> list[list[str]]:
+def class_prompt_texts(
+    class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)
+) -> list[list[str]]:
     """The prompt texts of each class: every template filled with the class name."""
     if not class_names:
         raise ValueError("class_names is empty: give at least one class to map")
@@ -69,12 +71,16 @@ def check_tokenisable(network, class_names: Sequence[str]) -> None:
             raise ValueError(f"class name {name!r} is empty: every class needs a name to prompt with")
         ids = tokenizer(name, add_special_tokens=False)["input_ids"]
         if not ids or (unk is not None and all(i == unk for i in ids)):
-            raise ValueError(f"class {name!r} cannot be tokenised by the text encoder in {network.text_encoder.model_dir}: "
-                             f"all its tokens are unknown ({tokenizer.unk_token}); reword the class name")
+            raise ValueError(
+                f"class {name!r} cannot be tokenised by the text encoder in {network.text_encoder.model_dir}: "
+                f"all its tokens are unknown ({tokenizer.unk_token}); reword the class name"
+            )
 
 
 @torch.no_grad()
-def class_text_embeddings(network, class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)) -> torch.Tensor:
+def class_text_embeddings(
+    network, class_names: Sequence[str] = CLASS_NAMES, templates: Sequence[str] = (PATCH_PROMPT,)
+) -> torch.Tensor:
     """(C, D) unit text embeddings, one per class: the normalised mean over the templates (CLIP's prompt ensembling)."""
     if getattr(network, "text_encoder", None) is None:
         raise ValueError("the network has no text encoder: a zero-shot map needs one")
@@ -102,7 +108,7 @@ def window_index(size: int, patch_px: int, stride_px: int, device=None) -> torch
     """(L, p*p) flat pixel indices of every window of a square ``size`` slice, rows then columns."""
     starts = torch.tensor(window_starts(size, patch_px, stride_px), device=device)
     offs = torch.arange(patch_px, device=device)
-    rows = (starts[:, None] + offs[None, :])  # (n, p)
+    rows = starts[:, None] + offs[None, :]  # (n, p)
     flat = rows[:, None, :, None] * size + rows[None, :, None, :]  # (n_r, n_c, p, p)
     return flat.reshape(-1, patch_px * patch_px)
 
@@ -116,7 +122,9 @@ def window_weights(patch_px: int, aggregation: str = "mean", sigma_scale: float 
             raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
         from monai.data.utils import compute_importance_map
 
-        return compute_importance_map((int(patch_px), int(patch_px)), mode="gaussian", sigma_scale=float(sigma_scale)).float()
+        return compute_importance_map(
+            (int(patch_px), int(patch_px)), mode="gaussian", sigma_scale=float(sigma_scale)
+        ).float()
     return torch.ones((int(patch_px), int(patch_px)))
 
 
@@ -166,11 +174,15 @@ def algorithm1_literal(
             patch = slice01[i : i + patch_px, j : j + patch_px]  # line 3
             x = resize(patch[None].float())[None].to(device)
             image_embed = network.encode_image(x)  # lines 4-5: image encoder, then W_i
-            text_embeds = class_text_embeddings(network, class_names, templates)  # lines 6-7, inside the loop as written
+            text_embeds = class_text_embeddings(
+                network, class_names, templates
+            )  # lines 6-7, inside the loop as written
             sims = F.normalize(image_embed.float(), dim=-1) @ text_embeds.T  # line 8: Eq. 4
             sims = sims[0].cpu()[:, None, None]
             if aggregation == "max":
-                prob_map[:, i : i + patch_px, j : j + patch_px] = torch.maximum(prob_map[:, i : i + patch_px, j : j + patch_px], sims)
+                prob_map[:, i : i + patch_px, j : j + patch_px] = torch.maximum(
+                    prob_map[:, i : i + patch_px, j : j + patch_px], sims
+                )
             else:  # line 9
                 prob_map[:, i : i + patch_px, j : j + patch_px] += sims * weight
             count[i : i + patch_px, j : j + patch_px] += weight
@@ -219,8 +231,14 @@ def patch_similarity_maps(
     return spread_window_scores(sims.view(n, n_win, -1), s, patch_px, stride_px, aggregation, sigma_scale)
 
 
-def spread_window_scores(scores: torch.Tensor, size: int, patch_px: int, stride_px: int, aggregation: str = "mean",
-                         sigma_scale: float = 0.125) -> torch.Tensor:
+def spread_window_scores(
+    scores: torch.Tensor,
+    size: int,
+    patch_px: int,
+    stride_px: int,
+    aggregation: str = "mean",
+    sigma_scale: float = 0.125,
+) -> torch.Tensor:
     """Algorithm 1's lines 9-12 for a whole slice at once: (N, L, C) scores of the :func:`window_index` windows
     of (N) ``size``-pixel square slices -> (N, C, S, S) maps, each pixel aggregating the windows that cover it."""
     if aggregation not in AGGREGATIONS:
@@ -229,9 +247,13 @@ def spread_window_scores(scores: torch.Tensor, size: int, patch_px: int, stride_
     s = int(size)
     index = window_index(s, patch_px, stride_px)  # (L, p*p)
     if index.shape[0] != n_win:
-        raise ValueError(f"{n_win} window scores for {index.shape[0]} windows of a {s} px slice (patch {patch_px}, stride {stride_px})")
+        raise ValueError(
+            f"{n_win} window scores for {index.shape[0]} windows of a {s} px slice (patch {patch_px}, stride {stride_px})"
+        )
     # each window's C scores over its p*p pixels: (N*C, L*p*p) values into (N*C, S*S)
-    values = scores.float().permute(0, 2, 1).reshape(n * c, n_win, 1).expand(-1, -1, patch_px * patch_px).reshape(n * c, -1)
+    values = (
+        scores.float().permute(0, 2, 1).reshape(n * c, n_win, 1).expand(-1, -1, patch_px * patch_px).reshape(n * c, -1)
+    )
     flat_index = index.reshape(1, -1).expand(n * c, -1)
     if aggregation == "max":
         out = torch.full((n * c, s * s), -float("inf")).scatter_reduce_(1, flat_index, values, reduce="amax")
@@ -243,7 +265,9 @@ def spread_window_scores(scores: torch.Tensor, size: int, patch_px: int, stride_
 
 
 @torch.no_grad()
-def dense_similarity_maps(slices01: torch.Tensor, network, text_embeds: torch.Tensor, patch_px: int, image_size: int, amp: bool = False) -> torch.Tensor:
+def dense_similarity_maps(
+    slices01: torch.Tensor, network, text_embeds: torch.Tensor, patch_px: int, image_size: int, amp: bool = False
+) -> torch.Tensor:
     """Dense mode: the whole slice, scaled so that a ``patch_px`` window becomes ``image_size`` pixels as in
     training, through the encoder once; W_i at every feature-map position; cosine to the prompts;
     bilinear back to the slice. (N, 1, S, S) -> (N, C, S, S)."""
@@ -270,7 +294,13 @@ def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str = AXCODES):
 
     out, out_affine = reorient_array(array, affine, axcodes)
     back = ornt.ornt_transform(ornt.axcodes2ornt(tuple(axcodes)), ornt.io_orientation(affine))
-    return out, out_affine, lambda a, copy=True: np.ascontiguousarray(ornt.apply_orientation(a, back)) if copy else ornt.apply_orientation(a, back)
+    return (
+        out,
+        out_affine,
+        lambda a, copy=True: (
+            np.ascontiguousarray(ornt.apply_orientation(a, back)) if copy else ornt.apply_orientation(a, back)
+        ),
+    )
 
 
 def slice_pixel_mm(shape_xy: Sequence[int], spacing_xy: Sequence[float], slice_size: int) -> float:
@@ -339,10 +369,25 @@ class PatchSimilarityInferer(Inferer):
         self.patch_mm = None if patch_mm is None else [float(p) for p in np.atleast_1d(patch_mm)]
         self.stride_mm = float(stride_mm)
         window_weights(4, aggregation, sigma_scale)  # sigma_scale errors at start-up
-        self.aggregation, self.multi_window, self.mode, self.sigma_scale = aggregation, multi_window, mode, float(sigma_scale)
+        self.aggregation, self.multi_window, self.mode, self.sigma_scale = (
+            aggregation,
+            multi_window,
+            mode,
+            float(sigma_scale),
+        )
         self.batch_size, self.slice_batch = int(batch_size), int(slice_batch)
-        self.overrides = {"slice_size": slice_size, "image_size": image_size, "patch_size": patch_size, "hu_window": hu_window}
-        self.channels_last, self.amp, self.fuse_encoder, self.progress = bool(channels_last), bool(amp), bool(fuse_encoder), bool(progress)
+        self.overrides = {
+            "slice_size": slice_size,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "hu_window": hu_window,
+        }
+        self.channels_last, self.amp, self.fuse_encoder, self.progress = (
+            bool(channels_last),
+            bool(amp),
+            bool(fuse_encoder),
+            bool(progress),
+        )
         self._text_cache: tuple[int, torch.Tensor] | None = None
         self._encoder_cache: tuple[tuple, torch.nn.Module] | None = None
         self.last_info: dict = {}
@@ -352,7 +397,13 @@ class PatchSimilarityInferer(Inferer):
     def settings(self, network) -> dict:
         """The preprocessing in effect: explicit arguments over the checkpoint's, over SA-1's defaults."""
         pre = dict(getattr(network, "preprocessing", {}) or {})
-        defaults = {"slice_size": 512, "image_size": 224, "patch_size": 64, "patch_mm": 40.0, "hu_window": list(HU_WINDOW)}
+        defaults = {
+            "slice_size": 512,
+            "image_size": 224,
+            "patch_size": 64,
+            "patch_mm": 40.0,
+            "hu_window": list(HU_WINDOW),
+        }
         out = {k: pre.get(k, v) for k, v in defaults.items()}
         out.update({k: v for k, v in self.overrides.items() if v is not None})
         out["patch_mm"] = self.patch_mm or [float(out["patch_mm"])]
@@ -387,9 +438,23 @@ class PatchSimilarityInferer(Inferer):
                 maps.append(dense_similarity_maps(slices01, network, text, patch_px, cfg["image_size"], amp=self.amp))
             else:
                 stride_px = max(int(round(self.stride_mm / px_mm)), 1)
-                maps.append(patch_similarity_maps(slices01, network, text, patch_px, stride_px, cfg["patch_size"], cfg["image_size"],
-                                                  self.aggregation, self.batch_size, self.channels_last, self.amp, self.sigma_scale,
-                                                  encoder=self.image_encoder(network)))
+                maps.append(
+                    patch_similarity_maps(
+                        slices01,
+                        network,
+                        text,
+                        patch_px,
+                        stride_px,
+                        cfg["patch_size"],
+                        cfg["image_size"],
+                        self.aggregation,
+                        self.batch_size,
+                        self.channels_last,
+                        self.amp,
+                        self.sigma_scale,
+                        encoder=self.image_encoder(network),
+                    )
+                )
         stack = torch.stack(maps)
         return stack.mean(0) if self.multi_window == "mean" else stack.amax(0)
 
@@ -409,12 +474,16 @@ class PatchSimilarityInferer(Inferer):
         window = HUWindow(cfg["hu_window"])
         fill = float(lps.min())
         c, nz = len(self.class_names), lps.shape[2]
-        per_slice = np.empty((nz, c) + lps.shape[:2], dtype=np.float32)  # slice-major: each slice's maps written in one piece
+        per_slice = np.empty(
+            (nz, c) + lps.shape[:2], dtype=np.float32
+        )  # slice-major: each slice's maps written in one piece
         empty = []
         bar = tqdm(total=nz, desc=f"probmap {name}", unit="slice", disable=not self.progress, leave=False)
         for k0 in range(0, nz, self.slice_batch):
             ks = list(range(k0, min(k0 + self.slice_batch, nz)))
-            slices = torch.from_numpy(np.stack([axial_slice01(lps, k, cfg["slice_size"], window, fill) for k in ks]))[:, None]
+            slices = torch.from_numpy(np.stack([axial_slice01(lps, k, cfg["slice_size"], window, fill) for k in ks]))[
+                :, None
+            ]
             # judged on the scan's own pixels: the square padding would give any slice an edge
             flat = torch.tensor([float(np.ptp(lps[:, :, k])) <= 1e-3 for k in ks])
             maps = torch.full((len(ks), c) + slices.shape[-2:], EMPTY_SIMILARITY)
@@ -427,9 +496,24 @@ class PatchSimilarityInferer(Inferer):
             bar.update(len(ks))
         bar.close()
         if empty:
-            logger.warning("%s: %d of %d slices have no contrast (one value throughout) and map to no class: %s", name, len(empty), nz, empty[:10])
-        self.last_info = {"empty_slices": empty, "slice_pixel_mm": px_mm, **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
-                          "stride_mm": self.stride_mm, "aggregation": self.aggregation, "sigma_scale": self.sigma_scale, "mode": self.mode, "class_names": self.class_names, "templates": self.templates}
+            logger.warning(
+                "%s: %d of %d slices have no contrast (one value throughout) and map to no class: %s",
+                name,
+                len(empty),
+                nz,
+                empty[:10],
+            )
+        self.last_info = {
+            "empty_slices": empty,
+            "slice_pixel_mm": px_mm,
+            **{k: cfg[k] for k in ("slice_size", "image_size", "patch_size", "patch_mm")},
+            "stride_mm": self.stride_mm,
+            "aggregation": self.aggregation,
+            "sigma_scale": self.sigma_scale,
+            "mode": self.mode,
+            "class_names": self.class_names,
+            "templates": self.templates,
+        }
         # (C, X, Y, Z) back in the input's voxel order, each channel copied once into the result
         return torch.from_numpy(np.stack([back(ch, copy=False) for ch in np.moveaxis(per_slice, 0, -1)]))
 
@@ -439,7 +523,11 @@ class PatchSimilarityInferer(Inferer):
         affines = getattr(inputs, "affine", None)
         outs = []
         for b in range(inputs.shape[0]):
-            aff = np.eye(4) if affines is None else np.asarray(affines[b] if affines.ndim == 3 else affines, dtype=np.float64)
+            aff = (
+                np.eye(4)
+                if affines is None
+                else np.asarray(affines[b] if affines.ndim == 3 else affines, dtype=np.float64)
+            )
             name = "volume"
             meta = getattr(inputs, "meta", None)
             if meta and "filename_or_obj" in meta:

@@ -24,7 +24,13 @@ from monai.inferers import Inferer
 
 from common.classes import CLASS_NAMES
 from common.inferers.patch_similarity import to_axcodes
-from common.prompts import component_box_prompts, grid_dot_prompts, negative_point_prompts, overlap_ratio, union_of_selected
+from common.prompts import (
+    component_box_prompts,
+    grid_dot_prompts,
+    negative_point_prompts,
+    overlap_ratio,
+    union_of_selected,
+)
 from common.transforms.intensity import HU_WINDOW, HUWindow
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,9 @@ FALLBACK_MODES = ("none", "map")
 
 
 @torch.no_grad()
-def algorithm2_literal(sam, slice01: np.ndarray, region: np.ndarray, grid_size: int, overlap_threshold: float, mask_threshold: float = 0.0) -> np.ndarray:
+def algorithm2_literal(
+    sam, slice01: np.ndarray, region: np.ndarray, grid_size: int, overlap_threshold: float, mask_threshold: float = 0.0
+) -> np.ndarray:
     """Algorithm 2 as written: for each dot prompt a mask from the model run on the image and that dot
     (encoder included), then each candidate kept when its overlap ratio (Eq. 9) with the map exceeds
     ``overlap_threshold`` and unioned (Eq. 10). ``slice01`` (H, W) in [0, 1], ``region`` (H, W) bool."""
@@ -56,7 +64,11 @@ def algorithm2_literal(sam, slice01: np.ndarray, region: np.ndarray, grid_size: 
 
 
 def _check_modes(prompts: str, aux: str, fallback: str) -> None:
-    for name, value, modes in (("prompts", prompts, PROMPT_MODES), ("aux", aux, AUX_MODES), ("fallback", fallback, FALLBACK_MODES)):
+    for name, value, modes in (
+        ("prompts", prompts, PROMPT_MODES),
+        ("aux", aux, AUX_MODES),
+        ("fallback", fallback, FALLBACK_MODES),
+    ):
         if value not in modes:
             raise ValueError(f"{name} must be one of {modes}, got {value!r}")
 
@@ -74,8 +86,16 @@ class SliceResult:
     n_fallback: int = 0  # rejected boxes whose part of the map went into the label instead
 
 
-def _prompt_sets(region: np.ndarray, aux_regions: np.ndarray | None, prompts: str, aux: str, grid_size: int, box_margin: int, min_box_area: int,
-                 negatives_per_class: int) -> list[tuple[str, np.ndarray | None, np.ndarray, np.ndarray]]:
+def _prompt_sets(
+    region: np.ndarray,
+    aux_regions: np.ndarray | None,
+    prompts: str,
+    aux: str,
+    grid_size: int,
+    box_margin: int,
+    min_box_area: int,
+    negatives_per_class: int,
+) -> list[tuple[str, np.ndarray | None, np.ndarray, np.ndarray]]:
     """(kind, boxes (N, 4) or None, points (N, P, 2), labels (N, P)) per prompt kind of one slice."""
     negatives = np.zeros((0, 2), dtype=np.float32)
     if aux == "negative_points" and aux_regions is not None and len(aux_regions):
@@ -84,7 +104,9 @@ def _prompt_sets(region: np.ndarray, aux_regions: np.ndarray | None, prompts: st
     if prompts in ("dots", "both"):
         dots = grid_dot_prompts(region, grid_size)
         if len(dots):
-            pts = np.concatenate([dots[:, None], np.broadcast_to(negatives[None], (len(dots), *negatives.shape))], axis=1)
+            pts = np.concatenate(
+                [dots[:, None], np.broadcast_to(negatives[None], (len(dots), *negatives.shape))], axis=1
+            )
             labels = np.concatenate([np.ones((len(dots), 1)), np.zeros((len(dots), len(negatives)))], axis=1)
             sets.append(("dots", None, pts, labels))
     if prompts in ("boxes", "both"):
@@ -133,7 +155,9 @@ def pseudo_label_slice(
         veto = torch.as_tensor(np.asarray(aux_regions, dtype=bool).any(0))
     result = SliceResult(mask=np.zeros(hw, dtype=bool))
     union = torch.zeros(hw, dtype=torch.bool)
-    for kind, boxes, pts, labels in _prompt_sets(region, aux_regions, prompts, aux, grid_size, box_margin, min_box_area, negatives_per_class):
+    for kind, boxes, pts, labels in _prompt_sets(
+        region, aux_regions, prompts, aux, grid_size, box_margin, min_box_area, negatives_per_class
+    ):
         n = len(pts)
         result.n_dots += n if kind == "dots" else 0
         result.n_boxes += n if kind == "boxes" else 0
@@ -142,7 +166,10 @@ def pseudo_label_slice(
             b = sam.box_to_input(boxes[sl], hw) if boxes is not None else None
             p = None
             if pts.shape[1]:
-                p = (sam.points_to_input(np.ascontiguousarray(pts[sl]), hw), torch.as_tensor(labels[sl], dtype=torch.int64))
+                p = (
+                    sam.points_to_input(np.ascontiguousarray(pts[sl]), hw),
+                    torch.as_tensor(labels[sl], dtype=torch.int64),
+                )
             low_res, iou = sam.decode_prompts(embedding, boxes=b, points=p, multimask_output=multimask_output)
             if multimask_output:  # the mask SAM itself rates best
                 best = iou.argmax(1)
@@ -208,40 +235,85 @@ class PromptedSamInferer(Inferer):
         self.prompts, self.aux, self.fallback = prompts, aux, fallback
         self.aux_channels = [list(class_names).index(c) for c in aux_classes]
         self.aux_threshold = float(aux_threshold)
-        self.grid_mm, self.box_margin_mm, self.min_box_area_mm2 = float(grid_mm), float(box_margin_mm), float(min_box_area_mm2)
+        self.grid_mm, self.box_margin_mm, self.min_box_area_mm2 = (
+            float(grid_mm),
+            float(box_margin_mm),
+            float(min_box_area_mm2),
+        )
         self.overlap_threshold, self.veto_threshold = float(overlap_threshold), float(veto_threshold)
-        self.negatives_per_class, self.multimask_output, self.mask_threshold = int(negatives_per_class), bool(multimask_output), float(mask_threshold)
+        self.negatives_per_class, self.multimask_output, self.mask_threshold = (
+            int(negatives_per_class),
+            bool(multimask_output),
+            float(mask_threshold),
+        )
         self.window = HUWindow(hu_window)
-        self.slice_batch, self.prompt_batch, self.progress = max(1, int(slice_batch)), max(1, int(prompt_batch)), bool(progress)
+        self.slice_batch, self.prompt_batch, self.progress = (
+            max(1, int(slice_batch)),
+            max(1, int(prompt_batch)),
+            bool(progress),
+        )
         self.last_info: dict = {}
 
     def settings(self) -> dict:
-        return {"prompts": self.prompts, "aux": self.aux, "grid_mm": self.grid_mm, "box_margin_mm": self.box_margin_mm, "overlap_threshold": self.overlap_threshold,
-                "veto_threshold": self.veto_threshold, "multimask_output": self.multimask_output, "fallback": self.fallback}
+        return {
+            "prompts": self.prompts,
+            "aux": self.aux,
+            "grid_mm": self.grid_mm,
+            "box_margin_mm": self.box_margin_mm,
+            "overlap_threshold": self.overlap_threshold,
+            "veto_threshold": self.veto_threshold,
+            "multimask_output": self.multimask_output,
+            "fallback": self.fallback,
+        }
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network, region: torch.Tensor | None = None, probmap: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network,
+        region: torch.Tensor | None = None,
+        probmap: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         if region is None:
             raise ValueError("PromptedSamInferer needs the SA-2 lung map: call it with region=(B, 1, X, Y, Z)")
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"expected a (B, 1, X, Y, Z) HU volume, got {tuple(inputs.shape)}")
         if tuple(region.shape[2:]) != tuple(inputs.shape[2:]):
-            raise ValueError(f"the lung map {tuple(region.shape[2:])} is not on the CT's grid {tuple(inputs.shape[2:])}")
+            raise ValueError(
+                f"the lung map {tuple(region.shape[2:])} is not on the CT's grid {tuple(inputs.shape[2:])}"
+            )
         if probmap is not None and tuple(probmap.shape[2:]) != tuple(inputs.shape[2:]):
-            raise ValueError(f"the probability map {tuple(probmap.shape[2:])} is not on the CT's grid {tuple(inputs.shape[2:])}")
+            raise ValueError(
+                f"the probability map {tuple(probmap.shape[2:])} is not on the CT's grid {tuple(inputs.shape[2:])}"
+            )
         affines = getattr(inputs, "affine", None)
         outs = []
         for b in range(inputs.shape[0]):
-            affine = np.eye(4) if affines is None else np.asarray(affines.reshape(-1, 4, 4)[min(b, affines.reshape(-1, 4, 4).shape[0] - 1)].cpu(), dtype=np.float64)
+            affine = (
+                np.eye(4)
+                if affines is None
+                else np.asarray(
+                    affines.reshape(-1, 4, 4)[min(b, affines.reshape(-1, 4, 4).shape[0] - 1)].cpu(), dtype=np.float64
+                )
+            )
             hu = np.asarray(inputs[b, 0].detach().cpu().as_subclass(torch.Tensor), dtype=np.float32)
             reg = np.asarray(region[b, 0].detach().cpu().as_subclass(torch.Tensor)) > 0.5
             aux = None
             if self.aux != "none" and probmap is not None and self.aux_channels:
-                aux = np.stack([np.asarray(probmap[b, c].detach().cpu().as_subclass(torch.Tensor)) >= self.aux_threshold for c in self.aux_channels])
+                aux = np.stack(
+                    [
+                        np.asarray(probmap[b, c].detach().cpu().as_subclass(torch.Tensor)) >= self.aux_threshold
+                        for c in self.aux_channels
+                    ]
+                )
             outs.append(torch.from_numpy(self._volume(network, hu, reg, aux, affine).astype(np.uint8)))
         return torch.stack(outs)[:, None]
 
-    def _volume(self, sam, hu: np.ndarray, region: np.ndarray, aux: np.ndarray | None, affine: np.ndarray) -> np.ndarray:
+    def _volume(
+        self, sam, hu: np.ndarray, region: np.ndarray, aux: np.ndarray | None, affine: np.ndarray
+    ) -> np.ndarray:
         start = time.perf_counter()
         hu_l, lps_affine, back = to_axcodes(hu, affine)
         reg_l = to_axcodes(region, affine)[0]
@@ -253,7 +325,17 @@ class PromptedSamInferer(Inferer):
         min_area = max(1, int(round(self.min_box_area_mm2 / (spacing[0] * spacing[1]))))
         out = np.zeros(hu_l.shape, dtype=bool)
         todo = [int(k) for k in np.flatnonzero(reg_l.any(axis=(0, 1)))]
-        info = {"slices": int(hu_l.shape[2]), "slices_with_lung": len(todo), "candidates": 0, "kept": 0, "dots": 0, "boxes": 0, "fallback_boxes": 0, "kept_iou": [], "grid_px": grid}
+        info = {
+            "slices": int(hu_l.shape[2]),
+            "slices_with_lung": len(todo),
+            "candidates": 0,
+            "kept": 0,
+            "dots": 0,
+            "boxes": 0,
+            "fallback_boxes": 0,
+            "kept_iou": [],
+            "grid_px": grid,
+        }
         bar = _progress(len(todo), self.progress)
         for s in range(0, len(todo), self.slice_batch):
             ks = todo[s : s + self.slice_batch]
@@ -262,10 +344,22 @@ class PromptedSamInferer(Inferer):
             embeddings = sam.encode(self.window(torch.from_numpy(slices)))
             for i, k in enumerate(ks):
                 res = pseudo_label_slice(
-                    sam, embeddings[i : i + 1], slices.shape[1:], reg_l[:, :, k].T, None if aux_l is None else aux_l[:, :, :, k].transpose(0, 2, 1),
-                    prompts=self.prompts, aux=self.aux, grid_size=grid, box_margin=margin, min_box_area=min_area,
-                    overlap_threshold=self.overlap_threshold, veto_threshold=self.veto_threshold, negatives_per_class=self.negatives_per_class,
-                    multimask_output=self.multimask_output, mask_threshold=self.mask_threshold, prompt_batch=self.prompt_batch,
+                    sam,
+                    embeddings[i : i + 1],
+                    slices.shape[1:],
+                    reg_l[:, :, k].T,
+                    None if aux_l is None else aux_l[:, :, :, k].transpose(0, 2, 1),
+                    prompts=self.prompts,
+                    aux=self.aux,
+                    grid_size=grid,
+                    box_margin=margin,
+                    min_box_area=min_area,
+                    overlap_threshold=self.overlap_threshold,
+                    veto_threshold=self.veto_threshold,
+                    negatives_per_class=self.negatives_per_class,
+                    multimask_output=self.multimask_output,
+                    mask_threshold=self.mask_threshold,
+                    prompt_batch=self.prompt_batch,
                     fallback=self.fallback,
                 )
                 out[:, :, k] = res.mask.T
@@ -290,4 +384,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="pseudo label", unit="slice", disable=not enabled or total == 0, leave=False)
 
 
-__all__ = ["AUX_MODES", "FALLBACK_MODES", "PROMPT_MODES", "PromptedSamInferer", "SliceResult", "algorithm2_literal", "pseudo_label_slice"]
+__all__ = [
+    "AUX_MODES",
+    "FALLBACK_MODES",
+    "PROMPT_MODES",
+    "PromptedSamInferer",
+    "SliceResult",
+    "algorithm2_literal",
+    "pseudo_label_slice",
+]

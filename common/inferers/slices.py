@@ -48,8 +48,14 @@ class SliceEnsembleInferer(Inferer):
     not have. Chest CT that reaches into the neck or abdomen runs about a quarter of those slices instead of all.
     """
 
-    def __init__(self, slice_batch: int = 8, progress: bool = False, input_size: int | None = None, slice_search_step: int = 1,
-                 foreground_threshold: float = 0.5):
+    def __init__(
+        self,
+        slice_batch: int = 8,
+        progress: bool = False,
+        input_size: int | None = None,
+        slice_search_step: int = 1,
+        foreground_threshold: float = 0.5,
+    ):
         super().__init__()
         if int(slice_batch) < 1:
             raise ValueError(f"slice_batch must be at least 1, got {slice_batch}")
@@ -66,7 +72,9 @@ class SliceEnsembleInferer(Inferer):
         if self.input_size is None or hw == (self.input_size, self.input_size):
             return foreground_probability(network, slices)
         size = (self.input_size, self.input_size)
-        prob = foreground_probability(network, F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=True))
+        prob = foreground_probability(
+            network, F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=True)
+        )
         return F.interpolate(prob, size=hw, mode="bilinear", align_corners=False)
 
     def _run(self, network: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, z: np.ndarray, desc: str) -> None:
@@ -81,13 +89,26 @@ class SliceEnsembleInferer(Inferer):
             slices = x[0, :, :, :, index].permute(3, 0, 1, 2).float()  # (b, 1, X, Y)
             out[0, :, :, :, index] = self._probability(network, slices).float().cpu().permute(1, 2, 3, 0)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, **kwargs) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, **kwargs
+    ) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
         if x.ndim == 4:  # in chunks of slice_batch (common.networks.sam_family.encoder_batch: one on the CPU)
-            return torch.cat([self._probability(network, x[i : i + self.slice_batch]) for i in range(0, x.shape[0], self.slice_batch)])
+            return torch.cat(
+                [
+                    self._probability(network, x[i : i + self.slice_batch])
+                    for i in range(0, x.shape[0], self.slice_batch)
+                ]
+            )
         if x.ndim != 5 or x.shape[:2] != (1, 1):
-            raise ValueError(f"SliceEnsembleInferer takes (B, 1, H, W) slices or one (1, 1, X, Y, Z) volume, got {tuple(x.shape)}")
-        z_all = np.arange(x.shape[-1]) if slice_mask is None else np.flatnonzero(np.asarray(slice_mask, dtype=bool).reshape(-1))
+            raise ValueError(
+                f"SliceEnsembleInferer takes (B, 1, H, W) slices or one (1, 1, X, Y, Z) volume, got {tuple(x.shape)}"
+            )
+        z_all = (
+            np.arange(x.shape[-1])
+            if slice_mask is None
+            else np.flatnonzero(np.asarray(slice_mask, dtype=bool).reshape(-1))
+        )
         out = torch.zeros(x.shape, dtype=torch.float32)
         step = self.slice_search_step
         if step > 1 and len(z_all) > step:
@@ -99,8 +120,14 @@ class SliceEnsembleInferer(Inferer):
                 hi = sampled[found[-1] + 1] if found[-1] + 1 < len(sampled) else z_all[-1]
                 slab = z_all[(z_all >= lo) & (z_all <= hi)]
                 rest = np.setdiff1d(slab, sampled)
-                log.info("slice search: foreground in slices %d-%d of %d; %d of %d slices run", sampled[found[0]], sampled[found[-1]], x.shape[-1],
-                         len(sampled) + len(rest), len(z_all))
+                log.info(
+                    "slice search: foreground in slices %d-%d of %d; %d of %d slices run",
+                    sampled[found[0]],
+                    sampled[found[-1]],
+                    x.shape[-1],
+                    len(sampled) + len(rest),
+                    len(z_all),
+                )
                 self._run(network, x, out, rest, "segment")
             else:
                 log.info("slice search: no foreground in any of the %d sampled slices", len(sampled))

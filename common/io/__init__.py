@@ -1,7 +1,14 @@
 """Ingest: every CT format the project reads, one volume type (HU + RAS affine), MONAI reader, atomic writes."""
 
 from common.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic, write_text_atomic
-from common.io.dicom import DicomSeries, choose_ct_series, iter_dicom_series, read_dicom_series, read_rtstruct, scan_dicom_folder
+from common.io.dicom import (
+    DicomSeries,
+    choose_ct_series,
+    iter_dicom_series,
+    read_dicom_series,
+    read_rtstruct,
+    scan_dicom_folder,
+)
 from common.io.readers import (
     format_of,
     read_ct,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,7 +18,9 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 DUPLICATE_TOL_MM = 1e-3
 MIN_SLICES = 10  # fewer is a localiser, a key image or a single slice, not a chest scan
-AXIAL_MIN_COSINE = 0.8  # |cos| of the slice normal with the patient's head-foot axis (gantry tilt up to about 35 degrees)
+AXIAL_MIN_COSINE = (
+    0.8  # |cos| of the slice normal with the patient's head-foot axis (gantry tilt up to about 35 degrees)
+)
 
 
 def _pydicom():
@@ -66,7 +67,9 @@ class DicomSeries:
         return None
 
 
-def choose_ct_series(series: dict[str, DicomSeries], series_uid: str | None = None, where: Path | str = "") -> tuple[DicomSeries, dict[str, str]]:
+def choose_ct_series(
+    series: dict[str, DicomSeries], series_uid: str | None = None, where: Path | str = ""
+) -> tuple[DicomSeries, dict[str, str]]:
     """The series to segment and, for every other series, why it was skipped.
 
     ``series_uid`` picks one (an error naming the ones present when it is not there); otherwise the axial CT
@@ -74,7 +77,9 @@ def choose_ct_series(series: dict[str, DicomSeries], series_uid: str | None = No
     """
     if series_uid is not None:
         if series_uid not in series:
-            raise CTReadError(where, f"series {series_uid} not found; present: " + "; ".join(s.summary() for s in series.values()))
+            raise CTReadError(
+                where, f"series {series_uid} not found; present: " + "; ".join(s.summary() for s in series.values())
+            )
         chosen = series[series_uid]
         reason = chosen.not_a_ct_scan()
         if reason:
@@ -83,9 +88,15 @@ def choose_ct_series(series: dict[str, DicomSeries], series_uid: str | None = No
         ok = [s for s in series.values() if s.not_a_ct_scan() is None]
         if not ok:
             listing = "; ".join(f"{s.summary()}: {s.not_a_ct_scan()}" for s in series.values())
-            raise CTReadError(where, f"no axial CT series to segment: {listing}" if listing else "no DICOM images found")
+            raise CTReadError(
+                where, f"no axial CT series to segment: {listing}" if listing else "no DICOM images found"
+            )
         chosen = max(ok, key=len)
-    skipped = {s.uid: (s.not_a_ct_scan() or f"fewer slices ({len(s)}) than the series chosen ({len(chosen)})") for s in series.values() if s is not chosen}
+    skipped = {
+        s.uid: (s.not_a_ct_scan() or f"fewer slices ({len(s)}) than the series chosen ({len(chosen)})")
+        for s in series.values()
+        if s is not chosen
+    }
     return chosen, skipped
 
 
@@ -128,9 +139,16 @@ def scan_dicom_folder(folder: str | Path, recursive: bool = False) -> SeriesScan
             continue  # reports, presentation states, ... carry no image
         if uid not in out.series:
             iop = getattr(ds, "ImageOrientationPatient", None)
-            out.series[uid] = DicomSeries(uid, [], modality or None, str(getattr(ds, "SeriesDescription", "") or ""), f.parent,
-                                          tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
-                                          tuple(str(t).upper() for t in (getattr(ds, "ImageType", None) or ())), str(getattr(ds, "StudyInstanceUID", "") or ""))
+            out.series[uid] = DicomSeries(
+                uid,
+                [],
+                modality or None,
+                str(getattr(ds, "SeriesDescription", "") or ""),
+                f.parent,
+                tuple(float(v) for v in iop) if iop is not None and len(iop) == 6 else None,
+                tuple(str(t).upper() for t in (getattr(ds, "ImageType", None) or ())),
+                str(getattr(ds, "StudyInstanceUID", "") or ""),
+            )
         s = out.series[uid]
         s.files.append(f)
     return out
@@ -163,12 +181,19 @@ def read_dicom_series(
         folder = Path(source)
         scan = scan_dicom_folder(folder)
         if not scan.series:
-            detail = f"; {len(scan.unreadable)} unreadable file(s), e.g. {next(iter(scan.unreadable.items()))[0].name}: {next(iter(scan.unreadable.items()))[1]}" if scan.unreadable else ""
+            detail = (
+                f"; {len(scan.unreadable)} unreadable file(s), e.g. {next(iter(scan.unreadable.items()))[0].name}: {next(iter(scan.unreadable.items()))[1]}"
+                if scan.unreadable
+                else ""
+            )
             raise CTReadError(folder, f"no DICOM images found{detail}")
         if series_uid is None:
             if len(scan.series) > 1:
                 listing = "; ".join(s.summary() for s in scan.series.values())
-                raise CTReadError(folder, f"{len(scan.series)} series in one folder (mixed series): {listing}. Choose one with series_uid=")
+                raise CTReadError(
+                    folder,
+                    f"{len(scan.series)} series in one folder (mixed series): {listing}. Choose one with series_uid=",
+                )
             series_uid = next(iter(scan.series))
         if series_uid not in scan.series:
             raise CTReadError(folder, f"series {series_uid} not found; present: {', '.join(scan.series)}")
@@ -221,18 +246,25 @@ def _read_files(files: list[Path], label: Path, axcodes: str | None = None) -> C
         if int(getattr(h, "NumberOfFrames", 1) or 1) > 1:
             raise CTReadError(f, "multi-frame (enhanced) DICOM is not supported; export as one file per slice")
 
-    iop = _float_list(getattr(first, "ImageOrientationPatient", None) or [1, 0, 0, 0, 1, 0], 6, "ImageOrientationPatient", files[0])
+    iop = _float_list(
+        getattr(first, "ImageOrientationPatient", None) or [1, 0, 0, 0, 1, 0], 6, "ImageOrientationPatient", files[0]
+    )
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     for f, h in zip(files, headers):
         other = getattr(h, "ImageOrientationPatient", None)
         if other is not None and not np.allclose(_float_list(other, 6, "ImageOrientationPatient", f), iop, atol=1e-3):
             raise CTReadError(f, "slice orientation differs from the rest of the series")
-    pixel_spacings = [tuple(_float_list(getattr(h, "PixelSpacing", None) or [1, 1], 2, "PixelSpacing", f)) for f, h in zip(files, headers)]
+    pixel_spacings = [
+        tuple(_float_list(getattr(h, "PixelSpacing", None) or [1, 1], 2, "PixelSpacing", f))
+        for f, h in zip(files, headers)
+    ]
 
     has_position = all(getattr(h, "ImagePositionPatient", None) is not None for h in headers)
     if has_position:
-        positions = np.stack([_float_list(h.ImagePositionPatient, 3, "ImagePositionPatient", f) for f, h in zip(files, headers)])
+        positions = np.stack(
+            [_float_list(h.ImagePositionPatient, 3, "ImagePositionPatient", f) for f, h in zip(files, headers)]
+        )
         along = positions @ normal
     else:
         along = np.asarray([float(getattr(h, "InstanceNumber", i) or i) for i, h in enumerate(headers)])
@@ -279,7 +311,9 @@ def _read_files(files: list[Path], label: Path, axcodes: str | None = None) -> C
             ds = pydicom.dcmread(f)
             pixels = ds.pixel_array
         except Exception as e:
-            raise CTReadError(f, f"pixel data cannot be decoded, the file may be truncated ({type(e).__name__}: {e})") from None
+            raise CTReadError(
+                f, f"pixel data cannot be decoded, the file may be truncated ({type(e).__name__}: {e})"
+            ) from None
         if pixels.shape != (rows, cols):
             raise CTReadError(f, f"pixel array shape {pixels.shape} does not match Rows x Columns {rows}x{cols}")
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
@@ -336,7 +370,9 @@ def iter_dicom_series(folder: str | Path) -> Iterable[tuple[DicomSeries, CTVolum
 # --------------------------------------------------------------------------- RTSTRUCT
 
 
-def read_rtstruct(rtstruct_path: str | Path, ct: CTVolume, roi_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+def read_rtstruct(
+    rtstruct_path: str | Path, ct: CTVolume, roi_names: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
     """Rasterise the closed planar contours of an RTSTRUCT onto the CT's voxel grid.
 
     Returns ``{roi_name: bool array shaped like ct.hu}``. Contours on the same slice are combined
@@ -355,7 +391,10 @@ def read_rtstruct(rtstruct_path: str | Path, ct: CTVolume, roi_names: Sequence[s
         raise CTReadError(path, f"modality is {getattr(ds, 'Modality', None)!r}, expected RTSTRUCT")
     frame = ct.meta.get("frame_of_reference_uid")
     # ReferencedFrameOfReferenceUID is the attribute PS3.3 C.8.8.5 defines there; some writers used FrameOfReferenceUID
-    rs_frames = {str(getattr(r, "ReferencedFrameOfReferenceUID", "") or getattr(r, "FrameOfReferenceUID", "")) for r in getattr(ds, "StructureSetROISequence", [])} - {""}
+    rs_frames = {
+        str(getattr(r, "ReferencedFrameOfReferenceUID", "") or getattr(r, "FrameOfReferenceUID", ""))
+        for r in getattr(ds, "StructureSetROISequence", [])
+    } - {""}
     if frame and rs_frames and frame not in rs_frames:
         raise CTReadError(path, f"RTSTRUCT frame of reference {sorted(rs_frames)} does not match the CT's {frame}")
 
@@ -381,7 +420,10 @@ def read_rtstruct(rtstruct_path: str | Path, ct: CTVolume, roi_names: Sequence[s
             ijk = (ras_to_voxel @ ras.T).T[:, :3]
             k = np.rint(ijk[:, 2])
             if np.ptp(ijk[:, 2]) > 0.5:
-                raise CTReadError(path, f"ROI {name!r}: a contour is not planar on the CT's slices (spans {np.ptp(ijk[:, 2]):.2f} slices)")
+                raise CTReadError(
+                    path,
+                    f"ROI {name!r}: a contour is not planar on the CT's slices (spans {np.ptp(ijk[:, 2]):.2f} slices)",
+                )
             k = int(k[0])
             if not 0 <= k < nz:
                 raise CTReadError(path, f"ROI {name!r}: contour at slice {k} lies outside the CT (0..{nz - 1})")

@@ -119,11 +119,19 @@ def _axis_aligned_frame(labels: np.ndarray, m: np.ndarray, rows: int, cols: int)
 
 
 def _present(frames: np.ndarray, structures: Sequence[Structure]) -> list[Structure]:
-    return [s for s in structures if (frames == s.label).any()]  # one comparison each: np.unique sorts 35 M voxels on LIDC
+    return [
+        s for s in structures if (frames == s.label).any()
+    ]  # one comparison each: np.unique sorts 35 M voxels on LIDC
 
 
-def write_dicom_seg(path: str | Path, frames: np.ndarray, datasets: Sequence, structures: Sequence[Structure], software_version: str,
-                    series_description: str = "lungseg") -> Path:
+def write_dicom_seg(
+    path: str | Path,
+    frames: np.ndarray,
+    datasets: Sequence,
+    structures: Sequence[Structure],
+    software_version: str,
+    series_description: str = "lungseg",
+) -> Path:
     """A binary DICOM-SEG of every structure present in ``frames`` (one segment each), referencing ``datasets``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -131,29 +139,55 @@ def write_dicom_seg(path: str | Path, frames: np.ndarray, datasets: Sequence, st
     present = _present(frames, structures)
     if not present:
         raise ValueError(f"{path}: no structure in the label map; a DICOM-SEG needs at least one segment")
-    algorithm = hd.AlgorithmIdentificationSequence(name="lungseg H-SAM", version=software_version, family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="lungseg H-SAM", version=software_version, family=codes.cid7162.ArtificialIntelligence
+    )
     # a label map of segment numbers: highdicom encodes it as binary segments without a one-hot copy (0.3 s on
     # LIDC's 133 frames against 3.3 s for the (frames, rows, columns, segments) stack)
-    descriptions, segment_of_label = [], np.zeros(max(int(frames.max()), max(s.label for s in present)) + 1, dtype=np.uint8)
+    descriptions, segment_of_label = (
+        [],
+        np.zeros(max(int(frames.max()), max(s.label for s in present)) + 1, dtype=np.uint8),
+    )
     for number, s in enumerate(present, start=1):
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=s.name, segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=hd.sr.CodedConcept(s.snomed, "SCT", s.snomed_meaning),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*s.color)))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=s.name,
+                segmented_property_category=codes.SCT.AnatomicalStructure,
+                segmented_property_type=hd.sr.CodedConcept(s.snomed, "SCT", s.snomed_meaning),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                display_color=hd.color.CIELabColor.from_rgb(*s.color),
+            )
+        )
         segment_of_label[s.label] = number
     seg = hd.seg.Segmentation(
-        source_images=list(datasets), pixel_array=segment_of_label[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="lungseg-fm", manufacturer_model_name="lungseg H-SAM",
-        software_versions=software_version, device_serial_number="0", series_description=series_description)
+        source_images=list(datasets),
+        pixel_array=segment_of_label[frames],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(datasets[0], "SeriesNumber", 0) or 0) + 900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="lungseg-fm",
+        manufacturer_model_name="lungseg H-SAM",
+        software_versions=software_version,
+        device_serial_number="0",
+        series_description=series_description,
+    )
     with atomic_path(Path(path)) as tmp:
         seg.save_as(tmp)
     return Path(path)
 
 
-def write_rtstruct(path: str | Path, frames: np.ndarray, datasets: Sequence, structures: Sequence[Structure],
-                   series_description: str = "lungseg") -> Path:
+def write_rtstruct(
+    path: str | Path,
+    frames: np.ndarray,
+    datasets: Sequence,
+    structures: Sequence[Structure],
+    series_description: str = "lungseg",
+) -> Path:
     """An RTSTRUCT with one closed-planar ROI per structure present in ``frames``, referencing ``datasets``."""
     from rt_utils import RTStruct
     from rt_utils.ds_helper import create_rtstruct_dataset
@@ -163,7 +197,10 @@ def write_rtstruct(path: str | Path, frames: np.ndarray, datasets: Sequence, str
         raise ValueError(f"{path}: no structure in the label map; an RTSTRUCT needs at least one ROI")
     datasets = list(datasets)
     quiet = logging.getLogger("pydicom")
-    level, quiet.level = quiet.level, logging.ERROR  # rt-utils sets attributes pydicom 3 calls deprecated: not the user's concern
+    level, quiet.level = (
+        quiet.level,
+        logging.ERROR,
+    )  # rt-utils sets attributes pydicom 3 calls deprecated: not the user's concern
     try:
         rt = RTStruct(datasets, create_rtstruct_dataset(datasets))
     finally:

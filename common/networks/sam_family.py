@@ -61,7 +61,14 @@ VARIANTS = {
 class SamFamily(nn.Module):
     """Image encoder, prompt encoder and mask decoder of a SAM-family model, with its preprocessing."""
 
-    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, variant: SamVariant, checkpoint: str | None = None):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: nn.Module,
+        mask_decoder: nn.Module,
+        variant: SamVariant,
+        checkpoint: str | None = None,
+    ):
         super().__init__()
         # NHWC convolution weights: LiteMedSAM's encoder runs 8 slices one by one in 8.9-9.4 s instead of 12.6-13.0 s
         # on 2 CPU cores, embeddings equal to 3e-6 (benchmarks/encoder_layout.py); loading weights keeps the layout
@@ -151,7 +158,13 @@ class SamFamily(nn.Module):
 
     # ------------------------------------------------------------------ prompt side
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None = None, points: tuple[torch.Tensor, torch.Tensor] | None = None, multimask_output: bool = False):
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        multimask_output: bool = False,
+    ):
         """Low-resolution mask logits and predicted IoU for prompts in encoder-input pixels.
 
         One prompt set per embedding: ``boxes`` (B, 4), ``points`` ((B, N, 2), (B, N) labels).
@@ -178,21 +191,30 @@ class SamFamily(nn.Module):
             iou.append(q)
         return torch.cat(low_res), torch.cat(iou)
 
-    def decode_prompts(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None, points: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       multimask_output: bool = False):
+    def decode_prompts(
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        multimask_output: bool = False,
+    ):
         """All prompts of one image in one decoder call: ``embedding`` (1, 256, 64, 64), N prompt sets
         (``boxes`` (N, 4), ``points`` ((N, P, 2), (N, P) labels 1 / 0 / -1 padding), in encoder-input
         pixels) -> low-resolution logits (N, M, 256, 256) and predicted IoU (N, M), the same as SAM's
         mask decoder gives, with its prompt-independent work done once (:func:`shared_image_predict_masks`)."""
         if embedding.ndim != 4 or embedding.shape[0] != 1:
-            raise ValueError(f"decode_prompts takes the embedding of one image (1, C, H, W), got {tuple(embedding.shape)}")
+            raise ValueError(
+                f"decode_prompts takes the embedding of one image (1, C, H, W), got {tuple(embedding.shape)}"
+            )
         device = embedding.device
         if boxes is not None:
             boxes = boxes.to(device).reshape(-1, 1, 4)
         if points is not None:
             points = (points[0].to(device).float(), points[1].to(device))
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        masks, iou = shared_image_predict_masks(self.mask_decoder, embedding + dense[:1], self.prompt_encoder.get_dense_pe(), sparse)
+        masks, iou = shared_image_predict_masks(
+            self.mask_decoder, embedding + dense[:1], self.prompt_encoder.get_dense_pe(), sparse
+        )
         keep = slice(1, None) if multimask_output else slice(0, 1)  # as SAM's MaskDecoder.forward
         return masks[:, keep], iou[:, keep]
 
@@ -220,7 +242,9 @@ class SamFamily(nn.Module):
         return (logits[:, 0] > threshold).cpu().numpy(), iou[:, 0].cpu().numpy()
 
 
-def shared_image_predict_masks(mask_decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_image_predict_masks(
+    mask_decoder: nn.Module, src: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's ``MaskDecoder.predict_masks`` for N prompts on one image, without copying the image N times.
 
     ``src`` (1, C, h, w) is the image embedding plus the dense prompt embedding (the same for every
@@ -237,7 +261,9 @@ def shared_image_predict_masks(mask_decoder: nn.Module, src: torch.Tensor, image
     keys = keys.expand(sparse.shape[0], -1, -1)  # N = 1 leaves the image tokens unbroadcast
     b, (c, h, w) = sparse.shape[0], src.shape[1:]
     upscaled = mask_decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(mask_decoder.output_hypernetworks_mlps)], dim=1)
+    hyper_in = torch.stack(
+        [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(mask_decoder.output_hypernetworks_mlps)], dim=1
+    )
     b, c, h, w = upscaled.shape
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     return masks, mask_decoder.iou_prediction_head(hs[:, 0, :])
@@ -276,7 +302,11 @@ def load_state_dict_checked(module: nn.Module, state: dict, path: str | Path, wh
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
@@ -309,14 +339,29 @@ def _build(variant: SamVariant) -> tuple[nn.Module, nn.Module, nn.Module]:
 
         dim = 32
         return (
-            ImageEncoderViT(img_size=64, patch_size=8, embed_dim=dim, depth=2, num_heads=2, out_chans=dim, window_size=0, global_attn_indexes=()),
+            ImageEncoderViT(
+                img_size=64,
+                patch_size=8,
+                embed_dim=dim,
+                depth=2,
+                num_heads=2,
+                out_chans=dim,
+                window_size=0,
+                global_attn_indexes=(),
+            ),
             PromptEncoder(embed_dim=dim, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4),
-            MaskDecoder(transformer_dim=dim, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2), iou_head_hidden_dim=dim),
+            MaskDecoder(
+                transformer_dim=dim,
+                transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                iou_head_hidden_dim=dim,
+            ),
         )
     else:
         from segment_anything import sam_model_registry
 
-        net = sam_model_registry[variant.name.split("_", 1)[1] if variant.name.startswith("sam_") else "vit_b"](checkpoint=None)
+        net = sam_model_registry[variant.name.split("_", 1)[1] if variant.name.startswith("sam_") else "vit_b"](
+            checkpoint=None
+        )
     return net.image_encoder, net.prompt_encoder, net.mask_decoder
 
 
@@ -338,7 +383,9 @@ def load_sam_family(
     if not random_init:
         if checkpoint is None:
             if spec.needs_checkpoint:
-                raise FileNotFoundError(f"{variant} needs a checkpoint path (no weights for it ship offline); pass checkpoint=/path/to/{variant}.pth")
+                raise FileNotFoundError(
+                    f"{variant} needs a checkpoint path (no weights for it ship offline); pass checkpoint=/path/to/{variant}.pth"
+                )
             checkpoint = litemedsam_checkpoint()
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -346,6 +393,8 @@ def load_sam_family(
     image_encoder, prompt_encoder, mask_decoder = _build(spec)
     model = SamFamily(image_encoder, prompt_encoder, mask_decoder, spec, str(checkpoint) if checkpoint else None)
     if not random_init:
-        weights = nn.ModuleDict({"image_encoder": image_encoder, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
+        weights = nn.ModuleDict(
+            {"image_encoder": image_encoder, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder}
+        )
         load_state_dict_strict(weights, checkpoint, variant)
     return model.to(device).eval()

@@ -40,7 +40,14 @@ class Teacher(nn.Module):
     ``pool_to`` average-pools the 64 x 64 grid to ``pool_to`` x ``pool_to`` (cheap distillation on CPU).
     """
 
-    def __init__(self, sam: SamFamily | str = "litemedsam", pool_to: int | None = None, checkpoint: str | Path | None = None, device: str | torch.device = "cpu", random_init: bool = False):
+    def __init__(
+        self,
+        sam: SamFamily | str = "litemedsam",
+        pool_to: int | None = None,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        random_init: bool = False,
+    ):
         super().__init__()
         if isinstance(sam, str):  # random weights only when asked for explicitly (tests)
             sam = load_sam_family(sam, checkpoint=checkpoint, device=device, random_init=random_init)
@@ -70,7 +77,9 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, slices01) -> torch.Tensor:
         if isinstance(slices01, torch.Tensor):
-            slices01 = slices01.as_subclass(torch.Tensor)  # no MONAI MetaTensor: slow, and not loadable with weights_only
+            slices01 = slices01.as_subclass(
+                torch.Tensor
+            )  # no MONAI MetaTensor: slow, and not loadable with weights_only
         emb = self.sam.encode(slices01)
         if self.pool_to is not None and emb.shape[-1] != self.pool_to:
             emb = F.adaptive_avg_pool2d(emb, self.pool_to)

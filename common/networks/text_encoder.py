@@ -38,7 +38,9 @@ class TextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as e:
-            raise ValueError(f"{model_dir}: not a usable transformers model directory ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"{model_dir}: not a usable transformers model directory ({type(e).__name__}: {e})"
+            ) from None
         if self.tokenizer.pad_token is None:  # LLaMA-family tokenisers have no pad token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_dir = model_dir
@@ -58,7 +60,9 @@ class TextEncoder(nn.Module):
         bad = [t for t in texts if not isinstance(t, str) or not t.strip()]
         if bad:
             raise ValueError(f"texts must be non-empty strings, got {bad[:3]!r}")
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, texts: list[str]) -> torch.Tensor:

@@ -66,15 +66,23 @@ def _cutout(m: float, size: Sequence[int]) -> Transform:
     lo = [max(1, round(m * s / 8)) for s in size]
     hi = [max(1, round(m * s / 4)) for s in size]
     # a hole cannot have size 0 (MONAI reads <= 0 as "whole image"), so magnitude 0 switches it off
-    return RandCoarseDropout(holes=1, max_holes=max(1, round(4 * m)), spatial_size=lo, max_spatial_size=hi, fill_value=0.0, prob=float(m > 0))
+    return RandCoarseDropout(
+        holes=1, max_holes=max(1, round(4 * m)), spatial_size=lo, max_spatial_size=hi, fill_value=0.0, prob=float(m > 0)
+    )
 
 
 # name -> factory(magnitude, spatial size) -> MONAI transform; comments give the range at magnitude 1.
 OPS: dict[str, Callable[[float, Sequence[int]], Transform]] = {
     "rotate": lambda m, s: RandAffine(prob=1.0, rotate_range=m * math.pi / 6, padding_mode="zeros"),  # +-30 deg
-    "translate": lambda m, s: RandAffine(prob=1.0, translate_range=[m * 0.125 * n for n in s], padding_mode="zeros"),  # +-12.5 % of the side
-    "scale": lambda m, s: RandAffine(prob=1.0, scale_range=[m * 0.25] * len(s), padding_mode="zeros"),  # x0.75..1.25 per axis
-    "shear": lambda m, s: RandAffine(prob=1.0, shear_range=[m * 0.3] * len(s), padding_mode="zeros"),  # shear factor +-0.3
+    "translate": lambda m, s: RandAffine(
+        prob=1.0, translate_range=[m * 0.125 * n for n in s], padding_mode="zeros"
+    ),  # +-12.5 % of the side
+    "scale": lambda m, s: RandAffine(
+        prob=1.0, scale_range=[m * 0.25] * len(s), padding_mode="zeros"
+    ),  # x0.75..1.25 per axis
+    "shear": lambda m, s: RandAffine(
+        prob=1.0, shear_range=[m * 0.3] * len(s), padding_mode="zeros"
+    ),  # shear factor +-0.3
     "flip_lr": lambda m, s: RandFlip(prob=m, spatial_axis=0),  # left-right flip with probability m
     "flip_ap": lambda m, s: RandFlip(prob=m, spatial_axis=1),  # anterior-posterior flip with probability m
     "gamma": lambda m, s: RandAdjustContrast(prob=1.0, gamma=(1 / (1 + m), 1 + m)),  # gamma 0.5..2
@@ -82,13 +90,24 @@ OPS: dict[str, Callable[[float, Sequence[int]], Transform]] = {
     "brightness": lambda m, s: RandShiftIntensity(prob=1.0, offsets=0.2 * m),  # +-0.2 (+-280 HU)
     "noise": lambda m, s: RandGaussianNoise(prob=1.0, std=0.1 * m),  # sd up to 0.1 (140 HU)
     "blur": lambda m, s: RandGaussianSmooth(  # sigma 0.25..1.5 px
-        prob=1.0, sigma_x=(_EPS_SIGMA + 0.25 * m, _EPS_SIGMA + 1.5 * m), sigma_y=(_EPS_SIGMA + 0.25 * m, _EPS_SIGMA + 1.5 * m)
+        prob=1.0,
+        sigma_x=(_EPS_SIGMA + 0.25 * m, _EPS_SIGMA + 1.5 * m),
+        sigma_y=(_EPS_SIGMA + 0.25 * m, _EPS_SIGMA + 1.5 * m),
     ),
     "sharpen": lambda m, s: RandGaussianSharpen(  # unsharp mask (sigma 0.5..1.5 px), amount 0..3
-        prob=1.0, sigma1_x=(_EPS_SIGMA, _EPS_SIGMA), sigma1_y=(_EPS_SIGMA, _EPS_SIGMA), sigma2_x=(0.5, 1.5), sigma2_y=(0.5, 1.5), alpha=(0.0, 3.0 * m)
+        prob=1.0,
+        sigma1_x=(_EPS_SIGMA, _EPS_SIGMA),
+        sigma1_y=(_EPS_SIGMA, _EPS_SIGMA),
+        sigma2_x=(0.5, 1.5),
+        sigma2_y=(0.5, 1.5),
+        alpha=(0.0, 3.0 * m),
     ),
-    "histogram_shift": lambda m, s: _Blend(RandHistogramShift(num_control_points=(5, 10), prob=1.0), m),  # random piecewise-linear remap (5-10 points), blended in with weight m
-    "bias_field": lambda m, s: RandBiasField(prob=1.0, degree=3, coeff_range=(-0.2 * m, 0.2 * m)),  # smooth multiplicative field, coefficients +-0.2
+    "histogram_shift": lambda m, s: _Blend(
+        RandHistogramShift(num_control_points=(5, 10), prob=1.0), m
+    ),  # random piecewise-linear remap (5-10 points), blended in with weight m
+    "bias_field": lambda m, s: RandBiasField(
+        prob=1.0, degree=3, coeff_range=(-0.2 * m, 0.2 * m)
+    ),  # smooth multiplicative field, coefficients +-0.2
     "cutout": _cutout,  # 1..4 holes of 1/8..1/4 of the side, filled with air (0)
 }
 
@@ -116,7 +135,11 @@ class CTRandAugment(Randomizable, Transform):
             raise ValueError(f"ops must be a non-empty list of distinct op names, got {names}")
         if isinstance(n_ops, bool) or not isinstance(n_ops, (int, np.integer)) or not 1 <= n_ops <= len(names):
             raise ValueError(f"n_ops must be an integer between 1 and the number of ops ({len(names)}), got {n_ops!r}")
-        if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float, np.floating)) or not 0.0 <= magnitude <= 1.0:
+        if (
+            isinstance(magnitude, bool)
+            or not isinstance(magnitude, (int, float, np.floating))
+            or not 0.0 <= magnitude <= 1.0
+        ):
             raise ValueError(f"magnitude must be a number in [0, 1], got {magnitude!r}")
         self.ops, self.n_ops, self.magnitude = names, int(n_ops), float(magnitude)
         self._seed = 0
@@ -137,7 +160,9 @@ class CTRandAugment(Randomizable, Transform):
             local = self._local = threading.local()
         pipelines = local.__dict__.setdefault("pipelines", {})
         if spatial not in pipelines:
-            pipelines[spatial] = SomeOf([OPS[n](self.magnitude, spatial) for n in self.ops], num_transforms=self.n_ops, replace=False)
+            pipelines[spatial] = SomeOf(
+                [OPS[n](self.magnitude, spatial) for n in self.ops], num_transforms=self.n_ops, replace=False
+            )
         return pipelines[spatial]
 
     def __getstate__(self):
@@ -194,7 +219,9 @@ class CTRandAugmentd(Randomizable, MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         if self.id_key not in d:
-            raise KeyError(f"CTRandAugmentd needs the sample id under key {self.id_key!r} (it keys the teacher cache); keys present: {list(d)}")
+            raise KeyError(
+                f"CTRandAugmentd needs the sample id under key {self.id_key!r} (it keys the teacher cache); keys present: {list(d)}"
+            )
         self.randomize()
         d[self.view_key] = self.view_id
         for key in self.key_iterator(d):

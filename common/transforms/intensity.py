@@ -78,7 +78,12 @@ class NLMDenoise(Transform):
                     out[c, :, :, k] = plane  # a constant slice has nothing to denoise
                     continue
                 out[c, :, :, k] = denoise_nl_means(
-                    plane, h=self.h * sigma, sigma=sigma, patch_size=self.patch_size, patch_distance=self.patch_distance, fast_mode=True
+                    plane,
+                    h=self.h * sigma,
+                    sigma=sigma,
+                    patch_size=self.patch_size,
+                    patch_distance=self.patch_distance,
+                    fast_mode=True,
                 )
         return convert_to_dst_type(out, img)[0]
 
@@ -86,7 +91,15 @@ class NLMDenoise(Transform):
 class NLMDenoised(MapTransform):
     """Dictionary twin of :class:`NLMDenoise`."""
 
-    def __init__(self, keys: KeysCollection, h: float = 0.8, sigma: float | None = None, patch_size: int = 5, patch_distance: int = 6, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        h: float = 0.8,
+        sigma: float | None = None,
+        patch_size: int = 5,
+        patch_distance: int = 6,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.denoise = NLMDenoise(h, sigma, patch_size, patch_distance)
 

@@ -32,7 +32,13 @@ class LungMaskCleanup(Transform):
     ``pixdim`` given to ``__call__``, else the constructor's, else the input MetaTensor's, else 1 mm.
     """
 
-    def __init__(self, max_components: int | None = 2, min_component_ml: float = 10.0, fill_holes: bool = True, pixdim: Sequence[float] | None = None):
+    def __init__(
+        self,
+        max_components: int | None = 2,
+        min_component_ml: float = 10.0,
+        fill_holes: bool = True,
+        pixdim: Sequence[float] | None = None,
+    ):
         if max_components is not None and int(max_components) < 1:
             raise ValueError(f"max_components must be at least 1 (or None for all), got {max_components}")
         if not min_component_ml >= 0:
@@ -140,7 +146,13 @@ class RestrictToBody(Transform):
 class RestrictToBodyd(MapTransform):
     """Dictionary twin of :class:`RestrictToBody`; the HU volume comes from ``image_key``."""
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", threshold_hu: float = -500.0, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        threshold_hu: float = -500.0,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.restrict = RestrictToBody(threshold_hu)
@@ -164,7 +176,9 @@ class RefineLungBoundary(Transform):
     the mask unchanged. Label-free: it needs the HU volume only.
     """
 
-    def __init__(self, band_mm: float = 3.0, threshold_hu: float = LUNG_HU_THRESHOLD, pixdim: Sequence[float] | None = None):
+    def __init__(
+        self, band_mm: float = 3.0, threshold_hu: float = LUNG_HU_THRESHOLD, pixdim: Sequence[float] | None = None
+    ):
         if not band_mm >= 0:
             raise ValueError(f"band_mm must be >= 0, got {band_mm}")
         self.band_mm, self.threshold_hu, self.pixdim = float(band_mm), float(threshold_hu), pixdim
@@ -197,8 +211,15 @@ class RefineLungBoundary(Transform):
 class RefineLungBoundaryd(MapTransform):
     """Dictionary twin of :class:`RefineLungBoundary`; the HU volume comes from ``image_key``."""
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", band_mm: float = 3.0, threshold_hu: float = LUNG_HU_THRESHOLD,
-                 pixdim: Sequence[float] | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        band_mm: float = 3.0,
+        threshold_hu: float = LUNG_HU_THRESHOLD,
+        pixdim: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.refine = RefineLungBoundary(band_mm, threshold_hu, pixdim)

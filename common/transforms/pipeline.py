@@ -44,7 +44,9 @@ def ct_preprocessing(
     if trim_slices:
         steps.append(TrimSlicesd(all_keys, num_slices=trim_slices))
     if spatial_size:
-        steps.append(Resized(all_keys, spatial_size=tuple(spatial_size), mode=["area" if m == "bilinear" else m for m in modes]))
+        steps.append(
+            Resized(all_keys, spatial_size=tuple(spatial_size), mode=["area" if m == "bilinear" else m for m in modes])
+        )
     if denoise:
         steps.append(NLMDenoised(keys))
     steps.append(HUWindowd(keys, hu_window=hu_window))

@@ -117,7 +117,14 @@ class SimilarityToProbability(Transform):
     dropped, so the anatomical channels no longer have to sum to 1 where there is no anatomy.
     """
 
-    def __init__(self, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5, num_classes: int | None = None):
+    def __init__(
+        self,
+        method: str = "softmax",
+        scale: float = 1.0,
+        alpha: float = 10.0,
+        beta: float = 0.5,
+        num_classes: int | None = None,
+    ):
         self.method = _check_method(method, SIMILARITY_METHODS, "SimilarityToProbability")
         if num_classes is not None and int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
@@ -132,7 +139,9 @@ class SimilarityToProbability(Transform):
         if t.ndim < 2:
             raise ValueError(f"SimilarityToProbability expects channel-first maps (C, ...), got shape {tuple(t.shape)}")
         if self.num_classes is not None and t.shape[0] < self.num_classes:
-            raise ValueError(f"SimilarityToProbability: {t.shape[0]} channels, fewer than num_classes={self.num_classes}")
+            raise ValueError(
+                f"SimilarityToProbability: {t.shape[0]} channels, fewer than num_classes={self.num_classes}"
+            )
         # in place on the private copy: a whole-scan map (700 MB for 5 x 512 x 512 x 133) is never doubled
         if self.method == "softmax":
             out = t.mul_(self.scale).clamp_(-_LOGIT_LIMIT, _LOGIT_LIMIT)
@@ -157,8 +166,16 @@ class SimilarityToProbability(Transform):
 class SimilarityToProbabilityd(MapTransform):
     """Dictionary twin of :class:`SimilarityToProbability`."""
 
-    def __init__(self, keys: KeysCollection, method: str = "softmax", scale: float = 1.0, alpha: float = 10.0, beta: float = 0.5,
-                 num_classes: int | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        method: str = "softmax",
+        scale: float = 1.0,
+        alpha: float = 10.0,
+        beta: float = 0.5,
+        num_classes: int | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.to_probability = SimilarityToProbability(method, scale, alpha, beta, num_classes)
 
@@ -179,8 +196,13 @@ def _guide_statistics(guide: np.ndarray, size: tuple[int, int]) -> tuple[np.ndar
     return mean_i, _box_mean(guide * guide, size) - mean_i * mean_i
 
 
-def _guided_filter(p: np.ndarray, guide: np.ndarray, size: tuple[int, int], eps: float,
-                   guide_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def _guided_filter(
+    p: np.ndarray,
+    guide: np.ndarray,
+    size: tuple[int, int],
+    eps: float,
+    guide_stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """He et al.'s grey-guide filter of one 2D plane: locally ``q = a * guide + b``, box means of ``size``."""
     mean_i, var_i = _guide_statistics(guide, size) if guide_stats is None else guide_stats
     mean_p = _box_mean(p, size)
@@ -227,7 +249,9 @@ class SmoothProbability(Transform):
     def __call__(self, img, guide=None, pixdim: Sequence[float] | None = None):
         t = _float_tensor(img)
         if t.ndim != 4:
-            raise ValueError(f"SmoothProbability expects a channel-first volume (C, X, Y, Z), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"SmoothProbability expects a channel-first volume (C, X, Y, Z), got shape {tuple(t.shape)}"
+            )
         if self.method == "guided" and guide is None:
             raise ValueError("SmoothProbability(method='guided') needs a guide image (the CT in [0, 1])")
         if self.method == "none":
@@ -271,12 +295,16 @@ class SmoothProbability(Transform):
                 if hi <= lo:
                     continue  # constant slice: nothing to smooth
                 # scikit-image scales its colour table by the slice maximum: shift to [0, hi - lo] so it is positive.
-                out[c, :, :, k] = lo + denoise_bilateral(plane - lo, sigma_color=self.sigma_color, sigma_spatial=sigma_spatial, mode="edge")
+                out[c, :, :, k] = lo + denoise_bilateral(
+                    plane - lo, sigma_color=self.sigma_color, sigma_spatial=sigma_spatial, mode="edge"
+                )
         return out
 
     def _guided(self, arr: np.ndarray, guide, sigma: np.ndarray) -> np.ndarray:
         if tuple(guide.shape) not in (arr.shape[1:], (1,) + arr.shape[1:]):
-            raise ValueError(f"guide must be (1, X, Y, Z) or (X, Y, Z) matching {arr.shape[1:]}, got {tuple(guide.shape)}")
+            raise ValueError(
+                f"guide must be (1, X, Y, Z) or (X, Y, Z) matching {arr.shape[1:]}, got {tuple(guide.shape)}"
+            )
         g = _one_channel(guide, "SmoothProbability guide")[0].cpu().numpy()
         # A box of radius r spreads like a Gaussian of sigma r / sqrt(3): same reach as "gaussian".
         size = tuple(2 * max(1, int(round(np.sqrt(3.0) * s))) + 1 for s in sigma[:2])
@@ -287,7 +315,9 @@ class SmoothProbability(Transform):
             plane_guide = g[:, :, k].astype(np.float64)  # float64: var = E[I^2] - E[I]^2 cancels badly in float32
             stats = _guide_statistics(plane_guide, size)
             for c in range(arr.shape[0]):
-                arr[c, :, :, k] = _guided_filter(arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps, stats)
+                arr[c, :, :, k] = _guided_filter(
+                    arr[c, :, :, k].astype(np.float64), plane_guide, size, self.guided_eps, stats
+                )
 
         # slices in threads (SciPy's filters release the GIL; each slice writes only its own planes): the same result
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
@@ -368,7 +398,13 @@ class ThresholdProbability(Transform):
             raise ValueError(f"block_mm must be positive, got {block_mm}")
         if int(classes) < 2:
             raise ValueError(f"classes must be at least 2, got {classes}")
-        self.tau, self.block_mm, self.offset, self.classes, self.pixdim = float(tau), float(block_mm), float(offset), int(classes), pixdim
+        self.tau, self.block_mm, self.offset, self.classes, self.pixdim = (
+            float(tau),
+            float(block_mm),
+            float(offset),
+            int(classes),
+            pixdim,
+        )
         self.last_threshold: float = self.tau
 
     def __call__(self, img, pixdim: Sequence[float] | None = None):
@@ -478,24 +514,37 @@ class ClassLabelMap(Transform):
         if p.ndim != 4:
             raise ValueError(f"ClassLabelMap: expected class probabilities (C, X, Y, Z), got shape {tuple(p.shape)}")
         if not 0 <= self.lung_channel < p.shape[0]:
-            raise ValueError(f"ClassLabelMap: lung_channel {self.lung_channel} is not one of the map's {p.shape[0]} channels")
+            raise ValueError(
+                f"ClassLabelMap: lung_channel {self.lung_channel} is not one of the map's {p.shape[0]} channels"
+            )
         p[self.lung_channel] = -1.0  # p is a private copy; the lung comes from its clean mask, never the raw channel
         best, index = p.max(dim=0)
         labels = torch.where(best >= self.threshold, index + 1, torch.zeros_like(index)).to(torch.uint8)
         if lung_mask is not None:
             lung = _one_channel(lung_mask, "ClassLabelMap")[0].to(labels.device) > 0.5
             if lung.shape != labels.shape:
-                raise ValueError(f"ClassLabelMap: lung mask shape {tuple(lung.shape)} differs from the map's {tuple(labels.shape)}")
+                raise ValueError(
+                    f"ClassLabelMap: lung mask shape {tuple(lung.shape)} differs from the map's {tuple(labels.shape)}"
+                )
             labels[lung] = self.lung_channel + 1
-        return convert_to_dst_type(labels[None], prob, dtype=torch.uint8 if isinstance(prob, torch.Tensor) else np.uint8)[0]
+        return convert_to_dst_type(
+            labels[None], prob, dtype=torch.uint8 if isinstance(prob, torch.Tensor) else np.uint8
+        )[0]
 
 
 class ClassLabelMapd(MapTransform):
     """Dictionary twin of :class:`ClassLabelMap`: ``label_key`` from ``keys`` (the probabilities) and
     ``lung_mask_key``; the probabilities stay as they are unless ``label_key`` is the same key."""
 
-    def __init__(self, keys: KeysCollection, label_key: str = "label_map", lung_mask_key: str | None = "lung_mask",
-                 threshold: float = 0.5, lung_channel: int = 0, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label_map",
+        lung_mask_key: str | None = "lung_mask",
+        threshold: float = 0.5,
+        lung_channel: int = 0,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.label_key, self.lung_mask_key = label_key, lung_mask_key
         self.label_map = ClassLabelMap(threshold, lung_channel)
