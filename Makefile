@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-$(DATA): $(STAMP) common/default_data.py common/phantom.py
+$(DATA): $(STAMP) common/default_data.py $(wildcard common/phantom/*.py)
 	$(PY) -m common.default_data
 
 data: $(DATA)
