@@ -152,7 +152,7 @@ segment: $(STAMP)
 PORT ?= 8000
 serve: $(STAMP)
 	@test -n "$(STUDIES)" || { echo "usage: make serve STUDIES=<folder of .nii.gz CT volumes or DICOM series folders> [PORT=8000] [CLIP_CKPT=...] [HSAM_CKPT=...]" >&2; exit 2; }
-	$(PY) -m common.serve --studies "$(STUDIES)" --port $(PORT) --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
+	$(PY) -m common.apps.serve --studies "$(STUDIES)" --port $(PORT) --clip-ckpt "$(CLIP_CKPT)" --hsam-ckpt "$(HSAM_CKPT)"
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -71,7 +71,7 @@ def test_metadata_has_the_keys_and_types_the_specification_requires(bundle):
 
 def test_served_copies_describe_the_volume_in_and_the_label_map_out(tmp_path):
     """metadata.json describes the network (slices, windows); MONAI Label reads the served task's volume and labels."""
-    from common.serve import ServedBundle, _served_config
+    from common.apps.serve import ServedBundle, _served_config
 
     for bundle in ("probmap", "hsam_finetune"):
         _, served = _served_config(ServedBundle(REPO / "bundles" / bundle, tmp_path / "model.pt"))

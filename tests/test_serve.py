@@ -39,7 +39,7 @@ def _request(url: str, method: str = "GET", timeout: float = 120.0) -> tuple[int
 
 
 def test_bad_set_ups_are_clear_errors(tmp_path, tiny_clip):
-    from common.serve import ServedBundle, ServeError, build_app, check_port_free, check_studies, main
+    from common.apps.serve import ServedBundle, ServeError, build_app, check_port_free, check_studies, main
 
     with pytest.raises(ServeError, match="studies folder not found"):
         check_studies(tmp_path / "nowhere")
@@ -69,7 +69,7 @@ def test_bad_set_ups_are_clear_errors(tmp_path, tiny_clip):
 def test_dicom_series_folders_become_nifti_once(tmp_path, caplog):
     import shutil
 
-    from common.serve import check_studies, convert_dicom_folders
+    from common.apps.serve import check_studies, convert_dicom_folders
 
     shutil.copytree(LIDC, tmp_path / "lidc")
     (tmp_path / "not_a_series").mkdir()
@@ -86,7 +86,7 @@ def test_dicom_series_folders_become_nifti_once(tmp_path, caplog):
 def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_requests(
     tmp_path, tiny_clip, tiny_hsam, tiny_phantom_manifest
 ):
-    from common.serve import ServedBundle, build_app
+    from common.apps.serve import ServedBundle, build_app
 
     phantom = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")
     studies = tmp_path / "studies"
@@ -115,7 +115,7 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
             [
                 sys.executable,
                 "-m",
-                "common.serve",
+                "common.apps.serve",
                 "--studies",
                 str(studies),
                 "--port",
@@ -212,7 +212,7 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
             [
                 sys.executable,
                 "-m",
-                "common.serve",
+                "common.apps.serve",
                 "--studies",
                 str(studies),
                 "--port",

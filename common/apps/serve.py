@@ -14,7 +14,7 @@ MONAI Label writes its ``labels/`` folder and ``datastore_v2.json`` there too. O
 listed at start-up and not served. ``/info/`` lists the models; ``/infer/<model>?image=<id>``
 returns the label map.
 
-    python -m common.serve --studies DIR [--port 8000] [--clip-ckpt ...] [--hsam-ckpt ...]
+    python -m common.apps.serve --studies DIR [--port 8000] [--clip-ckpt ...] [--hsam-ckpt ...]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def _export_state_dict(target: Path, config: dict) -> None:
 def _monailabel() -> list[str]:
     # The `monailabel` script runs whatever `python` is first on PATH; this interpreter is the one with the
     # package. It goes through launch() below for the pydicom 3 shim.
-    return [sys.executable, "-m", "common.serve", "--monailabel"]
+    return [sys.executable, "-m", "common.apps.serve", "--monailabel"]
 
 
 def pydicom3_shim() -> None:
@@ -226,7 +226,7 @@ def server_command(
     app_dir: str | Path, studies: str | Path, models: list[str], host: str = "127.0.0.1", port: int = 8000
 ) -> list[str]:
     """``monailabel start_server`` for local bundles only (no model-zoo download, no SAM2, no trainers), on
-    :mod:`common.serve_app`: MONAI Label's app with clear answers to bad requests."""
+    :mod:`common.apps.serve_app`: MONAI Label's app with clear answers to bad requests."""
     conf = {
         "models": ",".join(models),
         "zoo_source": "local",
@@ -246,7 +246,7 @@ def server_command(
         "--port",
         str(port),
         "--uvicorn_app",
-        "common.serve_app:app",
+        "common.apps.serve_app:app",
     ]
     for k, v in conf.items():
         cmd += ["--conf", k, v]

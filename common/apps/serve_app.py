@@ -5,14 +5,14 @@ MONAI Label answers an unknown model, an unknown image or an image it cannot rea
 server does not have gets a 404 whose ``detail`` names it and lists what there is, and any other
 failure a 500 whose ``detail`` gives the error; the server stays up either way. Everything else is
 MONAI Label's app as it ships. ``uvicorn`` loads it through ``monailabel start_server --uvicorn_app
-common.serve_app:app``.
+common.apps.serve_app:app``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from common.serve import pydicom3_shim
+from common.apps.serve import pydicom3_shim
 
 pydicom3_shim()
 
