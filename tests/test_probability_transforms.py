@@ -22,7 +22,7 @@ from common.transforms import (
     ThresholdProbability,
     ThresholdProbabilityd,
 )
-from common.transforms.probability import THRESHOLD_METHODS
+from common.transforms.threshold import THRESHOLD_METHODS
 
 SHAPE = (40, 32, 12)
 

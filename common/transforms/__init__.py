@@ -14,16 +14,13 @@ from common.transforms.mask import (
 )
 from common.transforms.pipeline import ct_preprocessing
 from common.transforms.probability import (
-    ClassLabelMap,
-    ClassLabelMapd,
     SimilarityToProbability,
     SimilarityToProbabilityd,
     SmoothProbability,
     SmoothProbabilityd,
-    ThresholdProbability,
-    ThresholdProbabilityd,
 )
 from common.transforms.spatial import TrimSlices, TrimSlicesd
+from common.transforms.threshold import ClassLabelMap, ClassLabelMapd, ThresholdProbability, ThresholdProbabilityd
 
 __all__ = [
     "ClassLabelMap",

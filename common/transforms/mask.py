@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from common.classes import LEFT_LUNG, RIGHT_LUNG
 from common.lungmask import LUNG_HU_THRESHOLD
-from common.transforms.probability import _one_channel, _one_each, _spacing
+from common.transforms.arrays import _one_channel, _one_each, _spacing
 
 
 class LungMaskCleanup(Transform):
