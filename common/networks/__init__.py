@@ -1,13 +1,7 @@
 """Networks: the SAM-family models, the text encoders, the SA-1 CLIP-like model and its teacher, loaded offline."""
 
-from common.networks.clip import (
-    IMAGE_ENCODERS,
-    DistillationHead,
-    ImageEncoder,
-    LungCLIP,
-    build_image_encoder,
-    build_lung_clip,
-)
+from common.networks.clip import DistillationHead, LungCLIP, build_lung_clip
+from common.networks.image_encoders import IMAGE_ENCODERS, ImageEncoder, build_image_encoder
 from common.networks.sam_family import (
     VARIANTS,
     SamFamily,
