@@ -41,12 +41,11 @@ def main(argv=None) -> int:
     import torch
 
     from common.data.clip_pairs import axial_slice01
-    from common.inferers.patch_similarity import (
-        AXCODES,
+    from common.inferers.patch_similarity import AXCODES, slice_pixel_mm
+    from common.inferers.similarity_maps import (
         algorithm1_literal,
         class_text_embeddings,
         patch_similarity_maps,
-        slice_pixel_mm,
         window_starts,
     )
     from common.io import read_ct

@@ -25,7 +25,7 @@ REPO = BUNDLES.parent
 
 @pytest.mark.parametrize("aggregation", ["mean", "max", "gaussian"])
 def test_production_path_matches_literal_algorithm1(tiny_clip, aggregation):
-    from common.inferers.patch_similarity import algorithm1_literal, class_text_embeddings, patch_similarity_maps
+    from common.inferers.similarity_maps import algorithm1_literal, class_text_embeddings, patch_similarity_maps
 
     model, _ = tiny_clip
     torch.manual_seed(1)
@@ -61,7 +61,7 @@ def test_production_path_matches_literal_algorithm1(tiny_clip, aggregation):
 
 
 def test_windows_cover_every_pixel():
-    from common.inferers.patch_similarity import window_index, window_starts
+    from common.inferers.similarity_maps import window_index, window_starts
 
     assert window_starts(40, 12, 5) == [0, 5, 10, 15, 20, 25, 28]  # last window flush with the edge
     idx = window_index(40, 12, 5)
@@ -80,7 +80,7 @@ def test_gaussian_aggregation_keeps_a_centre_labelled_boundary_where_mean_pulls_
     from scipy import ndimage
 
     from common.inferers import spread_window_scores, window_weights
-    from common.inferers.patch_similarity import window_index
+    from common.inferers.similarity_maps import window_index
 
     size, patch_px, stride_px = 96, 16, 4
     yy, xx = np.mgrid[:size, :size]
@@ -111,7 +111,7 @@ def test_gaussian_aggregation_keeps_a_centre_labelled_boundary_where_mean_pulls_
 
 
 def test_dense_mode_and_prompt_ensembling(tiny_clip):
-    from common.inferers.patch_similarity import class_text_embeddings, dense_similarity_maps
+    from common.inferers.similarity_maps import class_text_embeddings, dense_similarity_maps
 
     model, _ = tiny_clip
     text = class_text_embeddings(model, templates=["CT patch of the {}", "a {} on chest CT"])
@@ -124,7 +124,8 @@ def test_dense_mode_and_prompt_ensembling(tiny_clip):
 
 
 def test_untokenisable_class_and_bad_templates_fail_clearly(tiny_clip):
-    from common.inferers.patch_similarity import PatchSimilarityInferer, class_text_embeddings
+    from common.inferers.patch_similarity import PatchSimilarityInferer
+    from common.inferers.similarity_maps import class_text_embeddings
 
     model, _ = tiny_clip
     with pytest.raises(ValueError, match="cannot be tokenised"):
@@ -142,7 +143,8 @@ def test_inferer_keeps_the_input_grid_and_orientation(tiny_clip):
     maps must be flips of each other; a constant slice maps to the empty similarity."""
     from monai.data import MetaTensor
 
-    from common.inferers.patch_similarity import EMPTY_SIMILARITY, PatchSimilarityInferer
+    from common.inferers.patch_similarity import PatchSimilarityInferer
+    from common.inferers.similarity_maps import EMPTY_SIMILARITY
 
     model, _ = tiny_clip
     rng = np.random.default_rng(0)

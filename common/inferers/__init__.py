@@ -1,7 +1,7 @@
 """Inferers: how a trained network is run over whole CT volumes (MONAI ``Inferer`` subclasses)."""
 
-from common.inferers.patch_similarity import (
-    PatchSimilarityInferer,
+from common.inferers.patch_similarity import PatchSimilarityInferer
+from common.inferers.similarity_maps import (
     algorithm1_literal,
     class_text_embeddings,
     dense_similarity_maps,
