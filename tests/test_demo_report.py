@@ -102,7 +102,8 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
 
     import nibabel as nib
 
-    from common.apps.demo import SIZES, demo_steps, run_ingest
+    from common.apps.demo import SIZES, demo_steps
+    from common.apps.demo_ingest import run_ingest
     from common.engines.cases import write_scores
     from common.engines.probmap import phantom_datalist
     from common.io import write_json_atomic
@@ -242,7 +243,7 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
 def test_hsam_section_draws_the_epoch_losses_the_trainer_records(tmp_path, monkeypatch):
     """The loss keys hsam_finetune's train.json records (EpochAverage, as MetricsHistory writes them) are drawn in the loss panel."""
     import common.report
-    from common.apps.demo_report import hsam_section
+    from common.apps.demo_sections import hsam_section
     from common.io import write_json_atomic
 
     history = [
@@ -392,7 +393,7 @@ def test_report_of_a_stopped_demo_shows_what_finished(demo_run, tmp_path, render
 def test_ingest_gives_the_same_rows_case_by_case_and_two_at_a_time(tiny_phantom_manifest, tmp_path):
     """run_ingest's worker processes: the same QC verdicts, volumes, Dice and figures, in the manifest's order, as
     one case after the other (only the timings differ)."""
-    from common.apps.demo import run_ingest
+    from common.apps.demo_ingest import run_ingest
 
     results = {}
     for workers in (1, 2):
