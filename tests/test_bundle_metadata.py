@@ -118,3 +118,34 @@ def test_verify_net_in_out_passes_on_the_shipped_hsam_and_fails_on_a_wrong_descr
         timeout=300,
     )
     assert wrong.returncode != 0 and "output channel number `1` doesn't match: `2`" in wrong.stderr
+
+
+def test_every_config_reference_resolves_and_has_one_spelling():
+    """Each ``common.…`` name a bundle config uses resolves, and is spelled from the package that exports it
+    (``common.data.SkippingDataset``, never ``common.data.dataset.SkippingDataset`` too)."""
+    import importlib
+    import re
+
+    refs = set()
+    for config in sorted(REPO.glob("bundles/*/configs/*.json")) + sorted(REPO.glob("tests/configs/*.json")):
+        refs |= set(re.findall(r"\bcommon(?:\.[A-Za-z_]\w*)+", config.read_text()))
+    assert len(refs) > 50
+    two_spellings = []
+    for ref in sorted(refs):
+        parts = ref.split(".")
+        for k in range(len(parts), 0, -1):  # the longest importable module
+            try:
+                module = importlib.import_module(".".join(parts[:k]))
+                break
+            except ImportError:
+                continue
+        obj = module
+        for attribute in parts[k:]:
+            obj = getattr(obj, attribute)  # an AttributeError names a reference that does not resolve
+        if k < len(parts):
+            target = getattr(module, parts[k])
+            for j in range(1, k):
+                if getattr(importlib.import_module(".".join(parts[:j])), parts[k], None) is target:
+                    two_spellings.append(f"{ref} -> {'.'.join(parts[:j] + parts[k:])}")
+                    break
+    assert not two_spellings, two_spellings
