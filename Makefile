@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   := data/default/manifest.json
 
-.PHONY: install data demo release test segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
+.PHONY: install data demo release test test-fast segment serve benchmark ablation probmap sweep pseudolabel pseudolabel-ablation hsam-data hsam hsam-baselines hsam-comparison clean
 
 # the shipped models (committed); the demo writes its own under outputs/demo
 CLIP_CKPT ?= bundles/foundation_clip/models/model.pt
@@ -54,7 +54,7 @@ release: $(DATA)
 	$(PY) benchmarks/real_ct_labelfree.py --scans data/default/pyradiomics --method H-SAM=outputs/release/hsam/pyradiomics \
 		--method SA-2=outputs/release/probmap/pyradiomics --method SA-3a=outputs/release/pseudolabel/pyradiomics --probmap-dir outputs/release/probmap/pyradiomics --out outputs/release/labelfree/pyradiomics --overlays
 
-# Debian's Chromium, the real headless browser tests/test_browser.py drives through Playwright (tests/conftest.py)
+# Debian's Chromium, the real headless browser tests/system/test_browser.py drives through Playwright (tests/conftest.py)
 .PHONY: browser
 browser:
 	@test -x /usr/bin/chromium && exit 0; \
@@ -67,6 +67,10 @@ test: $(DATA) browser
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
+
+# the library's fast tier (tests/unit, about a minute); make test runs every tier
+test-fast: $(DATA)
+	$(PY) -m pytest -q tests/unit
 
 benchmark: $(DATA)
 	$(PY) benchmarks/ingest.py

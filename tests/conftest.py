@@ -23,6 +23,16 @@ LUNG_PET_CT_DX_8MM = SHARED / "lung_pet_ct_dx" / "A0002_siemens_b40f_8mm"
 LUNG_PET_CT_DX_5MM = SHARED / "lung_pet_ct_dx" / "A0001_philips_5mm"
 
 
+TIERS = ("unit", "bundles", "system")  # the sub-folders of tests/, each a marker: pytest -m unit, or make test-fast
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 def pytest_configure(config):
     if not LIDC_DIR.is_dir():
         raise pytest.UsageError(
@@ -117,7 +127,7 @@ def tiny_phantom_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory) -> Path:
     """A tiny random BERT directory (tokenizer + config + weights) for fast text-encoder tests."""
-    from tests.test_networks import _tiny_bert_dir
+    from tests.unit.test_networks import _tiny_bert_dir
 
     return _tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
 

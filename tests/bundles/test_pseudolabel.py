@@ -25,7 +25,7 @@ from common.prompts import (
     union_of_selected,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "pseudolabel"
 CONFIG = BUNDLE / "configs" / "inference.json"
 MULTI = BUNDLE / "configs" / "multi_gpu_inference.json"

@@ -18,7 +18,7 @@ from common.networks import (
     cache_key,
     load_sam_family,
 )
-from tests.test_networks import _tiny_bert_dir
+from tests.unit.test_networks import _tiny_bert_dir
 
 TEACHER_SHAPE = (8, 6, 6)
 

@@ -88,7 +88,7 @@ def test_labelfree_table_takes_a_methods_own_sides_only_when_they_cover_its_mask
     from common.io.nifti import save_nifti_array
 
     spec = importlib.util.spec_from_file_location(
-        "real_ct_labelfree", Path(__file__).resolve().parents[1] / "benchmarks" / "real_ct_labelfree.py"
+        "real_ct_labelfree", Path(__file__).resolve().parents[2] / "benchmarks" / "real_ct_labelfree.py"
     )
     labelfree = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(labelfree)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BUNDLES
-from tests.test_pseudolabel import _write_probmap_outputs
+from tests.bundles.test_pseudolabel import _write_probmap_outputs
 
 REPO = BUNDLES.parent
 EXPERIMENT = "lungct_tracking"

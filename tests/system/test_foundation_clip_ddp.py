@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import BUNDLES, TINY_CLIP_OVERLAY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = BUNDLES / "foundation_clip" / "configs"
 WORKER = Path(__file__).resolve().parent / "ddp_clip_worker.py"
 NPROC = 2

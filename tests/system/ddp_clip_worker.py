@@ -1,8 +1,8 @@
 """One rank of a ``torchrun`` run of the foundation_clip bundle, as ``monai.bundle run`` runs it, plus a record of the result.
 
-Usage (what ``tests/test_foundation_clip_ddp.py`` launches)::
+Usage (what ``tests/system/test_foundation_clip_ddp.py`` launches)::
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_clip_worker.py OUT \
+    torchrun --standalone --nproc_per_node=2 tests/system/ddp_clip_worker.py OUT \
         --config_file "['bundles/foundation_clip/configs/train.json','bundles/foundation_clip/configs/multi_gpu_train.json', ...]" \
         --bundle_root bundles/foundation_clip --manifest ... --train#trainer#epoch_length 1
 

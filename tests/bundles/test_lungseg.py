@@ -32,7 +32,7 @@ from common.io.dicom_out import (
 from tests.conftest import edit_dicom, sorted_by_position
 
 LUNGS = [STRUCTURES["right lung"], STRUCTURES["left lung"]]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _copy_series(files, dst: Path, prefix: str, **tags) -> str:

@@ -9,7 +9,7 @@ from common.default_data import shared_cases
 from common.engines.probmap import scan_datalist
 from tests.conftest import SHARED
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def test_manifest_lists_every_real_scan_of_the_shared_data():

@@ -17,7 +17,7 @@ import torch
 from common.networks.hsam import HSam, build_hsam, load_hsam
 from tests.conftest import DEEPLESION, LUNG_PET_CT_DX_5MM, TOTALSEG_B
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "hsam_finetune"
 
 

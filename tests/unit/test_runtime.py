@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # a few conv layers on 19 MB activations, run 10 times after 3 warm-ups; prints the minor page faults and a checksum
 WORKLOAD = """

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIDC = REPO.parent / "shared" / "data" / "lidc_idri_1011_dicom"
 
 

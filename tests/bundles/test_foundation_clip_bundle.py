@@ -201,7 +201,7 @@ def test_mlflow_run_holds_parameters_losses_and_validation_metrics(tmp_path, tin
         "--max_epochs",
         "2",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=280)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     store = tmp_path / "out" / "mlruns.db"
     assert store.is_file()
