@@ -138,8 +138,8 @@ def tiny_text_dir(tmp_path_factory) -> Path:
 IMAGE_SIZE, SLICE_SIZE, PATCH_SIZE, EMBED_DIM = 32, 64, 16, 16
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory, tiny_text_dir):
+def build_tiny_clip(out_dir: Path, text_dir: Path, teacher_shape=None, preprocessing: bool = True):
+    """A tiny SA-1 model (random tiny CNN, the tiny text encoder) and its saved checkpoint, seeded."""
     import torch
 
     from common.networks import build_lung_clip
@@ -149,19 +149,25 @@ def tiny_clip(tmp_path_factory, tiny_text_dir):
         image_encoder="tiny_cnn",
         pretrained=False,
         image_encoder_kwargs={"out_channels": 16, "width": 8},
-        text_model_dir=tiny_text_dir,
+        text_model_dir=text_dir,
         embed_dim=EMBED_DIM,
-        teacher_shape=None,
+        teacher_shape=teacher_shape,
     )
-    model.preprocessing = {
-        "slice_size": SLICE_SIZE,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "patch_mm": 40.0,
-        "hu_window": [-1000.0, 400.0],
-    }
-    path = model.save_checkpoint(tmp_path_factory.mktemp("clip_ckpt") / "model.pt")
+    if preprocessing:
+        model.preprocessing = {
+            "slice_size": SLICE_SIZE,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+            "patch_mm": 40.0,
+            "hu_window": [-1000.0, 400.0],
+        }
+    path = model.save_checkpoint(Path(out_dir) / "model.pt")
     return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny_text_dir):
+    return build_tiny_clip(tmp_path_factory.mktemp("clip_ckpt"), tiny_text_dir)
 
 
 @pytest.fixture(scope="module")

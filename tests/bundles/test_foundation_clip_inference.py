@@ -18,28 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import BUNDLES, TOTALSEG_B
+from tests.conftest import BUNDLES, EMBED_DIM, IMAGE_SIZE, SLICE_SIZE, TOTALSEG_B, build_tiny_clip
 
 CONFIG = BUNDLES / "foundation_clip" / "configs" / "inference.json"
 REPO = BUNDLES.parent
-IMAGE_SIZE, SLICE_SIZE, EMBED_DIM = 32, 64, 16
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory, tiny_text_dir):
-    from common.networks import build_lung_clip
-
-    torch.manual_seed(0)
-    model = build_lung_clip(
-        image_encoder="tiny_cnn",
-        pretrained=False,
-        image_encoder_kwargs={"out_channels": 16, "width": 8},
-        text_model_dir=tiny_text_dir,
-        embed_dim=EMBED_DIM,
-        teacher_shape=(256, 4, 4),
+    """The shared tiny SA-1 model with a teacher head (the export keeps the distillation output's shape)."""
+    return build_tiny_clip(
+        tmp_path_factory.mktemp("clip_ckpt"), tiny_text_dir, teacher_shape=(256, 4, 4), preprocessing=False
     )
-    path = model.save_checkpoint(tmp_path_factory.mktemp("clip_ckpt") / "model.pt")
-    return model.eval(), path
 
 
 @pytest.fixture
