@@ -28,7 +28,8 @@ def train(seed: int, out: Path, extra: dict) -> list[dict]:
     from monai.bundle import ConfigWorkflow
 
     from common.data import validation_phantoms
-    from common.engines import LungMapDice, unwrap
+    from common.engines import LungMapDice
+    from common.networks import save_network, unwrap
 
     configs = REPO / "bundles" / "foundation_clip" / "configs"
     wf = ConfigWorkflow(
@@ -56,7 +57,7 @@ def train(seed: int, out: Path, extra: dict) -> list[dict]:
     def keep_epoch(engine) -> None:
         model = unwrap(network)
         model.preprocessing = {**model.preprocessing, **preprocessing}
-        model.save_checkpoint(out / "epochs" / f"epoch_{engine.state.epoch}.pt")
+        save_network(model, out / "epochs" / f"epoch_{engine.state.epoch}.pt")
 
     evaluator.add_event_handler(Events.EPOCH_COMPLETED, keep_epoch)
     wf.run()

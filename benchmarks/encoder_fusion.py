@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 
 from common.apps.pipeline import link_scan, run_python  # noqa: E402
 from common.default_data import DEFAULT_OUT, load_manifest  # noqa: E402
-from common.networks import LungCLIP  # noqa: E402
+from common.networks import load_network  # noqa: E402
 
 CKPT = REPO / "bundles" / "foundation_clip" / "models" / "model.pt"
 
 
 def encoder_part(repeats: int) -> None:
-    net = LungCLIP.load_checkpoint(CKPT).eval()
+    net = load_network(CKPT).eval()
     size = int(net.preprocessing["image_size"])
     enc = net.image_encoder.to(memory_format=torch.channels_last)
     fused = enc.fused_for_inference().to(memory_format=torch.channels_last)

@@ -57,7 +57,7 @@ def old_make_segment(scan: str, out: Path) -> None:
             "slice_margin": 2,
             "cases": [{**case, "region": str(region)}],
             # the network as f549007's inference.json built it: LoRA bypasses not merged, float32
-            "network": "$common.engines.hsam.load_network(@network_def, @ckpt_path).to(@device).eval()",
+            "network": "$@network_def.to(@device).eval()",
         },
     )
     sides = nib.load(str(out / "hsam" / "scan" / "scan_lung_sides.nii.gz"))

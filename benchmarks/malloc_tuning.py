@@ -29,12 +29,12 @@ import json, resource, sys, time, torch
 import common
 sys.path.insert(0, "benchmarks")
 from encoder_layout import student_training_step
-from common.networks.clip import LungCLIP
+from common.networks import LungCLIP, load_network
 from common.networks.sam_family import load_sam_family
 
 repeats = int(sys.argv[1])
 torch.manual_seed(0)
-clip = LungCLIP.load_checkpoint("bundles/foundation_clip/models/model.pt").eval()
+clip = load_network("bundles/foundation_clip/models/model.pt").eval()
 sam = load_sam_family("litemedsam")
 windows = torch.rand(442, 1, 96, 96)
 slices = torch.rand(4, 1, 512, 512)

@@ -49,14 +49,14 @@ def main(argv=None) -> int:
         window_starts,
     )
     from common.io import read_ct
-    from common.networks import LungCLIP
+    from common.networks import load_network
     from common.transforms.intensity import HUWindow
 
     torch.set_grad_enabled(False)
     if not Path(args.ckpt).is_file():
         print(f"{args.ckpt}: no checkpoint; train SA-1 first (make demo) or pass --ckpt", file=sys.stderr)
         return 2
-    model = LungCLIP.load_checkpoint(args.ckpt).eval()
+    model = load_network(args.ckpt).eval()
     pre = model.preprocessing
     vol = read_ct(args.case, axcodes=AXCODES)
     k = vol.shape[2] // 2

@@ -142,7 +142,7 @@ def build_tiny_clip(out_dir: Path, text_dir: Path, teacher_shape=None, preproces
     """A tiny SA-1 model (random tiny CNN, the tiny text encoder) and its saved checkpoint, seeded."""
     import torch
 
-    from common.networks import build_lung_clip
+    from common.networks import build_lung_clip, save_network
 
     torch.manual_seed(0)
     model = build_lung_clip(
@@ -161,7 +161,7 @@ def build_tiny_clip(out_dir: Path, text_dir: Path, teacher_shape=None, preproces
             "patch_mm": 40.0,
             "hu_window": [-1000.0, 400.0],
         }
-    path = model.save_checkpoint(Path(out_dir) / "model.pt")
+    path = save_network(model, Path(out_dir) / "model.pt")
     return model.eval(), path
 
 
@@ -174,7 +174,7 @@ def tiny_clip(tmp_path_factory, tiny_text_dir):
 def tiny_hsam(tmp_path_factory):
     import torch
 
-    from common.engines.hsam import save_network
+    from common.networks import save_network
     from common.networks import load_sam_family
     from common.networks.hsam import build_hsam
 

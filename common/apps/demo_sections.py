@@ -67,7 +67,7 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
 
     from common.classes import PATCH_CLASSES
     from common.data import class_prompts, load_clip_datalist
-    from common.networks import LungCLIP
+    from common.networks import load_network
     from common.report import save_confusion_png, save_training_curves_png
 
     run_dir = out / "foundation_clip"
@@ -106,7 +106,7 @@ def clip_section(out: Path, fig_dir: Path, patches_list: Path = CLIP_PATCHES) ->
             body
             + f"<p>No zero-shot confusion matrix: the held-out patches (<code>{html.escape(str(patches_list))}</code>) are not there.</p>",
         )
-    model = LungCLIP.load_checkpoint(ckpt).eval()
+    model = load_network(ckpt).eval()
     size = int(model.preprocessing.get("image_size", 96))
     patches = [e for e in load_clip_datalist(patches_list, "validation") if e["label"] >= 0]
     with torch.no_grad():

@@ -14,7 +14,7 @@ experiment ``release``), a finished step skipped on re-run:
 4. SA-3b ``hsam_finetune`` on those pseudo labels, real and phantom (``train.json`` + ``demo.json`` +
    ``release.json``: the frozen encoder stages cached per slice and augmentation view);
 5. export: the trained tensors only, float16, to ``bundles/foundation_clip/models/model.pt`` and
-   ``bundles/hsam_finetune/models/model.pt`` (:meth:`LungCLIP.save_release`, :func:`save_hsam_release`).
+   ``bundles/hsam_finetune/models/model.pt`` (:func:`common.networks.release_checkpoint`).
 
 Then ``benchmarks/real_ct_labelfree.py`` gives the label-free table of the bundle docs.
 """
@@ -135,36 +135,16 @@ def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
     return steps
 
 
-def save_hsam_release(source: str | Path, path: str | Path) -> Path:
-    """An H-SAM checkpoint's trained tensors in float16 (LoRA, decoders), everything else as it was."""
-    import torch
-
-    from common.io.atomic import atomic_path
-    from common.networks.hsam import read_hsam_checkpoint
-
-    ckpt = read_hsam_checkpoint(source)
-    ckpt["model"] = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
-    ckpt["dtype"] = "float16"
-    ckpt["backbone_checkpoint"] = None  # LiteMedSAM's weights come from its registry package
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return Path(path)
-
-
 def export(out: Path, clip_trained: bool = True) -> list[Path]:
-    """The trained models into the bundles; ``clip_trained=False`` (the chain re-used an SA-1 file) leaves SA-1's as it is."""
-    from common.networks import LungCLIP
+    """The trained models into the bundles (:func:`common.networks.release_checkpoint`); ``clip_trained=False``
+    (the chain re-used an SA-1 file) leaves SA-1's as it is."""
+    from common.networks import release_checkpoint
 
-    written = []
-    if clip_trained:
-        clip = LungCLIP.load_checkpoint(out / "foundation_clip" / "models" / "model.pt")
-        written.append(clip.save_release(BUNDLES / "foundation_clip" / "models" / "model.pt"))
-    written.append(
-        save_hsam_release(
-            out / "hsam_finetune" / "models" / "model.pt", BUNDLES / "hsam_finetune" / "models" / "model.pt"
-        )
-    )
-    return written
+    stages = (["foundation_clip"] if clip_trained else []) + ["hsam_finetune"]
+    return [
+        release_checkpoint(out / stage / "models" / "model.pt", BUNDLES / stage / "models" / "model.pt")
+        for stage in stages
+    ]
 
 
 def main(argv=None) -> int:

@@ -66,7 +66,7 @@ def build_feature_cache(slices: Sequence[dict], network, augmentation, cache_dir
     frozen stages at once (None: :func:`common.networks.sam_family.encoder_batch`). Returns one
     ``{"views": [path, ...], "case_id", "slice"}`` per slice.
     """
-    from common.engines.clip import unwrap
+    from common.networks.checkpoint import unwrap
     from common.io.atomic import atomic_path
     from common.networks.sam_family import ENCODER_LAYOUT, encoder_batch
 

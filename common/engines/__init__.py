@@ -1,10 +1,10 @@
 """ignite engines, metrics and handlers the bundles wire in their configs (MONAI workflows)."""
 
-from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings, unwrap
+from common.engines.clip import CLIPEvaluator, CLIPTrainer, teacher_embeddings
 from common.engines.handlers import (
     MetricsHistory,
     MLflowArtifactsHandler,
-    SaveBestLungCLIP,
+    SaveBestCheckpoint,
     SkippedSamplesReport,
     TrackingParams,
 )
@@ -19,10 +19,9 @@ __all__ = [
     "MetricsHistory",
     "MLflowArtifactsHandler",
     "RetrievalRecall",
-    "SaveBestLungCLIP",
+    "SaveBestCheckpoint",
     "SkippedSamplesReport",
     "TrackingParams",
     "ZeroShotAccuracy",
     "teacher_embeddings",
-    "unwrap",
 ]

@@ -21,16 +21,8 @@ from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from common.data.dataset import SKIPPED_KEY
+from common.networks.checkpoint import unwrap
 from common.networks.teacher import cache_key
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return (
-        network.module
-        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
-        else network
-    )
 
 
 def plain_tensor(x) -> torch.Tensor:

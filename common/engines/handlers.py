@@ -1,4 +1,4 @@
-"""ignite handlers the SA-1 bundle wires in its configs."""
+"""ignite handlers the bundles wire in their configs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
-from common.engines.clip import unwrap
+from common.networks.checkpoint import save_network, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,11 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class SaveBestLungCLIP:
-    """Attached to the evaluator: writes ``path`` (:meth:`LungCLIP.save_checkpoint`, self-describing, atomic)
-    whenever the key validation metric improves. Only rank 0 writes. ``preprocessing`` (image size,
-    slice size, HU window, ...) is stored with the weights for inference to read back."""
+class SaveBestCheckpoint:
+    """Attached to the evaluator: writes the network (:func:`common.networks.save_network`, atomic) whenever the
+    key validation metric improves, with the epoch and the metric as its ``extra``; rank 0 only. ``preprocessing``
+    (slice size, HU window, ...) is stored with the weights for inference to read back; a network that carries its
+    own (LungCLIP) takes it too, so that what it saves and what it infers with agree."""
 
     def __init__(self, network, path: str | Path, preprocessing: dict | None = None):
         self.network = network
@@ -38,8 +39,10 @@ class SaveBestLungCLIP:
         if engine.state.best_metric_epoch != engine.state.epoch or not _is_rank0():
             return
         model = unwrap(self.network)
-        model.preprocessing = {**model.preprocessing, **self.preprocessing}
-        model.save_checkpoint(self.path)
+        if isinstance(getattr(model, "preprocessing", None), dict):
+            model.preprocessing = {**model.preprocessing, **self.preprocessing}
+        extra = {"epoch": int(engine.state.epoch), engine.state.key_metric_name: float(engine.state.best_metric)}
+        save_network(self.network, self.path, preprocessing=self.preprocessing, extra=extra)
         log.info(
             "epoch %d: best %s %.4f, saved %s",
             engine.state.epoch,
@@ -249,7 +252,7 @@ class MLflowArtifactsHandler:
 __all__ = [
     "MLflowArtifactsHandler",
     "MetricsHistory",
-    "SaveBestLungCLIP",
+    "SaveBestCheckpoint",
     "SkippedSamplesReport",
     "TrackingParams",
     "mlflow_handlers",

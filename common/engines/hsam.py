@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from common.engines.cases import CaseEvaluator, _as_numpy, case_paths, first_affine
-from common.engines.clip import unwrap
+from common.networks.checkpoint import unwrap
 from common.io import write_json_atomic
 from common.io.nifti import save_nifti_array
 
@@ -119,87 +119,6 @@ class CachedViewEpoch:
     def __call__(self, engine: Engine) -> None:
         if hasattr(self.dataset, "set_epoch"):  # an on-the-fly dataset draws new augmentations by itself
             self.dataset.set_epoch(engine.state.epoch - 1)
-
-
-def save_network(network: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    """H-SAM: only the trained tensors (:meth:`HSam.checkpoint`); a baseline: its whole state dict. Atomic."""
-    from common.io.atomic import atomic_path
-
-    model = unwrap(network)
-    ckpt = (
-        model.checkpoint()
-        if hasattr(model, "checkpoint")
-        else {
-            "format": "state_dict",
-            "network": type(model).__name__,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        }
-    )
-    ckpt["extra"] = dict(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
-    return Path(path)
-
-
-def load_network(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Inverse of :func:`save_network`; a missing file or a checkpoint for another network is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)"
-        )
-    model = unwrap(network)
-    if hasattr(model, "load_trainable"):
-        model.load_trainable(path)
-        return network
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "state_dict" or ckpt.get("network") != type(model).__name__:
-        raise ValueError(
-            f"{path}: not a {type(model).__name__} checkpoint (it holds {ckpt.get('network', ckpt.get('variant', '?')) if isinstance(ckpt, dict) else type(ckpt).__name__})"
-        )
-    model.load_state_dict(ckpt["state_dict"])
-    return network
-
-
-def prepare_for_inference(network: torch.nn.Module, inference_precision: str = "float32") -> torch.nn.Module:
-    """An H-SAM ready to segment (:meth:`common.networks.hsam.HSam.for_inference`: LoRA merged, encoder precision);
-    any other network (the UNet / UNETR baselines) in eval mode."""
-    model = unwrap(network)
-    if hasattr(model, "for_inference"):
-        model.for_inference(inference_precision)
-    return network.eval()
-
-
-class SaveBestCheckpoint:
-    """Attached to the evaluator: writes the network (:func:`save_network`) whenever the key metric improves; rank 0 only."""
-
-    def __init__(self, network, path: str | Path, extra: dict | None = None):
-        self.network, self.path, self.extra = network, Path(path), dict(extra or {})
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        from common.engines.handlers import _is_rank0
-
-        if engine.state.best_metric_epoch != engine.state.epoch or not _is_rank0():
-            return
-        save_network(
-            self.network,
-            self.path,
-            {
-                **self.extra,
-                "epoch": int(engine.state.epoch),
-                engine.state.key_metric_name: float(engine.state.best_metric),
-            },
-        )
-        log.info(
-            "epoch %d: best %s %.4f, saved %s",
-            engine.state.epoch,
-            engine.state.key_metric_name,
-            engine.state.best_metric,
-            self.path,
-        )
 
 
 def parameter_counts(network: torch.nn.Module) -> dict[str, int]:

@@ -17,7 +17,7 @@ from ignite.metrics import Metric
 from scipy import ndimage
 
 from common.classes import BACKGROUND_NAMES, CLASS_NAMES
-from common.engines.clip import unwrap
+from common.networks.checkpoint import unwrap
 from common.inferers.patch_similarity import PatchSimilarityInferer
 from common.io import read_ct
 from common.metrics import dice_score, embedding_cosine, retrieval_recall_at_k, zero_shot_accuracy

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def foreground_probability(network: torch.nn.Module, slices: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) slices in [0, 1] -> (B, 1, H, W) foreground probability."""
-    from common.engines.clip import unwrap
+    from common.networks.checkpoint import unwrap
 
     out = network(slices)
     if isinstance(out, dict):

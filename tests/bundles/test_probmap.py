@@ -380,13 +380,13 @@ def test_shipped_sa1_map_puts_the_lungs_inside_the_body_on_real_ct():
     from common.io import read_ct
     from common.lungmask import body_mask, hu_threshold_lung_mask
     from common.metrics import dice_score
-    from common.networks import LungCLIP
+    from common.networks import load_network
     from common.transforms import SimilarityToProbability
 
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
     classes, background = parser["class_names"], parser["background_names"]
-    model = LungCLIP.load_checkpoint(BUNDLES / "foundation_clip" / "models" / "model.pt").eval()
+    model = load_network(BUNDLES / "foundation_clip" / "models" / "model.pt").eval()
     vol = read_ct(LUNG_PET_CT_DX_8MM)
     hu_mask = hu_threshold_lung_mask(vol.hu, vol.spacing)
     inside = body_mask(vol.hu)

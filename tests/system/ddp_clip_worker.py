@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
     from monai.bundle import ConfigWorkflow
 
-    from common.engines.clip import unwrap
+    from common.networks.checkpoint import unwrap
 
     out, args = parse_args(argv)
     out.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,7 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
     from common.io import write_json_atomic
     from common.lungmask import hu_threshold_lung_mask
     from common.metrics import dice_score, segmentation_scores
-    from common.networks import build_lung_clip
+    from common.networks import build_lung_clip, save_network
 
     out = tmp_path_factory.mktemp("demo")
     held = phantom_datalist(out / "phantoms_heldout", n=2, seed=100, shape=TINY_SHAPE, spacing=TINY_SPACING)
@@ -172,7 +172,7 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
         teacher_shape=None,
     )
     model.preprocessing = {"image_size": 32}
-    model.save_checkpoint(out / "foundation_clip" / "models" / "model.pt")
+    save_network(model, out / "foundation_clip" / "models" / "model.pt")
     patches = out / "data" / "clip_pairs_demo"  # where SA-1's demo.json writes them under the data folder
     patches.mkdir(parents=True)
     rng = np.random.default_rng(0)

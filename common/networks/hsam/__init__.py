@@ -16,8 +16,8 @@ preprocessing (:meth:`SamFamily.preprocess`) resizes and normalises them.
 
 from common.networks.hsam.attention import MaskGuidedSelfAttention, PriorGuidedCrossAttention
 from common.networks.hsam.decoder import HierarchicalDecoder, HierarchicalPixelDecoder
-from common.networks.hsam.model import CHECKPOINT_FORMAT, HSam, LungProbability, native_bfloat16, read_hsam_checkpoint
-from common.networks.hsam.build import build_hsam, load_hsam
+from common.networks.hsam.model import CHECKPOINT_FORMAT, HSam, LungProbability, native_bfloat16
+from common.networks.hsam.build import build_hsam
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -28,7 +28,5 @@ __all__ = [
     "LungProbability",
     "native_bfloat16",
     "HSam",
-    "read_hsam_checkpoint",
-    "load_hsam",
     "build_hsam",
 ]

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.networks.checkpoint import checkpoint_format, half_tensors
 from common.networks.fusion import fold_sequential_batch_norms
 from common.networks.sam_family import SamFamily
 
@@ -50,6 +51,7 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@checkpoint_format(CHECKPOINT_FORMAT)
 class HSam(nn.Module):
     """H-SAM on a :class:`SamFamily` backbone: LoRA encoder, stage-1 SAM decoder, stage-2 hierarchical decoder.
 
@@ -269,23 +271,65 @@ class HSam(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in names}
 
-    def checkpoint(self) -> dict:
-        """What a checkpoint holds: the trained tensors and what they must load onto."""
+    def checkpoint(self, release: bool = False) -> dict:
+        """What a checkpoint holds (:mod:`common.networks.checkpoint`): the trained tensors and what they must load
+        onto. ``release``: the tensors in float16, and no machine path for a backbone whose registry package ships
+        its weights (LiteMedSAM)."""
+        from common.networks.sam_family import VARIANTS
+
+        backbone = self.backbone.checkpoint
+        if release and not VARIANTS[self.variant].needs_checkpoint:
+            backbone = None
         return {
             "format": CHECKPOINT_FORMAT,
             "variant": self.variant,
-            "backbone_checkpoint": self.backbone.checkpoint,
+            "backbone_checkpoint": backbone,
             "lora": self.lora_config,
             "architecture": self.architecture,
             "alpha": self.alpha,
-            "model": self.trainable_state_dict(),
+            "model": half_tensors(self.trainable_state_dict()) if release else self.trainable_state_dict(),
+            **({"dtype": "float16"} if release else {}),
         }
 
-    def load_trainable(self, checkpoint: dict | str | Path) -> "HSam":
-        """Load LoRA and decoder weights onto this frozen backbone; another backbone or LoRA set-up is a clear error."""
-        source = str(checkpoint) if not isinstance(checkpoint, dict) else "checkpoint"
-        if not isinstance(checkpoint, dict):
-            checkpoint = read_hsam_checkpoint(checkpoint)
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: dict,
+        source: str | Path,
+        variant: str | None = None,
+        sam_checkpoint: str | Path | None = None,
+        random_init: bool = False,
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ) -> "HSam":
+        """A trained H-SAM: backbone, LoRA set-up and alpha as the checkpoint records them, its weights restored
+        (eval mode). ``variant``, when given, must be the checkpoint's backbone: a LoRA checkpoint for another
+        backbone fails here. A backbone that ships no weights (MedSAM, SAM) loads from ``sam_checkpoint``, else
+        from the path the training run recorded."""
+        from common.networks.sam_family import VARIANTS, load_sam_family
+
+        if variant is not None and variant != checkpoint["variant"]:
+            raise ValueError(
+                f"{source}: LoRA checkpoint was trained on the {checkpoint['variant']} backbone, not {variant}; "
+                f"set sam_variant to {checkpoint['variant']} (with its sam_checkpoint) or use a checkpoint trained on {variant}"
+            )
+        if sam_checkpoint is None and VARIANTS[checkpoint["variant"]].needs_checkpoint and not random_init:
+            sam_checkpoint = checkpoint.get("backbone_checkpoint")  # where the frozen weights came from at training
+        lora = checkpoint["lora"]
+        model = cls(
+            load_sam_family(checkpoint["variant"], sam_checkpoint, random_init=random_init),
+            lora_rank=lora["r"],
+            lora_alpha=lora["lora_alpha"],
+            lora_targets=lora["target_modules"],
+            lora_dropout=lora["lora_dropout"],
+            alpha=checkpoint["alpha"],
+            **{**checkpoint.get("architecture", {}), **kwargs},
+        )
+        return model.restore(checkpoint, source).to(device).eval()
+
+    def restore(self, checkpoint: dict, source: str | Path) -> "HSam":
+        """Load LoRA and decoder weights (float16 ones in this model's dtype) onto this frozen backbone; another
+        backbone or LoRA set-up is a clear error naming ``source``."""
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{source}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()"
@@ -313,18 +357,3 @@ class HSam(nn.Module):
         self.load_state_dict(state, strict=False)
         self.alpha = float(checkpoint.get("alpha", self.alpha))
         return self
-
-
-def read_hsam_checkpoint(path: str | Path) -> dict:
-    """An H-SAM checkpoint file, checked for its format; a missing file is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: H-SAM checkpoint not found (train the hsam_finetune bundle first, or pass ckpt_path)"
-        )
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path}: not an H-SAM checkpoint (no format {CHECKPOINT_FORMAT!r}); it must come from HSam.checkpoint()"
-        )
-    return ckpt
