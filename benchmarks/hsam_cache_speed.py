@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from monai.transforms import Compose
 
     from common.data import CachedViewDataset, build_feature_cache
-    from common.engines.hsam import MixingBatch
+    from common.transforms import MixingBatch
     from common.io import read_ct
     from common.losses import DeepSupervisionLoss
     from common.lungmask import hu_threshold_lung_mask

@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(REPO / "outputs/hsam_comparison"))
     args = p.parse_args(argv)
 
-    from common.engines.probmap import phantom_datalist
+    from common.data import phantom_datalist
     from common.io import write_json_atomic, write_text_atomic
     from common.io.atomic import atomic_path
     from common.lungmask import hu_threshold_lung_mask

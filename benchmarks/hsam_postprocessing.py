@@ -60,7 +60,7 @@ def postprocessing(overrides: dict):
 
 def cases(scans: str, outputs: str, truth_postfix: str | None):
     """(case id, HU volume, spacing, probability, affine, truth or None) per case with a saved probability."""
-    from common.engines.probmap import scan_datalist
+    from common.data import scan_datalist
     from common.io import read_ct
 
     for case in scan_datalist(scans):

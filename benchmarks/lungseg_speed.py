@@ -32,7 +32,7 @@ def old_make_segment(scan: str, out: Path) -> None:
     import nibabel as nib
     import numpy as np
 
-    from common.engines.probmap import case_outputs
+    from common.transforms import probmap_outputs
     from common.segment import DEFAULT_CLIP, DEFAULT_HSAM, run_bundle
 
     case = {"image": scan, "case_id": "scan"}
@@ -46,7 +46,7 @@ def old_make_segment(scan: str, out: Path) -> None:
             "overlay": False,
         },
     )
-    region = case_outputs(out / "probmap", "scan")["lung_mask"]
+    region = probmap_outputs(out / "probmap", "scan")["lung_mask"]
     run_bundle(
         "hsam_finetune",
         {

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from monai.bundle import ConfigParser
     from monai.data import MetaTensor
 
-    from common.engines.probmap import phantom_datalist
+    from common.data import phantom_datalist
     from common.io import write_json_atomic
     from common.metrics import dice_score
     from common.report import save_dice_bars

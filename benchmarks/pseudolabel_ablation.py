@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     import torch
 
     from common.classes import CLASS_NAMES
-    from common.engines.probmap import case_outputs, phantom_datalist
+    from common.data import phantom_datalist
+    from common.transforms import probmap_outputs
     from common.inferers import pseudo_label_slice
     from common.io.volume import reorient_array
     from common.metrics import dice_score
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     kept = {s[0]: [0, 0] for s in settings}
     cases = phantom_datalist(args.phantom_dir, n=args.phantoms)
     for c in cases:
-        pm = case_outputs(args.probmap_dir, c["case_id"])
+        pm = probmap_outputs(args.probmap_dir, c["case_id"])
         if not pm["lung_mask"].is_file():
             print(f"{pm['lung_mask']}: missing; run the probmap bundle's evaluate.json first", file=sys.stderr)
             return 2

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from common.engines.probmap import case_outputs
+    from common.transforms import probmap_outputs
     from common.inferers import algorithm2_literal, pseudo_label_slice
     from common.io import read_ct
     from common.lungmask import hu_threshold_lung_mask
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         sam = sam.cuda()
     vol = read_ct(args.case, axcodes="LPS")
     case_id = discover_cases(Path(args.case))[0].case_id if Path(args.case).is_dir() else None
-    mask_path = case_outputs(args.probmap_dir, case_id or "")["lung_mask"] if case_id else None
+    mask_path = probmap_outputs(args.probmap_dir, case_id or "")["lung_mask"] if case_id else None
     if mask_path is not None and mask_path.is_file():
         img = nib.load(str(mask_path))
         from common.io.volume import reorient_array

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from common.engines.probmap import scan_datalist
+    from common.data import scan_datalist
     from common.io import read_ct
     from common.lungmask import body_mask, hu_threshold_lung_mask, split_left_right
     from common.metrics import dice_score

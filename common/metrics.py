@@ -1,8 +1,15 @@
-"""Overlap metrics on binary numpy masks, through MONAI's metric functions."""
+"""Every score the project reports, in one module: overlap and surface metrics on binary numpy masks (through
+MONAI's metric functions), SA-1's embedding figures, and each stage's case scorer (``score_probmap``,
+``score_pseudolabel``, ``score_segmentation``), the pseudo labels' confidence verdict and the lung report."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+
+from common.classes import CLASS_NAMES, LABEL_OF
+from common.io.nifti import as_numpy, first_affine
 
 
 def _mask_pair(prediction: np.ndarray, truth: np.ndarray):
@@ -175,3 +182,119 @@ def structure_statistics(
         n = int(sum(counts[v] for v in lungs))
         stats["lungs"] = {**entry(lungs), key: round(100.0 * float(sum(laa[v] for v in lungs)) / n, 2) if n else None}
     return stats
+
+
+def score_probmap(
+    d: dict,
+    class_names: Sequence[str] = CLASS_NAMES,
+    tau: float = 0.5,
+    prob_key: str = "pred",
+    mask_key: str = "lung_mask",
+    label_key: str = "label",
+    lungs_key: str = "lungs",
+) -> dict:
+    """Dice and IoU of the cleaned lung mask against the lung field (``lungs`` > 0) and of every channel
+    thresholded at ``tau`` (Eq. 8) against its class in the label map."""
+    from common.metrics import dice_score, iou_score
+
+    row: dict = {"case_id": d.get("case_id")}
+    mask = as_numpy(d[mask_key])[0] > 0
+    if lungs_key in d and d[lungs_key] is not None:
+        field = as_numpy(d[lungs_key]).reshape(mask.shape) > 0
+        row["lung_mask_dice"], row["lung_mask_iou"] = dice_score(mask, field), iou_score(mask, field)
+    if label_key in d and d[label_key] is not None:
+        label = as_numpy(d[label_key]).reshape(mask.shape).round().astype(np.int16)
+        prob = as_numpy(d[prob_key])
+        for c, name in enumerate(class_names):
+            if name not in LABEL_OF:
+                continue
+            truth, pred = label == LABEL_OF[name], prob[c] >= tau
+            key = name.replace(" ", "_")
+            row[f"{key}_dice"], row[f"{key}_iou"] = dice_score(pred, truth), iou_score(pred, truth)
+    return row
+
+
+def case_confidence(
+    pseudo: np.ndarray,
+    reference: np.ndarray,
+    info: dict,
+    lung_ml: float,
+    min_predicted_iou: float = 0.75,
+    min_agreement: float = 0.875,
+    min_kept_share: float = 0.5,
+    lung_ml_range: Sequence[float] = (300.0, 9000.0),
+) -> dict:
+    """The case's confidence figures and QC verdict: SAM's mean predicted IoU of the kept candidates, the
+    Dice between the pseudo label and the SA-2 lung mask, the share of candidates kept and the
+    lung volume's plausibility; each figure under its bound is a reason to leave the case out."""
+    from common.metrics import dice_score
+
+    agreement = dice_score(np.asarray(pseudo) > 0, np.asarray(reference) > 0)
+    candidates = int(info.get("candidates", 0))
+    kept_share = float(info.get("kept", 0)) / candidates if candidates else 0.0
+    iou = info.get("mean_predicted_iou")
+    reasons = []
+    if iou is None or iou < min_predicted_iou:
+        reasons.append(f"SAM's mean predicted IoU {iou if iou is None else round(iou, 3)} < {min_predicted_iou}")
+    if agreement < min_agreement:
+        reasons.append(f"agreement with the SA-2 lung mask (Dice {agreement:.3f}) < {min_agreement}")
+    if kept_share < min_kept_share:
+        reasons.append(f"only {kept_share:.0%} of the SAM candidates passed the overlap vote (< {min_kept_share:.0%})")
+    lo, hi = float(lung_ml_range[0]), float(lung_ml_range[1])
+    if not lo <= lung_ml <= hi:
+        reasons.append(f"lung volume {lung_ml:.0f} mL outside the plausible {lo:.0f}-{hi:.0f} mL")
+    return {
+        "mean_predicted_iou": None if iou is None else round(float(iou), 4),
+        "agreement_dice": round(float(agreement), 4),
+        "kept_share": round(kept_share, 4),
+        "lung_ml_total": round(float(lung_ml), 1),
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+
+
+def score_pseudolabel(
+    d: dict, pred_key: str = "pred", reference_key: str = "lung_mask", lungs_key: str = "lungs"
+) -> dict:
+    """Dice and IoU of the pseudo label, and of the SA-2 lung mask it was prompted from, against the
+    lung field (``lungs`` > 0); SAM's counts from the inferer alongside."""
+    from common.metrics import dice_score, iou_score
+
+    pseudo = as_numpy(d[pred_key])[0] > 0
+    field = as_numpy(d[lungs_key]).reshape(pseudo.shape) > 0
+    sa2 = as_numpy(d[reference_key]).reshape(pseudo.shape) > 0.5
+    info = d.get("pseudolabel_info") or {}
+    return {
+        "case_id": d.get("case_id"),
+        "pseudo_dice": dice_score(pseudo, field),
+        "pseudo_iou": iou_score(pseudo, field),
+        "sa2_mask_dice": dice_score(sa2, field),
+        "kept_share": (info.get("kept", 0) / info["candidates"]) if info.get("candidates") else 0.0,
+        "mean_predicted_iou": info.get("mean_predicted_iou"),
+    }
+
+
+def score_segmentation(d: dict, pred_key: str = "pred", truth_key: str = "lungs") -> dict:
+    """:func:`common.metrics.segmentation_scores` of the case's mask against its ground-truth lung field."""
+    from common.metrics import segmentation_scores
+
+    pred = as_numpy(d[pred_key])[0] > 0
+    truth = as_numpy(d[truth_key]).reshape(pred.shape) > 0
+    spacing = np.linalg.norm(first_affine(d[pred_key])[:3, :3], axis=0)
+    return {"case_id": d.get("case_id"), **segmentation_scores(pred, truth, spacing)}
+
+
+def lung_report(
+    mask: np.ndarray, hu: np.ndarray, affine: np.ndarray, sides_ml: dict | None = None, emphysema_hu: float = -950.0
+) -> dict:
+    """Lung volume (mL, per side when known), mean lung HU and the share of lung below ``emphysema_hu`` (%LAA-950)."""
+    voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    lung_hu = hu[mask]
+    report = {"lung_volume_ml": {"total": round(float(mask.sum()) * voxel_ml, 1)}}
+    if sides_ml:
+        report["lung_volume_ml"].update({k: round(float(v), 1) for k, v in sides_ml.items() if k != "total"})
+    report["mean_lung_hu"] = round(float(lung_hu.mean()), 1) if lung_hu.size else None
+    report[f"percent_lung_below_{int(abs(emphysema_hu))}_hu"] = (
+        round(100.0 * float((lung_hu < emphysema_hu).mean()), 2) if lung_hu.size else None
+    )
+    return report

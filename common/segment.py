@@ -153,9 +153,8 @@ def segment(
     - ``dicom_files``: the series' files, for the DICOM-SEG and RTSTRUCT.
     - ``source``: what to record of the input (path, Study/Series UIDs, series skipped), else the path.
     """
-    from common.engines.cases import case_paths
-    from common.engines.hsam import SEGMENTATION_OUTPUTS
-    from common.engines.probmap import case_outputs as probmap_outputs
+    from common.io.nifti import case_paths
+    from common.transforms import SEGMENTATION_OUTPUTS, probmap_outputs
     from common.io import write_json_atomic
     from common.qc import lung_mask_qc
 

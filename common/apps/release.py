@@ -82,11 +82,14 @@ def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
         )
     elif not Path(clip_ckpt).is_file():
         raise FileNotFoundError(f"--clip-ckpt {clip_ckpt}: no such SA-1 checkpoint")
-    from common.engines.probmap import case_outputs, scan_datalist
+    from common.data import scan_datalist
+    from common.transforms import probmap_outputs
 
     for name, folder in sets.items():
         ids = [c["case_id"] for c in scan_datalist(folder)] if folder.exists() else [f"{name}_scan"]
-        reports = [case_outputs(out / "probmap" / name, i)["report"] for i in ids]  # each case's report is written last
+        reports = [
+            probmap_outputs(out / "probmap" / name, i)["report"] for i in ids
+        ]  # each case's report is written last
         steps.append(
             Step(
                 "probmap",

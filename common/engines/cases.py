@@ -1,8 +1,10 @@
-"""Running a stage case by case: a fault-tolerant MONAI evaluator, atomic NIfTI writing and score tables.
+"""Running a stage case by case: a fault-tolerant MONAI evaluator, each stage's own, and score tables.
 
-Every stage that maps whole scans to files (probmap, pseudolabel, ...) shares this: one case is one
-unit of work, a case that fails is listed with its reason and the run goes on, and what is written
-goes through a temporary name so that a crash or a kill never leaves half a file.
+Every stage that maps whole scans to files shares :class:`CaseEvaluator`: one case is one unit of work, a case that
+fails is listed with its reason and the run goes on, and what is written goes through a temporary name so that a
+crash or a kill never leaves half a file. :class:`ProbmapEvaluator` (SA-2), :class:`PseudoLabelEvaluator` (SA-3a)
+and :class:`SegmentationEvaluator` (SA-3b) say only how a case is predicted; its datalist comes from
+:mod:`common.data.datalists`, its writer from :mod:`common.transforms.savers`, its scorer from :mod:`common.metrics`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import csv
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,25 +22,9 @@ from monai.engines import SupervisedEvaluator
 
 from common.data.dataset import SKIPPED_KEY
 from common.io.atomic import atomic_path, write_json_atomic
+from common.io.nifti import as_numpy, first_affine
 
 log = logging.getLogger(__name__)
-
-
-def case_paths(output_dir: str | Path, case_id: str, postfixes: dict[str, str]) -> dict[str, Path]:
-    """``output_dir/<id>/<id>_<postfix>`` for each key of ``postfixes`` (MONAI SaveImaged's folder-per-case layout)."""
-    folder = Path(output_dir) / case_id
-    return {k: folder / f"{case_id}_{v}" for k, v in postfixes.items()}
-
-
-def first_affine(x) -> np.ndarray:
-    """The (4, 4) affine of a (possibly batched) MetaTensor; identity for a plain array."""
-    return _as_numpy(x.affine).reshape(-1, 4, 4)[0] if hasattr(x, "affine") else np.eye(4)
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
-    return np.asarray(x)
 
 
 def write_scores(rows: list[dict], output_dir: str | Path, name: str = "scores") -> dict:
@@ -182,4 +168,112 @@ class CaseEvaluator(SupervisedEvaluator):
         return outputs
 
 
-__all__ = ["CaseEvaluator", "case_paths", "first_affine", "write_scores"]
+class ProbmapEvaluator(CaseEvaluator):
+    """SA-2 over a dataset: the inferer maps each case's HU volume to similarity maps on its grid,
+    then ``postprocessing``, ``scorer`` and ``saver`` run as :class:`CaseEvaluator` says."""
+
+    stage = "probmap"
+
+    def predict(self, engine, item: dict) -> dict:
+        from monai.data import MetaTensor
+
+        image = item["image"].to(engine.state.device)
+        with engine.mode(engine.network):
+            pred = engine.inferer(image[None], engine.network)[0]
+        # the prediction lives on the input's grid: same affine and meta (pixdim for smoothing)
+        pred = MetaTensor(pred.as_subclass(torch.Tensor).cpu(), affine=image.affine, meta=dict(image.meta))
+        return {**item, "pred": pred}
+
+
+class PseudoLabelEvaluator(CaseEvaluator):
+    """Algorithm 2 over a dataset: each case's CT and SA-2 lung map through :class:`PromptedSamInferer`,
+    then ``postprocessing`` (3D clean-up, sides) and ``saver``. A case whose map is on another grid
+    than its CT, or is empty, fails with that reason and the run goes on. ``skipped`` (cases without
+    SA-2 outputs) are recorded as failed. ``rank`` / ``world_size`` name the per-rank files."""
+
+    stage = "pseudolabel"
+
+    def __init__(self, *args, skipped: Sequence[dict] = (), rank: int = 0, world_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failed.extend(dict(s) for s in skipped)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.world_size > 1:
+            self.run_suffix = f"_rank{self.rank}"
+
+    def predict(self, engine, item: dict) -> dict:
+        image, region = item["image"], item["lung_mask"]
+        case = item.get("case_id")
+        if tuple(region.shape[1:]) != tuple(image.shape[1:]) or not np.allclose(
+            first_affine(region), first_affine(image), atol=1e-3
+        ):
+            raise ValueError(
+                f"{case}: the SA-2 lung mask {item.get('lung_mask_path', '')} is on another grid than its CT "
+                f"(shape {tuple(region.shape[1:])} vs {tuple(image.shape[1:])}, or another affine)"
+            )
+        probmap = item.get("probmap")
+        if probmap is not None and tuple(probmap.shape[1:]) != tuple(image.shape[1:]):
+            raise ValueError(
+                f"{case}: the SA-2 probability map {tuple(probmap.shape[1:])} is on another grid than its CT {tuple(image.shape[1:])}"
+            )
+        if not bool((region > 0.5).any()):
+            raise ValueError(
+                f"{case}: the SA-2 lung mask is empty (no lung passed the probability threshold), so there is nothing to prompt"
+            )
+        if probmap is not None and not bool(
+            torch.isfinite(probmap.as_tensor() if hasattr(probmap, "as_tensor") else probmap).all()
+        ):
+            raise ValueError(f"{case}: the SA-2 probability map has non-finite values")
+        with engine.mode(engine.network):
+            pred = engine.inferer(
+                image[None], engine.network, region=region[None], probmap=None if probmap is None else probmap[None]
+            )[0]
+        from monai.data import MetaTensor
+
+        pred = MetaTensor(pred, affine=image.affine, meta=dict(image.meta))
+        return {**item, "pred": pred, "pseudolabel_info": dict(engine.inferer.last_info)}
+
+
+class SegmentationEvaluator(CaseEvaluator):
+    """Whole volumes through a 2D network slice by slice (:class:`SliceEnsembleInferer`), then
+    ``postprocessing`` (threshold, 3D clean-up, sides), ``scorer`` and ``saver``; one failing case is
+    one failed case. ``image`` is the HU-windowed volume the network sees; ``skipped`` (files the
+    dataset found missing at start-up) are recorded as failed."""
+
+    stage = "segment"
+
+    def __init__(self, *args, skipped: Sequence[dict] = (), slice_margin: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slice_margin = int(slice_margin)
+        self.failed.extend({"case": s.get("case", s.get("image")), "reason": s["reason"]} for s in skipped)
+
+    def predict(self, engine, item: dict) -> dict:
+        from monai.data import MetaTensor
+
+        image = item["image"]
+        slice_mask = None
+        region = item.get("region")  # the SA-2 lung mask, when given: only its slices (and a margin) are segmented
+        if region is not None:
+            if tuple(region.shape[1:]) != tuple(image.shape[1:]):
+                raise ValueError(
+                    f"{item.get('case_id')}: the SA-2 lung mask is on another grid than the CT ({tuple(region.shape[1:])} vs {tuple(image.shape[1:])})"
+                )
+            touched = as_numpy(region).reshape(image.shape[1:]).reshape(-1, image.shape[-1]).max(axis=0) > 0.5
+            from scipy import ndimage
+
+            slice_mask = (
+                ndimage.binary_dilation(touched, iterations=self.slice_margin)
+                if self.slice_margin and touched.any()
+                else touched
+            )
+        with engine.mode(engine.network), torch.no_grad():
+            prob = engine.inferer(image[None], engine.network, slice_mask=slice_mask)[0]
+        return {**item, "pred": MetaTensor(prob, affine=image.affine, meta=dict(image.meta))}
+
+
+__all__ = [
+    "CaseEvaluator",
+    "ProbmapEvaluator",
+    "PseudoLabelEvaluator",
+    "SegmentationEvaluator",
+    "write_scores",
+]

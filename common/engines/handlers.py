@@ -10,6 +10,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from common.networks.checkpoint import save_network, unwrap
+from common.networks.parameters import parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +250,48 @@ class MLflowArtifactsHandler:
         return len(files)
 
 
+class CachedViewEpoch:
+    """Attached to the trainer: tells a :class:`common.data.CachedViewDataset` which epoch starts, so each
+    epoch reads the next augmentation view of every slice."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if hasattr(self.dataset, "set_epoch"):  # an on-the-fly dataset draws new augmentations by itself
+            self.dataset.set_epoch(engine.state.epoch - 1)
+
+
+class ParameterCountReport:
+    """Attached to the trainer: logs the trainable parameter count against full fine-tuning at the start."""
+
+    def __init__(self, network):
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        c = parameter_counts(self.network)
+        share = 100.0 * c["trainable"] / max(c["full_finetuning"], 1)
+        extra = f" (LoRA {c['lora']:,}, stage-2 decoder {c['stage2_decoder']:,})" if "lora" in c else ""
+        log.info(
+            "trainable parameters: %s of %s with full fine-tuning (%.1f %%)%s",
+            f"{c['trainable']:,}",
+            f"{c['full_finetuning']:,}",
+            share,
+            extra,
+        )
+
+
 __all__ = [
+    "CachedViewEpoch",
     "MLflowArtifactsHandler",
     "MetricsHistory",
+    "ParameterCountReport",
     "SaveBestCheckpoint",
     "SkippedSamplesReport",
     "TrackingParams",

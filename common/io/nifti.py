@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.io.atomic import atomic_path
 
@@ -54,4 +55,28 @@ def save_nifti_array(
     return save_nifti(img, path)
 
 
-__all__ = ["GZIP_LEVEL", "save_nifti", "save_nifti_array"]
+def case_paths(output_dir: str | Path, case_id: str, postfixes: dict[str, str]) -> dict[str, Path]:
+    """``output_dir/<id>/<id>_<postfix>`` for each key of ``postfixes`` (MONAI SaveImaged's folder-per-case layout)."""
+    folder = Path(output_dir) / case_id
+    return {k: folder / f"{case_id}_{v}" for k, v in postfixes.items()}
+
+
+def first_affine(x) -> np.ndarray:
+    """The (4, 4) affine of a (possibly batched) MetaTensor; identity for a plain array."""
+    return as_numpy(x.affine).reshape(-1, 4, 4)[0] if hasattr(x, "affine") else np.eye(4)
+
+
+def as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
+    return np.asarray(x)
+
+
+__all__ = [
+    "GZIP_LEVEL",
+    "as_numpy",
+    "case_paths",
+    "first_affine",
+    "save_nifti",
+    "save_nifti_array",
+]

@@ -10,6 +10,7 @@ from common.networks.checkpoint import (
 )
 from common.networks.clip import DistillationHead, LungCLIP, build_lung_clip
 from common.networks.image_encoders import IMAGE_ENCODERS, ImageEncoder, build_image_encoder
+from common.networks.parameters import parameter_counts, parameter_groups
 from common.networks.sam_family import (
     VARIANTS,
     SamFamily,
@@ -42,6 +43,8 @@ __all__ = [
     "load_network",
     "load_sam_family",
     "load_state_dict_strict",
+    "parameter_counts",
+    "parameter_groups",
     "read_checkpoint",
     "release_checkpoint",
     "save_network",

@@ -12,12 +12,23 @@ from common.transforms.mask import (
     RestrictToBody,
     RestrictToBodyd,
 )
+from common.transforms.mixing import MixingBatch
 from common.transforms.pipeline import ct_preprocessing
 from common.transforms.probability import (
     SimilarityToProbability,
     SimilarityToProbabilityd,
     SmoothProbability,
     SmoothProbabilityd,
+)
+from common.transforms.savers import (
+    PROBMAP_OUTPUTS,
+    PSEUDOLABEL_OUTPUTS,
+    SEGMENTATION_OUTPUTS,
+    SaveProbmapd,
+    SavePseudoLabeld,
+    SaveSegmentationd,
+    probmap_outputs,
+    pseudolabel_outputs,
 )
 from common.transforms.spatial import TrimSlices, TrimSlicesd
 from common.transforms.threshold import ClassLabelMap, ClassLabelMapd, ThresholdProbability, ThresholdProbabilityd
@@ -32,6 +43,7 @@ __all__ = [
     "HUWindowd",
     "LungMaskCleanup",
     "LungMaskCleanupd",
+    "MixingBatch",
     "NLMDenoise",
     "RefineLungBoundary",
     "RefineLungBoundaryd",
@@ -40,6 +52,12 @@ __all__ = [
     "RemoveInconsistentSlicesd",
     "RestrictToBody",
     "RestrictToBodyd",
+    "PROBMAP_OUTPUTS",
+    "PSEUDOLABEL_OUTPUTS",
+    "SEGMENTATION_OUTPUTS",
+    "SaveProbmapd",
+    "SavePseudoLabeld",
+    "SaveSegmentationd",
     "SimilarityToProbability",
     "SimilarityToProbabilityd",
     "SmoothProbability",
@@ -49,4 +67,6 @@ __all__ = [
     "TrimSlices",
     "TrimSlicesd",
     "ct_preprocessing",
+    "probmap_outputs",
+    "pseudolabel_outputs",
 ]

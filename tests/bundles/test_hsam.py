@@ -302,7 +302,7 @@ def resize_label_logits(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["cutmix", "mixup"])
 def test_cutmix_and_mixup_treat_image_and_label_alike(kind):
-    from common.engines.hsam import MixingBatch
+    from common.transforms import MixingBatch
 
     g = torch.Generator().manual_seed(0)
     label = (torch.rand(4, 1, 32, 32, generator=g) > 0.5).float()
@@ -1013,7 +1013,7 @@ def test_field_of_view_crop_makes_training_lungs_touch_the_image_border():
 
 
 def test_cutmix_cuts_cached_features_where_it_cuts_the_image():
-    from common.engines.hsam import MixingBatch
+    from common.transforms import MixingBatch
 
     n = 4
     image = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 32, 32).contiguous()

@@ -265,7 +265,7 @@ def test_remove_inconsistent_slices_drops_isolated_and_leaking_slices():
 
 
 def test_case_confidence_flags_each_reason():
-    from common.engines.pseudolabel import case_confidence
+    from common.metrics import case_confidence
 
     ref = np.zeros((10, 10, 4), bool)
     ref[2:8, 2:8] = True
@@ -277,10 +277,10 @@ def test_case_confidence_flags_each_reason():
 
 
 def _fake_report(out: Path, case_id: str, passed: bool):
-    from common.engines.pseudolabel import case_outputs
+    from common.transforms import pseudolabel_outputs
     from common.io import write_json_atomic
 
-    p = case_outputs(out, case_id)
+    p = pseudolabel_outputs(out, case_id)
     write_json_atomic(
         p["report"],
         {
@@ -301,7 +301,7 @@ def _fake_report(out: Path, case_id: str, passed: bool):
 
 
 def test_merge_splits_included_cases_and_lists_the_rest(tmp_path):
-    from common.engines.pseudolabel import merge_pseudolabels
+    from common.data import merge_pseudolabels
     from common.io import write_json_atomic
 
     for i in range(5):
@@ -331,7 +331,7 @@ def _write_probmap_outputs(
     affine=None,
 ):
     """What the probmap bundle leaves for a case: here the phantom's own lung field stands in for the SA-2 mask."""
-    from common.engines.probmap import case_outputs
+    from common.transforms import probmap_outputs
     from common.io.nifti import save_nifti_array
     from common.io import write_json_atomic
 
@@ -343,7 +343,7 @@ def _write_probmap_outputs(
     onehot = np.stack(
         [lung_mask.astype(np.float32)] + [np.zeros(lung_mask.shape, np.float32)] * (len(CLASS_NAMES) - 1), axis=-1
     )
-    p = case_outputs(probmap_dir, case_id)
+    p = probmap_outputs(probmap_dir, case_id)
     save_nifti_array(onehot, affine, p["probmap"], np.float32)
     save_nifti_array(lung_mask.astype(np.uint8), affine, p["lung_mask"], np.uint8)
     write_json_atomic(p["report"], {"case_id": case_id})

@@ -87,7 +87,7 @@ def _case_outputs(
         out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_lung_mask.nii.gz",
     )
     if (hsam_dir or which).startswith("heldout_real"):  # the case report SaveSegmentationd writes, by the same function
-        from common.engines.hsam import lung_report
+        from common.metrics import lung_report
 
         (out / "hsam_finetune" / (hsam_dir or which) / case_id / f"{case_id}_report.json").write_text(
             json.dumps({"case_id": case_id, **lung_report(hsam, hu, affine)})
@@ -104,8 +104,8 @@ def demo_run(tmp_path_factory, tiny_phantom_manifest, tiny_text_dir):
 
     from common.apps.demo import SIZES, demo_steps
     from common.apps.demo_ingest import run_ingest
-    from common.engines.cases import write_scores
-    from common.engines.probmap import phantom_datalist
+    from common.data import phantom_datalist
+    from common.engines import write_scores
     from common.io import write_json_atomic
     from common.lungmask import hu_threshold_lung_mask
     from common.metrics import dice_score, segmentation_scores

@@ -104,7 +104,7 @@ def test_two_rank_training_keeps_ranks_in_step(tiny_phantom_manifest, tiny_text_
     assert {"StatsHandler", "TensorBoardStatsHandler", "ProgressBar", "LrScheduleHandler", "ValidationHandler"} <= set(
         rec[0]["train_handlers"]
     ), rec[0]["train_handlers"]
-    assert {"StatsHandler", "TensorBoardStatsHandler", "SaveBestLungCLIP", "EarlyStopHandler"} <= set(
+    assert {"StatsHandler", "TensorBoardStatsHandler", "SaveBestCheckpoint", "EarlyStopHandler"} <= set(
         rec[0]["val_handlers"]
     ), rec[0]["val_handlers"]
     for engine in ("train_handlers", "val_handlers"):

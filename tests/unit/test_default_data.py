@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from common.default_data import shared_cases
-from common.engines.probmap import scan_datalist
+from common.data import scan_datalist
 from tests.conftest import SHARED
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
