@@ -36,30 +36,16 @@ DEFAULT_RUNS = ["infonce+distill", "infonce", "cosine+distill", "cosine"]
 def train(
     name: str, overrides: dict, config: str, out: Path, threads: int | None = None, extra: dict | None = None
 ) -> dict:
-    configs = [str(REPO / "bundles/foundation_clip/configs/train.json")]
-    if config == "demo":
-        configs.append(str(REPO / "bundles/foundation_clip/configs/demo.json"))
+    from common.bundle_run import BundleRun
+
+    configs = ["train.json"] + (["demo.json"] if config == "demo" else [])
     run_dir = out / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(configs),
-        "--bundle_root",
-        str(REPO / "bundles/foundation_clip"),
-        "--output_dir",
-        str(run_dir),
-        "--ckpt_dir",
-        str(run_dir / "models"),
-    ]
-    for key, value in {**overrides, **(extra or {})}.items():
-        cmd += [f"--{key}", str(value)]
+    settings = {"output_dir": str(run_dir), "ckpt_dir": str(run_dir / "models"), **overrides, **(extra or {})}
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        cmd += ["--num_workers", "0"]
+        settings["num_workers"] = 0
+    cmd = [sys.executable, *BundleRun("foundation_clip", configs, settings).argv()]
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:

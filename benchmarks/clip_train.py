@@ -31,17 +31,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def build(config: str, cache_dir: Path, overrides: dict):
-    from monai.bundle import ConfigParser
+    from common.bundle_run import BundleRun
 
-    files = [REPO / "bundles/foundation_clip/configs/train.json"]
-    if config == "demo":
-        files.append(REPO / "bundles/foundation_clip/configs/demo.json")
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    parser.update(
-        {"bundle_root": str(REPO / "bundles/foundation_clip"), "teacher_cache_dir": str(cache_dir), **overrides}
-    )
-    return parser
+    configs = ["train.json"] + (["demo.json"] if config == "demo" else [])
+    return BundleRun("foundation_clip", configs, {"teacher_cache_dir": str(cache_dir), **overrides}).parser()
 
 
 def prefill_cache(parser, data: list[dict]) -> int:

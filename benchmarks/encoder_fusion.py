@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.apps.pipeline import link_scan, run_python  # noqa: E402
+from common.bundle_run import BundleRun  # noqa: E402
 from common.default_data import DEFAULT_OUT, load_manifest  # noqa: E402
 from common.networks import load_network  # noqa: E402
 
@@ -79,27 +80,9 @@ def step_part(case_id: str) -> None:
             raise SystemExit("could not start the step server")
         for fuse in (False, True):
             out = tmp / f"fuse_{fuse}"
-            cmd = [
-                "-m",
-                "monai.bundle",
-                "run",
-                "--config_file",
-                str(REPO / "bundles/probmap/configs/inference.json"),
-                "--bundle_root",
-                str(REPO / "bundles/probmap"),
-                "--ckpt_path",
-                str(CKPT),
-                "--dataset_dir",
-                str(tmp / "scans"),
-                "--output_dir",
-                str(out),
-                "--fuse_encoder",
-                str(fuse),
-                "--overlay",
-                "False",
-                "--progress",
-                "False",
-            ]
+            settings = {"ckpt_path": str(CKPT), "dataset_dir": str(tmp / "scans"), "output_dir": str(out)}
+            settings.update(fuse_encoder=fuse, overlay=False, progress=False)
+            cmd = BundleRun("probmap", ["inference.json"], settings).argv()
             t = time.perf_counter()
             code = run_python(cmd, log=tmp / f"fuse_{fuse}.log")
             seconds = time.perf_counter() - t

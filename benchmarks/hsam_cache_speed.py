@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from monai.bundle import ConfigParser
+    from common.bundle_run import BundleRun
     from monai.transforms import Compose
 
     from common.data import CachedViewDataset, build_feature_cache
@@ -89,9 +89,7 @@ def main(argv=None) -> int:
         for i, k in enumerate(ks)
     ]
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles/hsam_finetune/configs/train.json"))
-    parser.update({"bundle_root": str(REPO / "bundles/hsam_finetune"), "slice_size": args.slice_size})
+    parser = BundleRun("hsam_finetune", ["train.json"], {"slice_size": args.slice_size}).parser()
     augmentation = Compose(parser.get_parsed_content("train#augmentation"))
 
     model = build_hsam("litemedsam", lora_targets=[args.lora_targets]).train()

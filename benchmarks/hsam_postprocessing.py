@@ -50,12 +50,9 @@ def variants(bands_mm) -> dict[str, dict | None]:
 
 
 def postprocessing(overrides: dict):
-    from monai.bundle import ConfigParser
+    from common.bundle_run import BundleRun
 
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG))
-    parser.update(overrides)
-    return parser.get_parsed_content("postprocessing")
+    return BundleRun("hsam_finetune", ["inference.json"], overrides).parser().get_parsed_content("postprocessing")
 
 
 def cases(scans: str, outputs: str, truth_postfix: str | None):

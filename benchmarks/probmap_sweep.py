@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     import nibabel as nib
     import numpy as np
     import torch
-    from monai.bundle import ConfigParser
+    from common.bundle_run import BundleRun
     from monai.data import MetaTensor
 
     from common.data import phantom_datalist
@@ -82,17 +82,9 @@ def main(argv=None) -> int:
     settings = [s for s in SETTINGS if not args.only or s[0] in args.only or s[0] == "default"]
     network = None
     for factor, shown, overrides in settings:
-        parser = ConfigParser()
-        parser.read_config(str(CONFIG))
-        parser.update(
-            {
-                "bundle_root": str(CONFIG.parents[1]),
-                "ckpt_path": args.ckpt,
-                "device": "cpu",
-                "progress": False,
-                **overrides,
-            }
-        )
+        parser = BundleRun(
+            "probmap", ["inference.json"], {"ckpt_path": args.ckpt, "device": "cpu", "progress": False, **overrides}
+        ).parser()
         if network is None:
             network = parser.get_parsed_content("network")
         inferer = parser.get_parsed_content("inferer")

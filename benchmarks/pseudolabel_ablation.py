@@ -5,7 +5,7 @@ auxiliary channels.
         [--phantoms 3] [--every 4] [--grid-mm 20] [--out outputs/pseudolabel_ablation]
 
 Needs the probmap bundle's outputs for the held-out phantoms (seeds SA-1 never saw), which
-``make probmap-eval`` (the probmap bundle's ``evaluate.json``) writes. Each axial slice with lung
+``make chain NAME=probmap`` (the probmap bundle's ``evaluate.json``) writes. Each axial slice with lung
 in the SA-2 mask (every ``--every``-th, to keep it quick) is encoded once by LiteMedSAM; every
 setting then prompts the same embeddings (``common.inferers.pseudo_label_slice``), and the result
 goes through the bundle's 3D clean-up (inconsistent slices, two largest components, holes). Dice is

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.apps.pipeline import link_scan, run_python  # noqa: E402
+from common.bundle_run import BundleRun  # noqa: E402
 from common.default_data import DEFAULT_OUT, load_manifest  # noqa: E402
 
 
@@ -51,21 +52,11 @@ def main(argv: list[str] | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         link_scan(tmp / "scans", args.case, Path(cases[args.case]["path"]))
-        step = [
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(REPO / "bundles/probmap/configs/inference.json"),
-            "--bundle_root",
-            str(REPO / "bundles/probmap"),
-            "--ckpt_path",
-            str(REPO / "bundles/foundation_clip/models/model.pt"),
-            "--dataset_dir",
-            str(tmp / "scans"),
-            "--overlay",
-            "False",
-        ]
+        settings = {
+            "ckpt_path": str(REPO / "bundles/foundation_clip/models/model.pt"),
+            "dataset_dir": str(tmp / "scans"),
+        }
+        step = BundleRun("probmap", ["inference.json"], {**settings, "overlay": False}).argv()
         times: dict[str, list[float]] = {"warm-up": [], "fresh process": [], "forked, server start": [], "forked": []}
         outputs = []
         # an uncounted fresh run first: it reads the files from disk into the page cache, which every later run finds there

@@ -33,8 +33,8 @@ import numpy as np
 
 from common.classes import CLASS_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
+from common.bundle_run import BUNDLES, REPO, BundleRun  # noqa: F401  (REPO: where serve finds them too)
+
 DEFAULT_CLIP = BUNDLES / "foundation_clip" / "models" / "model.pt"  # shipped (committed)
 DEFAULT_HSAM = BUNDLES / "hsam_finetune" / "models" / "model.pt"  # shipped (committed)
 OUTPUTS = {
@@ -90,16 +90,8 @@ class Models:
 
 
 def run_bundle(bundle: str, overrides: dict, config: str = "inference.json"):
-    """One bundle config in this process (MONAI's ``ConfigParser``), its evaluator run; a failed case is an error."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / bundle / "configs" / config))
-    parser.update({"bundle_root": str(BUNDLES / bundle), **overrides})
-    if parser.get("initialize"):
-        parser.get_parsed_content("initialize")
-    evaluator = parser.get_parsed_content("evaluator")
-    evaluator.run()
+    """One bundle config in this process (:meth:`BundleRun.run_evaluator`); a failed case is an error. The parser."""
+    parser, evaluator = BundleRun(bundle, [config], overrides).run_evaluator()
     if evaluator.failed:
         raise CaseFailed(bundle, str(evaluator.failed[0]["case"]), str(evaluator.failed[0]["reason"]))
     return parser

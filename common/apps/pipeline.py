@@ -1,6 +1,8 @@
-"""How an application runs the bundles: one :class:`Step` per ``python -m monai.bundle run``, run in order by
-:func:`run_steps`. ``make demo`` (:mod:`common.apps.demo`) and ``make release`` (:mod:`common.apps.release`)
-build their chains from these.
+"""How an application runs the bundles: a :class:`~common.bundle_run.BundleRun` says which bundle, configs and overrides; a chain is
+a list of :class:`Step` (a bundle run, or a benchmark script, as its own process), run in order by
+:func:`run_steps`. ``make demo`` (:mod:`common.apps.demo`), ``make release`` (:mod:`common.apps.release`) and
+``make chain NAME=...`` (:mod:`common.apps.chains`) build their chains from these; ``segment`` and the benchmarks
+run a :class:`BundleRun` in their own process.
 
 Each step is its own process (its progress bars and logs on the terminal, its MLflow run in the chain's store);
 a step whose done files exist is skipped on a re-run, and a failed step stops the chain with the command that
@@ -24,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLES = REPO_ROOT / "bundles"
+from common.bundle_run import BUNDLES, REPO, BundleRun
+
+REPO_ROOT = REPO
 
 
 # what every step imports (10-15 s a process on 2 CPU cores): the fork server imports it once
@@ -128,56 +131,43 @@ def clock(seconds: float | None) -> str:
 
 @dataclass
 class Step:
-    """One ``monai.bundle run`` of a chain: which bundle, which configs, which overrides, and the file whose
-    presence means the step finished (so a re-run skips it)."""
+    """One step of a chain: a :class:`BundleRun` (``bundle``, ``configs``, ``overrides``) or a ``script`` (a
+    benchmark: ``python <script...>``), and the file whose presence means the step finished (so a re-run skips it)."""
 
     stage: str
     name: str
     bundle: str
     configs: list[str]
     overrides: dict
-    done_file: Path
+    done_file: Path | None  # None: a script whose figures are printed, run every time
     what: str
     seconds: float | None = None
     status: str = "not run"
     extra_done: list[Path] = field(default_factory=list)
     cmd: str = ""  # the command as run, for the report
     experiment: str = "demo"  # the MLflow experiment
+    script: list[str] | None = None
 
-    def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
-        """The ``monai.bundle run`` command line; ``overwrite`` redoes cases an inference run already wrote
-        (which it would otherwise skip)."""
-        bundle_root = BUNDLES / self.bundle
-        configs = [str(bundle_root / "configs" / c) for c in self.configs]
-        cmd = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(configs) if len(configs) > 1 else configs[0],
-            "--bundle_root",
-            str(bundle_root),
-        ]
+    def bundle_run(self, overwrite: bool = False) -> BundleRun:
+        """The step's bundle run; ``overwrite`` redoes cases an inference run already wrote (which it would otherwise skip)."""
         overrides = (
             {**self.overrides, "overwrite": True} if overwrite and "inference.json" in self.configs else self.overrides
         )
-        for key, value in overrides.items():
-            # a Python literal: python-fire parses it (JSON's true/false/null would arrive as strings, and "false" is truthy)
-            cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-        return cmd + [
-            "--tracking",
-            "mlflow",
-            "--tracking_uri",
-            tracking_uri,
-            "--experiment_name",
-            self.experiment,
-            "--run_name",
-            self.name,
-        ]
+        return BundleRun(self.bundle, list(self.configs), overrides)
+
+    def command(self, tracking_uri: str, overwrite: bool = False) -> list[str]:
+        """The step's command line: its script, or its bundle run tracked in MLflow (``tracking_uri``, the step's
+        experiment, a run named after it)."""
+        if self.script is not None:
+            return [sys.executable, *self.script]
+        tracking = ["--tracking", "mlflow", "--tracking_uri", tracking_uri, "--experiment_name", self.experiment]
+        return [sys.executable, *self.bundle_run(overwrite).argv(), *tracking, "--run_name", self.name]
 
     def finished(self, since: float | None = None) -> bool:
-        """All the step's done files exist (and, with ``since``, were written at or after that ``time.time()``)."""
+        """All the step's done files exist (and, with ``since``, were written at or after that ``time.time()``); a
+        step without a done file never is."""
+        if self.done_file is None:
+            return False
         files = [Path(p) for p in [self.done_file, *self.extra_done]]
         return all(f.is_file() and (since is None or f.stat().st_mtime >= since) for f in files)
 
@@ -242,7 +232,7 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
         returncode = run_python(cmd[1:])
         step.seconds = time.perf_counter() - t
         # on --retrain the previous run's done files are still there: only files written by this run count
-        if returncode != 0 or not step.finished(since=wall if retrain else None):
+        if returncode != 0 or (step.done_file is not None and not step.finished(since=wall if retrain else None)):
             step.status = "failed"
             why = f"exit {returncode}" if returncode else f"no {'new ' if retrain else ''}{step.done_file}"
             raise RuntimeError(
@@ -254,6 +244,7 @@ def run_steps(steps: list[Step], out: Path, retrain: bool = False, started: floa
 
 __all__ = [
     "BUNDLES",
+    "BundleRun",
     "PRELOAD",
     "REPO_ROOT",
     "SCAN_FILE_SUFFIXES",

@@ -16,7 +16,8 @@ experiment ``release``), a finished step skipped on re-run:
 5. export: the trained tensors only, float16, to ``bundles/foundation_clip/models/model.pt`` and
    ``bundles/hsam_finetune/models/model.pt`` (:func:`common.networks.release_checkpoint`).
 
-Then ``benchmarks/real_ct_labelfree.py`` gives the label-free table of the bundle docs.
+6. the released H-SAM on every real scan, and ``benchmarks/real_ct_labelfree.py``'s label-free table of the bundle
+   docs (H-SAM, SA-2, SA-3a; overlays at base, middle and apex) under ``<out>/labelfree``.
 """
 
 from __future__ import annotations
@@ -138,6 +139,30 @@ def release_steps(out: Path, clip_ckpt: Path | None = None) -> list[Step]:
     return steps
 
 
+def labelfree_steps(out: Path, hsam_ckpt: Path) -> list[Step]:
+    """After the export: H-SAM (``hsam_ckpt``) on every real scan, then the label-free real-CT table of the bundle
+    docs (``benchmarks/real_ct_labelfree.py``, with overlays) of H-SAM, SA-2 and SA-3a."""
+    steps = []
+    for name, folder in scan_sets(out).items():
+        if name == "phantoms":
+            continue
+        seg = out / "hsam" / name
+        steps.append(
+            Step("hsam", f"hsam_{name}", "hsam_finetune", ["inference.json"],
+                 {"ckpt_path": str(hsam_ckpt), "dataset_dir": str(folder), "output_dir": str(seg)}, None,
+                 f"SA-3b: the released H-SAM on {name}")
+        )  # fmt: skip
+        methods = {"H-SAM": seg, "SA-2": out / "probmap" / name, "SA-3a": out / "pseudolabel" / name}
+        argv = ["real_ct_labelfree.py", "--scans", str(folder), "--probmap-dir", str(out / "probmap" / name)]
+        argv += [a for m, d in methods.items() for a in ("--method", f"{m}={d}")]
+        argv += ["--out", str(out / "labelfree" / name), "--overlays"]
+        steps.append(
+            Step("benchmark", f"labelfree_{name}", "", [], {}, None, f"label-free real-CT table of {name}",
+                 script=[str(REPO_ROOT / "benchmarks" / argv[0]), *argv[1:]])
+        )  # fmt: skip
+    return steps
+
+
 def export(out: Path, clip_trained: bool = True) -> list[Path]:
     """The trained models into the bundles (:func:`common.networks.release_checkpoint`); ``clip_trained=False``
     (the chain re-used an SA-1 file) leaves SA-1's as it is."""
@@ -181,9 +206,19 @@ def main(argv=None) -> int:
         return 1
     for s in steps:
         print(f"{s.name}: {s.status} ({(s.seconds or 0) / 60:.1f} min)")
+    hsam_ckpt = out / "hsam_finetune" / "models" / "model.pt"
     if not args.no_export:
         for p in export(out, clip_trained=clip_ckpt is None):
             print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+        hsam_ckpt = BUNDLES / "hsam_finetune" / "models" / "model.pt"
+    tables = labelfree_steps(out, hsam_ckpt)
+    try:
+        for s in tables:
+            s.experiment = "release"
+        run_steps(tables, out, retrain=True, started=started)  # the released model's answers, made afresh
+    except RuntimeError as err:
+        print(f"release stopped: {err}", file=sys.stderr)
+        return 1
     print(f"release chain: {(time.perf_counter() - started) / 60:.1f} min")
     return 0
 
