@@ -11,6 +11,8 @@ from common.transforms.mask import (
     RemoveInconsistentSlicesd,
     RestrictToBody,
     RestrictToBodyd,
+    SplitLungSides,
+    SplitLungSidesd,
 )
 from common.transforms.mixing import MixingBatch
 from common.transforms.pipeline import ct_preprocessing
@@ -52,6 +54,8 @@ __all__ = [
     "RemoveInconsistentSlicesd",
     "RestrictToBody",
     "RestrictToBodyd",
+    "SplitLungSides",
+    "SplitLungSidesd",
     "PROBMAP_OUTPUTS",
     "PSEUDOLABEL_OUTPUTS",
     "SEGMENTATION_OUTPUTS",

@@ -76,55 +76,87 @@ class LungMaskCleanup(Transform):
 
 
 class LungMaskCleanupd(MapTransform):
-    """Dictionary twin of :class:`LungMaskCleanup` that also splits the clean mask into right and left.
+    """Dictionary twin of :class:`LungMaskCleanup`. A plain array's spacing comes from ``pixdim``, else from
+    ``affine``'s column norms (a MetaTensor carries its own)."""
 
-    Writes ``sides_key`` (uint8 ``(1, X, Y, Z)``: ``RIGHT_LUNG`` = 1, ``LEFT_LUNG`` = 2, 0 elsewhere)
-    by :func:`common.lungmask.split_left_right` (right = larger RAS x), and
-    ``f"{sides_key}_ml"`` = ``{"right", "left", "total"}`` volumes in mL (total: the clean mask).
-    The affine is the MetaTensor's, else ``affine``, else identity; the spacing ``pixdim``, else
-    the MetaTensor's, else the affine's column norms. With several keys, give one ``sides_key`` per key.
-    """
+    def __init__(
+        self,
+        keys: KeysCollection,
+        max_components: int | None = 2,
+        min_component_ml: float = 10.0,
+        fill_holes: bool = True,
+        pixdim: Sequence[float] | None = None,
+        affine=None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
+        self.cleanup = LungMaskCleanup(max_components, min_component_ml, fill_holes, pixdim)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.cleanup(d[key], _spacing(d[key], self.cleanup.pixdim, self.affine))
+        return d
+
+
+class SplitLungSides(Transform):
+    """A lung mask ``(1, X, Y, Z)`` (foreground: value > 0.5) split into its sides: uint8 ``(1, X, Y, Z)`` with
+    ``RIGHT_LUNG`` = 1 and ``LEFT_LUNG`` = 2 (lungmask's and TotalSegmentator's convention), 0 elsewhere, by
+    :func:`common.lungmask.split_left_right` (the patient's right is the smaller RAS x). The affine is the
+    MetaTensor's, else ``affine``, else identity. :meth:`volumes_ml` gives each side's volume."""
+
+    def __init__(self, affine=None, pixdim: Sequence[float] | None = None):
+        self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
+        self.pixdim = pixdim
+
+    def _affine(self, img) -> np.ndarray:
+        if isinstance(img, MetaTensor):
+            return np.asarray(convert_to_numpy(img.affine), dtype=float)
+        return self.affine if self.affine is not None else np.eye(4)
+
+    def __call__(self, img):
+        from common.lungmask import split_left_right
+
+        mask = LungMaskCleanup.binary(img)
+        right, left = split_left_right(mask, self._affine(img))
+        sides = np.zeros((1,) + mask.shape, dtype=np.uint8)
+        sides[0][right] = RIGHT_LUNG
+        sides[0][left] = LEFT_LUNG
+        return convert_to_dst_type(sides, img, dtype=np.uint8)[0]
+
+    def volumes_ml(self, sides, mask) -> dict[str, float]:
+        """``{"right", "left", "total"}`` in mL of ``sides`` (this transform's output) and of the whole ``mask``."""
+        voxel_ml = float(np.prod(_spacing(mask, self.pixdim, self._affine(mask)))) / 1000.0
+        s = convert_to_numpy(sides)
+        return {
+            "right": float((s == RIGHT_LUNG).sum()) * voxel_ml,
+            "left": float((s == LEFT_LUNG).sum()) * voxel_ml,
+            "total": float(LungMaskCleanup.binary(mask).sum()) * voxel_ml,
+        }
+
+
+class SplitLungSidesd(MapTransform):
+    """Dictionary twin of :class:`SplitLungSides`: the sides of ``key`` to ``sides_key`` (one per key), their
+    volumes to ``f"{sides_key}_ml"``."""
 
     def __init__(
         self,
         keys: KeysCollection,
         sides_key: str | Sequence[str] = "lung_sides",
         affine=None,
-        max_components: int | None = 2,
-        min_component_ml: float = 10.0,
-        fill_holes: bool = True,
         pixdim: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.sides_keys = _one_each("sides_key", sides_key, self.keys)
-        self.affine = None if affine is None else np.asarray(convert_to_numpy(affine), dtype=float)
-        self.cleanup = LungMaskCleanup(max_components, min_component_ml, fill_holes, pixdim)
+        self.split = SplitLungSides(affine, pixdim)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from common.lungmask import split_left_right
-
         d = dict(data)
         for key, sides_key in self.key_iterator(d, self.sides_keys):
-            img = d[key]
-            if isinstance(img, MetaTensor):
-                affine = np.asarray(convert_to_numpy(img.affine), dtype=float)
-            else:
-                affine = self.affine if self.affine is not None else np.eye(4)
-            spacing = _spacing(img, self.cleanup.pixdim, affine)
-            mask = self.cleanup.clean(self.cleanup.binary(img), spacing)
-            right, left = split_left_right(mask, affine)
-            sides = np.zeros((1,) + mask.shape, dtype=np.uint8)
-            sides[0][right] = RIGHT_LUNG
-            sides[0][left] = LEFT_LUNG
-            voxel_ml = float(np.prod(spacing)) / 1000.0
-            d[key] = convert_to_dst_type(mask[None].astype(np.uint8), img, dtype=np.uint8)[0]
-            d[sides_key] = convert_to_dst_type(sides, img, dtype=np.uint8)[0]
-            d[f"{sides_key}_ml"] = {
-                "right": float(right.sum()) * voxel_ml,
-                "left": float(left.sum()) * voxel_ml,
-                "total": float(mask.sum()) * voxel_ml,
-            }
+            d[sides_key] = self.split(d[key])
+            d[f"{sides_key}_ml"] = self.split.volumes_ml(d[sides_key], d[key])
         return d
 
 

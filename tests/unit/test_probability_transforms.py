@@ -13,6 +13,8 @@ from common.metrics import dice_score
 from common.transforms import (
     LungMaskCleanup,
     LungMaskCleanupd,
+    SplitLungSides,
+    SplitLungSidesd,
     RefineLungBoundary,
     RefineLungBoundaryd,
     SimilarityToProbability,
@@ -284,11 +286,14 @@ def test_cleanup_drops_island_fills_hole_keeps_two_largest(lungs, dirty_mask):
     assert big_voxels[0, 2, 2, 2] == 1
 
 
-def test_cleanup_dict_twin_splits_right_and_left(lungs, dirty_mask):
+def _clean_and_split(d: dict, key: str, affine=None, sides_key: str = "lung_sides", **cleanup) -> dict:
+    d = LungMaskCleanupd(key, affine=affine, **cleanup)(d)
+    return SplitLungSidesd(key, sides_key=sides_key, affine=affine)(d)
+
+
+def test_clean_mask_splits_into_right_and_left(lungs, dirty_mask):
     mask, _ = dirty_mask
-    d = LungMaskCleanupd("lung_mask", affine=np.eye(4), min_component_ml=0.05)(
-        {"lung_mask": mask[None].astype(np.uint8)}
-    )
+    d = _clean_and_split({"lung_mask": mask[None].astype(np.uint8)}, "lung_mask", np.eye(4), min_component_ml=0.05)
     sides = d["lung_sides"]
     assert sides.dtype == np.uint8 and sides.shape == (1,) + SHAPE
     right_truth, left_truth = lungs & (np.arange(40)[:, None, None] >= 20), lungs & (np.arange(40)[:, None, None] < 20)
@@ -301,16 +306,17 @@ def test_cleanup_dict_twin_splits_right_and_left(lungs, dirty_mask):
     assert ml["total"] == pytest.approx(ml["right"] + ml["left"]) and ml["right"] > ml["left"]
     # A flipped x axis (LPS-like, x = -index) swaps the sides.
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    flipped = LungMaskCleanupd("lung_mask", affine=flip, min_component_ml=0.05)({"lung_mask": mask[None]})["lung_sides"]
+    flipped = _clean_and_split({"lung_mask": mask[None]}, "lung_mask", flip, min_component_ml=0.05)["lung_sides"]
     assert np.array_equal(flipped[0] == RIGHT_LUNG, left_truth)
+    # the array transform gives the same sides as its twin
+    clean = LungMaskCleanup(min_component_ml=0.05)(mask[None].astype(np.uint8))
+    assert np.array_equal(SplitLungSides(affine=np.eye(4))(clean), sides)
 
 
-def test_cleanup_dict_twin_reads_metatensor_affine_and_spacing(lungs):
+def test_clean_up_and_split_read_metatensor_affine_and_spacing(lungs):
     affine = torch.tensor([[2.0, 0, 0, -40], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]], dtype=torch.float64)
     img = MetaTensor(torch.from_numpy(lungs[None].astype(np.float32)), affine=affine)
-    d = LungMaskCleanupd("m", sides_key="sides", affine=np.diag([-1.0, 1, 1, 1]))(
-        {"m": img}
-    )  # MetaTensor's affine wins
+    d = _clean_and_split({"m": img}, "m", np.diag([-1.0, 1, 1, 1]), sides_key="sides")  # MetaTensor's affine wins
     assert isinstance(d["m"], MetaTensor) and d["m"].dtype == torch.uint8 and torch.equal(d["m"].affine, affine)
     assert isinstance(d["sides"], MetaTensor) and d["sides"].dtype == torch.uint8
     assert int(d["sides"][0, 30, 16, 5]) == RIGHT_LUNG and int(d["sides"][0, 10, 16, 5]) == LEFT_LUNG
@@ -350,7 +356,7 @@ def test_refine_boundary_moves_the_surface_onto_the_air_edge_by_at_most_the_band
 
 
 def test_empty_mask_stays_empty_with_zero_volumes():
-    d = LungMaskCleanupd("lung_mask")({"lung_mask": torch.zeros((1,) + SHAPE, dtype=torch.uint8)})
+    d = _clean_and_split({"lung_mask": torch.zeros((1,) + SHAPE, dtype=torch.uint8)}, "lung_mask")
     assert isinstance(d["lung_mask"], torch.Tensor) and int(d["lung_mask"].sum()) == 0
     assert int(d["lung_sides"].sum()) == 0 and d["lung_sides"].dtype == torch.uint8
     assert d["lung_sides_ml"] == {"right": 0.0, "left": 0.0, "total": 0.0}
@@ -366,7 +372,7 @@ def test_full_chain_on_metatensor(lungs):
     d = SimilarityToProbabilityd("p", method="softmax", scale=14.3)({"p": img})
     d = SmoothProbabilityd("p", sigma_mm=1.5)(d)
     d = ThresholdProbabilityd("p", channel=0, method="global", tau=0.5)(d)
-    d = LungMaskCleanupd("lung_mask", min_component_ml=0.05)(d)
+    d = _clean_and_split(d, "lung_mask", min_component_ml=0.05)
     assert isinstance(d["p"], MetaTensor) and d["p"].dtype == torch.float32 and torch.isfinite(d["p"]).all()
     assert isinstance(d["lung_mask"], MetaTensor) and dice_score(d["lung_mask"][0].numpy(), lungs) > 0.9
     assert d["lung_sides_ml"]["right"] > d["lung_sides_ml"]["left"] > 0
