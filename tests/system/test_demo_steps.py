@@ -430,3 +430,21 @@ def test_link_scan_links_by_case_id_and_replaces_a_link_to_another_scan(tmp_path
     third = tmp_path / "series2"
     third.mkdir()
     assert link_scan(tmp_path / "other", "case", third).resolve() == third and stale.is_symlink()
+
+
+def test_a_benchmark_script_step_runs_every_time_and_its_failure_stops_the_chain(out, tmp_path):
+    """A chain's script step (make chain's benchmarks): ``python <script> <args>`` as its own process, no done file,
+    so it runs on every run of the chain; a non-zero exit stops the chain with the command that re-runs it."""
+    script, printed = tmp_path / "figures.py", tmp_path / "printed.txt"
+    script.write_text(
+        "import sys\nwith open(sys.argv[1], 'a') as f:\n    print('speedup', sys.argv[2], file=f)\nsys.exit(int(sys.argv[3]))\n"
+    )
+    ok = Step("benchmark", "figures", "", [], {}, None, "a benchmark", script=[str(script), str(printed), "2.5", "0"])
+    run_steps([ok], out)
+    run_steps([ok], out)  # no done file: a re-run runs it again
+    assert ok.status == "ran" and printed.read_text().splitlines() == ["speedup 2.5", "speedup 2.5"]
+    failing = Step("benchmark", "broken", "", [], {}, None, "failing", script=[str(script), str(printed), "1", "3"])
+    with pytest.raises(RuntimeError, match="step broken failed .exit 3.") as err:
+        run_steps([failing, _step(out, "after")], out)
+    assert str(script) in str(err.value) and failing.status == "failed"
+    assert not any(r["name"] == "after" for r in _ran(out))
