@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, run_steps
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, case_reports, run_steps, script_step
 
 SHIPPED_CLIP = BUNDLES / "foundation_clip" / "models" / "model.pt"
 TRAIN_PHANTOMS_SEED = 200  # phantoms neither SA-1 (0-9) nor any score (100-102) uses
@@ -49,11 +49,6 @@ class ChainOptions:
     @property
     def hsam_overlays(self) -> list[str]:
         return ["train.json"] + (["demo.json"] if self.hsam_config == "demo" else [])
-
-
-def _script(name: str, argv: list[str], what: str) -> Step:
-    """A benchmark as a chain step: ``python benchmarks/<argv>``, its figures printed each time it runs."""
-    return Step("benchmark", name, "", [], {}, None, what, script=[str(REPO_ROOT / "benchmarks" / argv[0]), *argv[1:]])
 
 
 def _phantoms(directory: Path, seed: int, prefix: str) -> dict:
@@ -148,7 +143,9 @@ def hsam_baseline_steps(o: ChainOptions) -> list[Step]:
 
 
 def _comparison(o: ChainOptions) -> list[Step]:
-    return [_script("hsam_comparison", ["hsam_comparison.py"], "the table of every method on the held-out phantoms")]
+    return [
+        script_step("hsam_comparison", ["hsam_comparison.py"], "the table of every method on the held-out phantoms")
+    ]
 
 
 @dataclass(frozen=True)
@@ -178,7 +175,7 @@ CHAINS: dict[str, Chain] = {
     "pseudolabel-ablation": Chain(
         "dots vs boxes vs both, with and without auxiliary channels, on the held-out phantoms",
         lambda o: [
-            _script(
+            script_step(
                 "pseudolabel_ablation",
                 ["pseudolabel_ablation.py", "--probmap-dir", str(o.out / "probmap" / "heldout_phantoms")],
                 "SA-3a prompt ablation",
@@ -187,19 +184,19 @@ CHAINS: dict[str, Chain] = {
     ),
     "probmap-sweep": Chain(
         "SA-2's settings swept on the held-out phantoms",
-        lambda o: [_script("probmap_sweep", ["probmap_sweep.py", "--ckpt", str(o.clip_ckpt)], "SA-2 sweep")],
+        lambda o: [script_step("probmap_sweep", ["probmap_sweep.py", "--ckpt", str(o.clip_ckpt)], "SA-2 sweep")],
     ),
     "clip-ablation": Chain(
         "SA-1 loss ablation (4 demo-size trainings, about 30 minutes on 2 CPU cores)",
-        lambda o: [_script("clip_ablation", ["clip_ablation.py"], "SA-1 loss ablation")],
+        lambda o: [script_step("clip_ablation", ["clip_ablation.py"], "SA-1 loss ablation")],
     ),
     "benchmarks": Chain(
         "the speed benchmarks: ingest, SA-1 training step, SA-2 and SA-3a against their literal algorithms",
         lambda o: [
-            _script("ingest", ["ingest.py"], "ingest speed"),
-            _script("clip_train", ["clip_train.py"], "SA-1 training step"),
-            _script("probmap_speed", ["probmap_speed.py", "--ckpt", str(o.clip_ckpt)], "SA-2 speed"),
-            _script(
+            script_step("ingest", ["ingest.py"], "ingest speed"),
+            script_step("clip_train", ["clip_train.py"], "SA-1 training step"),
+            script_step("probmap_speed", ["probmap_speed.py", "--ckpt", str(o.clip_ckpt)], "SA-2 speed"),
+            script_step(
                 "pseudolabel_speed",
                 ["pseudolabel_speed.py", "--probmap-dir", str(o.out / "probmap" / "real")],
                 "SA-3a speed (needs the probmap chain's maps)",

@@ -172,6 +172,11 @@ class Step:
         return all(f.is_file() and (since is None or f.stat().st_mtime >= since) for f in files)
 
 
+def script_step(name: str, argv: list[str], what: str, stage: str = "benchmark") -> Step:
+    """A benchmark as a chain step: ``python benchmarks/<argv...>``, its figures printed each time it runs."""
+    return Step(stage, name, "", [], {}, None, what, script=[str(REPO_ROOT / "benchmarks" / argv[0]), *argv[1:]])
+
+
 def case_reports(output_dir: Path, case_ids: list[str], postfix: str) -> list[Path]:
     """Each case's report, written last: a step over several cases is done when all of them exist."""
     return [output_dir / c / f"{c}_{postfix}" for c in case_ids]
@@ -256,5 +261,6 @@ __all__ = [
     "run_python",
     "run_steps",
     "scan_link_name",
+    "script_step",
     "start_python_server",
 ]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from common.apps.demo import SIZES
-from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, run_steps
+from common.apps.pipeline import BUNDLES, REPO_ROOT, Step, run_steps, script_step
 
 PHANTOM_SHAPE, PHANTOM_SPACING = (
     SIZES["demo"].phantom_shape,
@@ -156,10 +156,7 @@ def labelfree_steps(out: Path, hsam_ckpt: Path) -> list[Step]:
         argv = ["real_ct_labelfree.py", "--scans", str(folder), "--probmap-dir", str(out / "probmap" / name)]
         argv += [a for m, d in methods.items() for a in ("--method", f"{m}={d}")]
         argv += ["--out", str(out / "labelfree" / name), "--overlays"]
-        steps.append(
-            Step("benchmark", f"labelfree_{name}", "", [], {}, None, f"label-free real-CT table of {name}",
-                 script=[str(REPO_ROOT / "benchmarks" / argv[0]), *argv[1:]])
-        )  # fmt: skip
+        steps.append(script_step(f"labelfree_{name}", argv, f"label-free real-CT table of {name}"))
     return steps
 
 

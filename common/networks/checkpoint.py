@@ -137,6 +137,11 @@ def load_network(
     ckpt = read_checkpoint(path, what=expect if network is None and expect else "network")
     if network is not None:
         return restore_network(network, ckpt, path)
+    return _build_network(ckpt, path, expect, **options)
+
+
+def _build_network(ckpt: dict, path: str | Path, expect: str | None = None, **options) -> torch.nn.Module:
+    """The network a checkpoint dict describes (its registered class's ``from_checkpoint``)."""
     cls = FORMATS.get(ckpt["format"])
     holds = ckpt.get("network", cls.__name__ if cls is not None else "?")
     if expect is not None and (cls is None or cls.__name__ != expect):
@@ -153,7 +158,7 @@ def release_checkpoint(source: str | Path, path: str | Path) -> Path:
     """A bundle's ``models/model.pt`` from a training checkpoint: the network it describes, saved with
     ``release=True`` (see the module docstring), its ``preprocessing`` and ``extra`` kept."""
     ckpt = read_checkpoint(source)
-    network = load_network(source)
+    network = _build_network(ckpt, source)  # the file is read once
     return save_network(network, path, preprocessing=ckpt.get("preprocessing"), extra=ckpt.get("extra"), release=True)
 
 
