@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             hu = vol.hu
             voxel_ml = vol.voxel_volume_ml
             hu_mask = hu_threshold_lung_mask(hu, vol.spacing)
-            thorax_air = (hu < -400) & body_mask(hu)
+            thorax_air = (hu < -400) & body_mask(hu, vol.spacing)
             if args.surface_mm is not None:  # mm inside / outside the HU threshold's lung surface
                 from scipy import ndimage
 
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                         prob[..., 0] > 0.5
                     )  # the background classes' share is not in the file: argmax alone would miss it
                     del prob
-                    outside = ~body_mask(hu)
+                    outside = ~body_mask(hu, vol.spacing)
                     rows.append(
                         {
                             "case": cid,

@@ -248,7 +248,7 @@ def build_case_samples(case: dict, out_dir: str | Path, settings: dict) -> list[
     # real scans: the air around the patient and the HU threshold's lung are known without a label; real
     # lung patches keep "dark real CT" from meaning "outside air" (the only other real patch class)
     classes = [c for c in settings["patch_classes"] if is_phantom or c in settings.get("real_patch_classes", REAL_PATCH_CLASSES)]
-    body = body_mask(hu) if settings["patches_per_class"] and classes else None
+    body = body_mask(hu, vol.spacing) if settings["patches_per_class"] and classes else None
     hu_lung = hu_threshold_lung_mask(hu, vol.spacing) if body is not None and not is_phantom else None
     rng = np.random.default_rng(_stable_seed(case["id"]))
     px_mm = float(max(vol.spacing[0] * hu.shape[0], vol.spacing[1] * hu.shape[1])) / settings["slice_size"]

@@ -162,16 +162,18 @@ class SplitLungSidesd(MapTransform):
 
 class RestrictToBody(Transform):
     """Zero a mask outside the patient's body (``common.lungmask.body_mask`` of the HU image): the air
-    around the patient looks like lung to a patch classifier, and lungs are always inside the body."""
+    around the patient looks like lung to a patch classifier, and lungs are always inside the body. Voxel
+    spacing from ``pixdim``, else the HU image's MetaTensor, else the mask's, else 1 mm."""
 
-    def __init__(self, threshold_hu: float = -500.0):
-        self.threshold_hu = float(threshold_hu)
+    def __init__(self, threshold_hu: float = -500.0, pixdim: Sequence[float] | None = None):
+        self.threshold_hu, self.pixdim = float(threshold_hu), pixdim
 
     def __call__(self, mask, hu):
         from common.lungmask import body_mask
 
         m = convert_to_numpy(mask)
-        body = body_mask(convert_to_numpy(hu).reshape(m.shape[-3:]), self.threshold_hu)
+        spacing = _spacing(hu if isinstance(hu, MetaTensor) else mask, self.pixdim)
+        body = body_mask(convert_to_numpy(hu).reshape(m.shape[-3:]), spacing, self.threshold_hu)
         return convert_to_dst_type((m > 0) & body.reshape(m.shape), mask, dtype=np.uint8)[0]
 
 
@@ -183,11 +185,12 @@ class RestrictToBodyd(MapTransform):
         keys: KeysCollection,
         image_key: str = "image",
         threshold_hu: float = -500.0,
+        pixdim: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
-        self.restrict = RestrictToBody(threshold_hu)
+        self.restrict = RestrictToBody(threshold_hu, pixdim)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

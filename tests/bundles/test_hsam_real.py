@@ -147,7 +147,7 @@ def test_shipped_hsam_answer_keeps_only_lung_inside_the_body_and_on_its_air_edge
     with torch.no_grad():
         prob = SliceEnsembleInferer(slice_batch=2)(x, load_network(BUNDLE / "models" / "model.pt").eval())[:, 0].numpy()
     prob = np.moveaxis(prob, 0, -1)
-    outside, lungs = ~body_mask(hu), hu_threshold_lung_mask(hu, spacing)
+    outside, lungs = ~body_mask(hu, spacing), hu_threshold_lung_mask(hu, spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     assert (prob > 0.5)[outside].sum() * voxel_ml > 100.0  # the network's own output: the blanket's air
 

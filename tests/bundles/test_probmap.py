@@ -328,7 +328,7 @@ def test_body_mask_drops_outside_air_but_keeps_a_lung_cut_by_the_crop():
     body = (((x - 30) ** 2 + (y - 30) ** 2) < 25**2) | (x >= 40)  # the crop cuts the body at x = 59
     hu[body] = 40.0
     hu[(x > 45) & (abs(y - 30) < 8)] = -850.0  # a lung reaching that border
-    mask = body_mask(hu)
+    mask = body_mask(hu, (1.0, 1.0, 1.0))
     assert mask[50, 30, 0] and mask[58, 30, 0]  # lung kept, even where it touches the border
     assert not mask[2, 2, 0] and not mask[2, 58, 0] and mask[30, 30, 0]  # air around the patient dropped
     d = RestrictToBodyd("lung_mask", image_key="image")(
@@ -389,7 +389,7 @@ def test_shipped_sa1_map_puts_the_lungs_inside_the_body_on_real_ct():
     model = load_network(BUNDLES / "foundation_clip" / "models" / "model.pt").eval()
     vol = read_ct(LUNG_PET_CT_DX_8MM)
     hu_mask = hu_threshold_lung_mask(vol.hu, vol.spacing)
-    inside = body_mask(vol.hu)
+    inside = body_mask(vol.hu, vol.spacing)
     ks = [8, 15, 22]  # base, middle, apex side of the 30 slices
     hu = vol.hu[:, :, ks]
     inferer = PatchSimilarityInferer(

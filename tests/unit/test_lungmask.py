@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from common.io import read_ct
-from common.lungmask import hu_threshold_lung_mask, split_left_right
+from common.lungmask import (
+    FREE_AIR_MEDIAN_HU,
+    body_mask,
+    component_medians,
+    hu_threshold_lung_mask,
+    split_left_right,
+    touches_border,
+)
 from common.metrics import dice_score
 from common.phantom import generate_phantom
-from tests.conftest import TOTALSEG_A
+from tests.conftest import LUNG_PET_CT_DX_8MM, TOTALSEG_A
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lungs_join_the_outside_air(hu: np.ndarray, lungs: np.ndarray) -> bool:
+    """Whether the lungs' 3D air component reaches the in-plane border as dark as free air: what made the
+    rule before the per-slice check call them outside air."""
+    labels, n = ndimage.label(hu < -400)
+    lung_id = int(np.bincount(labels[lungs & (labels > 0)]).argmax())
+    return bool(touches_border(labels, n)[lung_id]) and component_medians(hu, labels, [lung_id])[0] < FREE_AIR_MEDIAN_HU
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +49,46 @@ def test_threshold_mask_matches_phantom_lungs(phantom):
     vol = phantom.ct
     mask = hu_threshold_lung_mask(vol.hu, vol.spacing)
     assert dice_score(mask, phantom.lungs > 0) >= 0.95
+
+
+def test_lungs_joined_to_the_outside_air_by_an_open_airway_stay_lung(phantom):
+    """A tracheostomy (or an open mouth and nose in the field) joins the lungs to the air around the patient
+    in 3D; the threshold still finds them and they stay inside the body (it found 0.0 of them before)."""
+    vol, truth = phantom.ct, phantom.lungs > 0
+    reference = hu_threshold_lung_mask(vol.hu, vol.spacing)
+    hu, channel = _benchmark("real_ct_bad_input").open_airway(vol.hu, reference, vol.affine, vol.spacing, 10.0)
+    assert channel and _lungs_join_the_outside_air(hu, truth)
+    assert dice_score(hu_threshold_lung_mask(hu, vol.spacing), truth) >= 0.95
+    body = body_mask(hu, vol.spacing)
+    assert body[truth].mean() > 0.99
+    assert not body[:3, :3].any()  # the air around the patient is still outside
+
+
+def test_a_blanket_pocket_of_free_air_stays_outside_the_body():
+    """Air that a blanket encloses on some slices and lets out on others is outside air, lung-dark air that
+    an airway joins to it is not; RestrictToBodyd follows body_mask."""
+    from common.transforms import RestrictToBodyd
+
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-1000, 5, size=(100, 100, 20)).astype(np.float32)
+    x, y = np.meshgrid(np.arange(100), np.arange(100), indexing="ij")
+    r = np.hypot(x - 50, y - 50)
+    hu[r < 30] = 40.0  # the body
+    lung = (r < 14)[..., None] & (np.arange(20) < 15)
+    hu[lung] = -850.0  # a lung, 185 mL at 2 x 2 x 5 mm, on slices 0-14
+    hu[(r < 3)[..., None] & (np.arange(20) >= 15)] = -1000.0  # its trachea, on slices 15-19
+    hu[49:52, :50, 18:] = -1000.0  # opened to the air in front of the body on slices 18-19
+    blanket = (y < 50) & (((r >= 36) & (r < 38)) | ((abs(y - 49) < 1) & (r >= 30) & (r < 38)))
+    hu[blanket] = 0.0  # closed on every slice, 124 mL of free air under it
+    hu[45:56, :20, 10:] = -1000.0  # then opened at the front on slices 10-19
+    pocket = (y < 49) & (r > 30.5) & (r < 35.5)
+    spacing = (2.0, 2.0, 5.0)
+    assert _lungs_join_the_outside_air(hu, lung)
+    body = body_mask(hu, spacing)
+    assert body[lung].all() and body[50, 50, 15:18].all()  # the lung is inside, its trachea where enclosed
+    assert not body[pocket].any()  # the blanket's air is outside on every slice, enclosed or not
+    d = RestrictToBodyd("mask", pixdim=spacing)({"mask": np.ones((1, *hu.shape), np.uint8), "image": hu[None]})
+    assert np.array_equal(d["mask"][0] > 0, body)
 
 
 def test_left_right_split_on_phantom(phantom):
@@ -38,6 +106,17 @@ def test_split_on_real_crop_puts_right_lung_at_positive_x():
     assert world_x(right) > world_x(left)
     ratio = right.sum() / left.sum()
     assert 0.6 < ratio < 1.6  # two real lungs of comparable size, not one lung cut in half
+
+
+def test_real_scan_with_an_open_airway_keeps_its_lungs():
+    """Real CT (Lung-PET-CT-Dx A0002, 8 mm) with the trachea opened to the air in front of the neck, as
+    benchmarks/real_ct_bad_input.py does: the lungs join the outside air, the threshold still finds them."""
+    vol = read_ct(LUNG_PET_CT_DX_8MM)
+    reference = hu_threshold_lung_mask(vol.hu, vol.spacing)
+    hu, channel = _benchmark("real_ct_bad_input").open_airway(vol.hu, reference, vol.affine, vol.spacing, 10.0)
+    assert channel and _lungs_join_the_outside_air(hu, reference)
+    assert dice_score(hu_threshold_lung_mask(hu, vol.spacing), reference) > 0.99
+    assert body_mask(hu, vol.spacing)[reference].mean() > 0.99
 
 
 def test_no_lung_gives_empty_masks():
