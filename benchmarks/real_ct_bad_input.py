@@ -1,7 +1,7 @@
-"""Bad input on real CT, made from a sound real scan: lungs cut by the image border, or an airway open to the air.
+"""Bad input on real CT, made from a sound real scan: lungs cut by the border, an airway open to the air, a wide field.
 
-    .venv/bin/python benchmarks/real_ct_bad_input.py --case border-crop|open-airway
-        [--scan ../shared/data/lidc_idri_1011_dicom] [--cut-mm 20] [--channel-mm 10]
+    .venv/bin/python benchmarks/real_ct_bad_input.py --case border-crop|open-airway|wide-field
+        [--scan ../shared/data/lidc_idri_1011_dicom] [--cut-mm 20] [--channel-mm 10] [--zoom-out 1.5]
         [--out outputs/bad_input/<case>] [--clip-ckpt ...] [--hsam-ckpt ...] [--overlays]
 
 ``border-crop``: the scan is cropped in-plane ``--cut-mm`` inside the lungs' left, right and anterior extent
@@ -13,6 +13,10 @@ apices, straight forward through the neck, to the air in front of it, as a trach
 mouth and nose inside the field do, through the pharynx). The lungs are then joined to the air around the
 patient, and a rule that discards air reaching the image border as dark as free air discards them with it.
 The rest of the scan is unchanged.
+
+``wide-field``: the same patient on a reconstruction field ``--zoom-out`` times wider (a 440 mm field becomes
+660 mm, as on a radiotherapy planning CT), still 512 pixels across: every slice is shrunk in-plane by that factor
+and set in air (-1024 HU, below which the scan's own padding is clipped), its pixels that much larger.
 
 The reference is the classical HU threshold of the *unmodified* scan, cut the same way: on the full field that
 mask is sound (its label-free row in ``docs/real_ct.md``), so it is the best label-free reference there is for
@@ -86,14 +90,38 @@ def open_airway(hu: np.ndarray, reference: np.ndarray, affine: np.ndarray, spaci
     return out, list(range(ks.start, ks.stop))
 
 
+def wide_field(hu: np.ndarray, reference: np.ndarray, affine: np.ndarray, zoom_out: float):
+    """``hu`` and ``reference`` shrunk in-plane by ``zoom_out`` about the slice centre and set in air on the same
+    number of pixels, and the affine of those larger pixels."""
+    from scipy import ndimage
+
+    if not zoom_out > 1.0:
+        raise SystemExit(f"--zoom-out must be above 1, got {zoom_out}")
+    nx, ny = hu.shape[:2]
+    small = ndimage.zoom(np.maximum(hu, -1024.0), (1 / zoom_out, 1 / zoom_out, 1), order=1)
+    small_ref = ndimage.zoom(reference.astype(np.uint8), (1 / zoom_out, 1 / zoom_out, 1), order=0) > 0
+    i0, j0 = (nx - small.shape[0]) // 2, (ny - small.shape[1]) // 2
+    box = (slice(i0, i0 + small.shape[0]), slice(j0, j0 + small.shape[1]), slice(None))
+    out, out_ref = np.full(hu.shape, -1024.0, np.float32), np.zeros(hu.shape, bool)
+    out[box], out_ref[box] = small, small_ref
+    scale = np.array([nx / small.shape[0], ny / small.shape[1], 1.0])
+    wide = affine.copy()
+    wide[:3, :3] = affine[:3, :3] * scale  # column j scaled: pixel size along i and j
+    # the slice centre stays where it was: world(centre) = A @ c + t, with c the centre index on each grid
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, 0.0])
+    wide[:3, 3] = affine[:3, :3] @ centre + affine[:3, 3] - wide[:3, :3] @ centre
+    return out, out_ref, wide
+
+
 def main(argv=None) -> int:
     from common.segment import DEFAULT_CLIP, DEFAULT_HSAM
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=("border-crop", "open-airway"), required=True)
+    ap.add_argument("--case", choices=("border-crop", "open-airway", "wide-field"), required=True)
     ap.add_argument("--scan", default=str(REPO.parent / "shared/data/lidc_idri_1011_dicom"))
     ap.add_argument("--cut-mm", type=float, default=20.0, help="border-crop: how far inside the lungs to cut")
     ap.add_argument("--channel-mm", type=float, default=10.0, help="open-airway: the channel's width and height")
+    ap.add_argument("--zoom-out", type=float, default=1.5, help="wide-field: how many times wider the field")
     ap.add_argument("--out", default=None, help="default outputs/bad_input/<case>")
     ap.add_argument("--clip-ckpt", default=str(DEFAULT_CLIP))
     ap.add_argument("--hsam-ckpt", default=str(DEFAULT_HSAM))
@@ -114,11 +142,15 @@ def main(argv=None) -> int:
     reference = hu_threshold_lung_mask(vol.hu, vol.spacing)
     if not reference.any():
         raise SystemExit(f"{args.scan}: the HU threshold finds no lung on the unmodified scan; no reference")
-    settings, fractions = {}, (0.1, 0.5, 0.9)
+    settings, fractions, spacing = {}, (0.1, 0.5, 0.9), tuple(vol.spacing)
     if args.case == "border-crop":
         hu, reference, affine = border_crop(vol.hu, reference, vol.affine, vol.spacing, args.cut_mm)
         touching = [n for n, f in (("i=0", reference[0]), ("i=-1", reference[-1]), ("j=0", reference[:, 0])) if f.any()]
         settings = {"cut_mm": args.cut_mm, "crop_shape": list(hu.shape), "touches_the_edges": touching}
+    elif args.case == "wide-field":
+        hu, reference, affine = wide_field(vol.hu, reference, vol.affine, args.zoom_out)
+        spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+        settings = {"zoom_out": args.zoom_out, "field_mm": [round(s * n) for s, n in zip(spacing, hu.shape[:2])]}
     else:
         hu, ks = open_airway(vol.hu, reference, vol.affine, vol.spacing, args.channel_mm)
         affine = vol.affine
@@ -129,7 +161,7 @@ def main(argv=None) -> int:
     modified = out / "input_ct.nii.gz"
     with atomic_path(modified) as tmp:
         nib.save(nib.Nifti1Image(np.round(hu).astype(np.int16), affine), str(tmp))
-    voxel_ml = float(np.prod(vol.spacing)) / 1000.0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     reference_ml = round(float(reference.sum()) * voxel_ml, 1)
     print(f"{args.scan}: {args.case} {settings}; reference lung {reference_ml} mL")
 
@@ -140,11 +172,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t
     methods = {
         "make segment (H-SAM)": np.asarray(nib.load(str(out / "segment" / "lung_mask.nii.gz")).dataobj) > 0,
-        f"HU threshold on the {args.case} scan": hu_threshold_lung_mask(hu, vol.spacing),
+        f"HU threshold on the {args.case} scan": hu_threshold_lung_mask(hu, spacing),
     }
     rows = {}
     for name, mask in methods.items():
-        s = segmentation_scores(mask, reference, vol.spacing)
+        s = segmentation_scores(mask, reference, spacing)
         rows[name] = {
             "dice": round(float(s["dice"]), 3),
             "hd95_mm": round(float(s["hd95_mm"]), 1),

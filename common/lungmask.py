@@ -183,3 +183,25 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], threshold: fl
     """Boolean mask of everything but the air around the patient (:func:`outside_air`) in an [i, j, k] HU
     volume of ``spacing`` mm voxels. Air outside it is never lung."""
     return ~outside_air(hu, spacing, threshold)
+
+
+def patient_extent(hu: np.ndarray, threshold: float = -500.0, min_share: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane extent of the patient in an [i, j, k] HU volume: on every axial slice the largest 2D component
+    brighter than ``threshold`` (the patient; the table is apart from it), taken where it fills at least
+    ``min_share`` of the slice. Returns its bounding-box centre (i, j; median over those slices) and its width
+    (i, j; 90th percentile, so that the chest, not the neck, sets it), in voxels; None when no slice has one."""
+    centres, widths = [], []
+    for k in range(hu.shape[2]):
+        labels, n = ndimage.label(np.asarray(hu[:, :, k]) > threshold)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        if sizes.max() < min_share * labels.size:
+            continue
+        box = ndimage.find_objects(labels, max_label=int(sizes.argmax()))[-1]
+        centres.append([(b.start + b.stop - 1) / 2.0 for b in box])
+        widths.append([b.stop - b.start for b in box])
+    if not widths:
+        return None
+    return np.median(np.asarray(centres), axis=0), np.percentile(np.asarray(widths, dtype=float), 90, axis=0)

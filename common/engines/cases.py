@@ -266,7 +266,9 @@ class SegmentationEvaluator(CaseEvaluator):
                 else touched
             )
         with engine.mode(engine.network), torch.no_grad():
-            prob = engine.inferer(image[None], engine.network, slice_mask=slice_mask)[0]
+            prob = engine.inferer(
+                image[None], engine.network, slice_mask=slice_mask, field_of_view=item.get("field_of_view")
+            )[0]
         return {**item, "pred": MetaTensor(prob, affine=image.affine, meta=dict(image.meta))}
 
 

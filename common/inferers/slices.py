@@ -34,6 +34,10 @@ class SliceEnsembleInferer(Inferer):
     ``slice_mask`` (Z,) booleans, given to ``__call__``, limits a volume to the slices worth running
     (e.g. those the SA-2 lung map touches, plus a margin); the others are 0.
 
+    ``field_of_view`` ``(i0, i1, j0, j1)``, given to ``__call__``, is the in-plane box a volume's slices are run on
+    (:class:`common.transforms.PatientFieldOfView`: the patient on a wide reconstruction field); outside it the
+    probability is 0.
+
     A MetaTensor volume gives a MetaTensor probability with its affine and metadata (MONAI Label's
     post-processing finds the voxel size there).
 
@@ -90,9 +94,19 @@ class SliceEnsembleInferer(Inferer):
             out[0, :, :, :, index] = self._probability(network, slices).float().cpu().permute(1, 2, 3, 0)
 
     def __call__(
-        self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, **kwargs
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, field_of_view=None, **kwargs
     ) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
+        if field_of_view is not None and x.ndim == 5:
+            i0, i1, j0, j1 = (int(v) for v in field_of_view)
+            if (i0, i1, j0, j1) != (0, x.shape[2], 0, x.shape[3]):
+                if not (0 <= i0 < i1 <= x.shape[2] and 0 <= j0 < j1 <= x.shape[3]):
+                    raise ValueError(
+                        f"field_of_view {field_of_view} is not a box inside the slices {tuple(x.shape[2:4])}"
+                    )
+                out = torch.zeros(x.shape, dtype=torch.float32)
+                out[:, :, i0:i1, j0:j1] = self(x[:, :, i0:i1, j0:j1], network, slice_mask=slice_mask)
+                return MetaTensor(out).copy_meta_from(inputs) if isinstance(inputs, MetaTensor) else out
         if x.ndim == 4:  # in chunks of slice_batch (common.networks.sam_family.encoder_batch: one on the CPU)
             return torch.cat(
                 [

@@ -32,10 +32,12 @@ from common.transforms.savers import (
     probmap_outputs,
     pseudolabel_outputs,
 )
-from common.transforms.spatial import TrimSlices, TrimSlicesd
+from common.transforms.spatial import PatientFieldOfView, PatientFieldOfViewd, TrimSlices, TrimSlicesd
 from common.transforms.threshold import ClassLabelMap, ClassLabelMapd, ThresholdProbability, ThresholdProbabilityd
 
 __all__ = [
+    "PatientFieldOfView",
+    "PatientFieldOfViewd",
     "ClassLabelMap",
     "ClassLabelMapd",
     "CTRandAugment",

@@ -235,6 +235,8 @@ class SaveSegmentationd:
             report.update(
                 lung_report(mask, as_numpy(d[self.hu_key]).reshape(mask.shape), affine, d.get(f"{self.sides_key}_ml"))
             )
+        if d.get("field_of_view") is not None:  # the in-plane box the network ran on (PatientFieldOfViewd)
+            report["field_of_view"] = [int(v) for v in as_numpy(d["field_of_view"]).ravel()]
         report["settings"] = self.settings
         write_json_atomic(paths["report"], report)
         return {**d, "report": report}

@@ -1,11 +1,17 @@
-"""Spatial transforms specific to the method: keep the middle N axial slices."""
+"""Spatial transforms specific to the method: keep the middle N axial slices; the in-plane field a slice network
+should see."""
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+import logging
+from typing import Hashable, Mapping, Sequence
 
+import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, SpatialCrop, Transform
+from monai.utils import convert_to_numpy
+
+log = logging.getLogger(__name__)
 
 
 def middle_slice_range(n_slices: int, keep: int) -> tuple[int, int]:
@@ -47,4 +53,82 @@ class TrimSlicesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.trim(d[key])
+        return d
+
+
+class PatientFieldOfView(Transform):
+    """The in-plane box ``(i0, i1, j0, j1)`` a slice network should see of a ``(C, X, Y, Z)`` (or ``(X, Y, Z)``) HU
+    volume: the whole slice, unless the patient (:func:`common.lungmask.patient_extent`) fills less than
+    ``min_patient_fraction`` of it, as on a wide reconstruction field (a 600-700 mm planning CT); then a square (in
+    mm, at ``pixdim``, else the MetaTensor's spacing) around the patient that they fill ``patient_fraction`` of, the
+    share H-SAM learnt from (0.94 of LIDC's 440 mm field). The network then sees the chest at the scale it was trained
+    at. ``min_patient_fraction`` 0 never crops."""
+
+    def __init__(
+        self, min_patient_fraction: float = 0.7, patient_fraction: float = 0.9, pixdim: Sequence[float] | None = None
+    ):
+        if not 0.0 <= min_patient_fraction <= patient_fraction <= 1.0:
+            raise ValueError(
+                "0 <= min_patient_fraction <= patient_fraction <= 1 is needed, got "
+                f"{min_patient_fraction} and {patient_fraction}"
+            )
+        self.min_patient_fraction, self.patient_fraction, self.pixdim = (
+            float(min_patient_fraction),
+            float(patient_fraction),
+            pixdim,
+        )
+
+    def __call__(self, hu) -> tuple[int, int, int, int]:
+        from common.lungmask import patient_extent
+        from common.transforms.arrays import _spacing
+
+        volume = convert_to_numpy(hu)
+        volume = volume.reshape(volume.shape[-3:])
+        nx, ny = volume.shape[:2]
+        whole = (0, nx, 0, ny)
+        extent = patient_extent(volume) if self.min_patient_fraction > 0 else None
+        if extent is None:
+            return whole
+        centre, width = extent
+        if max(width[0] / nx, width[1] / ny) >= self.min_patient_fraction:
+            return whole
+        spacing = _spacing(hu, self.pixdim)
+        side_mm = max(width[0] * spacing[0], width[1] * spacing[1]) / self.patient_fraction
+        box = []
+        for c, n, sp in zip(centre, (nx, ny), spacing[:2]):
+            side = min(int(round(side_mm / sp)), n)
+            start = int(np.clip(round(c - side / 2.0), 0, n - side))
+            box += [start, start + side]
+        log.info(
+            "wide field: the patient fills %.2f of the %d x %d slice; the network sees the %.0f mm square %s around them",
+            max(width[0] / nx, width[1] / ny),
+            nx,
+            ny,
+            side_mm,
+            box,
+        )
+        return tuple(box)
+
+
+class PatientFieldOfViewd(MapTransform):
+    """Dictionary twin of :class:`PatientFieldOfView`: the box of ``keys``' HU volume goes to ``box_key``
+    (:class:`common.inferers.SliceEnsembleInferer` runs the network on it; the rest of the slice is 0)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        box_key: str = "field_of_view",
+        min_patient_fraction: float = 0.7,
+        patient_fraction: float = 0.9,
+        pixdim: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.box_key = box_key
+        self.field_of_view = PatientFieldOfView(min_patient_fraction, patient_fraction, pixdim)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.box_key] = np.asarray(self.field_of_view(d[key]), dtype=np.int64)  # collates as one tensor
         return d

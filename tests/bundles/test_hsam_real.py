@@ -168,3 +168,39 @@ def test_shipped_hsam_answer_keeps_only_lung_inside_the_body_and_on_its_air_edge
         assert not mask[outside].any() and ml["right"] > 20.0 and ml["left"] > 20.0
     assert (hu[default] < -400).mean() > (hu[plain] < -400).mean() > 0.9
     assert dice_score(default, lungs) > dice_score(plain, lungs) + 0.01
+
+
+def test_shipped_hsam_sees_a_patient_on_a_wide_field_at_its_training_scale(tmp_path):
+    """Lung-PET-CT-Dx A0002 (331 mm field) set on a field 1.5 times wider (497 mm, a planning CT's;
+    ``benchmarks/real_ct_bad_input.py --case wide-field``): the bundle's preprocessing frames the patient
+    (``PatientFieldOfViewd``), and the shipped H-SAM run on that frame agrees with the HU threshold better than on
+    the whole slice, where the lungs are smaller than any it trained on. The unmodified scan keeps its whole slice."""
+    import importlib.util
+
+    from common.bundle_run import BundleRun
+    from common.inferers import SliceEnsembleInferer
+    from common.io import read_ct
+    from common.lungmask import hu_threshold_lung_mask
+    from common.metrics import dice_score
+    from tests.bundles.hsam_helpers import nifti
+    from tests.conftest import LUNG_PET_CT_DX_8MM
+
+    spec = importlib.util.spec_from_file_location("bad_input", REPO / "benchmarks" / "real_ct_bad_input.py")
+    bad_input = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bad_input)
+    vol = read_ct(LUNG_PET_CT_DX_8MM)
+    hu, reference, affine = bad_input.wide_field(vol.hu, hu_threshold_lung_mask(vol.hu, vol.spacing), vol.affine, 1.5)
+    preprocessing = BundleRun("hsam_finetune", ["inference.json"], {}).parser().get_parsed_content("preprocessing")
+    item = preprocessing({"image": nifti(tmp_path / "wide.nii.gz", hu, affine)})
+    i0, i1, j0, j1 = (int(v) for v in item["field_of_view"])
+    assert i1 - i0 < 400 and j1 - j0 < 400  # framed: the patient fills about 0.9 of it
+    assert preprocessing({"image": str(LUNG_PET_CT_DX_8MM)})["field_of_view"].tolist() == [0, 512, 0, 512]
+    ks = [10, 15, 20]
+    image = item["image"][None][..., ks]
+    network = load_network(BUNDLE / "models" / "model.pt").eval()
+    with torch.no_grad():
+        whole = SliceEnsembleInferer(slice_batch=3)(image, network)[0, 0].numpy() > 0.5
+        framed = SliceEnsembleInferer(slice_batch=3)(image, network, field_of_view=(i0, i1, j0, j1))[0, 0].numpy() > 0.5
+    d_whole, d_framed = dice_score(whole, reference[..., ks]), dice_score(framed, reference[..., ks])
+    print(f"A0002 on a 497 mm field, 3 slices: Dice with the threshold {d_whole:.3f} whole, {d_framed:.3f} framed")
+    assert d_framed > 0.9 and d_framed > d_whole + 0.01

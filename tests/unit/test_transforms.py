@@ -79,3 +79,51 @@ def test_nlm_denoise_reduces_noise_and_keeps_edges():
     assert np.all(flat == 7.0)
     with pytest.raises(ValueError, match="channel-first"):
         NLMDenoise()(np.zeros((8, 8), np.float32))
+
+
+def test_patient_field_of_view_frames_a_patient_on_a_wide_field_only():
+    """A patient that fills less than ``min_patient_fraction`` of the slice gets a square around them that they
+    fill ``patient_fraction`` of (in mm, anisotropic pixels too); a patient that fills the slice gets it whole."""
+    from common.transforms import PatientFieldOfView, PatientFieldOfViewd
+
+    hu = np.full((200, 160, 6), -1000.0, np.float32)
+    x, y = np.meshgrid(np.arange(200), np.arange(160), indexing="ij")
+    body = ((x - 80) / 50.0) ** 2 + ((y - 70) / 25.0) ** 2 < 1  # 100 x 50 px: 0.50 of the 200 px side
+    hu[body] = 40.0
+    hu[(x - 70) ** 2 + (y - 70) ** 2 < 100] = -850.0  # a lung inside: the patient is the body around it
+    image = MetaTensor(torch.from_numpy(hu)[None], affine=torch.diag(torch.tensor([1.0, 2.0, 5.0, 1.0])))
+    i0, i1, j0, j1 = PatientFieldOfView(0.7, 0.9)(image)
+    side_mm = max(body.any(1).sum() * 1.0, body.any(0).sum() * 2.0) / 0.9  # the widest side in mm over the share
+    assert (i1 - i0, j1 - j0) == (round(side_mm / 1.0), round(side_mm / 2.0))
+    xs, ys = np.flatnonzero(body.any(1)), np.flatnonzero(body.any(0))
+    assert i0 <= xs[0] and i1 > xs[-1] and j0 <= ys[0] and j1 > ys[-1]  # the whole patient is inside
+    assert PatientFieldOfView(0.4, 0.9)(image) == (0, 200, 0, 160)  # 0.50 is enough for this setting
+    assert PatientFieldOfView(0.0)(image) == (0, 200, 0, 160)
+    d = PatientFieldOfViewd("hu")({"hu": image})
+    assert d["field_of_view"].tolist() == [i0, i1, j0, j1]
+    with pytest.raises(ValueError, match="patient_fraction"):
+        PatientFieldOfView(0.95, 0.9)
+
+
+def test_slice_inferer_runs_on_the_field_of_view_and_leaves_the_rest_zero():
+    from common.inferers import SliceEnsembleInferer
+
+    calls = []
+
+    class Record(torch.nn.Module):
+        def forward(self, slices):
+            calls.append(tuple(slices.shape))
+            return slices * 0.0 + 5.0  # sigmoid: 0.993
+
+    x = MetaTensor(torch.rand(1, 1, 40, 30, 5), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    prob = SliceEnsembleInferer(slice_batch=2)(x, Record(), field_of_view=(5, 25, 10, 30))
+    assert isinstance(prob, MetaTensor) and torch.equal(prob.affine, x.affine)
+    assert {c[-2:] for c in calls} == {(20, 20)}
+    inside = torch.zeros(prob.shape, dtype=torch.bool)
+    inside[..., 5:25, 10:30, :] = True
+    assert (prob[inside] > 0.99).all() and (prob[~inside] == 0).all()
+    calls.clear()
+    whole = SliceEnsembleInferer(slice_batch=2)(x, Record(), field_of_view=(0, 40, 0, 30))
+    assert {c[-2:] for c in calls} == {(40, 30)} and (whole > 0.99).all()
+    with pytest.raises(ValueError, match="field_of_view"):
+        SliceEnsembleInferer()(x, Record(), field_of_view=(0, 50, 0, 30))
