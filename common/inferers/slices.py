@@ -34,9 +34,9 @@ class SliceEnsembleInferer(Inferer):
     ``slice_mask`` (Z,) booleans, given to ``__call__``, limits a volume to the slices worth running
     (e.g. those the SA-2 lung map touches, plus a margin); the others are 0.
 
-    ``field_of_view`` ``(i0, i1, j0, j1)``, given to ``__call__``, is the in-plane box a volume's slices are run on
-    (:class:`common.transforms.PatientFieldOfView`: the patient on a wide reconstruction field); outside it the
-    probability is 0.
+    ``field_of_view`` ``(i0, i1, j0, j1)``, given to ``__call__`` or else found in a MetaTensor volume's metadata under
+    that name, is the in-plane box its slices are run on (:class:`common.transforms.PatientFieldOfViewd`: the patient on
+    a wide reconstruction field); outside it the probability is 0.
 
     A MetaTensor volume gives a MetaTensor probability with its affine and metadata (MONAI Label's
     post-processing finds the voxel size there).
@@ -97,8 +97,10 @@ class SliceEnsembleInferer(Inferer):
         self, inputs: torch.Tensor, network: torch.nn.Module, *args, slice_mask=None, field_of_view=None, **kwargs
     ) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else torch.as_tensor(inputs)
+        if field_of_view is None and isinstance(inputs, MetaTensor):
+            field_of_view = inputs.meta.get("field_of_view")
         if field_of_view is not None and x.ndim == 5:
-            i0, i1, j0, j1 = (int(v) for v in field_of_view)
+            i0, i1, j0, j1 = (int(v) for v in np.asarray(field_of_view).ravel())
             if (i0, i1, j0, j1) != (0, x.shape[2], 0, x.shape[3]):
                 if not (0 <= i0 < i1 <= x.shape[2] and 0 <= j0 < j1 <= x.shape[3]):
                     raise ValueError(

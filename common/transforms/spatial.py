@@ -8,6 +8,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialCrop, Transform
 from monai.utils import convert_to_numpy
 
@@ -111,24 +112,30 @@ class PatientFieldOfView(Transform):
 
 
 class PatientFieldOfViewd(MapTransform):
-    """Dictionary twin of :class:`PatientFieldOfView`: the box of ``keys``' HU volume goes to ``box_key``
-    (:class:`common.inferers.SliceEnsembleInferer` runs the network on it; the rest of the slice is 0)."""
+    """Dictionary twin of :class:`PatientFieldOfView`: the box of ``keys``' HU volume goes to ``box_key``, and into
+    the metadata of the network's input ``image_key`` under the same name. :class:`common.inferers.SliceEnsembleInferer`
+    runs the network on it (the rest of the slice is 0), given it or finding it in its input's metadata, as it does
+    under MONAI Label, which calls the bundle's inferer with the input alone."""
 
     def __init__(
         self,
         keys: KeysCollection,
         box_key: str = "field_of_view",
+        image_key: str | None = "image",
         min_patient_fraction: float = 0.7,
         patient_fraction: float = 0.9,
         pixdim: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.box_key = box_key
+        self.box_key, self.image_key = box_key, image_key
         self.field_of_view = PatientFieldOfView(min_patient_fraction, patient_fraction, pixdim)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[self.box_key] = np.asarray(self.field_of_view(d[key]), dtype=np.int64)  # collates as one tensor
+            box = np.asarray(self.field_of_view(d[key]), dtype=np.int64)  # an array collates as one tensor
+            d[self.box_key] = box
+            if self.image_key is not None and isinstance(d.get(self.image_key), MetaTensor):
+                d[self.image_key].meta[self.box_key] = box
         return d

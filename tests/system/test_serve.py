@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -91,8 +92,16 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
     phantom = next(c for c in json.loads(Path(tiny_phantom_manifest).read_text())["cases"] if c["kind"] == "phantom")
     studies = tmp_path / "studies"
     studies.mkdir()
-    src = nib.load(phantom["path"])
-    nib.save(src, str(studies / "phantom0.nii.gz"))
+    # on a field 1.6 times wider (benchmarks/real_ct_bad_input.py --case wide-field): H-SAM frames the patient, and the
+    # served model must do as the bundle does, although MONAI Label calls the inferer with the image alone
+    spec = importlib.util.spec_from_file_location("bad_input", REPO / "benchmarks" / "real_ct_bad_input.py")
+    bad_input = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bad_input)
+    phantom_ct = nib.load(phantom["path"])
+    hu = np.asarray(phantom_ct.dataobj, dtype=np.float32)
+    hu, _, affine = bad_input.wide_field(hu, np.zeros(hu.shape, bool), phantom_ct.affine, 1.6)
+    nib.save(nib.Nifti1Image(hu, affine), str(studies / "phantom0.nii.gz"))
+    src = nib.load(str(studies / "phantom0.nii.gz"))
     (studies / "notes.txt").write_text("not an image")
     (studies / "broken.nii.gz").write_bytes(b"not a NIfTI file")
     app = build_app(
@@ -193,6 +202,8 @@ def test_monai_label_server_lists_and_runs_both_bundles_and_survives_bad_request
         assert run.returncode == 0, run.stderr[-3000:]
         own = np.asarray(nib.load(str(tmp_path / "bundle_out" / "phantom0" / "phantom0_lung_sides.nii.gz")).dataobj)
         np.testing.assert_array_equal(answers["hsam_finetune"], own)
+        frame = json.loads((tmp_path / "bundle_out" / "phantom0" / "phantom0_report.json").read_text())["field_of_view"]
+        assert frame != [0, hu.shape[0], 0, hu.shape[1]]  # framed, so the equality above covers the served frame too
 
         # bad requests: clear answers, and the server stays up
         status, body = _request(f"{url}/infer/nope?image=phantom0", "POST")

@@ -99,8 +99,8 @@ def test_patient_field_of_view_frames_a_patient_on_a_wide_field_only():
     assert i0 <= xs[0] and i1 > xs[-1] and j0 <= ys[0] and j1 > ys[-1]  # the whole patient is inside
     assert PatientFieldOfView(0.4, 0.9)(image) == (0, 200, 0, 160)  # 0.50 is enough for this setting
     assert PatientFieldOfView(0.0)(image) == (0, 200, 0, 160)
-    d = PatientFieldOfViewd("hu")({"hu": image})
-    assert d["field_of_view"].tolist() == [i0, i1, j0, j1]
+    d = PatientFieldOfViewd("hu")({"hu": image, "image": MetaTensor(torch.zeros(image.shape))})
+    assert d["field_of_view"].tolist() == d["image"].meta["field_of_view"].tolist() == [i0, i1, j0, j1]
     with pytest.raises(ValueError, match="patient_fraction"):
         PatientFieldOfView(0.95, 0.9)
 
@@ -122,6 +122,10 @@ def test_slice_inferer_runs_on_the_field_of_view_and_leaves_the_rest_zero():
     inside = torch.zeros(prob.shape, dtype=torch.bool)
     inside[..., 5:25, 10:30, :] = True
     assert (prob[inside] > 0.99).all() and (prob[~inside] == 0).all()
+    calls.clear()
+    x.meta["field_of_view"] = np.array([5, 25, 10, 30])  # as PatientFieldOfViewd leaves it, for MONAI Label's call
+    assert torch.equal(SliceEnsembleInferer(slice_batch=2)(x[None][0], Record()), prob)
+    assert {c[-2:] for c in calls} == {(20, 20)}
     calls.clear()
     whole = SliceEnsembleInferer(slice_batch=2)(x, Record(), field_of_view=(0, 40, 0, 30))
     assert {c[-2:] for c in calls} == {(40, 30)} and (whole > 0.99).all()
