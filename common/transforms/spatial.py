@@ -66,7 +66,7 @@ class PatientFieldOfView(Transform):
     at. ``min_patient_fraction`` 0 never crops."""
 
     def __init__(
-        self, min_patient_fraction: float = 0.7, patient_fraction: float = 0.9, pixdim: Sequence[float] | None = None
+        self, min_patient_fraction: float = 0.9, patient_fraction: float = 0.9, pixdim: Sequence[float] | None = None
     ):
         if not 0.0 <= min_patient_fraction <= patient_fraction <= 1.0:
             raise ValueError(
@@ -122,7 +122,7 @@ class PatientFieldOfViewd(MapTransform):
         keys: KeysCollection,
         box_key: str = "field_of_view",
         image_key: str | None = "image",
-        min_patient_fraction: float = 0.7,
+        min_patient_fraction: float = 0.9,
         patient_fraction: float = 0.9,
         pixdim: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
