@@ -185,7 +185,9 @@ def body_mask(hu: np.ndarray, spacing: tuple[float, float, float], threshold: fl
     return ~outside_air(hu, spacing, threshold)
 
 
-def patient_extent(hu: np.ndarray, threshold: float = -500.0, min_share: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def patient_extent(
+    hu: np.ndarray, threshold: float = -500.0, min_share: float = 0.05
+) -> tuple[np.ndarray, np.ndarray] | None:
     """In-plane extent of the patient in an [i, j, k] HU volume: on every axial slice the largest 2D component
     brighter than ``threshold`` (the patient; the table is apart from it), taken where it fills at least
     ``min_share`` of the slice. Returns its bounding-box centre (i, j; median over those slices) and its width

@@ -12,6 +12,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialCrop, Transform
 from monai.utils import convert_to_numpy
 
+from common.lungmask import patient_extent
+from common.transforms.arrays import _spacing
+
 log = logging.getLogger(__name__)
 
 
@@ -80,9 +83,6 @@ class PatientFieldOfView(Transform):
         )
 
     def __call__(self, hu) -> tuple[int, int, int, int]:
-        from common.lungmask import patient_extent
-        from common.transforms.arrays import _spacing
-
         volume = convert_to_numpy(hu)
         volume = volume.reshape(volume.shape[-3:])
         nx, ny = volume.shape[:2]
